@@ -1,0 +1,1 @@
+"""Denoiser stage: Wan DiT (one or two experts), flow-matching samplers and the denoising loop."""

@@ -1,0 +1,1 @@
+"""Text encoder stage: umT5-XXL encoder and tokenizer, prompts -> per-prompt embeddings."""

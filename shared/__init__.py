@@ -1,0 +1,1 @@
+"""Code every service uses: model configs, checkpoint reading, request parameters, errors."""
