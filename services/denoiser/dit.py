@@ -1,0 +1,207 @@
+"""The Wan2.1 / Wan2.2 text-to-video diffusion transformer (one expert), with official Wan parameter names.
+
+Shapes: B batch, C = dim, L = F*H*W patch tokens, N heads, D = head dim, T = text_len (512).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smartdiff.shared.config import DiTConfig
+
+# Parameters that stay float32 whatever the serving dtype: the timestep path and the modulation tables
+# feed every block's scale / shift / gate, and Wan computes them in float32.
+KEEP_FP32 = ("time_embedding", "time_projection", "modulation", "norm3")
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact attention. q [B, Lq, N, D], k/v [B, Lk, N, D] -> [B, Lq, N, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timestep embedding [B] -> [B, dim] float32, cos half then sin half (computed in float64 as Wan does)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_angles(head_dim: int, max_len: int = 1024, theta: float = 10000.0) -> list[torch.Tensor]:
+    """Per-axis RoPE angles for (frame, height, width): [max_len, d_axis / 2] float64 each.
+
+    The head dim is split as Wan splits it: d - 4*(d//6) for time, 2*(d//6) for height and for width.
+    """
+    sizes = [head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)]
+    pos = torch.arange(max_len, dtype=torch.float64)
+    return [torch.outer(pos, 1.0 / theta ** (torch.arange(0, s, 2, dtype=torch.float64) / s)) for s in sizes]
+
+
+def rope_cos_sin(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [L, 1, D/2] float32 for a (frames, height, width) token grid, row-major order."""
+    f, h, w = grid
+    tf, th, tw = rope_angles(head_dim)
+    angles = torch.cat(
+        [
+            tf[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            th[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            tw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, -1)
+    return torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, N, D] by the angles; computed in float32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim, computed in float32, with a learned gain."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype; returns float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class WanAttention(nn.Module):
+    """Multi-head attention with q/k RMS norm over all heads; self-attention (with RoPE) or cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.attention_fn: AttentionFn = sdpa_attention  # set per request for self-attention
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [B, L, C], context [B, T, C] (None for self-attention) -> [B, L, C]."""
+        src = x if context is None else context
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(src)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(src).unflatten(-1, (self.num_heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = self.attention_fn(q, k, v) if context is None else sdpa_attention(q, k, v)
+        return self.o(out.flatten(-2))
+
+
+class WanAttentionBlock(nn.Module):
+    """Self-attention, cross-attention to the text, and a GELU MLP, modulated by the timestep (adaLN)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))  # shift/scale/gate for attention and MLP
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [B, L, C], e [B, 6, C] float32 timestep projection, context [B, T, C] -> [B, L, C]."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(1)  # each [B, C] fp32
+        y = self.self_attn((self.norm1(x) * (1 + scale1[:, None]) + shift1[:, None]).type_as(x), rope=rope)
+        x = (x.float() + y.float() * gate1[:, None]).type_as(x)
+        x = x + self.cross_attn(self.norm3(x).type_as(x), context=context)
+        y = self.ffn((self.norm2(x) * (1 + scale2[:, None]) + shift2[:, None]).type_as(x))
+        return (x.float() + y.float() * gate2[:, None]).type_as(x)
+
+
+class WanHead(nn.Module):
+    """Final adaLN modulation and projection back to patch pixels."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [B, L, C], e [B, C] float32 timestep embedding -> [B, L, out_dim * prod(patch)]."""
+        shift, scale = (self.modulation + e[:, None]).unbind(1)
+        return self.head((self.norm(x) * (1 + scale[:, None]) + shift[:, None]).type_as(x))
+
+
+class WanDiT(nn.Module):
+    """One Wan text-to-video DiT expert: latents [B, 16, F', H/8, W/8] + t [B] + text [B, T, 4096] -> velocity."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = WanHead(cfg)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Padded T5 embeddings [B, T, text_dim] -> [B, T, C]; constant across steps, so computed once."""
+        return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] -> (e [B, C], e6 [B, 6, C]), float32."""
+        e = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
+        return e.float(), self.time_projection(e).float().unflatten(1, (6, self.cfg.dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_embedded: bool = False) -> torch.Tensor:
+        """x [B, 16, F', h, w], t [B], context [B, T, text_dim] (or [B, T, C] if already embedded).
+
+        Returns the predicted flow (velocity) [B, out_dim, F', h, w] in x's dtype.
+        """
+        pt, ph, pw = self.cfg.patch_size
+        b, _, f, h, w = x.shape
+        grid = (f // pt, h // ph, w // pw)
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, L, C]
+        ctx = context.to(dtype) if context_embedded else self.embed_text(context)
+        e, e6 = self.embed_time(t)
+        rope = rope_cos_sin(self.cfg.head_dim, grid, x.device)
+        for block in self.blocks:
+            tokens = block(tokens, e6, ctx, rope)
+        out = self.head(tokens, e)  # [B, L, out * pt*ph*pw]
+        return self.unpatchify(out, grid).to(x.dtype)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, out*pt*ph*pw] -> [B, out, F'*pt, h*ph, w*pw]."""
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = grid
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw)

@@ -1,0 +1,113 @@
+"""The denoiser engine: one denoising loop for every model, sampler, guidance setting and expert layout."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from smartdiff.shared.checkpoint import CheckpointLayout
+from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.request import ResolvedRequest
+
+from .dit import WanDiT
+from .samplers import make_sampler
+from .weights import load_dit, random_dit
+
+ProgressFn = Callable[[int, int], None]
+
+
+class Cancelled(RuntimeError):
+    """The caller cancelled the request (or its deadline passed) between two steps."""
+
+
+def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torch.Tensor:
+    """float32 N(0, 1) noise drawn as Wan and diffusers draw it: a torch.Generator on `device` seeded with `seed`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32, device=device)
+
+
+def pad_context(emb: torch.Tensor, text_len: int) -> torch.Tensor:
+    """[L, C] trimmed prompt embedding -> [text_len, C], zero padded as Wan pads it (truncated if longer)."""
+    emb = emb[:text_len]
+    return F.pad(emb, (0, 0, 0, text_len - emb.shape[0]))
+
+
+class DenoiserEngine:
+    """Holds the DiT expert(s) of one model and turns (request, text embeddings) into final latents."""
+
+    def __init__(self, model: ModelConfig, experts: Sequence[WanDiT], device: torch.device | str,
+                 dtype: torch.dtype, batch_cfg: bool = True):
+        if len(experts) != model.num_experts:
+            raise ValueError(f"{model.name} needs {model.num_experts} experts, got {len(experts)}")
+        self.model = model
+        self.experts = list(experts)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_cfg = batch_cfg  # run both guidance branches as one batch-2 forward
+
+    @classmethod
+    def load(cls, model: ModelConfig, layout: CheckpointLayout | None, device: torch.device | str,
+             dtype: torch.dtype, seed: int = 0) -> "DenoiserEngine":
+        """Experts from a checkpoint, or seeded random weights when the model is a random-weight preset."""
+        if layout is None:
+            if not model.random_weights:
+                raise ValueError(f"{model.name} has no embedded weights: pass a checkpoint folder")
+            experts = [random_dit(model.dit, device, dtype, seed + i) for i in range(model.num_experts)]
+        else:
+            if layout.num_experts != model.num_experts:
+                raise ValueError(f"{layout.root} holds {layout.num_experts} experts, {model.name} needs {model.num_experts}")
+            experts = [load_dit(d, layout.kind, model.dit, device, dtype) for d in layout.dit_dirs]
+        return cls(model, experts, device, dtype)
+
+    def expert_index(self, t: float) -> int:
+        """Wan2.2: the high-noise expert (0) while t >= boundary * num_train_timesteps, then the low-noise one (1)."""
+        if self.model.num_experts == 1:
+            return 0
+        return 0 if t >= self.model.boundary * self.model.num_train_timesteps else 1
+
+    @torch.inference_mode()
+    def denoise(self, req: ResolvedRequest, context: torch.Tensor, negative: torch.Tensor | None = None,
+                progress: ProgressFn | None = None, cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Run the sampler from seeded noise to the final latents.
+
+        context / negative: prompt and negative-prompt embeddings [L, text_dim] (negative needed when any
+        guidance > 1). Returns float32 latents [1, z_dim, F', H/8, W/8]. `cancelled` is polled before each
+        step; when it returns True the loop stops and raises Cancelled.
+        """
+        if req.uses_cfg and negative is None:
+            raise ValueError("guidance > 1 needs the negative prompt embedding")
+        sampler = make_sampler(req.sampler, req.steps, req.shift, self.model.num_train_timesteps)
+        latents = initial_noise(req.latent_shape(self.model), req.seed, self.device)
+        text_len = self.model.dit.text_len
+        ctx = pad_context(context.to(self.device), text_len)[None]
+        neg = pad_context(negative.to(self.device), text_len)[None] if negative is not None else None
+        embedded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # per expert, computed once
+        for i, t in enumerate(sampler.timesteps.tolist()):
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"cancelled before step {i + 1}/{req.steps}")
+            k = self.expert_index(t)
+            if k not in embedded:
+                dit = self.experts[k]
+                embedded[k] = (dit.embed_text(ctx), dit.embed_text(neg) if neg is not None else None)
+            flow = self._guided_flow(self.experts[k], latents, t, *embedded[k], req.guidance[k])
+            latents = sampler.step(flow, i, latents)
+            if progress is not None:
+                progress(i + 1, req.steps)
+        return latents
+
+    def _guided_flow(self, dit: WanDiT, latents: torch.Tensor, t: float, ctx: torch.Tensor,
+                     neg: torch.Tensor | None, guidance: float) -> torch.Tensor:
+        """Velocity with classifier-free guidance: uncond + g * (cond - uncond), in float32."""
+        x = latents.to(self.dtype)
+        tt = torch.full((1,), t, device=self.device, dtype=torch.float32)
+        if guidance <= 1.0 or neg is None:  # no guidance: the conditional branch alone
+            return dit(x, tt, ctx, context_embedded=True).float()
+        if self.batch_cfg:
+            out = dit(torch.cat([x, x]), tt.expand(2), torch.cat([ctx, neg]), context_embedded=True).float()
+            cond, uncond = out.chunk(2)
+        else:
+            cond = dit(x, tt, ctx, context_embedded=True).float()
+            uncond = dit(x, tt, neg, context_embedded=True).float()
+        return uncond + guidance * (cond - uncond)

@@ -1,0 +1,268 @@
+"""Wan2.1 causal video VAE (encoder + decoder); parameter names follow the official `Wan2.1_VAE.pth` keys.
+
+Shapes: video [B, 3, F, H, W] in [-1, 1] with F = 4n + 1  <->  latents [B, z_dim, n + 1, H/8, W/8].
+Time is processed causally in chunks (encode: 1 frame, then 4 at a time; decode: 1 latent frame at a
+time). A `FeatureCache` carries, for every temporal convolution, the last input frames of the previous
+chunk, so chunked processing equals one causal pass over the whole clip while memory stays per-chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smartdiff.shared.config import VAEConfig
+
+
+class FeatureCache:
+    """State carried between the chunks of one encode or decode call.
+
+    frames[module]: the last input frames a causal conv (or a temporal down-sampler) saw, prepended to
+    its next chunk in place of zero padding. seen: temporal up-samplers past their first chunk.
+    """
+
+    def __init__(self) -> None:
+        self.frames: dict[nn.Module, torch.Tensor] = {}
+        self.seen: set[nn.Module] = set()
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D convolution padded only towards the past in time (and symmetrically in space).
+
+    With a cache, the previous chunk's last frames replace the leading zero padding.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1, padding: int | tuple[int, int, int] = 0) -> None:
+        super().__init__(in_dim, out_dim, kernel, stride=stride, padding=0)
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        self.time_pad = 2 * pt  # all of it in front: output frame t sees input frames <= t
+        self.space_pad = (pw, pw, ph, ph)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        """x: [B, C, T, H, W] -> [B, C_out, T', H', W']."""
+        pad_front = self.time_pad
+        if cache is not None and self.time_pad > 0:
+            prev = cache.frames.get(self)
+            if prev is not None:
+                x = torch.cat([prev, x], dim=2)
+                pad_front -= prev.shape[2]
+            cache.frames[self] = x[:, :, -self.time_pad:].clone()
+        return super().forward(F.pad(x, (*self.space_pad, pad_front, 0)))
+
+
+class RMSNorm(nn.Module):
+    """L2-normalise over channels (dim 1), times sqrt(C) and a learned gain; no bias."""
+
+    def __init__(self, dim: int, video: bool = True) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if video else torch.ones(dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, T, H, W] (video) or [N, C, H, W]; low precision is normalised in float32."""
+        y = F.normalize(x.float(), dim=1).to(x.dtype)
+        return y * self.scale * self.gamma
+
+
+class Upsample2x(nn.Module):
+    """Nearest-neighbour 2x spatial upsampling of [N, C, H, W], computed in float32 (bf16-safe)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
+
+
+class Resample(nn.Module):
+    """Halve or double H and W (per frame); the "3d" modes also halve or double time.
+
+    upsample*: [B, C, T, H, W] -> [B, C/2, T or 2T, 2H, 2W] (the first chunk never doubles: frame 0
+    is the clip's lone first frame). downsample*: [B, C, T, H, W] -> [B, C, T', H/2, W/2] with
+    T' = T on the first chunk, else (T + 1 - 3) // 2 + 1 using the previous chunk's last frame.
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:  # pad right/bottom only, then a strided 3x3 conv
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            x = self._double_time(x, cache)
+        x = self._per_frame(x)
+        if self.mode == "downsample3d":
+            x = self._halve_time(x, cache)
+        return x
+
+    def _per_frame(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, t = x.shape[:3]
+        y = self.resample(x.transpose(1, 2).flatten(0, 1))  # [B*T, C', H', W']
+        return y.unflatten(0, (b, t)).transpose(1, 2)
+
+    def _double_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        if self not in cache.seen:  # first chunk: its time_conv history starts at the next chunk
+            cache.seen.add(self)
+            return x
+        b, c, t, h, w = x.shape
+        y = self.time_conv(x, cache).view(b, 2, c, t, h, w)  # two output frames per input frame
+        return y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+
+    def _halve_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        prev = cache.frames.get(self)
+        cache.frames[self] = x[:, :, -1:].clone()
+        if prev is None:  # first chunk (one frame) passes through
+            return x
+        return self.time_conv(torch.cat([prev, x], dim=2))
+
+
+class ResidualBlock(nn.Module):
+    """(RMSNorm, SiLU, CausalConv3d) x 2 plus a 1x1x1 shortcut: [B, in, T, H, W] -> [B, out, T, H, W]."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        # Indices match the checkpoint: residual.{0,2,3,6}; 5 was a (p=0) dropout.
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        return _run(self.residual, x, cache) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame (no mixing across time)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, video=False)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, T, H, W] -> same shape."""
+        b, c, t, h, w = x.shape
+        y = self.norm(x.transpose(1, 2).flatten(0, 1))  # [B*T, C, H, W]
+        qkv = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1)  # [B*T, 1, H*W, 3C]
+        q, k, v = qkv.chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, H*W, C]
+        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        return x + y.unflatten(0, (b, t)).transpose(1, 2)
+
+
+def _middle(dim: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+
+def _head(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1))
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+    """Apply layers in order, handing the cache to those with temporal state."""
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, Resample, ResidualBlock)) else layer(x)
+    return x
+
+
+class Encoder3d(nn.Module):
+    """Video chunk [B, 3, T, H, W] -> [B, 2*z_dim, T', H/8, W/8] (T' = 1 for the first chunk, else T/4)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(cfg.dim_mult) - 1:
+                blocks.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*blocks)
+        self.middle = _middle(dims[-1])
+        self.head = _head(dims[-1], 2 * cfg.z_dim)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for part in (self.downsamples, self.middle, self.head):
+            x = _run(part, x, cache)
+        return x
+
+
+class Decoder3d(nn.Module):
+    """Latent chunk [B, z_dim, T, h, w] -> [B, 3, T_out, 8h, 8w] (T_out = 1 for the first chunk, else 4T)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.base_dim * m for m in (mult[-1], *mult[::-1])]
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = _middle(dims[0])
+        blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:  # the previous level's upsampler halved the channels
+                in_dim //= 2
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(mult) - 1:
+                blocks.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = _head(dims[-1], 3)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for part in (self.middle, self.upsamples, self.head):
+            x = _run(part, x, cache)
+        return x
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE on raw (un-normalised) latents; normalisation lives in the engine.
+
+    `conv1` maps encoder features to (mean, log-variance); `conv2` is the decoder's 1x1x1 input conv.
+    """
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg)
+
+    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """video [B, 3, 1 + 4n, H, W] -> posterior (mean, log_var), each [B, z_dim, 1 + n, H/8, W/8]."""
+        if (video.shape[2] - 1) % 4:
+            raise ValueError(f"encode needs 4n + 1 frames, got {video.shape[2]}")
+        cache = FeatureCache()
+        chunks = [video[:, :, :1]] + list(video[:, :, 1:].split(4, dim=2))
+        out = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+        mean, log_var = self.conv1(out).chunk(2, dim=1)
+        return mean, log_var
+
+    def decode(self, z: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """z [B, z_dim, F', h, w] -> video [B, 3, 4(F'-1)+1, 8h, 8w], unclamped.
+
+        One latent frame per step; `progress(i, F')` is called after frame i (1-based) is decoded.
+        """
+        cache = FeatureCache()
+        x = self.conv2(z)
+        frames = []
+        for i in range(z.shape[2]):
+            frames.append(self.decoder(x[:, :, i:i + 1], cache))
+            if progress is not None:
+                progress(i + 1, z.shape[2])
+        return torch.cat(frames, dim=2)

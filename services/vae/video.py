@@ -1,0 +1,91 @@
+"""MP4 encoding of decoded frames: H.264 / yuv420p through the ffmpeg binary bundled with imageio-ffmpeg."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+
+
+def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16, crf: int = 10) -> Path:
+    """Write uint8 RGB frames [F, H, W, 3] to an H.264 (libx264, yuv420p) mp4 file.
+
+    Odd widths or heights are refused with ValueError (4:2:0 chroma needs even sizes), never resized.
+    crf: x264 constant rate factor, 0 (lossless luma) .. 51 (worst); 10 is what Wan's own writer uses
+    (imageio quality 8). `-movflags +faststart` puts the index first so players can stream the file.
+    """
+    array = _as_frames(frames)
+    f, h, w, _ = array.shape
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+        quality=None, macro_block_size=1, output_params=["-crf", str(crf), "-movflags", "+faststart"],
+    )
+    writer.send(None)  # start ffmpeg
+    try:
+        for frame in array:
+            writer.send(frame)
+    finally:
+        writer.close()
+    return Path(path)
+
+
+def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int = 16, crf: int = 10) -> bytes:
+    """The bytes of the mp4 that `write_mp4` would write (via a temporary file: mp4 wants a seekable output)."""
+    with _temp_mp4() as path:
+        write_mp4(frames, path, fps, crf)
+        return path.read_bytes()
+
+
+def probe_mp4(video: str | Path | bytes) -> tuple[int, int, int, float]:
+    """(frames, width, height, fps) of an mp4 file or its bytes; frames are counted by decoding."""
+    with _as_path(video) as path:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+        count = sum(1 for _ in reader)
+    width, height = meta["size"]
+    return count, width, height, float(meta["fps"])
+
+
+def read_mp4(video: str | Path | bytes) -> np.ndarray:
+    """Decode an mp4 (file or bytes) to uint8 RGB frames [F, H, W, 3]."""
+    with _as_path(video) as path:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        width, height = next(reader)["size"]
+        frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
+    return np.stack(frames)
+
+
+def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3] with F >= 1, got {array.dtype} {list(array.shape)}")
+    h, w = array.shape[1:3]
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 yuv420p needs even width and height, got {w}x{h}")
+    return np.ascontiguousarray(array)
+
+
+@contextmanager
+def _temp_mp4() -> Iterator[Path]:
+    fd, name = tempfile.mkstemp(suffix=".mp4")
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+@contextmanager
+def _as_path(video: str | Path | bytes) -> Iterator[Path]:
+    if not isinstance(video, bytes):
+        yield Path(video)
+        return
+    with _temp_mp4() as path:
+        path.write_bytes(video)
+        yield path

@@ -1,0 +1,144 @@
+"""Text encoder engine vs diffusers' WanPipeline prompt encoding, both checkpoint layouts, errors, tiny tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from smartdiff.services.text_encoder.engine import TextEncoderEngine, clean_prompt
+from smartdiff.services.text_encoder.tokenizer import build_tiny_tokenizer
+from smartdiff.services.text_encoder.weights import hf_to_wan, umt5_config
+from smartdiff.shared.checkpoint import WAN_T5_FILE, CheckpointError
+from smartdiff.shared.config import load_model_config
+
+CONFIG = dataclasses.replace(load_model_config("wan-tiny").text_encoder, text_len=16)
+PROMPTS = [
+    "A cat   walking\ton the\n beach ,  cinematic",
+    "  Tom &amp;amp; Jerry &lt;3 at night  ",
+    "The cafÃ© is open; a dog runs\x1cfast",  # mojibake (fixed by ftfy) and a U+001C separator
+    "",
+    "a very long prompt with many words that goes far beyond sixteen tokens of the tiny text length",
+]
+
+
+@pytest.fixture(scope="module")
+def diffusers_dir(tmp_path_factory):
+    """A Diffusers-style folder: tokenizer/ and text_encoder/ (tiny UMT5EncoderModel, random weights)."""
+    root = tmp_path_factory.mktemp("wan_diffusers")
+    torch.manual_seed(0)
+    model = UMT5EncoderModel(umt5_config(CONFIG)).eval()
+    with torch.no_grad():  # perturb everything so that norms / biases are not at their trivial init
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(root / "text_encoder")
+    build_tiny_tokenizer(CONFIG.vocab_size).save_pretrained(root / "tokenizer")
+    return root
+
+
+def _engine(root, **kw):
+    return TextEncoderEngine.from_checkpoint("diffusers", root / "text_encoder", root / "tokenizer",
+                                             CONFIG, "cpu", torch.float32, **kw)
+
+
+def test_encode_matches_diffusers_wan_pipeline(diffusers_dir):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(diffusers_dir / "tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(diffusers_dir / "text_encoder").eval(),
+        vae=None,
+        scheduler=None,
+    )
+    with torch.no_grad():
+        ref = pipe._get_t5_prompt_embeds(PROMPTS, max_sequence_length=CONFIG.text_len,
+                                         device=torch.device("cpu"), dtype=torch.float32)
+    ours = _engine(diffusers_dir).encode(PROMPTS)
+
+    assert len(ours) == len(PROMPTS)
+    assert [t.shape[0] for t in ours][3:] == [1, CONFIG.text_len]  # "" is just </s>; the long one is truncated
+    for got, want in zip(ours, ref):
+        n = got.shape[0]
+        assert got.shape == (n, CONFIG.dim) and got.dtype == torch.float32
+        assert torch.all(want[n:] == 0)  # diffusers re-pads with zeros after the real tokens
+        err = (got - want[:n]).norm() / want[:n].norm()
+        assert err <= 1e-5, f"relative error {err:.2e}"
+
+
+def test_prompt_cleaning():
+    assert clean_prompt("  Tom &amp;amp; Jerry\n\t rock  ") == "Tom & Jerry rock"
+    assert clean_prompt("cafÃ©") == "café"
+
+
+def test_wan_pth_and_diffusers_folder_load_the_same(diffusers_dir, tmp_path):
+    hf_sd = load_file(str(diffusers_dir / "text_encoder" / "model.safetensors"))
+    wan_sd = hf_to_wan(UMT5EncoderModel.from_pretrained(diffusers_dir / "text_encoder").state_dict())
+    n = CONFIG.num_layers
+    expected = {"token_embedding.weight", "norm.weight"} | {
+        f"blocks.{i}.{name}.weight" for i in range(n) for name in (
+            "norm1", "attn.q", "attn.k", "attn.v", "attn.o", "pos_embedding.embedding",
+            "norm2", "ffn.gate.0", "ffn.fc1", "ffn.fc2")
+    }
+    assert set(wan_sd) == expected
+    torch.save({k: v.clone() for k, v in wan_sd.items()}, tmp_path / WAN_T5_FILE)
+
+    wan = TextEncoderEngine.from_checkpoint("wan", tmp_path / WAN_T5_FILE, diffusers_dir / "tokenizer",
+                                            CONFIG, "cpu", torch.float32)
+    hf = _engine(diffusers_dir)
+    a, b = wan.model.state_dict(), hf.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert wan.model.encoder.embed_tokens.weight is wan.model.shared.weight  # tied, one copy
+    assert torch.equal(hf.model.shared.weight, hf_sd.get("shared.weight", hf_sd.get("encoder.embed_tokens.weight")))
+    for x, y in zip(wan.encode(PROMPTS), hf.encode(PROMPTS)):
+        assert torch.equal(x, y)
+
+
+def test_missing_key_and_wrong_shape_name_file_and_key(diffusers_dir, tmp_path):
+    wan_sd = hf_to_wan(UMT5EncoderModel.from_pretrained(diffusers_dir / "text_encoder").state_dict())
+    del wan_sd["blocks.1.attn.k.weight"]
+    path = tmp_path / WAN_T5_FILE
+    torch.save(wan_sd, path)
+    with pytest.raises(CheckpointError, match=r"(?s)models_t5_umt5.*missing keys: encoder\.block\.1\.layer\.0\."
+                                              r"SelfAttention\.k\.weight"):
+        TextEncoderEngine.from_checkpoint("wan", path, diffusers_dir / "tokenizer", CONFIG, "cpu", torch.float32)
+
+    bad = tmp_path / "bad"
+    (bad / "text_encoder").mkdir(parents=True)
+    (bad / "text_encoder" / "config.json").write_bytes((diffusers_dir / "text_encoder" / "config.json").read_bytes())
+    sd = load_file(str(diffusers_dir / "text_encoder" / "model.safetensors"))
+    sd["encoder.final_layer_norm.weight"] = torch.ones(CONFIG.dim + 1)
+    save_file(sd, str(bad / "text_encoder" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*encoder\.final_layer_norm\.weight: checkpoint"):
+        TextEncoderEngine.from_checkpoint("diffusers", bad / "text_encoder", diffusers_dir / "tokenizer",
+                                          CONFIG, "cpu", torch.float32)
+
+    with pytest.raises(CheckpointError, match=r"config\.json: text_encoder\.num_layers is 2"):
+        _engine(diffusers_dir).from_checkpoint("diffusers", diffusers_dir / "text_encoder",
+                                               diffusers_dir / "tokenizer",
+                                               dataclasses.replace(CONFIG, num_layers=3), "cpu", torch.float32)
+
+
+def test_tiny_tokenizer_is_deterministic_and_round_trips(tmp_path):
+    text = [clean_prompt(p) for p in PROMPTS]
+    a, b = build_tiny_tokenizer(512), build_tiny_tokenizer(512)
+    assert len(a) == 512 and len(build_tiny_tokenizer(300)) == 300
+    assert a(text).input_ids == b(text).input_ids
+    assert a.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"]
+    ids = a("a cat on the beach").input_ids
+    assert ids[-1] == 1 and 2 not in ids  # </s> appended; ASCII words need no <unk>
+    a.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    kw = dict(padding="max_length", max_length=16, truncation=True)
+    assert loaded(text, **kw).input_ids == a(text, **kw).input_ids
+    assert loaded.decode(ids, skip_special_tokens=True) == "a cat on the beach"
+
+
+def test_random_engine_is_deterministic():
+    e1, e2 = TextEncoderEngine.random(CONFIG, seed=3), TextEncoderEngine.random(CONFIG, seed=3)
+    out1, out2 = e1.encode(["a dog", "a red car on the street"]), e2.encode(["a dog", "a red car on the street"])
+    assert [t.shape for t in out1] == [(3, CONFIG.dim), (7, CONFIG.dim)]
+    assert all(torch.equal(x, y) for x, y in zip(out1, out2))
+    assert e1.encode([]) == []

@@ -1,0 +1,156 @@
+"""Wan VAE: our model vs diffusers' AutoencoderKLWan with the same weights; loading both checkpoint layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.video_processor import VideoProcessor
+
+from smartdiff.services.vae.engine import VaeEngine
+from smartdiff.services.vae.model import WanVAE
+from smartdiff.services.vae.weights import convert_diffusers_state_dict, load_vae, vae_config_from_diffusers
+from smartdiff.shared.checkpoint import WAN_VAE_FILE, CheckpointError, load_strict
+from smartdiff.shared.config import load_model_config
+
+CFG = load_model_config("wan-tiny").vae
+MEAN = torch.tensor(CFG.latents_mean).view(1, -1, 1, 1, 1)
+STD = torch.tensor(CFG.latents_std).view(1, -1, 1, 1, 1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def reference() -> AutoencoderKLWan:
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=CFG.base_dim, z_dim=CFG.z_dim, num_res_blocks=CFG.num_res_blocks).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(reference) -> VaeEngine:
+    with torch.device("meta"):
+        model = WanVAE(CFG)
+    sd = convert_diffusers_state_dict(reference.state_dict(), CFG.num_res_blocks)
+    return VaeEngine(load_strict(model, sd, "diffusers reference", "cpu", torch.float32))
+
+
+@pytest.fixture(scope="module")
+def latents() -> torch.Tensor:
+    return torch.randn(1, CFG.z_dim, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def reference_video(reference, latents) -> torch.Tensor:
+    with torch.no_grad():  # WanPipeline: latents / (1 / std) + mean, then decode (clamped to [-1, 1])
+        return reference.decode(latents / (1.0 / STD) + MEAN).sample
+
+
+def test_decode_matches_diffusers(engine, latents, reference_video):
+    ours = engine.decode_float(latents)
+    assert ours.shape == (1, 3, 9, 32, 32)  # F = 4 (F' - 1) + 1, H = 8h
+    assert ours.abs().max() <= 1.0
+    assert rel_err(ours, reference_video) <= 1e-4
+
+
+def test_uint8_frames_match_diffusers_postprocessing(engine, latents, reference_video):
+    frames = engine.decode(latents)
+    assert frames.dtype == torch.uint8 and frames.shape == (1, 9, 32, 32, 3)
+    theirs = VideoProcessor().postprocess_video(reference_video, output_type="pt")  # [B, F, 3, H, W] in [0, 1]
+    theirs = (theirs * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+    diff = (frames.int() - theirs.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # only float ties at .5 may flip
+
+
+def test_encode_matches_diffusers_posterior_mean(engine, reference):
+    video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    ours = engine.encode(video)
+    with torch.no_grad():
+        theirs = (reference.encode(video).latent_dist.mean - MEAN) * (1.0 / STD)
+    assert ours.shape == (1, CFG.z_dim, 3, 4, 4)
+    assert rel_err(ours, theirs) <= 1e-4
+
+
+def test_batch_equals_one_by_one_and_reports_progress(engine):
+    z = torch.randn(2, CFG.z_dim, 2, 2, 3, generator=torch.Generator().manual_seed(3))
+    calls = []
+    both = engine.decode_float(z, progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 2), (2, 2)]
+    assert both.shape == (2, 3, 5, 16, 24)
+    for b in range(2):
+        torch.testing.assert_close(both[b:b + 1], engine.decode_float(z[b:b + 1]), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_are_refused(engine):
+    with pytest.raises(ValueError, match="latents"):
+        engine.decode(torch.zeros(1, 4, 1, 2, 2))
+    with pytest.raises(ValueError, match="4n \\+ 1"):
+        engine.encode(torch.zeros(1, 3, 4, 16, 16))
+
+
+def test_builds_on_meta_with_the_official_parameter_count(reference):
+    with torch.device("meta"):
+        model = WanVAE(CFG)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    keys = model.state_dict().keys()
+    assert {"encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.head.2.weight"} <= keys
+
+
+def test_config_from_diffusers_json(reference):
+    assert vae_config_from_diffusers(dict(reference.config)) == CFG
+
+
+def _save_both_layouts(reference, engine, root):
+    reference.save_pretrained(root / "vae")
+    torch.save(engine.model.state_dict(), root / WAN_VAE_FILE)
+
+
+def test_official_and_diffusers_layouts_load_the_same_model(reference, engine, latents, tmp_path):
+    _save_both_layouts(reference, engine, tmp_path)
+    official = load_vae(tmp_path / WAN_VAE_FILE, "wan", CFG)
+    diffusers_layout = load_vae(tmp_path / "vae", "diffusers", CFG)
+    a, b = official.state_dict(), diffusers_layout.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from_folder = VaeEngine.from_checkpoint(tmp_path, "wan", CFG)
+    torch.testing.assert_close(from_folder.decode_float(latents), engine.decode_float(latents), rtol=0, atol=0)
+
+
+def test_diffusers_config_mismatch_names_the_field(reference, tmp_path):
+    reference.save_pretrained(tmp_path / "vae")
+    config_path = tmp_path / "vae" / "config.json"
+    data = json.loads(config_path.read_text())
+    data["num_res_blocks"] = 2
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="num_res_blocks is 2"):
+        load_vae(tmp_path / "vae", "diffusers", CFG)
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong_shape"])
+def test_broken_checkpoint_names_file_and_key_and_loads_nothing(engine, tmp_path, damage):
+    sd = dict(engine.model.state_dict())
+    key = "decoder.upsamples.2.resample.1.weight"
+    if damage == "missing":
+        del sd[key]
+    else:
+        sd[key] = torch.zeros(3, 3, 3, 3)
+    path = tmp_path / WAN_VAE_FILE
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as err:
+        load_vae(path, "wan", CFG)
+    assert str(path) in str(err.value) and key in str(err.value)
+    with torch.device("meta"):
+        model = WanVAE(CFG)
+    with pytest.raises(CheckpointError):
+        load_strict(model, sd, path, "cpu", torch.float32)
+    assert all(t.is_meta for t in model.state_dict().values())  # all-or-nothing
+
+
+def test_random_preset_is_deterministic(latents):
+    a = VaeEngine.random(CFG, seed=0).decode(latents)
+    b = VaeEngine.random(CFG, seed=0).decode(latents)
+    assert torch.equal(a, b) and a.shape == (1, 9, 32, 32, 3)
