@@ -1,12 +1,168 @@
-"""Errors the whole project raises for bad input and failed stages, mapped to gRPC status codes in one place."""
+"""The one place where exceptions become gRPC status codes: the service error hierarchy and the servicer decorator."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
-class RequestError(ValueError):
-    """An invalid user request: names the field and the rule it breaks (-> INVALID_ARGUMENT)."""
+import grpc
 
-    def __init__(self, field: str, rule: str):
-        self.field = field
-        self.rule = rule
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ServiceError(Exception):
+    """An error whose message is safe to show to a client, with the gRPC status code it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class RequestError(ServiceError, ValueError):
+    """Invalid user input: `RequestError("width", "must be a multiple of 16")` -> INVALID_ARGUMENT "width: must ..."."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, rule: str) -> None:
         super().__init__(f"{field}: {rule}")
+        self.field, self.rule = field, rule
+
+
+class TensorStreamError(ServiceError):
+    """A bad tensor stream: kind DATA_LOSS for corrupt bytes, INVALID_ARGUMENT for a bad spec or frame order."""
+
+    DATA_LOSS = grpc.StatusCode.DATA_LOSS
+    INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, kind: grpc.StatusCode, message: str) -> None:
+        if kind not in (self.DATA_LOSS, self.INVALID_ARGUMENT):
+            raise ValueError(f"TensorStreamError kind must be DATA_LOSS or INVALID_ARGUMENT, got {kind}")
+        super().__init__(message, kind)
+        self.kind = kind
+
+
+class StageUnavailable(ServiceError):
+    """A downstream stage (text_encoder, denoiser, vae) cannot be reached or is not ready -> UNAVAILABLE."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, stage: str, reason: str = "") -> None:
+        super().__init__(f"stage {stage} unavailable" + (f": {reason}" if reason else ""))
+        self.stage = stage
+
+
+class Overloaded(ServiceError):
+    """No capacity for the request now (queue full, out of GPU memory) -> RESOURCE_EXHAUSTED; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str = "server overloaded, retry later") -> None:
+        super().__init__(message)
+
+
+class Cancelled(ServiceError):
+    """The work was cancelled (by the client, or a stage call was cancelled) -> CANCELLED."""
+
+    code = grpc.StatusCode.CANCELLED
+
+    def __init__(self, message: str = "cancelled") -> None:
+        super().__init__(message)
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before the work finished -> DEADLINE_EXCEEDED."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, message: str = "deadline exceeded") -> None:
+        super().__init__(message)
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Status code and client-safe message for an exception; unexpected ones are logged with their traceback."""
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s: %s", error_id, type(exc).__name__, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see the server log"
+
+
+_STAGE_CODES_PASSED_ON = {
+    grpc.StatusCode.INVALID_ARGUMENT,  # the stage rejected something of the user's request
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DATA_LOSS,
+}
+
+
+def stage_error(stage: str, err: grpc.RpcError) -> ServiceError:
+    """Translate a failed call to a stage into the error the caller reports, naming the stage."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else "") or code.name.lower()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return StageUnavailable(stage, details)
+    if code in _STAGE_CODES_PASSED_ON:
+        return ServiceError(f"{stage}: {details}", code)
+    log.error("stage %s failed with %s: %s", stage, code, details)
+    return ServiceError(f"stage {stage} failed ({code.name})", grpc.StatusCode.INTERNAL)
+
+
+@contextmanager
+def calling_stage(stage: str) -> Iterator[None]:
+    """Wrap calls to a stage (`with calling_stage("denoiser"): ...`) so failures name it with the right code."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise stage_error(stage, err) from None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    code, message = to_status(exc)
+    if code != grpc.StatusCode.INTERNAL:
+        log.info("%s: %s", code.name, message)
+    await context.abort(code, message)
+
+
+def grpc_errors(method: F) -> F:
+    """Decorate a grpc.aio servicer method (unary or streaming response) so exceptions become statuses.
+
+    `context.abort` from inside the method and task cancellation pass through unchanged.
+    """
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one boundary where every error is mapped
+                await _abort(context, exc)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one boundary where every error is mapped
+            await _abort(context, exc)
+
+    return unary_wrapper  # type: ignore[return-value]

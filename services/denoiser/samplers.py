@@ -45,11 +45,14 @@ def shift_sigmas(sigmas: ArrayT, shift: float) -> ArrayT:
 
 
 def _check_schedule_args(steps: int, shift: float, num_train_timesteps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    def is_int(x) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not (math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+    if not is_int(num_train_timesteps) or num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
 
 
@@ -99,6 +102,14 @@ class _FlowSampler:
     def _x0(self, sample: torch.Tensor, velocity: torch.Tensor, index: int) -> torch.Tensor:
         """Data prediction x0 = x - sigma * v."""
         return sample - self._sigma[index] * velocity
+
+    def _exponential_step(self, x_s: torch.Tensor, s: int, t: int, x0_term: torch.Tensor) -> torch.Tensor:
+        """The data-prediction exponential integrator step shared by UniPC and DPM-Solver++:
+        x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) x0_term, h = lambda_t - lambda_s.
+        At sigma_t = 0, h = +inf and this returns x0_term."""
+        h = self._lambda[t] - self._lambda[s]
+        decay = -(1.0 - self._sigma[t]) * math.expm1(-h)  # alpha_t (1 - e^{-h})
+        return (self._sigma[t] / self._sigma[s]) * x_s + decay * x0_term
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.num_steps}, sigmas[0]={self._sigma[0]:.6f})"
@@ -157,13 +168,12 @@ class FlowUniPCSampler(_FlowSampler):
     def _predict(self, sample: torch.Tensor, index: int, order: int) -> torch.Tensor:
         """UniP: x at sigmas[index] -> x at sigmas[index + 1]."""
         s, t = index, index + 1
-        h = self._lambda[t] - self._lambda[s]  # +inf on the last step (sigma_t = 0): the result is x0_s
         x0_s = self._x0_history[-1]
         x0_term = x0_s
         if order == 2:
-            r1 = (self._lambda[s - 1] - self._lambda[s]) / h
+            r1 = (self._lambda[s - 1] - self._lambda[s]) / (self._lambda[t] - self._lambda[s])
             x0_term = x0_s + (0.5 / r1) * (self._x0_history[-2] - x0_s)
-        return (self._sigma[t] / self._sigma[s]) * sample - ((1.0 - self._sigma[t]) * math.expm1(-h)) * x0_term
+        return self._exponential_step(sample, s, t, x0_term)
 
     def _correct(self, x0_t: torch.Tensor, index: int) -> torch.Tensor:
         """UniC: redo the step sigmas[index - 1] -> sigmas[index] with the new data prediction x0_t."""
@@ -178,9 +188,7 @@ class FlowUniPCSampler(_FlowSampler):
             rho_1 = (b1 - b2) / (1.0 - r1)
             rho_t = b1 - rho_1
             x0_term = x0_s + (rho_1 / r1) * (self._x0_history[-2] - x0_s) + rho_t * (x0_t - x0_s)
-        return (self._sigma[t] / self._sigma[s]) * self._last_sample - (
-            (1.0 - self._sigma[t]) * math.expm1(-h)
-        ) * x0_term
+        return self._exponential_step(self._last_sample, s, t, x0_term)
 
 
 def _unipc_bh2_b(h: float) -> tuple[float, float]:
@@ -224,23 +232,22 @@ class FlowDPMSolverSampler(_FlowSampler):
         sample, velocity = self._begin_step(model_output, index, sample)
         x0 = self._x0(sample, velocity, index)
         s, t = index, index + 1
-        h = self._lambda[t] - self._lambda[s]  # +inf on the last step: the result is x0
         first_order = index == 0 or index == self.num_steps - 1
         d = x0
         if not first_order:
-            r0 = (self._lambda[s] - self._lambda[s - 1]) / h
+            r0 = (self._lambda[s] - self._lambda[s - 1]) / (self._lambda[t] - self._lambda[s])
             d = x0 + (0.5 / r0) * (x0 - self._prev_x0)
         self._prev_x0 = x0
-        return (self._sigma[t] / self._sigma[s]) * sample - ((1.0 - self._sigma[t]) * math.expm1(-h)) * d
+        return self._exponential_step(sample, s, t, d)
 
 
 class FlowEulerSampler(_FlowSampler):
     """Flow-matching Euler: x_t = x_s + (sigma_t - sigma_s) v_s.
 
     Matches diffusers `FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)`, whose schedule
-    applies the shift twice at the low-noise end: __init__ shifts the training grid (k / T, k = T..1, float32),
-    so its smallest sigma is shift_sigmas(1/T); set_timesteps spaces `steps` points linearly between 1 and that
-    value (not steps + 1 points down to 0) and shifts them again. The last sigma before 0 is thus
+    applies the shift twice at the low-noise end: __init__ shifts the training grid (k / T, k = T..1,
+    float32), so its smallest sigma is shift_sigmas(1/T); set_timesteps spaces `steps` points linearly between
+    1 and that value (not steps + 1 points down to 0) and shifts them again. The last sigma before 0 is thus
     shift_sigmas(shift_sigmas(1/T)), e.g. 0.126 for shift 12, and the timesteps are float, not integers.
     """
 
@@ -262,7 +269,9 @@ class FlowEulerSampler(_FlowSampler):
         return sample + (self._sigma[index + 1] - self._sigma[index]) * velocity
 
 
-SAMPLERS: dict[str, type] = {cls.name: cls for cls in (FlowUniPCSampler, FlowDPMSolverSampler, FlowEulerSampler)}
+SAMPLERS: dict[str, type] = {
+    cls.name: cls for cls in (FlowUniPCSampler, FlowDPMSolverSampler, FlowEulerSampler)
+}
 DEFAULT_SAMPLER = "unipc"
 
 

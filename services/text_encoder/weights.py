@@ -70,10 +70,10 @@ def hf_to_wan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """UMT5EncoderModel state dict -> Wan T5Encoder key names (what `models_t5_umt5-xxl-enc-bf16.pth` holds)."""
     out = {}
     for key, value in sd.items():
-        if key == "encoder.embed_tokens.weight":
-            continue  # tied to shared.weight; Wan stores the table once as token_embedding
+        if key == "encoder.embed_tokens.weight" and "shared.weight" in sd:
+            continue  # tied to shared.weight; Wan stores the table once, as token_embedding
         m = _HF_BLOCK.fullmatch(key)
-        if key == "shared.weight":
+        if key in EMBED_KEYS:
             out["token_embedding.weight"] = value
         elif key == "encoder.final_layer_norm.weight":
             out["norm.weight"] = value

@@ -26,7 +26,7 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory):
+def te_dir(tmp_path_factory):
     """A Diffusers-style folder: tokenizer/ and text_encoder/ (tiny UMT5EncoderModel, random weights)."""
     root = tmp_path_factory.mktemp("wan_diffusers")
     torch.manual_seed(0)
@@ -44,19 +44,19 @@ def _engine(root, **kw):
                                              CONFIG, "cpu", torch.float32, **kw)
 
 
-def test_encode_matches_diffusers_wan_pipeline(diffusers_dir):
+def test_encode_matches_diffusers_wan_pipeline(te_dir):
     from diffusers import WanPipeline
 
     pipe = WanPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(diffusers_dir / "tokenizer"),
-        text_encoder=UMT5EncoderModel.from_pretrained(diffusers_dir / "text_encoder").eval(),
+        tokenizer=AutoTokenizer.from_pretrained(te_dir / "tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(te_dir / "text_encoder").eval(),
         vae=None,
         scheduler=None,
     )
     with torch.no_grad():
         ref = pipe._get_t5_prompt_embeds(PROMPTS, max_sequence_length=CONFIG.text_len,
                                          device=torch.device("cpu"), dtype=torch.float32)
-    ours = _engine(diffusers_dir).encode(PROMPTS)
+    ours = _engine(te_dir).encode(PROMPTS)
 
     assert len(ours) == len(PROMPTS)
     assert [t.shape[0] for t in ours][3:] == [1, CONFIG.text_len]  # "" is just </s>; the long one is truncated
@@ -73,52 +73,79 @@ def test_prompt_cleaning():
     assert clean_prompt("cafÃ©") == "café"
 
 
-def test_wan_pth_and_diffusers_folder_load_the_same(diffusers_dir, tmp_path):
-    hf_sd = load_file(str(diffusers_dir / "text_encoder" / "model.safetensors"))
-    wan_sd = hf_to_wan(UMT5EncoderModel.from_pretrained(diffusers_dir / "text_encoder").state_dict())
-    n = CONFIG.num_layers
+@pytest.mark.parametrize("embed_keys", [("shared.weight",), ("encoder.embed_tokens.weight",),
+                                        ("shared.weight", "encoder.embed_tokens.weight")])
+def test_wan_pth_and_diffusers_folder_load_the_same(te_dir, tmp_path, embed_keys):
+    saved = load_file(str(te_dir / "text_encoder" / "model.safetensors"))
+    table = saved.pop("shared.weight", None)
+    table = saved.pop("encoder.embed_tokens.weight", table)
+    folder = tmp_path / "text_encoder"  # the tied table under one or both names, as different writers do
+    folder.mkdir()
+    (folder / "config.json").write_bytes((te_dir / "text_encoder" / "config.json").read_bytes())
+    save_file({**saved, **{k: table.clone() for k in embed_keys}}, str(folder / "model.safetensors"))
+
+    wan_sd = hf_to_wan(load_file(str(folder / "model.safetensors")))
     expected = {"token_embedding.weight", "norm.weight"} | {
-        f"blocks.{i}.{name}.weight" for i in range(n) for name in (
+        f"blocks.{i}.{name}.weight" for i in range(CONFIG.num_layers) for name in (
             "norm1", "attn.q", "attn.k", "attn.v", "attn.o", "pos_embedding.embedding",
             "norm2", "ffn.gate.0", "ffn.fc1", "ffn.fc2")
     }
     assert set(wan_sd) == expected
-    torch.save({k: v.clone() for k, v in wan_sd.items()}, tmp_path / WAN_T5_FILE)
+    torch.save(wan_sd, tmp_path / WAN_T5_FILE)
 
-    wan = TextEncoderEngine.from_checkpoint("wan", tmp_path / WAN_T5_FILE, diffusers_dir / "tokenizer",
+    wan = TextEncoderEngine.from_checkpoint("wan", tmp_path / WAN_T5_FILE, te_dir / "tokenizer",
                                             CONFIG, "cpu", torch.float32)
-    hf = _engine(diffusers_dir)
+    hf = TextEncoderEngine.from_checkpoint("diffusers", folder, te_dir / "tokenizer", CONFIG, "cpu", torch.float32)
     a, b = wan.model.state_dict(), hf.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert wan.model.encoder.embed_tokens.weight is wan.model.shared.weight  # tied, one copy
-    assert torch.equal(hf.model.shared.weight, hf_sd.get("shared.weight", hf_sd.get("encoder.embed_tokens.weight")))
+    assert torch.equal(b["encoder.embed_tokens.weight"], table)
+    for engine in (wan, hf):  # tied: one Parameter, one copy
+        assert engine.model.encoder.embed_tokens.weight is engine.model.shared.weight
     for x, y in zip(wan.encode(PROMPTS), hf.encode(PROMPTS)):
         assert torch.equal(x, y)
 
 
-def test_missing_key_and_wrong_shape_name_file_and_key(diffusers_dir, tmp_path):
-    wan_sd = hf_to_wan(UMT5EncoderModel.from_pretrained(diffusers_dir / "text_encoder").state_dict())
+def test_wan_ffn_names_keep_wan_semantics(te_dir):
+    """Wan's FFN is fc2(fc1(x) * gelu_tanh(gate.0(x))): check the renamed weights compute exactly that."""
+    engine = TextEncoderEngine.from_checkpoint("diffusers", te_dir / "text_encoder", te_dir / "tokenizer",
+                                               CONFIG, "cpu", torch.float32)
+    w = hf_to_wan(engine.model.state_dict())
+    x = torch.randn(5, CONFIG.dim)
+    gate = torch.nn.functional.gelu(x @ w["blocks.1.ffn.gate.0.weight"].T, approximate="tanh")
+    want = (x @ w["blocks.1.ffn.fc1.weight"].T * gate) @ w["blocks.1.ffn.fc2.weight"].T
+    got = engine.model.encoder.block[1].layer[1].DenseReluDense(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_key_and_wrong_shape_name_file_and_key(te_dir, tmp_path):
+    wan_sd = hf_to_wan(UMT5EncoderModel.from_pretrained(te_dir / "text_encoder").state_dict())
     del wan_sd["blocks.1.attn.k.weight"]
     path = tmp_path / WAN_T5_FILE
     torch.save(wan_sd, path)
     with pytest.raises(CheckpointError, match=r"(?s)models_t5_umt5.*missing keys: encoder\.block\.1\.layer\.0\."
                                               r"SelfAttention\.k\.weight"):
-        TextEncoderEngine.from_checkpoint("wan", path, diffusers_dir / "tokenizer", CONFIG, "cpu", torch.float32)
+        TextEncoderEngine.from_checkpoint("wan", path, te_dir / "tokenizer", CONFIG, "cpu", torch.float32)
 
     bad = tmp_path / "bad"
     (bad / "text_encoder").mkdir(parents=True)
-    (bad / "text_encoder" / "config.json").write_bytes((diffusers_dir / "text_encoder" / "config.json").read_bytes())
-    sd = load_file(str(diffusers_dir / "text_encoder" / "model.safetensors"))
+    (bad / "text_encoder" / "config.json").write_bytes((te_dir / "text_encoder" / "config.json").read_bytes())
+    sd = load_file(str(te_dir / "text_encoder" / "model.safetensors"))
     sd["encoder.final_layer_norm.weight"] = torch.ones(CONFIG.dim + 1)
     save_file(sd, str(bad / "text_encoder" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*encoder\.final_layer_norm\.weight: checkpoint"):
-        TextEncoderEngine.from_checkpoint("diffusers", bad / "text_encoder", diffusers_dir / "tokenizer",
+        TextEncoderEngine.from_checkpoint("diffusers", bad / "text_encoder", te_dir / "tokenizer",
                                           CONFIG, "cpu", torch.float32)
 
     with pytest.raises(CheckpointError, match=r"config\.json: text_encoder\.num_layers is 2"):
-        _engine(diffusers_dir).from_checkpoint("diffusers", diffusers_dir / "text_encoder",
-                                               diffusers_dir / "tokenizer",
-                                               dataclasses.replace(CONFIG, num_layers=3), "cpu", torch.float32)
+        TextEncoderEngine.from_checkpoint("diffusers", te_dir / "text_encoder", te_dir / "tokenizer",
+                                          dataclasses.replace(CONFIG, num_layers=3), "cpu", torch.float32)
+
+    sd["encoder.final_layer_norm.weight"] = torch.ones(CONFIG.dim)
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"] + 1
+    save_file(sd, str(bad / "text_encoder" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tied embeddings .* differ"):
+        TextEncoderEngine.from_checkpoint("diffusers", bad / "text_encoder", te_dir / "tokenizer",
+                                          CONFIG, "cpu", torch.float32)
 
 
 def test_tiny_tokenizer_is_deterministic_and_round_trips(tmp_path):
@@ -142,3 +169,8 @@ def test_random_engine_is_deterministic():
     assert [t.shape for t in out1] == [(3, CONFIG.dim), (7, CONFIG.dim)]
     assert all(torch.equal(x, y) for x, y in zip(out1, out2))
     assert e1.encode([]) == []
+    low = TextEncoderEngine.random(CONFIG, dtype=torch.bfloat16, seed=3).encode(["a dog"])[0]
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), out1[0], rtol=0.1, atol=0.1)
+    half = TextEncoderEngine.random(CONFIG, dtype=torch.float16, seed=3)
+    assert half.model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # as transformers
+    assert half.encode(["a dog"])[0].dtype == torch.float16

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random checkpoints in the Diffusers and official Wan layouts (built once per session)."""
+
+import pytest
+
+import tiny_checkpoints
+
+
+@pytest.fixture(scope="session")
+def diffusers_dir(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    return tiny_checkpoints.write_diffusers_folder(tmp_path_factory.mktemp("wan-diffusers"), num_experts=1)
+
+
+@pytest.fixture(scope="session")
+def diffusers_moe_dir(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    return tiny_checkpoints.write_diffusers_folder(tmp_path_factory.mktemp("wan22-diffusers"), num_experts=2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def wan_dir(diffusers_dir, tmp_path_factory):
+    return tiny_checkpoints.write_wan_folder(diffusers_dir, tmp_path_factory.mktemp("wan-official"))
+
+
+@pytest.fixture(scope="session")
+def wan_moe_dir(diffusers_moe_dir, tmp_path_factory):
+    return tiny_checkpoints.write_wan_folder(diffusers_moe_dir, tmp_path_factory.mktemp("wan22-official"))
