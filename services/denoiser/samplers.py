@@ -50,7 +50,8 @@ def _check_schedule_args(steps: int, shift: float, num_train_timesteps: int) -> 
 
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not (math.isfinite(shift) and shift > 0):
+    is_real = isinstance(shift, numbers.Real) and not isinstance(shift, bool)
+    if not (is_real and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
     if not is_int(num_train_timesteps) or num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
@@ -108,8 +109,8 @@ class _FlowSampler:
         x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) x0_term, h = lambda_t - lambda_s.
         At sigma_t = 0, h = +inf and this returns x0_term."""
         h = self._lambda[t] - self._lambda[s]
-        decay = -(1.0 - self._sigma[t]) * math.expm1(-h)  # alpha_t (1 - e^{-h})
-        return (self._sigma[t] / self._sigma[s]) * x_s + decay * x0_term
+        x0_weight = -(1.0 - self._sigma[t]) * math.expm1(-h)  # alpha_t (1 - e^{-h})
+        return (self._sigma[t] / self._sigma[s]) * x_s + x0_weight * x0_term
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.num_steps}, sigmas[0]={self._sigma[0]:.6f})"

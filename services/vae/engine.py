@@ -32,8 +32,8 @@ class VaeEngine:
         self.inv_std = 1.0 / torch.tensor(self.config.latents_std, device=self.device).view(shape)
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path, kind: str, config: VAEConfig,
-                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "VaeEngine":
+    def from_checkpoint(cls, source: str | Path, kind: str, config: VAEConfig, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "VaeEngine":
         """Load `Wan2.1_VAE.pth` (kind "wan") or a Diffusers `vae/` folder (kind "diffusers")."""
         return cls(load_vae(source, kind, config, device, dtype), device, dtype)
 
@@ -75,10 +75,11 @@ class VaeEngine:
             raise ValueError(f"video must be [B, 3, F, H, W], got {list(video.shape)}")
         f, h, w = video.shape[2:]
         if (f - 1) % st or h % sh or w % sw:
-            raise ValueError(f"video needs F = {st}n + 1 frames and H, W multiples of {sh}, got F={f}, H={h}, W={w}")
+            raise ValueError(f"video needs F = {st}n + 1 frames and H, W multiples of {sh}; "
+                             f"got F={f}, H={h}, W={w}")
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """video [B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3], round((x + 1) / 2 * 255) as diffusers does."""
+    """video [B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3]: round((x + 1) / 2 * 255), as diffusers."""
     x = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     return (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()

@@ -188,7 +188,8 @@ class Encoder3d(nn.Module):
                 blocks.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if i < len(cfg.dim_mult) - 1:
-                blocks.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+                mode = "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"
+                blocks.append(Resample(out_dim, mode))
         self.downsamples = nn.Sequential(*blocks)
         self.middle = _middle(dims[-1])
         self.head = _head(dims[-1], 2 * cfg.z_dim)

@@ -1,4 +1,4 @@
-"""VAE checkpoint loading: the official `Wan2.1_VAE.pth` as is, or a Diffusers `vae/` folder renamed to Wan keys."""
+"""VAE checkpoint loading: the official `Wan2.1_VAE.pth` as is, or a Diffusers `vae/` folder renamed to it."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ _DIFFUSERS_FIELDS = {  # Diffusers config.json name -> VAEConfig field
     "latents_std": "latents_std",
 }
 # Features of AutoencoderKLWan that the Wan2.1 VAE does not have (Wan2.2-TI2V's VAE uses some of them).
-_UNSUPPORTED = {"is_residual": False, "attn_scales": [], "patch_size": None, "in_channels": 3, "out_channels": 3}
+_UNSUPPORTED = {"is_residual": False, "attn_scales": [], "patch_size": None,
+                "in_channels": 3, "out_channels": 3}
 
 
 def vae_config_from_diffusers(config_json: dict) -> VAEConfig:
@@ -70,9 +71,12 @@ def vae_config_from_diffusers(config_json: dict) -> VAEConfig:
                                   f"by the Wan2.1 VAE (expected {supported!r})")
     decoder_dim = config_json.get("decoder_base_dim")
     if decoder_dim is not None and decoder_dim != config_json.get("base_dim", VAEConfig.base_dim):
-        raise CheckpointError(f"AutoencoderKLWan config: decoder_base_dim={decoder_dim} differs from base_dim")
-    values = {ours: config_json[theirs] for theirs, ours in _DIFFUSERS_FIELDS.items() if theirs in config_json}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        raise CheckpointError(f"AutoencoderKLWan config: decoder_base_dim={decoder_dim} is not base_dim")
+    values = {}
+    for theirs, ours in _DIFFUSERS_FIELDS.items():
+        if theirs in config_json:
+            value = config_json[theirs]
+            values[ours] = tuple(value) if isinstance(value, list) else value
     try:
         cfg = VAEConfig(**values)
     except ConfigError as e:
