@@ -1,4 +1,4 @@
-"""Regenerate the checked-in Python stubs from proto/ deterministically: `python proto/generate.py [--check]`."""
+"""Regenerate the checked-in Python stubs from proto/, deterministically: `python proto/generate.py`."""
 
 from __future__ import annotations
 
@@ -42,14 +42,19 @@ def generate(out_dir: Path) -> None:
     for pkg in sorted({p.parent for p in (out_dir / ROOT_PACKAGE).rglob("*.py")}):
         while pkg != out_dir / ROOT_PACKAGE:
             name = ".".join(pkg.relative_to(out_dir).parts)
-            (pkg / "__init__.py").write_text(f'"""Generated from proto/ by proto/generate.py: {name}. Do not edit."""\n')
+            (pkg / "__init__.py").write_text(
+                f'"""Generated from proto/ by proto/generate.py: {name}. Do not edit."""\n'
+            )
             pkg = pkg.parent
 
 
 def diff_trees(expected: Path, actual: Path) -> list[str]:
     """Relative paths that differ between two generated trees (missing, extra or changed)."""
+
     def files(root: Path) -> set[str]:
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        return {
+            str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        }
 
     want, have = files(expected), files(actual)
     changed = {f for f in want & have if not filecmp.cmp(expected / f, actual / f, shallow=False)}
@@ -58,7 +63,9 @@ def diff_trees(expected: Path, actual: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root (default: proto/gen/python)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output root (default: proto/gen/python)"
+    )
     parser.add_argument("--check", action="store_true", help="only report whether --out is up to date")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -211,7 +211,7 @@ def materialize_random(module: nn.Module, device: torch.device | str, dtype: tor
             sd[name] = torch.zeros(t.shape, dtype=t.dtype)
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if leaf == "weight" and t.dim() == 1:  # norm gains
+        if (leaf == "weight" and t.dim() == 1) or leaf == "gamma":  # norm gains
             sd[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
         elif leaf == "bias" or t.dim() <= 1:
             sd[name] = 0.02 * torch.randn(t.shape, generator=gen)

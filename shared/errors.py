@@ -1,4 +1,4 @@
-"""The one place where exceptions become gRPC status codes: the service error hierarchy and the servicer decorator."""
+"""The one place where exceptions become gRPC status codes: the error hierarchy and the servicer decorator."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class ServiceError(Exception):
 
 
 class RequestError(ServiceError, ValueError):
-    """Invalid user input: `RequestError("width", "must be a multiple of 16")` -> INVALID_ARGUMENT "width: must ..."."""
+    """Invalid user input: `RequestError("width", "must be a multiple of 16")` -> INVALID_ARGUMENT."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -40,7 +40,7 @@ class RequestError(ServiceError, ValueError):
 
 
 class TensorStreamError(ServiceError):
-    """A bad tensor stream: kind DATA_LOSS for corrupt bytes, INVALID_ARGUMENT for a bad spec or frame order."""
+    """A bad tensor stream: kind DATA_LOSS for corrupt bytes, INVALID_ARGUMENT for a bad spec or order."""
 
     DATA_LOSS = grpc.StatusCode.DATA_LOSS
     INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
@@ -90,7 +90,7 @@ class DeadlineExceeded(ServiceError):
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Status code and client-safe message for an exception; unexpected ones are logged with their traceback."""
+    """Status code and client-safe message for an exception; unexpected ones are logged with a traceback."""
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
     if isinstance(exc, TimeoutError):
@@ -123,7 +123,7 @@ def stage_error(stage: str, err: grpc.RpcError) -> ServiceError:
 
 @contextmanager
 def calling_stage(stage: str) -> Iterator[None]:
-    """Wrap calls to a stage (`with calling_stage("denoiser"): ...`) so failures name it with the right code."""
+    """Wrap calls to a stage (`with calling_stage("vae"): ...`) so failures name it, with the right code."""
     try:
         yield
     except grpc.RpcError as err:
@@ -138,31 +138,33 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 
 
 def grpc_errors(method: F) -> F:
-    """Decorate a grpc.aio servicer method (unary or streaming response) so exceptions become statuses.
+    """Decorate a grpc.aio handler (unary or streaming response) so exceptions become gRPC statuses.
 
-    `context.abort` from inside the method and task cancellation pass through unchanged.
+    ServiceError -> its code and message; TimeoutError -> DEADLINE_EXCEEDED; anything else -> INTERNAL with an
+    error id (the traceback goes to the server log only). `context.abort` inside the handler and task
+    cancellation (asyncio.CancelledError, when the client cancels) pass through unchanged.
     """
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        async def stream_wrapper(self, request, context):
+        async def stream_wrapper(*args):  # (self, request, context) or (request, context)
             try:
-                async for response in method(self, request, context):
+                async for response in method(*args):
                     yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the one boundary where every error is mapped
-                await _abort(context, exc)
+                await _abort(args[-1], exc)
 
         return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(method)
-    async def unary_wrapper(self, request, context):
+    async def unary_wrapper(*args):
         try:
-            return await method(self, request, context)
+            return await method(*args)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - the one boundary where every error is mapped
-            await _abort(context, exc)
+            await _abort(args[-1], exc)
 
     return unary_wrapper  # type: ignore[return-value]

@@ -95,4 +95,4 @@ class TextEncoderEngine:
         mask = batch.attention_mask.to(self.device)  # [B, text_len], 1 on real tokens
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, text_len, dim]
         lengths = mask.sum(dim=1).tolist()
-        return [h[:n].to(self.dtype).clone() for h, n in zip(hidden, lengths)]
+        return [h[:n].to(self.dtype, copy=True) for h, n in zip(hidden, lengths)]  # own storage, not views

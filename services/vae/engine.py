@@ -32,7 +32,8 @@ class VaeEngine:
         self.inv_std = 1.0 / torch.tensor(self.config.latents_std, device=self.device).view(shape)
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path, kind: str, config: VAEConfig, device: torch.device | str = "cpu",
+    def from_checkpoint(cls, source: str | Path, kind: str, config: VAEConfig,
+                        device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> "VaeEngine":
         """Load `Wan2.1_VAE.pth` (kind "wan") or a Diffusers `vae/` folder (kind "diffusers")."""
         return cls(load_vae(source, kind, config, device, dtype), device, dtype)

@@ -36,7 +36,7 @@ def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16
 
 
 def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int = 16, crf: int = 10) -> bytes:
-    """The bytes of the mp4 `write_mp4` would write (through a temporary file: mp4 needs a seekable output)."""
+    """The bytes of the mp4 `write_mp4` would write (via a temporary file: mp4 needs a seekable output)."""
     with _temp_mp4() as path:
         write_mp4(frames, path, fps, crf)
         return path.read_bytes()
@@ -64,7 +64,7 @@ def read_mp4(video: str | Path | bytes) -> np.ndarray:
 def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     array = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0:
-        raise ValueError(f"frames must be uint8 [F, H, W, 3] with F >= 1; got {array.dtype} {list(array.shape)}")
+        raise ValueError(f"frames must be uint8 [F, H, W, 3], F >= 1; got {array.dtype} {list(array.shape)}")
     h, w = array.shape[1:3]
     if h % 2 or w % 2:
         raise ValueError(f"H.264 yuv420p needs even width and height, got {w}x{h}")

@@ -1,0 +1,139 @@
+"""One DiT forward, ours vs diffusers' WanTransformer3DModel, same random bf16 weights, in one run on one GPU.
+
+Prints a table (time, achieved TFLOP/s, ratio to the floor, relative error) and writes JSON results.
+Run: python bench/dit_forward.py --models 1.3B 14B --out bench_results/dit_forward.json
+Needs a CUDA GPU and the `diffusers` package (the peer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from smartdiff.services.denoiser.weights import build_dit, diffusers_to_wan_key
+from smartdiff.services.denoiser.dit import KEEP_FP32
+from smartdiff.shared.checkpoint import load_strict, rename_keys
+from smartdiff.shared.config import load_model_config
+
+MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
+TEXT_LEN = 512
+
+
+def cuda_time(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def forward_flops(dim: int, ffn: int, layers: int, tokens: int, text: int = TEXT_LEN) -> tuple[float, float]:
+    """(attention FLOPs, GEMM FLOPs) of one forward at batch 1."""
+    attn = layers * (4 * tokens * tokens * dim + 4 * tokens * text * dim)
+    gemm = layers * (2 * tokens * dim * dim * 4 + 2 * tokens * dim * dim * 2 + 2 * text * dim * dim * 2
+                     + 2 * tokens * dim * ffn * 2)
+    return attn, gemm
+
+
+def card_ceilings() -> tuple[float, float]:
+    """Measured bf16 GEMM (8192^3) and SDPA attention (12 x 32760 x 128) TFLOP/s on this card."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gemm_s = statistics.median(cuda_time(lambda: a @ b, 3, 10))
+    q = torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16)
+    attn_s = statistics.median(cuda_time(lambda: F.scaled_dot_product_attention(q, q, q), 2, 5))
+    return 2 * 8192**3 / gemm_s / 1e12, 4 * 32760**2 * 128 * 12 / attn_s / 1e12
+
+
+def diffusers_model(cfg):
+    import diffusers
+
+    with torch.device("cuda"):
+        model = diffusers.WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=16, out_channels=16, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+            num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps,
+        )
+    model = model.to(torch.bfloat16).eval().requires_grad_(False)
+    for name, param in model.named_parameters():  # as from_pretrained(torch_dtype=bf16) leaves them
+        if any(k in name.split(".") for k in model._keep_in_fp32_modules):
+            param.data = param.data.float()
+    return model
+
+
+def bench_model(label: str, width: int, height: int, frames: int, warmup: int, iters: int, ceilings) -> dict:
+    cfg = load_model_config(MODELS[label]).dit
+    ref = diffusers_model(cfg)
+    # Our model shares the very same weight tensors (no copy): only the float32-kept modules are cast.
+    ours = load_strict(build_dit(cfg), rename_keys(ref.state_dict(), diffusers_to_wan_key), "diffusers weights",
+                       "cuda", torch.bfloat16, keep_fp32=KEEP_FP32)
+    lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, *lat, device="cuda", generator=g, dtype=torch.bfloat16)
+    ctx = torch.randn(1, TEXT_LEN, cfg.text_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = torch.tensor([900.0], device="cuda")
+    tokens = lat[1] * (lat[2] // 2) * (lat[3] // 2)
+    attn_f, gemm_f = forward_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, tokens)
+    gemm_peak, attn_peak = ceilings
+    floor = attn_f / (attn_peak * 1e12) + gemm_f / (gemm_peak * 1e12)
+    rows = {}
+    with torch.inference_mode():
+        out_ref = ref(x, t, ctx, return_dict=False)[0]
+        out_ours = ours(x, t, ctx)
+        rel = ((out_ours.float() - out_ref.float()).norm() / out_ref.float().norm()).item()
+        for name, fn in (("diffusers eager", lambda: ref(x, t, ctx, return_dict=False)),
+                         ("ours eager", lambda: ours(x, t, ctx))):
+            times = cuda_time(fn, warmup, iters)
+            med = statistics.median(times)
+            rows[name] = dict(seconds=med, tflops=(attn_f + gemm_f) / med / 1e12, floor_ratio=med / floor,
+                              all_seconds=times)
+    del ref, ours
+    torch.cuda.empty_cache()
+    return dict(model=MODELS[label], shape=f"{width}x{height}x{frames}", tokens=tokens, floor_s=floor,
+                attention_tflop=attn_f / 1e12, gemm_tflop=gemm_f / 1e12, rel_err_ours_vs_diffusers=rel, runs=rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=["1.3B", "14B"], choices=list(MODELS))
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("bench_results/dit_forward.json"))
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ceilings = card_ceilings()
+    results = dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                   gemm_tflops=ceilings[0], sdpa_attention_tflops=ceilings[1], models=[])
+    print(f"card: {results['card']}  torch {torch.__version__}  bf16 GEMM {ceilings[0]:.0f} TFLOP/s, "
+          f"SDPA attention {ceilings[1]:.0f} TFLOP/s")
+    print(f"{'model':<18}{'impl':<18}{'time (s)':>10}{'TFLOP/s':>10}{'x floor':>9}{'rel err':>10}")
+    for label in args.models:
+        r = bench_model(label, args.width, args.height, args.frames, args.warmup, args.iters, ceilings)
+        results["models"].append(r)
+        for impl, row in r["runs"].items():
+            print(f"{r['model']:<18}{impl:<18}{row['seconds']:>10.3f}{row['tflops']:>10.0f}{row['floor_ratio']:>9.2f}"
+                  f"{r['rel_err_ours_vs_diffusers']:>10.1e}")
+        print(f"{'':<18}{'floor':<18}{r['floor_s']:>10.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""StageServer: health SERVING only when marked, reflection, explicit size limits, tensors over real gRPC."""
+
+import asyncio
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from smartdiff.gateway.v1 import gateway_pb2_grpc  # noqa: F401 - puts the gateway descriptors in the pool
+from smartdiff.shared.grpc_server import StageServer, create_channel
+from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_frames
+from smartdiff.tensor.v1 import tensor_pb2
+
+GATEWAY = "smartdiff.gateway.v1.GatewayService"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_of(channel, service=""):
+    stub = health_pb2_grpc.HealthStub(channel)
+    return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+
+
+def test_health_is_serving_only_after_mark_serving():
+    async def run():
+        server = StageServer([GATEWAY])
+        port = server.add_port("127.0.0.1:0")
+        await server.start()
+        seen = []
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            seen.append((await health_of(channel), await health_of(channel, GATEWAY)))
+            await server.mark_serving()  # weights loaded, warm-up ran
+            seen.append((await health_of(channel), await health_of(channel, GATEWAY)))
+            await server.mark_not_serving()
+            seen.append((await health_of(channel), await health_of(channel, GATEWAY)))
+            await server.mark_serving()
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=GATEWAY))
+            seen.append((await watch.read()).status)
+            stopping = asyncio.ensure_future(server.stop(grace=0.5))
+            seen.append((await watch.read()).status)  # graceful stop reports NOT_SERVING first
+            await stopping
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen == [
+        (NOT_SERVING, NOT_SERVING),
+        (SERVING, SERVING),
+        (NOT_SERVING, NOT_SERVING),
+        SERVING,
+        NOT_SERVING,
+    ]
+
+
+def test_reflection_lists_and_describes_the_service():
+    async def run():
+        server = StageServer([GATEWAY])
+        port = server.add_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with create_channel(f"127.0.0.1:{port}") as channel:
+                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                requests = [
+                    reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol=GATEWAY),
+                ]
+                return [r async for r in stub.ServerReflectionInfo(iter(requests))]
+        finally:
+            await server.stop(0)
+
+    listed, described = asyncio.run(run())
+    names = {s.name for s in listed.list_services_response.service}
+    assert {GATEWAY, "grpc.health.v1.Health"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto  # clients in any language can discover it
+
+
+ECHO = "smartdiff.test.TensorEcho"
+
+
+async def echo_tensor(request_iterator, context):
+    """Assemble the incoming tensor, then stream it back."""
+    assembler = TensorAssembler("tensor")
+    async for frame in request_iterator:
+        assembler.feed(frame)
+    for frame in tensor_to_frames(assembler.result(), "echo"):
+        yield frame
+
+
+async def with_echo_server(body, max_message_bytes):
+    server = StageServer([ECHO], max_message_bytes=max_message_bytes)
+    server.server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                ECHO,
+                {
+                    "Echo": grpc.stream_stream_rpc_method_handler(
+                        echo_tensor,
+                        request_deserializer=tensor_pb2.TensorFrame.FromString,
+                        response_serializer=tensor_pb2.TensorFrame.SerializeToString,
+                    ),
+                },
+            )
+        ]
+    )
+    port = server.add_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with create_channel(f"127.0.0.1:{port}", max_message_bytes=max_message_bytes) as channel:
+            echo = channel.stream_stream(
+                f"/{ECHO}/Echo",
+                request_serializer=tensor_pb2.TensorFrame.SerializeToString,
+                response_deserializer=tensor_pb2.TensorFrame.FromString,
+            )
+            return await body(echo)
+    finally:
+        await server.stop(0)
+
+
+def test_bf16_tensor_round_trips_over_grpc():
+    x = torch.randn(3, 1000, 600).to(torch.bfloat16)  # 3.4 MiB: four 1 MiB chunks each way
+
+    async def body(echo):
+        assembler = TensorAssembler("echo")
+        async for frame in echo(tensor_to_frames(x, "x"), timeout=30):
+            assembler.feed(frame)
+        return assembler.result()
+
+    y = asyncio.run(with_echo_server(body, max_message_bytes=2 << 20))
+    assert torch.equal(y.view(torch.int16), x.view(torch.int16))
+
+
+def test_message_size_limit_is_enforced():
+    x = torch.zeros(1 << 20, dtype=torch.uint8)  # one 1 MiB chunk: over a 64 KiB limit
+
+    async def body(echo):
+        try:
+            async for _ in echo(tensor_to_frames(x), timeout=10):
+                pass
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+
+    assert (
+        asyncio.run(with_echo_server(body, max_message_bytes=64 << 10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
