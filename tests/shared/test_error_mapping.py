@@ -146,7 +146,7 @@ def test_deadline_is_visible_to_the_handler_for_propagation():
         return float(with_deadline), without
 
     left, without = asyncio.run(with_server(body))
-    assert 0 < left <= 7 and without == b"none"
+    assert 0 < left <= 7.5 and without == b"none"  # the wire encoding of grpc-timeout rounds up a little
 
 
 def test_client_cancel_reaches_the_handler_and_is_not_mapped():
