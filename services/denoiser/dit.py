@@ -6,6 +6,7 @@ Shapes: B batch, C = dim, L = F*H*W patch tokens, N heads, D = head dim, T = tex
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,6 +20,24 @@ from smartdiff.shared.config import DiTConfig
 KEEP_FP32 = ("time_embedding", "time_projection", "modulation", "norm3")
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# FlexCache hook points (services/denoiser/cache). `run(tokens, e6, ctx) -> tokens` computes the block stack
+# for the rows it is given; a BlockStackHook gets (run, tokens [B, L, C], e [B, C], e6 [B, 6, C], ctx [B, T, C])
+# and returns the stack's output, computed or rebuilt from a cached residual. An AttentionHook gets
+# (block index, "self" | "cross", compute) and returns that attention module's output [B, L, C] (before the
+# gate), from compute() or broadcast from an earlier step.
+BlockStackFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+BlockStackHook = Callable[[BlockStackFn, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttentionHook = Callable[[int, str, Callable[[], torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ForwardHooks:
+    """Hooks for one forward call of one request, passed as an argument and never stored on the module, so
+    concurrent requests on the same weights each keep their own cache state."""
+
+    blocks: BlockStackHook | None = None
+    attention: AttentionHook | None = None
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -132,12 +151,19 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))  # shift/scale/gate for attention and MLP
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, L, C], e [B, 6, C] float32 timestep projection, context [B, T, C] -> [B, L, C]."""
+                rope: tuple[torch.Tensor, torch.Tensor],
+                attention_hook: Callable[[str, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+        """x [B, L, C], e [B, 6, C] float32 timestep projection, context [B, T, C] -> [B, L, C].
+
+        attention_hook(kind, compute), when given, decides whether each attention output is computed.
+        """
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(1)  # each [B, C] fp32
-        y = self.self_attn((self.norm1(x) * (1 + scale1[:, None]) + shift1[:, None]).type_as(x), rope=rope)
+        hook = attention_hook or (lambda kind, compute: compute())
+        y = hook("self", lambda: self.self_attn(
+            (self.norm1(x) * (1 + scale1[:, None]) + shift1[:, None]).type_as(x), rope=rope))
         x = (x.float() + y.float() * gate1[:, None]).type_as(x)
-        x = x + self.cross_attn(self.norm3(x).type_as(x), context=context)
+        x = x + hook("cross", lambda: self.cross_attn(self.norm3(x).type_as(x), context=context))
         y = self.ffn((self.norm2(x) * (1 + scale2[:, None]) + shift2[:, None]).type_as(x))
         return (x.float() + y.float() * gate2[:, None]).type_as(x)
 
@@ -180,11 +206,20 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
         return e.float(), self.time_projection(e).float().unflatten(1, (6, self.cfg.dim))
 
+    def run_blocks(self, tokens: torch.Tensor, e6: torch.Tensor, ctx: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor], attention_hook: AttentionHook | None = None) -> torch.Tensor:
+        """The block stack: tokens [B, L, C], e6 [B, 6, C] float32, ctx [B, T, C] -> [B, L, C]."""
+        for i, block in enumerate(self.blocks):
+            hook = None if attention_hook is None else (lambda kind, fn, i=i: attention_hook(i, kind, fn))
+            tokens = block(tokens, e6, ctx, rope, hook)
+        return tokens
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                context_embedded: bool = False) -> torch.Tensor:
+                context_embedded: bool = False, hooks: ForwardHooks | None = None) -> torch.Tensor:
         """x [B, 16, F', h, w], t [B], context [B, T, text_dim] (or [B, T, C] if already embedded).
 
-        Returns the predicted flow (velocity) [B, out_dim, F', h, w] in x's dtype.
+        Returns the predicted flow (velocity) [B, out_dim, F', h, w] in x's dtype. `hooks`: this call's
+        FlexCache hooks (None: compute everything).
         """
         pt, ph, pw = self.cfg.patch_size
         b, _, f, h, w = x.shape
@@ -194,8 +229,12 @@ class WanDiT(nn.Module):
         ctx = context.to(dtype) if context_embedded else self.embed_text(context)
         e, e6 = self.embed_time(t)
         rope = rope_cos_sin(self.cfg.head_dim, grid, x.device)
-        for block in self.blocks:
-            tokens = block(tokens, e6, ctx, rope)
+        attention_hook = None if hooks is None else hooks.attention
+        if hooks is None or hooks.blocks is None:
+            tokens = self.run_blocks(tokens, e6, ctx, rope, attention_hook)
+        else:
+            run = lambda tk, e6_, ctx_: self.run_blocks(tk, e6_, ctx_, rope, attention_hook)  # noqa: E731
+            tokens = hooks.blocks(run, tokens, e, e6, ctx)
         out = self.head(tokens, e)  # [B, L, out * pt*ph*pw]
         return self.unpatchify(out, grid).to(x.dtype)
 

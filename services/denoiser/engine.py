@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from smartdiff.shared.checkpoint import CheckpointLayout
 from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.errors import Cancelled
 from smartdiff.shared.request import ResolvedRequest
 
 from .dit import WanDiT
@@ -16,10 +17,6 @@ from .samplers import make_sampler
 from .weights import load_dit, random_dit
 
 ProgressFn = Callable[[int, int], None]
-
-
-class Cancelled(RuntimeError):
-    """The caller cancelled the request (or its deadline passed) between two steps."""
 
 
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torch.Tensor:

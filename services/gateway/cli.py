@@ -1,26 +1,20 @@
-"""The `smartdiff` command line: `smartdiff generate ...` writes an mp4 (and optionally the final latents)."""
+"""The `smartdiff` command line: `generate` (through a gateway, or an embedded local deployment) and `serve`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
-import time
 from pathlib import Path
 
 from smartdiff.shared.checkpoint import CheckpointError
-from smartdiff.shared.config import ConfigError, available_models
+from smartdiff.shared.config import ConfigError
 from smartdiff.shared.errors import RequestError
 from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest
+from smartdiff.shared.serving import DEFAULT_PORTS, add_model_flags, add_serve_flags
 
-DTYPES = ("bfloat16", "float16", "float32")
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"shipped model preset ({', '.join(available_models())}); default wan-tiny "
-                   "(random weights) when no --checkpoint is given")
-    p.add_argument("--checkpoint", type=Path, help="model folder, official Wan or Diffusers layout (detected)")
-    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+STAGES = ("text-encoder", "denoiser", "vae", "gateway")
 
 
 def add_request_flags(p: argparse.ArgumentParser) -> None:
@@ -36,17 +30,37 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--seed", type=int, help="default: random, printed")
     p.add_argument("--fps", type=int, help="frames per second of the mp4 (default 16)")
+    p.add_argument("--attention", default="", help="self-attention backend (default: the deployment's exact one)")
+    p.add_argument("--cache", default="", help="feature-reuse cache strategy (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartdiff", description="Serve and run Wan text-to-video models.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     gen = sub.add_parser("generate", help="generate one video and write it as mp4")
     add_request_flags(gen)
+    gen.add_argument("--gateway", metavar="HOST:PORT",
+                     help="a running gateway; without it the four services start in-process on loopback")
     add_model_flags(gen)
     gen.add_argument("--out", type=Path, default=Path("out.mp4"), help="mp4 file to write (default out.mp4)")
     gen.add_argument("--save-latents", type=Path, metavar="FILE.safetensors",
                      help="also save the final latents (key 'latents', float32, [1, 16, F', H/8, W/8])")
+    gen.add_argument("--timeout", type=float, help="deadline of the request in seconds")
+
+    serve = sub.add_parser("serve", help="run long-lived services")
+    serve_sub = serve.add_subparsers(dest="stage", required=True)
+    every = serve_sub.add_parser("all", help="the four services in one process; prints HOST:PORT SERVING")
+    add_model_flags(every)
+    add_serve_flags(every, "gateway")
+    every.add_argument("--low-mem-level", type=int, default=0, choices=range(4))
+    for stage in STAGES:
+        p = serve_sub.add_parser(stage, help=f"the {stage} service (default port {DEFAULT_PORTS[stage]})")
+        add_model_flags(p)
+        add_serve_flags(p, stage)
+        if stage == "gateway":
+            for other in ("text-encoder", "denoiser", "vae"):
+                p.add_argument(f"--{other}", required=True, metavar="HOST:PORT", help=f"address of the {other} service")
     return parser
 
 
@@ -68,6 +82,8 @@ class ProgressBars:
         self._bars: dict[str, object] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "queued":
+            return
         bar = self._bars.get(stage)
         if bar is None:
             bar = self._bars[stage] = self._tqdm(total=total, desc=f"{stage:>12}", unit="step", leave=True,
@@ -77,38 +93,99 @@ class ProgressBars:
             bar.close()
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+async def _generate(args: argparse.Namespace) -> int:
+    import grpc
 
-    from smartdiff.services.gateway.local import LocalPipeline, default_device, default_dtype
-    from smartdiff.services.vae.video import write_mp4
-    from smartdiff.shared.model_source import resolve_model
+    from smartdiff.denoiser.v1 import options_pb2
+    from smartdiff.gateway.v1 import gateway_pb2_grpc
+    from smartdiff.services.gateway.client import generate, request_to_proto
+    from smartdiff.shared.grpc_server import create_channel
     from smartdiff.shared.request import resolve_request
+    from smartdiff.shared.serving import model_from_args, system_from_args
 
-    model, layout = resolve_model(args.model, args.checkpoint)
-    req = resolve_request(request_from_args(args), model)  # refused here, before any weights load
-    if args.seed is None:
-        print(f"seed: {req.seed}", file=sys.stderr)
-    if model.random_weights:
-        print(f"note: {model.name} has RANDOM weights: the video is noise (use --checkpoint for a real model)",
-              file=sys.stderr)
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    start = time.perf_counter()
-    pipe = LocalPipeline.load(model, layout, device, dtype)
-    load_s = time.perf_counter() - start
-    result = pipe.generate(req, progress=ProgressBars())
+    req = request_from_args(args)
+    deployment = None
+    if args.gateway:
+        address = args.gateway
+    else:  # embedded: refuse a bad request before loading anything, then start the four services
+        from smartdiff.services.gateway.embedded import EmbeddedDeployment
+
+        model, layout = model_from_args(args)
+        resolved = resolve_request(req, model)
+        if req.seed is None:  # fix the seed here so it can be printed before the work starts
+            req = GenerationRequest(**{**req.__dict__, "seed": resolved.seed})
+        if model.random_weights:
+            print(f"note: {model.name} has RANDOM weights: the video is noise (use --checkpoint for a real model)",
+                  file=sys.stderr)
+        deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args))
+        address = deployment.address
+    try:
+        request = request_to_proto(req, attention=options_pb2.AttentionConfig(backend=args.attention),
+                                   cache=options_pb2.CacheConfig(strategy=args.cache),
+                                   return_latents=args.save_latents is not None)
+        async with create_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            try:
+                outcome = await generate(stub, request, ProgressBars(), timeout=args.timeout)
+            except grpc.aio.AioRpcError as e:
+                print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    finally:
+        if deployment is not None:
+            await deployment.stop()
+    s = outcome.summary.settings
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(result.frames, args.out, fps=req.fps)
+    args.out.write_bytes(outcome.video)
     if args.save_latents:
         from safetensors.torch import save_file
 
-        save_file({"latents": result.latents.contiguous()}, str(args.save_latents))
-    t = result.timings
-    print(f"wrote {args.out} ({req.width}x{req.height}, {req.frames} frames @ {req.fps} fps) model={model.name} "
-          f"sampler={req.sampler} steps={req.steps} shift={req.shift:g} guidance={','.join(f'{g:g}' for g in req.guidance)} "
-          f"seed={req.seed} dtype={str(dtype).removeprefix('torch.')} device={device} load={load_s:.1f}s "
-          f"text={t['text_encoder']:.2f}s denoise={t['denoiser']:.2f}s vae={t['vae']:.2f}s")
+        save_file({"latents": outcome.latents.contiguous()}, str(args.save_latents))
+    if req.seed is None:
+        print(f"seed: {s.seed}", file=sys.stderr)
+    times = " ".join(f"{_stage_name(t.stage)}={t.seconds:.2f}s" for t in outcome.summary.stage_timings)
+    print(f"wrote {args.out} ({s.width}x{s.height}, {s.frames} frames @ {s.fps} fps) model={s.model} "
+          f"sampler={s.sampler} steps={s.steps} shift={s.shift:g} guidance={','.join(f'{g:g}' for g in s.guidance)} "
+          f"seed={s.seed} attention={s.attention_selection} cache={s.cache.strategy} {times} "
+          f"total={outcome.summary.total_seconds:.2f}s")
+    return 0
+
+
+def _stage_name(stage: int) -> str:
+    from smartdiff.services.gateway.client import STAGE_LABELS
+
+    return STAGE_LABELS.get(stage, "?")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from smartdiff.shared.serving import model_from_args, run_until_signal, setup_logging, system_from_args
+
+    setup_logging(args.log_level)
+    model, layout = model_from_args(args)
+    system = system_from_args(args)
+    address = f"{args.host}:{args.port}"
+    if args.stage == "all":
+        from smartdiff.services.gateway.embedded import EmbeddedDeployment
+
+        host = "127.0.0.1" if args.host in ("[::]", "0.0.0.0") else args.host
+        deployment = await EmbeddedDeployment.start(model, layout, system, host=host, gateway_port=args.port)
+        print(f"{deployment.address} SERVING", flush=True)
+        await run_until_signal(deployment.servers[-1], args.drain_seconds)
+        await deployment.stop()
+        return 0
+    if args.stage == "gateway":
+        from smartdiff.services.gateway import server as gateway_server
+
+        stages = gateway_server.StageClients(args.text_encoder, args.denoiser, args.vae)
+        server, port = await gateway_server.start(model, stages, address, args.max_queue)
+    else:
+        module = {"text-encoder": "text_encoder", "denoiser": "denoiser", "vae": "vae"}[args.stage]
+        import importlib
+
+        stage_server = importlib.import_module(f"smartdiff.services.{module}.server")
+        server, port = await stage_server.start(model, layout, system, address)
+    logging.getLogger("smartdiff").info("%s SERVING on port %d", args.stage, port)
+    print(f"{args.stage} {args.host}:{port} SERVING", flush=True)
+    await run_until_signal(server, args.drain_seconds)
     return 0
 
 
@@ -116,13 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
-            return cmd_generate(args)
+            return asyncio.run(_generate(args))
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
     except RequestError as e:
         print(f"error: invalid request: {e}", file=sys.stderr)
         return 2
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 1
 
 

@@ -25,15 +25,6 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs (as Wan serves), float32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class LocalPipeline:
     """text encoder -> denoiser -> VAE, in-process."""
 

@@ -39,24 +39,40 @@ class SpargeAttentionParams(_message.Message):
     def __init__(self, topk: _Optional[float] = ..., cdf_threshold: _Optional[float] = ..., sim_threshold: _Optional[float] = ..., pv_threshold: _Optional[float] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("strategy", "teacache", "pab")
+    __slots__ = ("strategy", "teacache", "pab", "magcache")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     TEACACHE_FIELD_NUMBER: _ClassVar[int]
     PAB_FIELD_NUMBER: _ClassVar[int]
+    MAGCACHE_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     teacache: TeaCacheParams
     pab: PabParams
-    def __init__(self, strategy: _Optional[str] = ..., teacache: _Optional[_Union[TeaCacheParams, _Mapping]] = ..., pab: _Optional[_Union[PabParams, _Mapping]] = ...) -> None: ...
+    magcache: MagCacheParams
+    def __init__(self, strategy: _Optional[str] = ..., teacache: _Optional[_Union[TeaCacheParams, _Mapping]] = ..., pab: _Optional[_Union[PabParams, _Mapping]] = ..., magcache: _Optional[_Union[MagCacheParams, _Mapping]] = ...) -> None: ...
 
 class TeaCacheParams(_message.Message):
-    __slots__ = ("rel_l1_threshold", "warmup_steps", "final_steps")
+    __slots__ = ("rel_l1_threshold", "warmup_steps", "final_steps", "use_ret_steps", "coefficients")
     REL_L1_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     FINAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    USE_RET_STEPS_FIELD_NUMBER: _ClassVar[int]
+    COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
     rel_l1_threshold: float
     warmup_steps: int
     final_steps: int
-    def __init__(self, rel_l1_threshold: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., final_steps: _Optional[int] = ...) -> None: ...
+    use_ret_steps: bool
+    coefficients: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rel_l1_threshold: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., final_steps: _Optional[int] = ..., use_ret_steps: _Optional[bool] = ..., coefficients: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class MagCacheParams(_message.Message):
+    __slots__ = ("threshold", "max_skip_steps", "retention_ratio")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SKIP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    max_skip_steps: int
+    retention_ratio: float
+    def __init__(self, threshold: _Optional[float] = ..., max_skip_steps: _Optional[int] = ..., retention_ratio: _Optional[float] = ...) -> None: ...
 
 class PabParams(_message.Message):
     __slots__ = ("self_attention_skip_range", "cross_attention_skip_range", "timestep_start", "timestep_end")
@@ -97,3 +113,19 @@ class CacheStrategyInfo(_message.Message):
     unavailable_reason: str
     description: str
     def __init__(self, name: _Optional[str] = ..., available: _Optional[bool] = ..., unavailable_reason: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CacheReport(_message.Message):
+    __slots__ = ("block_stack_computed", "block_stack_reused", "self_attention_computed", "self_attention_reused", "cross_attention_computed", "cross_attention_reused")
+    BLOCK_STACK_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_STACK_REUSED_FIELD_NUMBER: _ClassVar[int]
+    SELF_ATTENTION_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    SELF_ATTENTION_REUSED_FIELD_NUMBER: _ClassVar[int]
+    CROSS_ATTENTION_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    CROSS_ATTENTION_REUSED_FIELD_NUMBER: _ClassVar[int]
+    block_stack_computed: int
+    block_stack_reused: int
+    self_attention_computed: int
+    self_attention_reused: int
+    cross_attention_computed: int
+    cross_attention_reused: int
+    def __init__(self, block_stack_computed: _Optional[int] = ..., block_stack_reused: _Optional[int] = ..., self_attention_computed: _Optional[int] = ..., self_attention_reused: _Optional[int] = ..., cross_attention_computed: _Optional[int] = ..., cross_attention_reused: _Optional[int] = ...) -> None: ...

@@ -24,7 +24,7 @@ STAGE_DENOISER: Stage
 STAGE_VAE: Stage
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "frames", "steps", "guidance", "shift", "sampler", "seed", "attention", "cache", "output_format", "fps")
+    __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "frames", "steps", "guidance", "shift", "sampler", "seed", "attention", "cache", "output_format", "fps", "return_latents")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class GenerateRequest(_message.Message):
     CACHE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LATENTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -57,19 +58,22 @@ class GenerateRequest(_message.Message):
     cache: _options_pb2.CacheConfig
     output_format: _vae_pb2.OutputFormat
     fps: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[_Iterable[float]] = ..., shift: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[_options_pb2.AttentionConfig, _Mapping]] = ..., cache: _Optional[_Union[_options_pb2.CacheConfig, _Mapping]] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., fps: _Optional[int] = ...) -> None: ...
+    return_latents: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[_Iterable[float]] = ..., shift: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[_options_pb2.AttentionConfig, _Mapping]] = ..., cache: _Optional[_Union[_options_pb2.CacheConfig, _Mapping]] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("progress", "frames", "mp4", "summary")
+    __slots__ = ("progress", "frames", "mp4", "summary", "latents")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     MP4_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
     progress: GenerateProgress
     frames: _tensor_pb2.TensorFrame
     mp4: _tensor_pb2.TensorFrame
     summary: GenerateSummary
-    def __init__(self, progress: _Optional[_Union[GenerateProgress, _Mapping]] = ..., frames: _Optional[_Union[_tensor_pb2.TensorFrame, _Mapping]] = ..., mp4: _Optional[_Union[_tensor_pb2.TensorFrame, _Mapping]] = ..., summary: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
+    latents: _tensor_pb2.TensorFrame
+    def __init__(self, progress: _Optional[_Union[GenerateProgress, _Mapping]] = ..., frames: _Optional[_Union[_tensor_pb2.TensorFrame, _Mapping]] = ..., mp4: _Optional[_Union[_tensor_pb2.TensorFrame, _Mapping]] = ..., summary: _Optional[_Union[GenerateSummary, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.TensorFrame, _Mapping]] = ...) -> None: ...
 
 class GenerateProgress(_message.Message):
     __slots__ = ("stage", "step", "total_steps", "elapsed_seconds", "message")

@@ -1,0 +1,66 @@
+"""Client side of the gateway: build a GenerateRequest, stream a Generate call, collect the video and summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from smartdiff.denoiser.v1 import options_pb2
+from smartdiff.gateway.v1 import gateway_pb2 as pb
+from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from smartdiff.shared.request import GenerationRequest
+from smartdiff.shared.tensor_stream import TensorAssembler
+from smartdiff.vae.v1 import vae_pb2
+
+STAGE_LABELS = {pb.STAGE_QUEUED: "queued", pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser",
+                pb.STAGE_VAE: "vae"}
+MAX_VIDEO_BYTES = 8 << 30
+
+
+def request_to_proto(req: GenerationRequest, *, model: str = "", attention: options_pb2.AttentionConfig | None = None,
+                     cache: options_pb2.CacheConfig | None = None, output_format: int = vae_pb2.OUTPUT_FORMAT_MP4,
+                     return_latents: bool = False, request_id: str = "") -> pb.GenerateRequest:
+    r = pb.GenerateRequest(request_id=request_id, model=model, prompt=req.prompt, sampler=req.sampler or "",
+                           output_format=output_format, return_latents=return_latents)
+    for name in ("negative_prompt", "width", "height", "frames", "steps", "shift", "seed", "fps"):
+        value = getattr(req, name)
+        if value is not None:
+            setattr(r, name, value)
+    if req.guidance:
+        r.guidance.extend(req.guidance)
+    if attention is not None:
+        r.attention.CopyFrom(attention)
+    if cache is not None:
+        r.cache.CopyFrom(cache)
+    return r
+
+
+@dataclass
+class GenerateOutcome:
+    video: bytes | None  # the mp4 file (OUTPUT_FORMAT_MP4)
+    frames: torch.Tensor | None  # uint8 [F, H, W, 3] (OUTPUT_FORMAT_FRAMES)
+    latents: torch.Tensor | None  # float32 [1, 16, F', H/8, W/8] when asked for
+    summary: pb.GenerateSummary
+
+
+async def generate(stub: pb_grpc.GatewayServiceStub, request: pb.GenerateRequest,
+                   on_progress: Callable[[str, int, int], None] | None = None,
+                   timeout: float | None = None) -> GenerateOutcome:
+    """Run one Generate call; `on_progress(stage, step, total)` sees every progress event."""
+    parts = {k: TensorAssembler(k, MAX_VIDEO_BYTES) for k in ("mp4", "frames", "latents")}
+    summary = None
+    async for msg in stub.Generate(request, timeout=timeout):
+        kind = msg.WhichOneof("frame")
+        if kind == "progress":
+            if on_progress is not None:
+                p = msg.progress
+                on_progress(STAGE_LABELS.get(p.stage, "?"), p.step, p.total_steps)
+        elif kind == "summary":
+            summary = msg.summary
+        else:
+            parts[kind].feed(getattr(msg, kind))
+    done = {k: a.result() if a.started else None for k, a in parts.items()}
+    video = done["mp4"].numpy().tobytes() if done["mp4"] is not None else None
+    return GenerateOutcome(video, done["frames"], done["latents"], summary)

@@ -1,0 +1,215 @@
+"""GatewayService: validates a user request, runs text encoder -> denoiser -> vae, streams progress and the video."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from smartdiff.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+from smartdiff.gateway.v1 import gateway_pb2 as pb
+from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.errors import Overloaded, RequestError, calling_stage, grpc_errors
+from smartdiff.shared.grpc_server import create_channel
+from smartdiff.shared.request import (
+    MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request,
+)
+from smartdiff.shared.tensor_stream import frames_to_tensors, tensor_to_messages
+from smartdiff.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
+STAGE_NAMES = {pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser", pb.STAGE_VAE: "vae"}
+# Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes).
+STAGE_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin")]
+
+
+def request_from_proto(r: pb.GenerateRequest) -> GenerationRequest:
+    opt = lambda name: getattr(r, name) if r.HasField(name) else None  # noqa: E731
+    return GenerationRequest(
+        prompt=r.prompt, negative_prompt=opt("negative_prompt"), width=opt("width"), height=opt("height"),
+        frames=opt("frames"), steps=opt("steps"), guidance=tuple(r.guidance) or None, shift=opt("shift"),
+        sampler=r.sampler or None, seed=opt("seed"), fps=opt("fps"),
+    )
+
+
+def progress(stage: int, step: int, total: int, start: float, message: str = "") -> pb.GenerateResponse:
+    return pb.GenerateResponse(progress=pb.GenerateProgress(
+        stage=stage, step=step, total_steps=total, elapsed_seconds=time.perf_counter() - start, message=message))
+
+
+class StageClients:
+    """Channels and stubs to the three stages."""
+
+    def __init__(self, text_encoder: str, denoiser: str, vae: str):
+        self.addresses = {"text_encoder": text_encoder, "denoiser": denoiser, "vae": vae}
+        self.channels = [create_channel(a, options=STAGE_CHANNEL_OPTIONS) for a in (text_encoder, denoiser, vae)]
+        self.text_encoder = text_encoder_pb2_grpc.TextEncoderServiceStub(self.channels[0])
+        self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(self.channels[1])
+        self.vae = vae_pb2_grpc.VaeServiceStub(self.channels[2])
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    def __init__(self, model: ModelConfig, stages: StageClients, max_in_flight: int = 8):
+        self.model = model
+        self.stages = stages
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._denoiser_caps: denoiser_pb2.GetCapabilitiesResponse | None = None
+
+    async def denoiser_capabilities(self, timeout: float | None) -> denoiser_pb2.GetCapabilitiesResponse:
+        if self._denoiser_caps is None:
+            with calling_stage("denoiser"):
+                self._denoiser_caps = await self.stages.denoiser.GetCapabilities(
+                    denoiser_pb2.GetCapabilitiesRequest(), timeout=timeout)
+        return self._denoiser_caps
+
+    async def validate(self, r: pb.GenerateRequest, timeout: float | None) -> ResolvedRequest:
+        if r.model and r.model != self.model.name:
+            raise RequestError("model", f"this deployment serves {self.model.name!r}, not {r.model!r}")
+        req = resolve_request(request_from_proto(r), self.model)
+        caps = await self.denoiser_capabilities(timeout)
+        backends = {b.name for b in caps.attention_backends if b.available}
+        if r.attention.backend and r.attention.backend not in backends:
+            raise RequestError("attention.backend", f"{r.attention.backend!r} is not offered by this deployment; "
+                                                    f"available: {', '.join(sorted(backends))}")
+        strategies = {c.name for c in caps.cache_strategies if c.available}
+        if r.cache.strategy and r.cache.strategy not in strategies:
+            raise RequestError("cache.strategy", f"{r.cache.strategy!r} is not offered by this deployment; "
+                                                 f"available: {', '.join(sorted(strategies))}")
+        if r.output_format not in (0, vae_pb2.OUTPUT_FORMAT_MP4, vae_pb2.OUTPUT_FORMAT_FRAMES):
+            raise RequestError("output_format", f"unknown value {r.output_format}")
+        return req
+
+    @grpc_errors
+    async def Generate(self, request: pb.GenerateRequest, context):
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"gateway: {self.in_flight} generations in flight (limit {self.max_in_flight}); retry later")
+        self.in_flight += 1
+        try:
+            async for msg in self._generate(request, context):
+                yield msg
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(self, request: pb.GenerateRequest, context):
+        start = time.perf_counter()
+        request_id = request.request_id or uuid.uuid4().hex
+        req = await self.validate(request, context.time_remaining())
+        yield progress(pb.STAGE_QUEUED, 0, 1, start, f"request {request_id} accepted")
+        timings: list[pb.StageTiming] = []
+
+        t0 = time.perf_counter()
+        prompts = [req.prompt, req.negative_prompt] if req.uses_cfg else [req.prompt]
+        with calling_stage("text_encoder"):
+            call = self.stages.text_encoder.Encode(text_encoder_pb2.EncodeRequest(
+                request_id=request_id, model=self.model.name, prompts=prompts), timeout=context.time_remaining())
+            frames, te_summary = [], None
+            async for msg in call:
+                if msg.WhichOneof("frame") == "embedding":
+                    frames.append(msg.embedding)
+                else:
+                    te_summary = msg.summary
+            embeddings = list(frames_to_tensors(frames, "embedding"))
+        if len(embeddings) != len(prompts):
+            raise RequestError("prompts", f"text encoder returned {len(embeddings)} embeddings for {len(prompts)} prompts")
+        timings.append(pb.StageTiming(stage=pb.STAGE_TEXT_ENCODER, seconds=time.perf_counter() - t0,
+                                      compute_seconds=te_summary.encode_seconds if te_summary else 0.0))
+        yield progress(pb.STAGE_TEXT_ENCODER, 1, 1, start)
+
+        t0 = time.perf_counter()
+        params = denoiser_pb2.DenoiseParams(
+            request_id=request_id, model=self.model.name, width=req.width, height=req.height, frames=req.frames,
+            steps=req.steps, guidance=list(req.guidance), shift=req.shift, sampler=req.sampler, seed=req.seed,
+            attention=request.attention, cache=request.cache)
+
+        def denoise_inputs():
+            yield denoiser_pb2.DenoiseRequest(params=params)
+            yield from tensor_to_messages(embeddings[0], denoiser_pb2.DenoiseRequest, "prompt_embeds")
+            if req.uses_cfg:
+                yield from tensor_to_messages(embeddings[1], denoiser_pb2.DenoiseRequest, "negative_prompt_embeds")
+
+        latent_frames, dn_summary = [], None
+        with calling_stage("denoiser"):
+            async for msg in self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining()):
+                kind = msg.WhichOneof("frame")
+                if kind == "progress":
+                    yield progress(pb.STAGE_DENOISER, msg.progress.step, msg.progress.total_steps, start)
+                elif kind == "latents":
+                    latent_frames.append(msg.latents)
+                else:
+                    dn_summary = msg.summary
+        timings.append(pb.StageTiming(stage=pb.STAGE_DENOISER, seconds=time.perf_counter() - t0,
+                                      compute_seconds=dn_summary.denoise_seconds if dn_summary else 0.0))
+        if request.return_latents:
+            for f in latent_frames:
+                yield pb.GenerateResponse(latents=f)
+
+        t0 = time.perf_counter()
+        output_format = request.output_format or vae_pb2.OUTPUT_FORMAT_MP4
+
+        def decode_inputs():
+            yield vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(
+                request_id=request_id, model=self.model.name, output_format=output_format, fps=req.fps))
+            for f in latent_frames:
+                yield vae_pb2.DecodeRequest(latents=f)
+
+        vae_summary = None
+        with calling_stage("vae"):
+            async for msg in self.stages.vae.Decode(decode_inputs(), timeout=context.time_remaining()):
+                kind = msg.WhichOneof("frame")
+                if kind == "progress":
+                    yield progress(pb.STAGE_VAE, msg.progress.step, msg.progress.total, start)
+                elif kind == "mp4":
+                    yield pb.GenerateResponse(mp4=msg.mp4)
+                elif kind == "frames":
+                    yield pb.GenerateResponse(frames=msg.frames)
+                else:
+                    vae_summary = msg.summary
+        timings.append(pb.StageTiming(stage=pb.STAGE_VAE, seconds=time.perf_counter() - t0,
+                                      compute_seconds=vae_summary.decode_seconds + vae_summary.encode_seconds
+                                      if vae_summary else 0.0))
+        effective = dn_summary.effective if dn_summary else params
+        yield pb.GenerateResponse(summary=pb.GenerateSummary(
+            request_id=request_id, stage_timings=timings, total_seconds=time.perf_counter() - start,
+            video_bytes=vae_summary.video_bytes if vae_summary else 0,
+            cached_steps=dn_summary.cached_steps if dn_summary else 0,
+            settings=pb.EffectiveSettings(
+                model=self.model.name, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
+                frames=req.frames, steps=req.steps, guidance=list(req.guidance), shift=req.shift,
+                sampler=req.sampler, seed=req.seed, attention=effective.attention,
+                attention_selection=dn_summary.attention_selection if dn_summary else "",
+                cache=effective.cache, output_format=output_format, fps=req.fps),
+        ))
+
+    @grpc_errors
+    async def GetCapabilities(self, request, context):
+        caps = await self.denoiser_capabilities(context.time_remaining())
+        d = self.model.defaults
+        return pb.GetCapabilitiesResponse(
+            models=[pb.ModelInfo(
+                name=self.model.name, description=self.model.description, num_experts=self.model.num_experts,
+                defaults=pb.ModelDefaults(width=d.width, height=d.height, frames=d.frames, steps=d.steps,
+                                          guidance=list(d.guidance), shift=d.shift, sampler=d.sampler,
+                                          negative_prompt=d.negative_prompt, fps=d.fps))],
+            default_model=self.model.name, samplers=list(SAMPLER_NAMES),
+            attention_backends=caps.attention_backends, default_attention_backend=caps.default_attention_backend,
+            cache_strategies=caps.cache_strategies,
+            output_formats=[vae_pb2.OUTPUT_FORMAT_MP4, vae_pb2.OUTPUT_FORMAT_FRAMES],
+            limits=pb.RequestLimits(max_width=MAX_SIDE, max_height=MAX_SIDE, max_frames=MAX_FRAMES, max_steps=MAX_STEPS),
+        )
+
+
+
+async def start(model: ModelConfig, stages: StageClients, address: str, max_queue: int = 8):
+    """Serve the public API on `address`; SERVING once the denoiser answered its capabilities."""
+    from smartdiff.shared.serving import start_stage
+
+    servicer = GatewayServicer(model, stages, max_in_flight=max_queue)
+    server, port = await start_stage(SERVICE_NAME, pb_grpc.add_GatewayServiceServicer_to_server, servicer,
+                                     address, max_queue)
+    return server, port

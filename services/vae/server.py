@@ -1,0 +1,126 @@
+"""VaeService: latents in, progress per latent frame, then uint8 frames or an mp4, streamed out."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from smartdiff.services.vae.engine import VaeEngine
+from smartdiff.services.vae.video import encode_mp4
+from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.errors import Cancelled, DeadlineExceeded, RequestError, grpc_errors
+from smartdiff.shared.request import MAX_FRAMES, MAX_SIDE
+from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_messages
+from smartdiff.shared.worker import Done, StageWorker
+from smartdiff.vae.v1 import vae_pb2 as pb
+from smartdiff.vae.v1 import vae_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
+DEFAULT_FPS = 16
+
+
+class VaeServicer(pb_grpc.VaeServiceServicer):
+    def __init__(self, model: ModelConfig, engine: VaeEngine, worker: StageWorker, tiled: bool = False):
+        self.model = model
+        self.engine = engine
+        self.worker = worker
+        self.tiled = tiled
+
+    async def read_inputs(self, request_iterator) -> tuple[pb.DecodeParams, torch.Tensor]:
+        vae = self.model.vae
+        st, sh, sw = vae.stride
+        limit = vae.z_dim * ((MAX_FRAMES - 1) // st + 1) * (MAX_SIDE // sh) * (MAX_SIDE // sw) * 4
+        params, latents = None, TensorAssembler("latents", limit)
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("frame")
+            if kind == "params":
+                if params is not None:
+                    raise RequestError("params", "must be sent once")
+                params = msg.params
+            elif kind == "latents":
+                if params is None:
+                    raise RequestError("params", "must be the first message of the stream")
+                latents.feed(msg.latents)
+            else:
+                raise RequestError("frame", "empty DecodeRequest message")
+        if params is None:
+            raise RequestError("params", "missing: the stream ended without DecodeParams")
+        return params, latents.result()
+
+    def validate(self, p: pb.DecodeParams, latents: torch.Tensor) -> tuple[int, int]:
+        if p.model and p.model != self.model.name:
+            raise RequestError("params.model", f"this deployment serves {self.model.name!r}, not {p.model!r}")
+        fmt = p.output_format or pb.OUTPUT_FORMAT_MP4
+        if fmt not in (pb.OUTPUT_FORMAT_MP4, pb.OUTPUT_FORMAT_FRAMES):
+            raise RequestError("params.output_format", f"unknown value {fmt}")
+        fps = p.fps if p.HasField("fps") else DEFAULT_FPS
+        if not 1 <= fps <= 120:
+            raise RequestError("params.fps", f"must be between 1 and 120, got {fps}")
+        z = self.model.vae.z_dim
+        if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != z or latents.shape[3] < 1:
+            raise RequestError("latents", f"must be [1, {z}, F', H/8, W/8], got {list(latents.shape)}")
+        if latents.shape[3] % 2 or latents.shape[4] % 2:
+            raise RequestError("latents", "height and width must be even in latent space (multiples of 16 pixels)")
+        if latents.dtype != torch.float32:
+            raise RequestError("latents", f"must be float32, got {latents.dtype}")
+        return fmt, fps
+
+    @grpc_errors
+    async def Decode(self, request_iterator, context):
+        params, latents = await self.read_inputs(request_iterator)
+        fmt, fps = self.validate(params, latents)
+        left = context.time_remaining()
+        deadline = time.monotonic() + left if left is not None else None
+        start = time.perf_counter()
+
+        def job(emit, should_stop):
+            def progress(i, n):
+                emit((pb.DECODE_PHASE_DECODING, i, n))
+                if should_stop():
+                    raise Cancelled(f"cancelled after latent frame {i}/{n}")
+
+            frames = self.engine.decode(latents.to(self.engine.device), progress=progress)[0].cpu()  # [F, H, W, 3]
+            decoded = time.perf_counter()
+            video = encode_mp4(frames, fps=fps) if fmt == pb.OUTPUT_FORMAT_MP4 else None
+            return frames, video, decoded - start, time.perf_counter() - decoded
+
+        result = None
+        try:
+            async for item in self.worker.stream(job, deadline):
+                if isinstance(item, Done):
+                    result = item.value
+                else:
+                    yield pb.DecodeResponse(progress=pb.DecodeProgress(
+                        phase=item[0], step=item[1], total=item[2], elapsed_seconds=time.perf_counter() - start))
+        except Cancelled:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline exceeded during VAE decode") from None
+            raise
+        frames, video, decode_s, encode_s = result
+        if video is not None:
+            payload = torch.frombuffer(bytearray(video), dtype=torch.uint8)
+            field = "mp4"
+        else:
+            payload, field = frames.contiguous(), "frames"
+        for msg in tensor_to_messages(payload, pb.DecodeResponse, field):
+            yield msg
+        f, h, w, _ = frames.shape
+        yield pb.DecodeResponse(summary=pb.DecodeSummary(
+            output_format=fmt, frames=f, width=w, height=h, fps=fps, tiled=self.tiled,
+            video_bytes=payload.numel(), decode_seconds=decode_s, encode_seconds=encode_s,
+        ))
+
+
+async def start(model: ModelConfig, layout, system, address: str):
+    """Load the VAE (float32, as Wan decodes), warm up on a tiny latent, serve on `address`."""
+    from smartdiff.shared.serving import start_stage
+
+    if layout is None:
+        engine = VaeEngine.random(model.vae, system.device, torch.float32, seed=0)
+    else:
+        engine = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, system.device, torch.float32)
+    servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue))
+    warm = torch.zeros(1, model.vae.z_dim, 1, 2, 2)
+    return await start_stage(SERVICE_NAME, pb_grpc.add_VaeServiceServicer_to_server, servicer, address,
+                             system.max_queue, warmup=lambda: engine.decode(warm.to(engine.device)))

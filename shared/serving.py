@@ -1,0 +1,104 @@
+"""What every stage process shares: system flags, loading the model source, running until SIGTERM with a drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smartdiff.shared.checkpoint import CheckpointLayout
+from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.grpc_server import StageServer
+from smartdiff.shared.model_source import resolve_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"gateway": 50050, "text-encoder": 50051, "denoiser": 50052, "vae": 50053}
+DTYPES = ("bfloat16", "float16", "float32")
+MODEL_DIR_ENV = "SMARTDIFF_MODEL_DIR"  # the one environment variable: a default for --checkpoint
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """Per-deployment parameters of one stage process (flags / ConfigMap), resolved."""
+
+    device: torch.device
+    dtype: torch.dtype
+    low_mem_level: int = 0
+    max_queue: int = 8  # requests admitted at once (running + waiting); more -> RESOURCE_EXHAUSTED
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="shipped model preset; default wan-tiny (random weights) without --checkpoint")
+    p.add_argument("--checkpoint", type=Path, default=os.environ.get(MODEL_DIR_ENV) or None,
+                   help=f"model folder, official Wan or Diffusers layout (default: ${MODEL_DIR_ENV})")
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def add_serve_flags(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORTS[stage], help=f"default {DEFAULT_PORTS[stage]}")
+    p.add_argument("--max-queue", type=int, default=8, help="requests admitted at once; more are refused")
+    p.add_argument("--drain-seconds", type=float, default=25.0, help="on SIGTERM, time given to in-flight requests")
+    p.add_argument("--log-level", default="INFO")
+    if stage != "gateway":
+        p.add_argument("--low-mem-level", type=int, default=0, choices=range(4),
+                       help="0 all resident; 1 VAE tiling; 2 T5 on CPU; 3 DiT block offload")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs (as Wan serves), float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def system_from_args(args: argparse.Namespace) -> SystemConfig:
+    device = torch.device(args.device) if getattr(args, "device", None) else default_device()
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else default_dtype(device)
+    return SystemConfig(device, dtype, getattr(args, "low_mem_level", 0), getattr(args, "max_queue", 8))
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, CheckpointLayout | None]:
+    return resolve_model(args.model, args.checkpoint)
+
+
+async def run_until_signal(server: StageServer, drain_seconds: float) -> None:
+    """Serve until SIGTERM / SIGINT, then NOT_SERVING, drain in-flight requests, stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: NOT_SERVING, draining for up to %.0f s", drain_seconds)
+    await server.stop(grace=drain_seconds)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def start_stage(service_name: str, add_servicer, servicer, address: str, max_queue: int,
+                      warmup=None) -> tuple[StageServer, int]:
+    """Start a stage's server (NOT_SERVING), run its warm-up off the loop, then mark it SERVING.
+
+    Returns the server and the bound port. The servicer holds weights already loaded by the caller.
+    """
+    # gRPC refuses calls past this many in flight (RESOURCE_EXHAUSTED); workers refuse past max_queue too.
+    server = StageServer([service_name], max_concurrent_rpcs=max_queue + 4)
+    add_servicer(servicer, server.server)
+    port = server.add_port(address)
+    await server.start()
+    if warmup is not None:
+        await asyncio.to_thread(warmup)
+    await server.mark_serving()
+    return server, port

@@ -1,0 +1,75 @@
+"""Run a stage's blocking model work off the event loop: one request at a time, bounded queue, progress, cancel.
+
+A servicer does `async for event in worker.stream(job): ...`: `job(emit, should_stop)` runs in the stage's
+single worker thread (GPU work is serialised per process), `emit(x)` sends progress back to the servicer,
+and `should_stop()` turns True when the caller cancelled or its deadline passed, so the job can stop between
+two steps. The job's return value comes last, as `Done(value)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from smartdiff.shared.errors import Overloaded
+
+Emit = Callable[[Any], None]
+ShouldStop = Callable[[], bool]
+Job = Callable[[Emit, ShouldStop], Any]
+
+
+@dataclass(frozen=True)
+class Done:
+    value: Any
+
+
+_FINISHED = object()
+
+
+class StageWorker:
+    """A single worker thread with an admission limit: past `max_pending` requests, Overloaded."""
+
+    def __init__(self, name: str, max_pending: int = 8):
+        self.name = name
+        self.max_pending = max_pending
+        self.pending = 0  # admitted and not yet finished (queued + running)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-worker")
+
+    async def stream(self, job: Job, deadline: float | None = None) -> AsyncIterator[Any]:
+        """Run `job`, yielding what it emits, then Done(result). `deadline` is a time.monotonic() value.
+
+        If the consumer stops iterating (client cancel) the job is told to stop at its next check.
+        """
+        if self.pending >= self.max_pending:
+            raise Overloaded(f"{self.name}: {self.pending} requests in flight (limit {self.max_pending}); retry later")
+        self.pending += 1
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def should_stop() -> bool:
+            return stop.is_set() or (deadline is not None and time.monotonic() > deadline)
+
+        def finished(_future) -> None:  # runs on the loop, after every emit of the job was delivered
+            self.pending -= 1
+            queue.put_nowait(_FINISHED)
+
+        future = loop.run_in_executor(self._executor, job, emit, should_stop)
+        future.add_done_callback(finished)
+        try:
+            while (item := await queue.get()) is not _FINISHED:
+                yield item
+            yield Done(await future)
+        finally:
+            stop.set()  # no-op when the job finished; stops it at its next check otherwise
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
