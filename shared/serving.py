@@ -102,3 +102,34 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
         await asyncio.to_thread(warmup)
     await server.mark_serving()
     return server, port
+
+
+def stage_main(stage: str, start, argv: list[str] | None = None, extra_flags=None) -> int:
+    """Entry point of one stage process: flags -> load -> warm up -> SERVING -> run until SIGTERM.
+
+    `start(model, layout, system, address, args)` loads the stage and returns (StageServer, port).
+    """
+    p = argparse.ArgumentParser(prog=f"smartdiff serve {stage}", description=f"Run the {stage} service.")
+    add_model_flags(p)
+    add_serve_flags(p, stage)
+    if extra_flags is not None:
+        extra_flags(p)
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+    from smartdiff.shared.checkpoint import CheckpointError
+    from smartdiff.shared.config import ConfigError
+
+    try:
+        model, layout = model_from_args(args)
+        system = system_from_args(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", flush=True)
+        return 2
+
+    async def serve() -> None:
+        server, port = await start(model, layout, system, f"{args.host}:{args.port}", args)
+        print(f"{stage} {args.host}:{port} SERVING", flush=True)
+        await run_until_signal(server, args.drain_seconds)
+
+    asyncio.run(serve())
+    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import importlib
 import sys
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.errors import RequestError
 from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest
-from smartdiff.shared.serving import DEFAULT_PORTS, add_model_flags, add_serve_flags
+from smartdiff.shared.serving import add_model_flags, add_serve_flags
 
 STAGES = ("text-encoder", "denoiser", "vae", "gateway")
 
@@ -48,19 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also save the final latents (key 'latents', float32, [1, 16, F', H/8, W/8])")
     gen.add_argument("--timeout", type=float, help="deadline of the request in seconds")
 
-    serve = sub.add_parser("serve", help="run long-lived services")
-    serve_sub = serve.add_subparsers(dest="stage", required=True)
-    every = serve_sub.add_parser("all", help="the four services in one process; prints HOST:PORT SERVING")
-    add_model_flags(every)
-    add_serve_flags(every, "gateway")
-    every.add_argument("--low-mem-level", type=int, default=0, choices=range(4))
-    for stage in STAGES:
-        p = serve_sub.add_parser(stage, help=f"the {stage} service (default port {DEFAULT_PORTS[stage]})")
-        add_model_flags(p)
-        add_serve_flags(p, stage)
-        if stage == "gateway":
-            for other in ("text-encoder", "denoiser", "vae"):
-                p.add_argument(f"--{other}", required=True, metavar="HOST:PORT", help=f"address of the {other} service")
+    serve = sub.add_parser("serve", help="run long-lived services: all (in one process) or one stage",
+                           description="`smartdiff serve STAGE --help` lists a stage's flags.")
+    serve.add_argument("stage", choices=("all", *STAGES))
+    serve.add_argument("args", nargs=argparse.REMAINDER, help="the stage's flags")
     return parser
 
 
@@ -156,37 +147,35 @@ def _stage_name(stage: int) -> str:
     return STAGE_LABELS.get(stage, "?")
 
 
-async def _serve(args: argparse.Namespace) -> int:
+def all_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smartdiff serve all",
+                                description="The four services in one process; prints HOST:PORT SERVING when ready.")
+    add_model_flags(p)
+    add_serve_flags(p, "gateway")
+    p.add_argument("--low-mem-level", type=int, default=0, choices=range(4))
+    return p
+
+
+async def _serve_all(args: argparse.Namespace) -> int:
+    from smartdiff.services.gateway.embedded import EmbeddedDeployment
     from smartdiff.shared.serving import model_from_args, run_until_signal, setup_logging, system_from_args
 
     setup_logging(args.log_level)
     model, layout = model_from_args(args)
-    system = system_from_args(args)
-    address = f"{args.host}:{args.port}"
-    if args.stage == "all":
-        from smartdiff.services.gateway.embedded import EmbeddedDeployment
-
-        host = "127.0.0.1" if args.host in ("[::]", "0.0.0.0") else args.host
-        deployment = await EmbeddedDeployment.start(model, layout, system, host=host, gateway_port=args.port)
-        print(f"{deployment.address} SERVING", flush=True)
-        await run_until_signal(deployment.servers[-1], args.drain_seconds)
-        await deployment.stop()
-        return 0
-    if args.stage == "gateway":
-        from smartdiff.services.gateway import server as gateway_server
-
-        stages = gateway_server.StageClients(args.text_encoder, args.denoiser, args.vae)
-        server, port = await gateway_server.start(model, stages, address, args.max_queue)
-    else:
-        module = {"text-encoder": "text_encoder", "denoiser": "denoiser", "vae": "vae"}[args.stage]
-        import importlib
-
-        stage_server = importlib.import_module(f"smartdiff.services.{module}.server")
-        server, port = await stage_server.start(model, layout, system, address)
-    logging.getLogger("smartdiff").info("%s SERVING on port %d", args.stage, port)
-    print(f"{args.stage} {args.host}:{port} SERVING", flush=True)
-    await run_until_signal(server, args.drain_seconds)
+    host = "127.0.0.1" if args.host in ("[::]", "0.0.0.0") else args.host
+    deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args), host=host,
+                                                gateway_port=args.port)
+    print(f"{deployment.address} SERVING", flush=True)
+    await run_until_signal(deployment.servers[-1], args.drain_seconds)
+    await deployment.stop()
     return 0
+
+
+def serve(stage: str, argv: list[str]) -> int:
+    if stage == "all":
+        return asyncio.run(_serve_all(all_parser().parse_args(argv)))
+    module = importlib.import_module(f"smartdiff.services.{stage.replace('-', '_')}.__main__")
+    return module.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return asyncio.run(_generate(args))
         if args.command == "serve":
-            return asyncio.run(_serve(args))
+            return serve(args.stage, args.args)
     except RequestError as e:
         print(f"error: invalid request: {e}", file=sys.stderr)
         return 2

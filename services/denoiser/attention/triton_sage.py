@@ -1,0 +1,272 @@
+"""Triton kernels of our quantized attention: INT8 quantization pre-pass and the (block-sparse) attention forward.
+
+The maths is SageAttention's (INT8 Q.K^T with per-block scales after subtracting K's mean over tokens, which
+leaves every softmax row unchanged; then P.V in FP16/BF16, or in FP8 with per-channel V scales) with
+SpargeAttn's block skipping: the same forward walks either every key block or a per-query-block list of kept
+key blocks. Written for this project; imported only when a `sage` / `sparge` backend is built.
+
+Layouts: q, k, v, out [B, L, N, D] (any strides, last dim contiguous); quantized q/k [B*N, L_pad, D] int8 with
+one float32 scale per block of rows; FP8 v transposed [B*N, D, L_pad] so that P.V reads it K-major on Hopper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+MAGIC = 12582912.0  # 1.5 * 2**23: int32 i (|i| < 2**22) + bits(MAGIC) reinterpreted as fp32 is exactly MAGIC + i
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and pipelining of the attention forward (the quantization blocks follow the tiles)."""
+
+    block_m: int = 128  # query rows per program; Q scale granularity; sparge query-block size
+    block_n: int = 64  # keys per step; K scale granularity; sparge key-block size
+    num_warps: int = 8
+    num_stages: int = 3
+    warp_specialize: bool = False
+
+
+# Tuned on Hopper (bench/attention.py --sweep, see docs/benchmarks.md); other GPUs and the CPU interpreter use
+# the generic default.
+HOPPER_CONFIG = {False: KernelConfig(128, 64, 8, 3), True: KernelConfig(128, 128, 8, 3)}  # key: pv_fp8
+DEFAULT_CONFIG = KernelConfig(128, 64, 4, 2)
+
+
+def default_config(device: torch.device, pv_fp8: bool) -> KernelConfig:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return HOPPER_CONFIG[pv_fp8]
+    return DEFAULT_CONFIG
+
+
+@triton.jit
+def _quant_int8_kernel(X, Xq, Xs, Mean, Pool, Sim,
+                       stride_xb, stride_xl, stride_xh, L, L_pad, H, n_blocks, scale_mul,
+                       D: tl.constexpr, BLOCK: tl.constexpr, SUB_MEAN: tl.constexpr, POOL: tl.constexpr):
+    """One block of BLOCK rows of one (batch, head): int8 values, one scale; optionally its mean and self-similarity."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    valid = rows[:, None] < L
+    x = tl.load(X + b.to(tl.int64) * stride_xb + h * stride_xh + rows[:, None].to(tl.int64) * stride_xl + cols[None, :],
+                mask=valid, other=0.0).to(tl.float32)
+    if SUB_MEAN:  # K smoothing: subtract the per-channel mean over all tokens
+        x = tl.where(valid, x - tl.load(Mean + bh * D + cols)[None, :], 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-12)
+    xq = x * (127.0 / amax)
+    xq = tl.where(xq >= 0, xq + 0.5, xq - 0.5).to(tl.int8)  # round half away from zero
+    tl.store(Xq + bh.to(tl.int64) * L_pad * D + rows[:, None].to(tl.int64) * D + cols[None, :], xq)
+    tl.store(Xs + bh * n_blocks + blk, amax / 127.0 * scale_mul)
+    if POOL:  # SpargeAttn's block summary: mean token, and mean pairwise cosine similarity = |mean unit row|^2
+        n_valid = tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
+        tl.store(Pool + (bh * n_blocks + blk) * D + cols, tl.sum(x, 0) / n_valid)
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        unit = x / tl.maximum(norm, 1e-12)[:, None]
+        mean_unit = tl.sum(unit, 0) / n_valid
+        tl.store(Sim + bh * n_blocks + blk, tl.sum(mean_unit * mean_unit, 0))
+
+
+@triton.jit
+def _quant_fp8_v_kernel(V, Vq, Vs, stride_vb, stride_vl, stride_vh, L, L_pad, H,
+                        D: tl.constexpr, BLOCK: tl.constexpr):
+    """V block [BLOCK, D] -> FP8 e4m3 scaled per channel to +-448, stored transposed [B*N, D, L_pad]."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + rows[:, None].to(tl.int64) * stride_vl + cols[None, :],
+                mask=rows[:, None] < L, other=0.0).to(tl.float32)
+    inv = 448.0 / tl.load(Vs + bh * D + cols)  # Vs holds the channel's max |v| at this point
+    vq = (v * inv[None, :]).to(tl.float8e4nv)
+    tl.store(Vq + bh.to(tl.int64) * D * L_pad + cols[None, :].to(tl.int64) * L_pad + rows[:, None], vq)
+
+
+@triton.jit
+def _attn_step(acc, l_i, m_i, q, qs, K8, KS, V, bh, j, kv_base, stride_vl, Lk, Lk_pad, pv_thr,
+               offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
+               PV_SKIP: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax update of one query tile with key block j. Scores are in log2 units (scale folded in qs)."""
+    start = j * BLOCK_N
+    k = tl.load(K8 + bh.to(tl.int64) * Lk_pad * D + (start + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :])
+    s_int = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # [BLOCK_M, BLOCK_N], |s| < 2**22 for D <= 128
+    f = (s_int + 0x4B400000).to(tl.float32, bitcast=True)  # = MAGIC + s exactly: int->float without cvt
+    sc = qs * tl.load(KS + bh * (Lk_pad // BLOCK_N) + j)
+    if MASKED:
+        f = tl.where((start + offs_n)[None, :] < Lk, f, float("-inf"))
+    m_blk = (tl.max(f, 1) - 12582912.0) * sc
+    m_new = tl.maximum(m_i, m_blk)
+    if PV_FP8:  # P scaled by 448 (exp2 offset log2(448)) to use FP8's range; l carries the same factor
+        bias = m_new - 8.807354922057604 + 12582912.0 * sc
+    else:
+        bias = m_new + 12582912.0 * sc
+    if PV_SKIP:  # SpargeAttn's second stage: skip P.V when the whole block is negligible in every row
+        skip = tl.max(m_blk - m_new, 0) < -pv_thr
+    else:
+        skip = False
+    if not skip:
+        p = tl.math.exp2(f * sc - bias[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if PV_FP8:  # V^T stored [D, L_pad]: the [BLOCK_N, D] tile is contiguous along keys (K-major)
+            v = tl.load(V + kv_base + offs_d[None, :].to(tl.int64) * Lk_pad + (start + offs_n)[:, None])
+            acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+        else:
+            v_ptrs = V + kv_base + (start + offs_n)[:, None].to(tl.int64) * stride_vl + offs_d[None, :]
+            if MASKED:
+                v = tl.load(v_ptrs, mask=(start + offs_n)[:, None] < Lk, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O,
+                     stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+                     Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad, pv_thr,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
+                     SPARSE: tl.constexpr, PV_SKIP: tl.constexpr, HAS_TAIL: tl.constexpr, WS: tl.constexpr):
+    """One query tile [BLOCK_M, D] of one (batch, head) against all key blocks, or the kept ones (SPARSE)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q8 + bh.to(tl.int64) * Lq_pad * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :])
+    qs = tl.load(QS + bh * n_q_blocks + pid_m)
+    if PV_FP8:
+        kv_base = bh.to(tl.int64) * D * Lk_pad
+    else:
+        kv_base = b.to(tl.int64) * stride_vb + h * stride_vh
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    row = bh * n_q_blocks + pid_m
+    if SPARSE:  # kept key blocks in ascending order: a partial last block can only come last
+        n_sel = tl.load(NSEL + row)
+        lut = LUT + row.to(tl.int64) * n_k_blocks
+        do_tail = tl.load(lut + n_sel - 1) == n_k_blocks - 1
+        n_loop = n_sel - do_tail.to(tl.int32)
+    else:
+        do_tail = True
+        n_loop = n_k_blocks - 1
+    for it in tl.range(0, n_loop, warp_specialize=WS):
+        if SPARSE:
+            j = tl.load(lut + it)
+        else:
+            j = it
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, K8, KS, V, bh, j, kv_base, stride_vl, Lk, Lk_pad, pv_thr,
+                                   offs_n, offs_d, D, BLOCK_N, PV_FP8, PV_SKIP, False)
+    if do_tail:
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, K8, KS, V, bh, n_k_blocks - 1, kv_base, stride_vl, Lk,
+                                   Lk_pad, pv_thr, offs_n, offs_d, D, BLOCK_N, PV_FP8, PV_SKIP, HAS_TAIL)
+    l_i = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_i[:, None]
+    if PV_FP8:
+        out = out * (tl.load(VS + bh * D + offs_d) / 448.0)[None, :]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
+
+
+@dataclass
+class Quantized:
+    """q, k (and for FP8 P.V, v) quantized for one attention call, with SpargeAttn's block summaries if asked."""
+
+    q8: torch.Tensor  # [B*N, Lq_pad, D] int8
+    qs: torch.Tensor  # [B*N, n_q_blocks] float32, includes softmax scale * log2(e)
+    k8: torch.Tensor  # [B*N, Lk_pad, D] int8 (K minus its mean over tokens)
+    ks: torch.Tensor  # [B*N, n_k_blocks] float32
+    v: torch.Tensor  # FP8 [B*N, D, Lk_pad], or the caller's v [B, L, N, D] (FP16 / BF16)
+    vs: torch.Tensor | None  # [B*N, D] float32 channel max |v| (FP8 only)
+    q_pool: torch.Tensor | None = None  # [B*N, n_q_blocks, D] float32 block means
+    q_sim: torch.Tensor | None = None  # [B*N, n_q_blocks] mean pairwise cosine similarity inside each block
+    k_pool: torch.Tensor | None = None
+    k_sim: torch.Tensor | None = None
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfig, pv_fp8: bool,
+             pool: bool = False) -> Quantized:
+    """Quantize q, k [B, L, N, D] to int8 per tile, and v for the chosen P.V precision."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    bm, bn = cfg.block_m, cfg.block_n
+    lq_pad, lk_pad = _ceil_to(lq, bm), _ceil_to(lk, bn)
+    nq, nk = lq_pad // bm, lk_pad // bn
+    dev = q.device
+    q8 = torch.empty(b * h, lq_pad, d, dtype=torch.int8, device=dev)
+    k8 = torch.empty(b * h, lk_pad, d, dtype=torch.int8, device=dev)
+    qs = torch.empty(b * h, nq, dtype=torch.float32, device=dev)
+    ks = torch.empty(b * h, nk, dtype=torch.float32, device=dev)
+    k_mean = k.mean(dim=1, dtype=torch.float32).reshape(b * h, d).contiguous()
+    out = Quantized(q8, qs, k8, ks, v, None)
+    if pool:
+        out.q_pool = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
+        out.k_pool = torch.empty(b * h, nk, d, dtype=torch.float32, device=dev)
+        out.q_sim = torch.empty(b * h, nq, dtype=torch.float32, device=dev)
+        out.k_sim = torch.empty(b * h, nk, dtype=torch.float32, device=dev)
+    sm_scale = d ** -0.5
+    _quant_int8_kernel[(nq, b * h)](q, q8, qs, k_mean, out.q_pool, out.q_sim, q.stride(0), q.stride(1), q.stride(2),
+                                    lq, lq_pad, h, nq, sm_scale * LOG2E, D=d, BLOCK=bm, SUB_MEAN=False, POOL=pool)
+    _quant_int8_kernel[(nk, b * h)](k, k8, ks, k_mean, out.k_pool, out.k_sim, k.stride(0), k.stride(1), k.stride(2),
+                                    lk, lk_pad, h, nk, 1.0, D=d, BLOCK=bn, SUB_MEAN=True, POOL=pool)
+    if pv_fp8:
+        vs = torch.linalg.vector_norm(v, ord=math.inf, dim=1, dtype=torch.float32).reshape(b * h, d)
+        vs = vs.clamp_min_(1e-12).contiguous()
+        v8 = torch.empty(b * h, d, lk_pad, dtype=torch.float8_e4m3fn, device=dev)
+        _quant_fp8_v_kernel[(nk, b * h)](v, v8, vs, v.stride(0), v.stride(1), v.stride(2), lk, lk_pad, h, D=d, BLOCK=bn)
+        out.v, out.vs = v8, vs
+    elif v.dtype not in (torch.float16, torch.bfloat16):
+        out.v = v.to(torch.float16)
+    return out
+
+
+def attention_forward(quant: Quantized, q_shape: torch.Size, lk: int, out_dtype: torch.dtype, cfg: KernelConfig,
+                      pv_fp8: bool, lut: torch.Tensor | None = None, n_sel: torch.Tensor | None = None,
+                      pv_threshold: float | None = None) -> torch.Tensor:
+    """Run the forward on quantized inputs -> out [B, Lq, N, D] in out_dtype. lut/n_sel: block-sparse plan."""
+    b, lq, h, d = q_shape
+    nq, nk = quant.qs.shape[1], quant.ks.shape[1]
+    lq_pad, lk_pad = quant.q8.shape[1], quant.k8.shape[1]
+    out = torch.empty(b, lq, h, d, dtype=out_dtype, device=quant.q8.device)
+    v = quant.v
+    sv = (0, 0, 0) if pv_fp8 else (v.stride(0), v.stride(1), v.stride(2))
+    sparse = lut is not None
+    dummy = quant.qs
+    _attn_fwd_kernel[(nq, b * h)](
+        quant.q8, quant.k8, v, quant.qs, quant.ks, quant.vs if pv_fp8 else dummy,
+        lut if sparse else dummy, n_sel if sparse else dummy, out,
+        *sv, out.stride(0), out.stride(1), out.stride(2),
+        lq, lk, h, nq, nk, lq_pad, lk_pad, float(pv_threshold or 0.0),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV_FP8=pv_fp8, SPARSE=sparse,
+        PV_SKIP=pv_threshold is not None, HAS_TAIL=lk % cfg.block_n != 0, WS=cfg.warp_specialize,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool = False,
+                   cfg: KernelConfig | None = None) -> torch.Tensor:
+    """Dense quantized attention: q [B, Lq, N, D], k/v [B, Lk, N, D] -> [B, Lq, N, D] in q's dtype."""
+    cfg = cfg or default_config(q.device, pv_fp8)
+    quant = quantize(q, k, v, cfg, pv_fp8)
+    return attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv_fp8)
