@@ -12,6 +12,7 @@ from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled
 from smartdiff.shared.request import ResolvedRequest
 
+from .cache import CacheCalibration, CacheConfig, CacheStats, FlexCache
 from .dit import WanDiT
 from .samplers import make_sampler
 from .weights import load_dit, random_dit
@@ -35,7 +36,8 @@ class DenoiserEngine:
     """Holds the DiT expert(s) of one model and turns (request, text embeddings) into final latents."""
 
     def __init__(self, model: ModelConfig, experts: Sequence[WanDiT], device: torch.device | str,
-                 dtype: torch.dtype, batch_cfg: bool = True):
+                 dtype: torch.dtype, batch_cfg: bool = True, enable_flexcache: bool = False,
+                 cache_calibration: CacheCalibration | None = None):
         if len(experts) != model.num_experts:
             raise ValueError(f"{model.name} needs {model.num_experts} experts, got {len(experts)}")
         self.model = model
@@ -43,10 +45,11 @@ class DenoiserEngine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_cfg = batch_cfg  # run both guidance branches as one batch-2 forward
+        self.flexcache = FlexCache(model, enable_flexcache, cache_calibration)  # system flag + calibration
 
     @classmethod
     def load(cls, model: ModelConfig, layout: CheckpointLayout | None, device: torch.device | str,
-             dtype: torch.dtype, seed: int = 0) -> "DenoiserEngine":
+             dtype: torch.dtype, seed: int = 0, **options) -> "DenoiserEngine":
         """Experts from a checkpoint, or seeded random weights when the model is a random-weight preset."""
         if layout is None:
             if not model.random_weights:
@@ -56,7 +59,7 @@ class DenoiserEngine:
             if layout.num_experts != model.num_experts:
                 raise ValueError(f"{layout.root} holds {layout.num_experts} experts, {model.name} needs {model.num_experts}")
             experts = [load_dit(d, layout.kind, model.dit, device, dtype) for d in layout.dit_dirs]
-        return cls(model, experts, device, dtype)
+        return cls(model, experts, device, dtype, **options)
 
     def expert_index(self, t: float) -> int:
         """Wan2.2: the high-noise expert (0) while t >= boundary * num_train_timesteps, then the low-noise one (1)."""
@@ -66,45 +69,59 @@ class DenoiserEngine:
 
     @torch.inference_mode()
     def denoise(self, req: ResolvedRequest, context: torch.Tensor, negative: torch.Tensor | None = None,
-                progress: ProgressFn | None = None, cancelled: Callable[[], bool] | None = None) -> torch.Tensor:
+                progress: ProgressFn | None = None, cancelled: Callable[[], bool] | None = None,
+                cache: CacheConfig | None = None, cache_stats: CacheStats | None = None) -> torch.Tensor:
         """Run the sampler from seeded noise to the final latents.
 
         context / negative: prompt and negative-prompt embeddings [L, text_dim] (negative needed when any
         guidance > 1). Returns float32 latents [1, z_dim, F', H/8, W/8]. `cancelled` is polled before each
-        step; when it returns True the loop stops and raises Cancelled.
+        step; when it returns True the loop stops and raises Cancelled. `cache`: the request's FlexCache
+        choice (refused with RequestError before any work when this deployment cannot run it); `cache_stats`,
+        when given, is filled with what the cache computed and reused (and the parameters it applied).
         """
         if req.uses_cfg and negative is None:
             raise ValueError("guidance > 1 needs the negative prompt embedding")
         sampler = make_sampler(req.sampler, req.steps, req.shift, self.model.num_train_timesteps)
+        session = self.flexcache.start(cache, sampler.timesteps.tolist(), self.expert_index, cache_stats, self.experts)
         latents = initial_noise(req.latent_shape(self.model), req.seed, self.device)
         text_len = self.model.dit.text_len
         ctx = pad_context(context.to(self.device), text_len)[None]
         neg = pad_context(negative.to(self.device), text_len)[None] if negative is not None else None
         embedded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # per expert, computed once
-        for i, t in enumerate(sampler.timesteps.tolist()):
-            if cancelled is not None and cancelled():
-                raise Cancelled(f"cancelled before step {i + 1}/{req.steps}")
-            k = self.expert_index(t)
-            if k not in embedded:
-                dit = self.experts[k]
-                embedded[k] = (dit.embed_text(ctx), dit.embed_text(neg) if neg is not None else None)
-            flow = self._guided_flow(self.experts[k], latents, t, *embedded[k], req.guidance[k])
-            latents = sampler.step(flow, i, latents)
-            if progress is not None:
-                progress(i + 1, req.steps)
+        try:
+            for i, t in enumerate(sampler.timesteps.tolist()):
+                if cancelled is not None and cancelled():
+                    raise Cancelled(f"cancelled before step {i + 1}/{req.steps}")
+                k = self.expert_index(t)
+                if k not in embedded:
+                    dit = self.experts[k]
+                    embedded[k] = (dit.embed_text(ctx), dit.embed_text(neg) if neg is not None else None)
+                hooks = session.step(i) if session is not None else None
+                flow = self._guided_flow(self.experts[k], latents, t, *embedded[k], req.guidance[k], hooks)
+                latents = sampler.step(flow, i, latents)
+                if progress is not None:
+                    progress(i + 1, req.steps)
+        finally:
+            if session is not None:
+                session.close()  # the request's cached tensors go now, whatever happened
         return latents
 
     def _guided_flow(self, dit: WanDiT, latents: torch.Tensor, t: float, ctx: torch.Tensor,
-                     neg: torch.Tensor | None, guidance: float) -> torch.Tensor:
-        """Velocity with classifier-free guidance: uncond + g * (cond - uncond), in float32."""
+                     neg: torch.Tensor | None, guidance: float, hooks=None) -> torch.Tensor:
+        """Velocity with classifier-free guidance: uncond + g * (cond - uncond), in float32.
+
+        hooks(*branches) -> this call's FlexCache hooks, for batch rows of CFG branches (0 cond, 1 uncond).
+        """
         x = latents.to(self.dtype)
         tt = torch.full((1,), t, device=self.device, dtype=torch.float32)
+        hooks = hooks or (lambda *branches: None)
         if guidance <= 1.0 or neg is None:  # no guidance: the conditional branch alone
-            return dit(x, tt, ctx, context_embedded=True).float()
+            return dit(x, tt, ctx, context_embedded=True, hooks=hooks(0)).float()
         if self.batch_cfg:
-            out = dit(torch.cat([x, x]), tt.expand(2), torch.cat([ctx, neg]), context_embedded=True).float()
+            out = dit(torch.cat([x, x]), tt.expand(2), torch.cat([ctx, neg]), context_embedded=True,
+                      hooks=hooks(0, 1)).float()
             cond, uncond = out.chunk(2)
         else:
-            cond = dit(x, tt, ctx, context_embedded=True).float()
-            uncond = dit(x, tt, neg, context_embedded=True).float()
+            cond = dit(x, tt, ctx, context_embedded=True, hooks=hooks(0)).float()
+            uncond = dit(x, tt, neg, context_embedded=True, hooks=hooks(1)).float()
         return uncond + guidance * (cond - uncond)

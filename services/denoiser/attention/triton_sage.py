@@ -112,10 +112,10 @@ def _attn_step(acc, l_i, m_i, q, qs, K8, KS, V, bh, j, kv_base, stride_vl, Lk, L
     else:
         bias = m_new + 12582912.0 * sc
     if PV_SKIP:  # SpargeAttn's second stage: skip P.V when the whole block is negligible in every row
-        skip = tl.max(m_blk - m_new, 0) < -pv_thr
+        keep = tl.max(m_blk - m_new, 0) >= -pv_thr
     else:
-        skip = False
-    if not skip:
+        keep = True
+    if keep:
         p = tl.math.exp2(f * sc - bias[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -225,9 +225,11 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfi
         out.q_sim = torch.empty(b * h, nq, dtype=torch.float32, device=dev)
         out.k_sim = torch.empty(b * h, nk, dtype=torch.float32, device=dev)
     sm_scale = d ** -0.5
-    _quant_int8_kernel[(nq, b * h)](q, q8, qs, k_mean, out.q_pool, out.q_sim, q.stride(0), q.stride(1), q.stride(2),
+    q_extra = (out.q_pool, out.q_sim) if pool else (qs, qs)  # unused pointers when not pooling
+    k_extra = (out.k_pool, out.k_sim) if pool else (ks, ks)
+    _quant_int8_kernel[(nq, b * h)](q, q8, qs, k_mean, *q_extra, q.stride(0), q.stride(1), q.stride(2),
                                     lq, lq_pad, h, nq, sm_scale * LOG2E, D=d, BLOCK=bm, SUB_MEAN=False, POOL=pool)
-    _quant_int8_kernel[(nk, b * h)](k, k8, ks, k_mean, out.k_pool, out.k_sim, k.stride(0), k.stride(1), k.stride(2),
+    _quant_int8_kernel[(nk, b * h)](k, k8, ks, k_mean, *k_extra, k.stride(0), k.stride(1), k.stride(2),
                                     lk, lk_pad, h, nk, 1.0, D=d, BLOCK=bn, SUB_MEAN=True, POOL=pool)
     if pv_fp8:
         vs = torch.linalg.vector_norm(v, ord=math.inf, dim=1, dtype=torch.float32).reshape(b * h, d)
