@@ -1,0 +1,226 @@
+"""CFG, Ulysses and ring parallelism for the DiT over torch.distributed (NCCL on GPUs, gloo on the CPU).
+
+Rank layout, innermost first: ulysses (all-to-all over heads, wants the fastest links), ring (sequence
+blocks passed around), cfg (the two guidance branches):  rank = cfg_rank * (R * U) + ring_rank * U + ulysses_rank.
+The sequence is split into S = U * R shards; shard s = ring_rank * U + ulysses_rank. Sequences that do not
+divide are padded at the end; padded keys are dropped before attention, so padding never changes a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# (q, k, v) [B, L, N, D] -> (out [B, Lq, N, D], lse [B, N, Lq] float32)
+AttentionWithLse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot run: says the rule and suggests a valid layout."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel degrees of the denoiser (system parameters)."""
+
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ulysses * self.ring
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    def __str__(self) -> str:
+        return f"cfg{self.cfg} x ulysses{self.ulysses} x ring{self.ring}"
+
+    def validate(self, world_size: int, num_heads: int) -> None:
+        """Refuse impossible layouts at start-up, naming the rule and suggesting one that works."""
+        for name, value in (("cfg", self.cfg), ("ulysses", self.ulysses), ("ring", self.ring)):
+            if value < 1:
+                raise ParallelConfigError(f"{name} degree must be >= 1, got {value}")
+        if self.cfg not in (1, 2):
+            raise ParallelConfigError(f"cfg degree must be 1 or 2 (two guidance branches), got {self.cfg}; "
+                                      f"suggested: {suggest_layout(world_size, num_heads)}")
+        if num_heads % self.ulysses:
+            raise ParallelConfigError(
+                f"ulysses degree {self.ulysses} must divide the model's {num_heads} attention heads; "
+                f"suggested: {suggest_layout(world_size, num_heads)}")
+        if self.world_size != world_size:
+            raise ParallelConfigError(
+                f"world size {world_size} must equal cfg x ulysses x ring = {self.cfg} x {self.ulysses} x "
+                f"{self.ring} = {self.world_size}; suggested: {suggest_layout(world_size, num_heads)}")
+
+
+def suggest_layout(world_size: int, num_heads: int) -> str:
+    """cfg 2 first (no communication inside a step), then the largest Ulysses degree dividing the heads, then ring."""
+    cfg = 2 if world_size % 2 == 0 else 1
+    rest = world_size // cfg
+    ulysses = max(u for u in range(1, rest + 1) if rest % u == 0 and num_heads % u == 0)
+    return f"--cfg-degree {cfg} --ulysses-degree {ulysses} --ring-degree {rest // ulysses}"
+
+
+class ParallelState:
+    """This rank's place in the layout and its process groups (built once per process, all ranks together)."""
+
+    def __init__(self, config: ParallelConfig, rank: int, backend_groups: bool = True):
+        self.config = config
+        self.rank = rank
+        u, r, sp = config.ulysses, config.ring, config.sp
+        self.cfg_rank, within = divmod(rank, sp)
+        self.ring_rank, self.ulysses_rank = divmod(within, u)
+        self.shard = self.ring_rank * u + self.ulysses_rank
+        self.cfg_group = self.sp_group = self.ulysses_group = self.ring_group = None
+        if backend_groups and config.world_size > 1:
+            self._build_groups()
+
+    def _build_groups(self) -> None:
+        """Every rank must create every group, in the same order (torch.distributed's rule)."""
+        c, u, r, sp = self.config.cfg, self.config.ulysses, self.config.ring, self.config.sp
+        rank_of = lambda ci, ri, ui: ci * sp + ri * u + ui  # noqa: E731
+        for ri in range(r):
+            for ui in range(u):
+                g = dist.new_group([rank_of(ci, ri, ui) for ci in range(c)])
+                if (self.ring_rank, self.ulysses_rank) == (ri, ui):
+                    self.cfg_group = g
+        for ci in range(c):
+            g = dist.new_group([rank_of(ci, ri, ui) for ri in range(r) for ui in range(u)])
+            if self.cfg_rank == ci:
+                self.sp_group = g
+            for ri in range(r):
+                g = dist.new_group([rank_of(ci, ri, ui) for ui in range(u)])
+                if (self.cfg_rank, self.ring_rank) == (ci, ri):
+                    self.ulysses_group = g
+            for ui in range(u):
+                ranks = [rank_of(ci, ri, ui) for ri in range(r)]
+                g = dist.new_group(ranks)
+                if (self.cfg_rank, self.ulysses_rank) == (ci, ui):
+                    self.ring_group, self.ring_ranks = g, ranks
+
+    # ------------------------------------------------------------------ sequence sharding of the tokens
+    def padded_length(self, length: int) -> int:
+        sp = self.config.sp
+        return -(-length // sp) * sp
+
+    def shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> this rank's shard [B, L_pad / S, ...] (zero padding at the end of the sequence)."""
+        if self.config.sp == 1:
+            return x
+        pad = self.padded_length(x.shape[1]) - x.shape[1]
+        if pad:
+            x = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
+        return x.chunk(self.config.sp, dim=1)[self.shard].contiguous()
+
+    def gather_tokens(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """This rank's shard [B, L_pad / S, ...] -> the whole sequence [B, length, ...] on every rank."""
+        if self.config.sp == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.config.sp)]
+        dist.all_gather(parts, x.contiguous(), group=self.sp_group)
+        return torch.cat(parts, dim=1)[:, :length]
+
+    def gather_branches(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """CFG parallel: [this branch's output] -> [cond, uncond] on every rank of the cfg pair."""
+        parts = [torch.empty_like(x) for _ in range(self.config.cfg)]
+        dist.all_gather(parts, x.contiguous(), group=self.cfg_group)
+        return parts
+
+
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int, size: int) -> torch.Tensor:
+    """Split x into `size` parts along scatter_dim, exchange, concatenate what arrives along gather_dim."""
+    send = [t.contiguous() for t in x.chunk(size, dim=scatter_dim)]
+    recv = [torch.empty_like(send[0]) for _ in range(size)]
+    dist.all_to_all(recv, send, group=group)
+    return torch.cat(recv, dim=gather_dim)
+
+
+def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, o_b: torch.Tensor, lse_b: torch.Tensor):
+    """Merge two softmax-normalised partial attentions over disjoint key sets (float32).
+
+    out/o_b [B, L, N, D], lse/lse_b [B, N, L]: the result is exactly attention over the union of keys.
+    """
+    o_b = o_b.float()
+    if out is None:
+        return o_b, lse_b
+    new = torch.logaddexp(lse, lse_b)
+    w_old = torch.exp(lse - new).transpose(1, 2).unsqueeze(-1)  # [B, L, N, 1]
+    w_new = torch.exp(lse_b - new).transpose(1, 2).unsqueeze(-1)
+    return out * w_old + o_b * w_new, new
+
+
+def exact_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Reference attention returning the log-sum-exp, in float32 (CPU / fallback). [B, L, N, D] layout."""
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, N, L, D]
+    scores = qf @ kf.transpose(-1, -2) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)  # [B, N, Lq]
+    out = torch.softmax(scores, dim=-1) @ vf
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+class SequenceParallelAttention:
+    """Self-attention over a sequence sharded across U x R ranks: Ulysses all-to-all, then ring over blocks.
+
+    Called with this rank's q/k/v shards [B, L_pad / S, N, D]; returns this rank's output shard.
+    `valid` is the unpadded global sequence length.
+    """
+
+    def __init__(self, state: ParallelState, attention: Callable, attention_lse: AttentionWithLse | None,
+                 valid: int):
+        if state.config.ring > 1 and attention_lse is None:
+            raise ParallelConfigError("ring attention needs a backend that returns the log-sum-exp")
+        self.state, self.attention, self.attention_lse, self.valid = state, attention, attention_lse, valid
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        st, cfg = self.state, self.state.config
+        u = cfg.ulysses
+        if u > 1:  # gather the ring block's sequence, scatter the heads: [B, L/S, N, D] -> [B, L/R, N/U, D]
+            q, k, v = (_all_to_all(t, st.ulysses_group, scatter_dim=2, gather_dim=1, size=u) for t in (q, k, v))
+        block = q.shape[1]  # tokens of one ring block, padding included
+        if cfg.ring == 1:
+            out = self.attention(q, k[:, : self.valid], v[:, : self.valid])
+        else:
+            out = self._ring(q, k, v, block)
+        if u > 1:  # back: [B, L/R, N/U, D] -> [B, L/S, N, D]
+            out = _all_to_all(out, st.ulysses_group, scatter_dim=1, gather_dim=2, size=u)
+        return out
+
+    def _ring(self, q, k, v, block: int) -> torch.Tensor:
+        """Pass K/V blocks around the ring; merge the partial results with their log-sum-exp."""
+        st, r = self.state, self.state.config.ring
+        out = lse = None
+        kv = torch.stack([k, v])
+        for i in range(r):
+            src = (st.ring_rank - i) % r  # whose block we hold at this turn
+            if i + 1 < r:  # start the next exchange before computing on the current block
+                recv = torch.empty_like(kv)
+                ops = [dist.P2POp(dist.isend, kv, st.ring_ranks[(st.ring_rank + 1) % r], group=st.ring_group),
+                       dist.P2POp(dist.irecv, recv, st.ring_ranks[(st.ring_rank - 1) % r], group=st.ring_group)]
+                reqs = dist.batch_isend_irecv(ops)
+            keep = min(block, max(self.valid - src * block, 0))  # keys of this block inside the real sequence
+            if keep > 0:
+                o_b, lse_b = self.attention_lse(q, kv[0][:, :keep], kv[1][:, :keep])
+                out, lse = merge_partial(out, lse, o_b, lse_b)
+            if i + 1 < r:
+                for req in reqs:
+                    req.wait()
+                kv = recv
+        return out.to(q.dtype)
+
+
+def pad_rope(cos: torch.Tensor, sin: torch.Tensor, state: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables [L, 1, D/2] -> this rank's rows (identity rotation on padded rows)."""
+    if state.config.sp == 1:
+        return cos, sin
+    pad = state.padded_length(cos.shape[0]) - cos.shape[0]
+    cos = F.pad(cos, (0, 0, 0, 0, 0, pad), value=1.0)
+    sin = F.pad(sin, (0, 0, 0, 0, 0, pad), value=0.0)
+    return (cos.chunk(state.config.sp, dim=0)[state.shard].contiguous(),
+            sin.chunk(state.config.sp, dim=0)[state.shard].contiguous())
