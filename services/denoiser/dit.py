@@ -15,6 +15,8 @@ from torch import nn
 
 from smartdiff.shared.config import DiTConfig
 
+from .parallel import ParallelState, pad_rope
+
 # Parameters that stay float32 whatever the serving dtype: the timestep path and the modulation tables
 # feed every block's scale / shift / gate, and Wan computes them in float32.
 KEEP_FP32 = ("time_embedding", "time_projection", "modulation", "norm3")
@@ -215,11 +217,14 @@ class WanDiT(nn.Module):
         return tokens
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                context_embedded: bool = False, hooks: ForwardHooks | None = None) -> torch.Tensor:
+                context_embedded: bool = False, hooks: ForwardHooks | None = None,
+                parallel: ParallelState | None = None) -> torch.Tensor:
         """x [B, 16, F', h, w], t [B], context [B, T, text_dim] (or [B, T, C] if already embedded).
 
         Returns the predicted flow (velocity) [B, out_dim, F', h, w] in x's dtype. `hooks`: this call's
-        FlexCache hooks (None: compute everything).
+        FlexCache hooks (None: compute everything). `parallel` (sequence parallel): the blocks run on this
+        rank's shard of the tokens (self-attention must be a SequenceParallelAttention), the output is
+        gathered back on every rank.
         """
         pt, ph, pw = self.cfg.patch_size
         b, _, f, h, w = x.shape
@@ -229,6 +234,9 @@ class WanDiT(nn.Module):
         ctx = context.to(dtype) if context_embedded else self.embed_text(context)
         e, e6 = self.embed_time(t)
         rope = rope_cos_sin(self.cfg.head_dim, grid, x.device)
+        length = tokens.shape[1]
+        if parallel is not None:
+            tokens, rope = parallel.shard_tokens(tokens), pad_rope(*rope, parallel)
         attention_hook = None if hooks is None else hooks.attention
         if hooks is None or hooks.blocks is None:
             tokens = self.run_blocks(tokens, e6, ctx, rope, attention_hook)
@@ -236,6 +244,8 @@ class WanDiT(nn.Module):
             run = lambda tk, e6_, ctx_: self.run_blocks(tk, e6_, ctx_, rope, attention_hook)  # noqa: E731
             tokens = hooks.blocks(run, tokens, e, e6, ctx)
         out = self.head(tokens, e)  # [B, L, out * pt*ph*pw]
+        if parallel is not None:
+            out = parallel.gather_tokens(out, length)
         return self.unpatchify(out, grid).to(x.dtype)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -9,11 +9,14 @@ import torch.nn.functional as F
 
 from smartdiff.shared.checkpoint import CheckpointLayout
 from smartdiff.shared.config import ModelConfig
-from smartdiff.shared.errors import Cancelled
+from smartdiff.shared.errors import Cancelled, RequestError
 from smartdiff.shared.request import ResolvedRequest
 
+from .attention import EXACT, AttentionChoice, AttentionReport
+from .attention import attach as attach_attention
 from .cache import CacheCalibration, CacheConfig, CacheStats, FlexCache
 from .dit import WanDiT
+from .parallel import ParallelState, SequenceParallelAttention, attention_with_lse
 from .samplers import make_sampler
 from .weights import load_dit, random_dit
 
@@ -37,7 +40,7 @@ class DenoiserEngine:
 
     def __init__(self, model: ModelConfig, experts: Sequence[WanDiT], device: torch.device | str,
                  dtype: torch.dtype, batch_cfg: bool = True, enable_flexcache: bool = False,
-                 cache_calibration: CacheCalibration | None = None):
+                 cache_calibration: CacheCalibration | None = None, parallel: ParallelState | None = None):
         if len(experts) != model.num_experts:
             raise ValueError(f"{model.name} needs {model.num_experts} experts, got {len(experts)}")
         self.model = model
@@ -46,6 +49,7 @@ class DenoiserEngine:
         self.dtype = dtype
         self.batch_cfg = batch_cfg  # run both guidance branches as one batch-2 forward
         self.flexcache = FlexCache(model, enable_flexcache, cache_calibration)  # system flag + calibration
+        self.parallel = parallel  # this rank's place in the cfg x ulysses x ring layout (None: one process)
 
     @classmethod
     def load(cls, model: ModelConfig, layout: CheckpointLayout | None, device: torch.device | str,
@@ -70,7 +74,9 @@ class DenoiserEngine:
     @torch.inference_mode()
     def denoise(self, req: ResolvedRequest, context: torch.Tensor, negative: torch.Tensor | None = None,
                 progress: ProgressFn | None = None, cancelled: Callable[[], bool] | None = None,
-                cache: CacheConfig | None = None, cache_stats: CacheStats | None = None) -> torch.Tensor:
+                cache: CacheConfig | None = None, cache_stats: CacheStats | None = None,
+                attention: AttentionChoice | None = None,
+                on_attention: Callable[[AttentionReport], None] | None = None) -> torch.Tensor:
         """Run the sampler from seeded noise to the final latents.
 
         context / negative: prompt and negative-prompt embeddings [L, text_dim] (negative needed when any
@@ -78,6 +84,8 @@ class DenoiserEngine:
         step; when it returns True the loop stops and raises Cancelled. `cache`: the request's FlexCache
         choice (refused with RequestError before any work when this deployment cannot run it); `cache_stats`,
         when given, is filled with what the cache computed and reused (and the parameters it applied).
+        `attention`: the request's self-attention backend (default exact sdpa; RequestError when it cannot run
+        here); `on_attention`, when given, receives the AttentionReport of what ran once the loop is done.
         """
         if req.uses_cfg and negative is None:
             raise ValueError("guidance > 1 needs the negative prompt embedding")
@@ -88,7 +96,11 @@ class DenoiserEngine:
         ctx = pad_context(context.to(self.device), text_len)[None]
         neg = pad_context(negative.to(self.device), text_len)[None] if negative is not None else None
         embedded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # per expert, computed once
+        attn = None
+        restore_sp = lambda: None  # noqa: E731
         try:
+            attn = attach_attention(self.experts, attention)  # per request; detached below
+            restore_sp = self._attach_sequence_parallel(req, attn)
             for i, t in enumerate(sampler.timesteps.tolist()):
                 if cancelled is not None and cancelled():
                     raise Cancelled(f"cancelled before step {i + 1}/{req.steps}")
@@ -102,8 +114,13 @@ class DenoiserEngine:
                 if progress is not None:
                     progress(i + 1, req.steps)
         finally:
+            if attn is not None:
+                restore_sp()
+                attn.detach()  # the request's attention state goes too
             if session is not None:
                 session.close()  # the request's cached tensors go now, whatever happened
+        if on_attention is not None:
+            on_attention(attn.report())
         return latents
 
     def _guided_flow(self, dit: WanDiT, latents: torch.Tensor, t: float, ctx: torch.Tensor,
@@ -115,13 +132,50 @@ class DenoiserEngine:
         x = latents.to(self.dtype)
         tt = torch.full((1,), t, device=self.device, dtype=torch.float32)
         hooks = hooks or (lambda *branches: None)
+        par = self.parallel if self.parallel is not None and self.parallel.config.world_size > 1 else None
         if guidance <= 1.0 or neg is None:  # no guidance: the conditional branch alone
-            return dit(x, tt, ctx, context_embedded=True, hooks=hooks(0)).float()
+            return dit(x, tt, ctx, context_embedded=True, hooks=hooks(0), parallel=par).float()
+        if par is not None and par.config.cfg == 2:  # CFG parallel: this rank's branch, then exchange
+            branch = par.cfg_rank
+            mine = dit(x, tt, ctx if branch == 0 else neg, context_embedded=True, hooks=hooks(branch),
+                       parallel=par).float()
+            cond, uncond = par.gather_branches(mine)
+            return uncond + guidance * (cond - uncond)
         if self.batch_cfg:
             out = dit(torch.cat([x, x]), tt.expand(2), torch.cat([ctx, neg]), context_embedded=True,
-                      hooks=hooks(0, 1)).float()
+                      hooks=hooks(0, 1), parallel=par).float()
             cond, uncond = out.chunk(2)
         else:
-            cond = dit(x, tt, ctx, context_embedded=True, hooks=hooks(0)).float()
-            uncond = dit(x, tt, neg, context_embedded=True, hooks=hooks(1)).float()
+            cond = dit(x, tt, ctx, context_embedded=True, hooks=hooks(0), parallel=par).float()
+            uncond = dit(x, tt, neg, context_embedded=True, hooks=hooks(1), parallel=par).float()
         return uncond + guidance * (cond - uncond)
+
+    def _attach_sequence_parallel(self, req: ResolvedRequest, attn) -> Callable[[], None]:
+        """Under sequence parallel, wrap each block's self-attention (as the request chose it) for sharded tokens.
+
+        Returns the function that puts the request's attention back. Ring attention needs the log-sum-exp,
+        which only the exact backend provides: other backends are refused for ring layouts.
+        """
+        par = self.parallel
+        if par is None or par.config.sp == 1:
+            return lambda: None
+        backend = attn.resolution.backend
+        if par.config.ring > 1 and backend != EXACT:
+            raise RequestError("attention.backend", f"{backend!r} cannot run under ring attention (ring degree "
+                                                    f"{par.config.ring}): it does not return the log-sum-exp; use {EXACT}")
+        pt, ph, pw = self.model.dit.patch_size
+        f, h, w = req.latent_shape(self.model)[2:]
+        valid = (f // pt) * (h // ph) * (w // pw)
+        lse_fn = attention_with_lse(self.device)
+        saved = []
+        for dit in self.experts:
+            for block in dit.blocks:
+                a = block.self_attn
+                saved.append((a, a.attention_fn))
+                a.attention_fn = SequenceParallelAttention(par, a.attention_fn, lse_fn, valid)
+
+        def restore() -> None:
+            for a, fn in reversed(saved):
+                a.attention_fn = fn
+
+        return restore

@@ -165,6 +165,32 @@ def exact_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return out.transpose(1, 2).to(q.dtype), lse
 
 
+def _cuda_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Fused exact attention that also returns the log-sum-exp: cuDNN, else flash, else memory-efficient."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, N, L, D]
+    length = q.shape[1]
+    errors = []
+    for op in ("cudnn", "flash", "efficient"):
+        try:
+            if op == "cudnn":
+                out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)[:2]
+            elif op == "flash":
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+            else:
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        except RuntimeError as e:  # kernel not built for this GPU / dtype / head dim
+            errors.append(f"{op}: {e}")
+            continue
+        lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[:, :, :length].float()  # [B, N, Lq]
+        return out.transpose(1, 2), lse
+    raise RuntimeError("no fused attention kernel returns the log-sum-exp here: " + "; ".join(errors))
+
+
+def attention_with_lse(device: torch.device) -> AttentionWithLse:
+    """The exact attention-with-LSE used by ring attention on this device."""
+    return _cuda_attention_with_lse if torch.device(device).type == "cuda" else exact_attention_with_lse
+
+
 class SequenceParallelAttention:
     """Self-attention over a sequence sharded across U x R ranks: Ulysses all-to-all, then ring over blocks.
 
