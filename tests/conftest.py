@@ -1,8 +1,12 @@
 """Shared fixtures: tiny random checkpoints in the Diffusers and official Wan layouts (built once per session)."""
 
-import pytest
+import os
 
-import tiny_checkpoints
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before anything imports grpc (see smartdiff.shared)
+
+import pytest  # noqa: E402
+
+import tiny_checkpoints  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,81 @@
-"""`python -m smartdiff.services.denoiser` (console script `smartdiff-denoiser`): run the denoiser service."""
+"""`python -m smartdiff.services.denoiser` (console script `smartdiff-denoiser`): run the denoiser service.
 
+One process: `smartdiff serve denoiser --port 50052 ...`.
+N GPUs of one pod: `torchrun --nproc-per-node=N -m smartdiff.services.denoiser --cfg-degree C --ulysses-degree U
+--ring-degree R ...` with N = C x U x R; rank 0 serves gRPC, the other ranks follow it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
 import sys
+from dataclasses import replace
 
-from smartdiff.services.denoiser.server import start
-from smartdiff.shared.serving import stage_main
+import torch.distributed as dist
+
+from smartdiff.services.denoiser.distributed import (
+    ProcessInfo, RankZeroRunner, RequestChannel, init_distributed, worker_loop,
+)
+from smartdiff.services.denoiser.engine import DenoiserEngine
+from smartdiff.services.denoiser.parallel import ParallelConfigError
+from smartdiff.services.denoiser.server import add_denoiser_flags, options_from_args, start
+from smartdiff.shared.checkpoint import CheckpointError
+from smartdiff.shared.config import ConfigError
+from smartdiff.shared.serving import (
+    add_model_flags, add_serve_flags, model_from_args, run_until_signal, setup_logging, system_from_args,
+)
+
+log = logging.getLogger("smartdiff.denoiser")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smartdiff serve denoiser", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    add_serve_flags(p, "denoiser")
+    add_denoiser_flags(p)
+    return p
+
+
+async def serve(args, model, layout, system, options, engine=None, runner=None) -> None:
+    server, port = await start(model, layout, system, f"{args.host}:{args.port}", options, engine, runner)
+    print(f"denoiser {args.host}:{port} SERVING", flush=True)
+    await run_until_signal(server, args.drain_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("denoiser", lambda model, layout, system, address, args: start(model, layout, system, address),
-                      argv)
+    args = parser().parse_args(argv)
+    setup_logging(args.log_level)
+    proc = ProcessInfo.from_env()
+    try:
+        model, layout = model_from_args(args)
+        system = system_from_args(args)
+        options = options_from_args(args)
+        state, device = init_distributed(proc, options, model, system.device)
+    except (ConfigError, CheckpointError, ParallelConfigError) as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    if proc.world_size == 1:
+        asyncio.run(serve(args, model, layout, system, options))
+        return 0
+    engine = DenoiserEngine.load(model, layout, device, system.dtype, enable_flexcache=options.enable_flexcache,
+                                 parallel=state)
+    channel = RequestChannel(device)
+    log.info("rank %d/%d ready (%s, %s)", proc.rank, proc.world_size, state.config, device)
+    try:
+        if proc.rank == 0:
+            runner = RankZeroRunner(engine, channel)
+            try:
+                asyncio.run(serve(args, model, layout, replace(system, device=device), options, engine, runner))
+            finally:
+                runner.shutdown()
+        else:
+            worker_loop(engine, model, options, channel)
+    finally:
+        dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import time
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from smartdiff.denoiser.v1 import denoiser_pb2 as pb
 from smartdiff.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
 from smartdiff.denoiser.v1 import options_pb2
+from smartdiff.services.denoiser.attention import EXACT, AttentionChoice, AttentionReport, available_backends
+from smartdiff.services.denoiser.attention.base import DTYPE_NAMES
+from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_from_proto, cache_config_to_proto
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, DeadlineExceeded, RequestError, grpc_errors
@@ -17,51 +22,122 @@ from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DenoiserService"].full_name
-EXACT_ATTENTION = "sdpa"
+
+
+@dataclass(frozen=True)
+class DenoiserOptions:
+    """System parameters of the denoiser deployment."""
+
+    attention_backends: tuple[str, ...] | None = None  # allowed per request; None: every registered backend
+    default_attention: str = EXACT
+    enable_flexcache: bool = False
+    cfg_degree: int = 1
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+
+
+def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention-backends", help="comma-separated backends requests may choose (default: all)")
+    p.add_argument("--default-attention", default=EXACT, help=f"backend of requests that name none (default {EXACT})")
+    p.add_argument("--enable-flexcache", action="store_true", help="allow per-request feature-reuse caches")
+    p.add_argument("--cfg-degree", type=int, default=1, help="1 or 2: guidance branches on different ranks")
+    p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all over heads (divides the head count)")
+    p.add_argument("--ring-degree", type=int, default=1, help="sequence blocks passed around a ring")
+
+
+def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
+    allowed = getattr(args, "attention_backends", None)
+    return DenoiserOptions(
+        attention_backends=tuple(a.strip() for a in allowed.split(",") if a.strip()) if allowed else None,
+        default_attention=getattr(args, "default_attention", EXACT),
+        enable_flexcache=getattr(args, "enable_flexcache", False),
+        cfg_degree=getattr(args, "cfg_degree", 1), ulysses_degree=getattr(args, "ulysses_degree", 1),
+        ring_degree=getattr(args, "ring_degree", 1),
+    )
+
+
+@dataclass(frozen=True)
+class DenoiseJob:
+    """One validated request, as every rank runs it."""
+
+    params: pb.DenoiseParams  # as received, with the seed fixed
+    request: ResolvedRequest
+    attention: AttentionChoice
+    cache: CacheConfig
+
+
+@dataclass
+class JobResult:
+    latents: torch.Tensor
+    attention: AttentionReport | None = None
+    cache: CacheStats = field(default_factory=CacheStats)
 
 
 def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
     """The sampling fields of DenoiseParams as a GenerationRequest (unset optionals -> model defaults)."""
-    return GenerationRequest(
-        prompt="(embedded)", width=p.width if p.HasField("width") else None,
-        height=p.height if p.HasField("height") else None, frames=p.frames if p.HasField("frames") else None,
-        steps=p.steps if p.HasField("steps") else None, guidance=tuple(p.guidance) or None,
-        shift=p.shift if p.HasField("shift") else None, sampler=p.sampler or None,
-        seed=p.seed if p.HasField("seed") else None,
-    )
+    opt = lambda name: getattr(p, name) if p.HasField(name) else None  # noqa: E731
+    return GenerationRequest(prompt="(embedded)", width=opt("width"), height=opt("height"), frames=opt("frames"),
+                             steps=opt("steps"), guidance=tuple(p.guidance) or None, shift=opt("shift"),
+                             sampler=p.sampler or None, seed=opt("seed"))
 
 
-def effective_params(p: pb.DenoiseParams, req: ResolvedRequest, model: ModelConfig) -> pb.DenoiseParams:
-    out = pb.DenoiseParams()
-    out.CopyFrom(p)
-    out.model = model.name
-    out.width, out.height, out.frames, out.steps = req.width, req.height, req.frames, req.steps
-    del out.guidance[:]
-    out.guidance.extend(req.guidance)
-    out.shift, out.sampler, out.seed = req.shift, req.sampler, req.seed
-    if not out.attention.backend:
-        out.attention.backend = EXACT_ATTENTION
-    if not out.cache.strategy:
-        out.cache.strategy = "none"
+def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserOptions) -> DenoiseJob:
+    """Validate everything of a request (RequestError naming the field) before any work."""
+    if params.model and params.model != model.name:
+        raise RequestError("params.model", f"this deployment serves {model.name!r}, not {params.model!r}")
+    req = resolve_request(request_from_params(params), model)
+    choice = AttentionChoice.from_proto(params.attention if params.HasField("attention") else None,
+                                        default_backend=options.default_attention)
+    allowed = options.attention_backends
+    if allowed is not None:
+        if choice.backend not in allowed and choice.backend != EXACT:
+            raise RequestError("attention.backend", f"{choice.backend!r} is not allowed by this deployment; "
+                                                    f"allowed: {', '.join(sorted({*allowed, EXACT}))}")
+        if choice.backend == "auto":
+            candidates = choice.candidates or tuple(a for a in allowed if a not in ("auto", EXACT))
+            choice = replace(choice, candidates=tuple(c for c in candidates if c in allowed))
+    cache = cache_config_from_proto(params.cache)
+    fixed = pb.DenoiseParams()
+    fixed.CopyFrom(params)
+    fixed.seed = req.seed  # every rank must draw the same noise
+    return DenoiseJob(fixed, req, choice, cache)
+
+
+def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negative: torch.Tensor | None,
+            progress=None, cancelled=None) -> JobResult:
+    result = JobResult(latents=None)
+
+    def on_attention(report: AttentionReport) -> None:
+        result.attention = report
+
+    result.latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
+                                    progress=progress, cancelled=cancelled, cache=job.cache,
+                                    cache_stats=result.cache, attention=job.attention, on_attention=on_attention)
+    return result
+
+
+def effective_params(job: DenoiseJob, result: JobResult, model: ModelConfig) -> pb.DenoiseParams:
+    req = job.request
+    out = pb.DenoiseParams(request_id=job.params.request_id, model=model.name, width=req.width, height=req.height,
+                           frames=req.frames, steps=req.steps, guidance=list(req.guidance), shift=req.shift,
+                           sampler=req.sampler, seed=req.seed)
+    out.attention.CopyFrom(job.params.attention)
+    out.attention.backend = result.attention.backend if result.attention else job.attention.backend
+    out.cache.CopyFrom(cache_config_to_proto(result.cache.applied or job.cache))
     return out
 
 
 class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
-    def __init__(self, model: ModelConfig, engine: DenoiserEngine, worker: StageWorker):
+    """`runner(job, prompt, negative, progress, cancelled) -> JobResult` runs a job: in this process by default,
+    or, on rank 0 of a multi-GPU pod, on every rank together (services/denoiser/distributed.py)."""
+
+    def __init__(self, model: ModelConfig, engine: DenoiserEngine, worker: StageWorker,
+                 options: DenoiserOptions = DenoiserOptions(), runner=None):
         self.model = model
         self.engine = engine
         self.worker = worker
-
-    def validate(self, p: pb.DenoiseParams) -> ResolvedRequest:
-        if p.model and p.model != self.model.name:
-            raise RequestError("params.model", f"this deployment serves {self.model.name!r}, not {p.model!r}")
-        if p.attention.backend not in ("", EXACT_ATTENTION):
-            raise RequestError("attention.backend", f"{p.attention.backend!r} is not offered by this deployment; "
-                                                    f"available: {EXACT_ATTENTION}")
-        if p.cache.strategy not in ("", "none"):
-            raise RequestError("cache.strategy", f"{p.cache.strategy!r} is not offered by this deployment; "
-                                                 "available: none")
-        return resolve_request(request_from_params(p), self.model)
+        self.options = options
+        self.runner = runner or (lambda *a, **kw: run_job(engine, *a, **kw))
 
     async def read_inputs(self, request_iterator) -> tuple[pb.DenoiseParams, torch.Tensor, torch.Tensor | None]:
         """params first, then the prompt embedding, then (for guidance > 1) the negative one."""
@@ -97,9 +173,9 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
     @grpc_errors
     async def Denoise(self, request_iterator, context):
         params, prompt, negative = await self.read_inputs(request_iterator)
-        req = self.validate(params)
+        job = prepare_job(params, self.model, self.options)
         self.check_embedding("prompt_embeds", prompt)
-        if req.uses_cfg:
+        if job.request.uses_cfg:
             if negative is None:
                 raise RequestError("negative_prompt_embeds", "required when guidance > 1")
             self.check_embedding("negative_prompt_embeds", negative)
@@ -107,56 +183,72 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         deadline = time.monotonic() + left if left is not None else None
         start = time.perf_counter()
 
-        def job(emit, should_stop):
-            return self.engine.denoise(req, prompt, negative if req.uses_cfg else None,
-                                       progress=lambda i, n: emit((i, n)), cancelled=should_stop)
+        def job_fn(emit, should_stop):
+            return self.runner(job, prompt, negative, progress=lambda i, n: emit((i, n)), cancelled=should_stop)
 
-        latents = None
+        result = None
         try:
-            async for item in self.worker.stream(job, deadline):
+            async for item in self.worker.stream(job_fn, deadline):
                 if isinstance(item, Done):
-                    latents = item.value
+                    result = item.value
                 else:
                     yield pb.DenoiseResponse(progress=pb.DenoiseProgress(
                         step=item[0], total_steps=item[1], elapsed_seconds=time.perf_counter() - start))
         except Cancelled:
             if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"deadline exceeded during denoising ({req.steps} steps)") from None
+                raise DeadlineExceeded(f"deadline exceeded during denoising ({job.request.steps} steps)") from None
             raise
         seconds = time.perf_counter() - start
-        for msg in tensor_to_messages(latents.float().cpu().contiguous(), pb.DenoiseResponse, "latents"):
+        for msg in tensor_to_messages(result.latents.float().cpu().contiguous(), pb.DenoiseResponse, "latents"):
             yield msg
         yield pb.DenoiseResponse(summary=pb.DenoiseSummary(
-            effective=effective_params(params, req, self.model), attention_selection=EXACT_ATTENTION,
-            cached_steps=0, denoise_seconds=seconds, world_size=1,
+            effective=effective_params(job, result, self.model),
+            attention_selection=result.attention.selection if result.attention else EXACT,
+            cached_steps=result.cache.cached_steps, denoise_seconds=seconds,
+            world_size=self.options.cfg_degree * self.options.ulysses_degree * self.options.ring_degree,
+            cache_report=result.cache.to_proto(),
         ))
 
     @grpc_errors
     async def GetCapabilities(self, request, context):
+        engine = self.engine
+        allowed = self.options.attention_backends
+        infos = []
+        for status in available_backends(engine.device, engine.dtype, self.model.dit.head_dim):
+            info = status.info
+            reason = status.reason
+            if reason is None and allowed is not None and info.name not in allowed and info.name != EXACT:
+                reason = "not allowed by this deployment"
+            infos.append(options_pb2.AttentionBackendInfo(
+                name=info.name, available=reason is None, unavailable_reason=reason or "", lossy=info.lossy,
+                dtypes=[DTYPE_NAMES.get(d, str(d)) for d in info.dtypes], description=info.description))
         return pb.GetCapabilitiesResponse(
-            models=[self.model.name], samplers=list(SAMPLER_NAMES), default_attention_backend=EXACT_ATTENTION,
-            attention_backends=[options_pb2.AttentionBackendInfo(
-                name=EXACT_ATTENTION, available=True, lossy=False, dtypes=["float32", "bfloat16", "float16"],
-                description="PyTorch scaled_dot_product_attention (exact)")],
-            cache_strategies=[options_pb2.CacheStrategyInfo(name="none", available=True, description="no reuse")],
-            world_size=1,
+            models=[self.model.name], samplers=list(SAMPLER_NAMES), attention_backends=infos,
+            default_attention_backend=self.options.default_attention,
+            cache_strategies=engine.flexcache.strategy_infos(),
+            world_size=self.options.cfg_degree * self.options.ulysses_degree * self.options.ring_degree,
         )
 
 
+def warmup_job(model: ModelConfig, options: DenoiserOptions) -> DenoiseJob:
+    """A one-step tiny request run before SERVING (loads kernels, allocator pools)."""
+    params = pb.DenoiseParams(width=32, height=32, frames=1, steps=1, guidance=[model.defaults.guidance[0]], seed=0)
+    return prepare_job(params, model, options)
 
 
-async def start(model: ModelConfig, layout, system, address: str):
-    """Load the DiT expert(s), warm up with a one-step tiny generation, serve on `address`."""
+async def start(model: ModelConfig, layout, system, address: str, options: DenoiserOptions = DenoiserOptions(),
+                engine: DenoiserEngine | None = None, runner=None):
+    """Load the DiT expert(s) (unless `engine` is given), warm up (on every rank with `runner`), serve on `address`."""
     from smartdiff.shared.serving import start_stage
 
-    engine = DenoiserEngine.load(model, layout, system.device, system.dtype)
-    servicer = DenoiserServicer(model, engine, StageWorker("denoiser", system.max_queue))
+    if engine is None:
+        engine = DenoiserEngine.load(model, layout, system.device, system.dtype,
+                                     enable_flexcache=options.enable_flexcache)
+    servicer = DenoiserServicer(model, engine, StageWorker("denoiser", system.max_queue), options, runner)
 
     def warmup():
-        req = resolve_request(GenerationRequest(prompt="warm-up", width=32, height=32, frames=1, steps=1,
-                                                guidance=(model.defaults.guidance[0],), seed=0), model)
         emb = torch.zeros(4, model.dit.text_dim)
-        engine.denoise(req, emb, emb)
+        servicer.runner(warmup_job(model, options), emb, emb)
 
     return await start_stage(SERVICE_NAME, pb_grpc.add_DenoiserServiceServicer_to_server, servicer, address,
                              system.max_queue, warmup=warmup)

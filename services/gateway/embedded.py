@@ -21,13 +21,16 @@ class EmbeddedDeployment:
 
     @classmethod
     async def start(cls, model: ModelConfig, layout: CheckpointLayout | None, system: SystemConfig,
-                    host: str = "127.0.0.1", gateway_port: int = 0) -> "EmbeddedDeployment":
+                    host: str = "127.0.0.1", gateway_port: int = 0,
+                    denoiser: denoiser_server.DenoiserOptions = denoiser_server.DenoiserOptions(),
+                    ) -> "EmbeddedDeployment":
         d = cls()
         try:
             addrs = {}
             for name, module in (("text_encoder", text_encoder_server), ("denoiser", denoiser_server),
                                  ("vae", vae_server)):
-                server, port = await module.start(model, layout, system, f"{host}:0")
+                extra = {"options": denoiser} if name == "denoiser" else {}
+                server, port = await module.start(model, layout, system, f"{host}:0", **extra)
                 d.servers.append(server)
                 addrs[name] = f"{host}:{port}"
             d.stages = gateway_server.StageClients(addrs["text_encoder"], addrs["denoiser"], addrs["vae"])

@@ -1,0 +1,157 @@
+"""The multi-GPU denoiser pod: one process per GPU (torchrun); rank 0 serves gRPC, every rank runs each step.
+
+For each request rank 0 broadcasts an op header, the DenoiseParams protobuf bytes and the embeddings (all
+tensors, never pickles); every rank then validates the same params and runs the same denoising loop, and
+rank 0 returns the latents. Cancellation: before each step rank 0 broadcasts its stop flag; every rank acts
+on the flag of the previous step, so all stop at the same step, within one step of the cancel, and nobody
+waits for the GPU to finish the current step to read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from smartdiff.denoiser.v1 import denoiser_pb2 as pb
+from smartdiff.shared.config import ModelConfig
+
+from .engine import DenoiserEngine
+from .parallel import ParallelConfig, ParallelState
+from .server import DenoiseJob, DenoiserOptions, JobResult, prepare_job, run_job
+
+log = logging.getLogger(__name__)
+
+OP_SHUTDOWN, OP_DENOISE = 0, 1
+HEADER = 6  # op, params bytes, prompt L, prompt C, negative L (0: none), negative C
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls) -> "ProcessInfo":
+        """What torchrun tells each process (a single process when not launched by torchrun)."""
+        rank = int(os.environ.get("RANK", "0"))
+        return cls(rank, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", str(rank))))
+
+
+def init_distributed(proc: ProcessInfo, options: DenoiserOptions, model: ModelConfig,
+                     device: torch.device) -> tuple[ParallelState, torch.device]:
+    """Validate the layout (before any process group exists), then join the group: NCCL on GPUs, gloo on CPUs."""
+    config = ParallelConfig(options.cfg_degree, options.ulysses_degree, options.ring_degree)
+    config.validate(proc.world_size, model.dit.num_heads)
+    if device.type == "cuda":
+        device = torch.device("cuda", proc.local_rank)
+        torch.cuda.set_device(device)
+    if proc.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=proc.rank, world_size=proc.world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return ParallelState(config, proc.rank), device
+
+
+class LockstepStop:
+    """The `cancelled` callable of one job on every rank: True on all ranks at the same step."""
+
+    def __init__(self, device: torch.device, local_stop=None):
+        self.device = device
+        self.local_stop = local_stop  # rank 0 only: the real cancel / deadline check
+        self._pending = None
+
+    def __call__(self) -> bool:
+        stop = self._read_previous()
+        flag = torch.tensor([1 if (self.local_stop is not None and self.local_stop()) else 0],
+                            dtype=torch.int32, device=self.device)
+        if self.device.type == "cuda":
+            work = dist.broadcast(flag, 0, async_op=True)
+            work.wait()  # a stream dependency, not a host wait
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        else:
+            dist.broadcast(flag, 0)
+            self._pending = (flag, None)
+        return stop
+
+    def _read_previous(self) -> bool:
+        if self._pending is None:
+            return False
+        value, event = self._pending
+        if event is not None:
+            event.synchronize()  # the flag was queued a step ago: this waits for that point, not for this step
+        return bool(value.item())
+
+
+class RequestChannel:
+    """Rank 0 -> every rank: one job's params and embeddings, as tensors."""
+
+    def __init__(self, device: torch.device):
+        self.device = device  # NCCL needs device tensors; gloo CPU ones
+
+    def send(self, params: pb.DenoiseParams, prompt: torch.Tensor, negative: torch.Tensor | None):
+        blob = params.SerializeToString()
+        neg_shape = tuple(negative.shape) if negative is not None else (0, 0)
+        header = torch.tensor([OP_DENOISE, len(blob), *prompt.shape, *neg_shape], dtype=torch.int64)
+        dist.broadcast(header.to(self.device), 0)
+        dist.broadcast(torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device), 0)
+        prompt = prompt.float().to(self.device).contiguous()
+        dist.broadcast(prompt, 0)
+        if negative is not None:
+            negative = negative.float().to(self.device).contiguous()
+            dist.broadcast(negative, 0)
+        return prompt, negative
+
+    def send_shutdown(self) -> None:
+        dist.broadcast(torch.tensor([OP_SHUTDOWN] + [0] * (HEADER - 1), dtype=torch.int64, device=self.device), 0)
+
+    def receive(self) -> tuple[pb.DenoiseParams, torch.Tensor, torch.Tensor | None] | None:
+        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+        dist.broadcast(header, 0)
+        op, nbytes, pl, pc, nl, nc = header.tolist()
+        if op == OP_SHUTDOWN:
+            return None
+        blob = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dist.broadcast(blob, 0)
+        params = pb.DenoiseParams.FromString(blob.cpu().numpy().tobytes())
+        prompt = torch.empty(pl, pc, dtype=torch.float32, device=self.device)
+        dist.broadcast(prompt, 0)
+        negative = None
+        if nl:
+            negative = torch.empty(nl, nc, dtype=torch.float32, device=self.device)
+            dist.broadcast(negative, 0)
+        return params, prompt, negative
+
+
+class RankZeroRunner:
+    """Rank 0's job runner (DenoiserServicer.runner): broadcast the job, then run it in lockstep."""
+
+    def __init__(self, engine: DenoiserEngine, channel: RequestChannel):
+        self.engine, self.channel = engine, channel
+
+    def __call__(self, job: DenoiseJob, prompt, negative, progress=None, cancelled=None) -> JobResult:
+        prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
+        stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
+        return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
+
+    def shutdown(self) -> None:
+        self.channel.send_shutdown()
+
+
+def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOptions, channel: RequestChannel) -> None:
+    """Ranks > 0: run every job rank 0 sends until it sends shutdown. Errors are rank 0's to report."""
+    while (msg := channel.receive()) is not None:
+        params, prompt, negative = msg
+        try:
+            job = prepare_job(params, model, options)
+            run_job(engine, job, prompt, negative, cancelled=LockstepStop(channel.device))
+        except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
+            log.info("rank job ended: %s", e)
