@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from dataclasses import replace
 
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(serve(args, model, layout, replace(system, device=device), options, engine, runner))
             finally:
                 runner.shutdown()
-        else:
+        else:  # SIGTERM reaches every process of the pod: rank 0 drains, then tells the others to stop
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             worker_loop(engine, model, options, channel)
     finally:
         dist.destroy_process_group()

@@ -45,3 +45,27 @@ def test_two_expert_model_under_cfg_and_ring():
     expected = denoise("wan-tiny-moe")
     for latents in run_ranks(_rank, 4, "wan-tiny-moe", (2, 1, 2)):
         assert ((latents - expected).norm() / expected.norm()) <= 1e-5
+
+
+def _cached_rank(rank, world, layout, strategy):
+    from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, PabParams, TeaCacheParams
+
+    model, req, ctx, neg = inputs("wan-tiny")
+    req = resolve_request(GenerationRequest(prompt="x", guidance=(5.0,), **{**SHAPE, "steps": 10}), model)
+    params = TeaCacheParams(rel_l1_threshold=5.0) if strategy == "teacache" else PabParams()
+    state = ParallelState(ParallelConfig(*layout), rank) if layout else None
+    engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=state, enable_flexcache=True)
+    stats = CacheStats()
+    latents = engine.denoise(req, ctx, neg, cache=CacheConfig(strategy, params), cache_stats=stats)
+    return latents, stats.cached_steps, stats.to_proto().SerializeToString()
+
+
+@pytest.mark.parametrize("strategy", ["teacache", "pab"])
+def test_cache_decisions_are_the_same_on_every_rank(strategy):
+    """Under sequence parallel every rank takes the single-process decisions and caches its own shard."""
+    latents, cached, report = _cached_rank(0, 1, None, strategy)
+    results = run_ranks(_cached_rank, 2, (1, 2, 1), strategy)
+    assert cached > 0 or strategy == "pab"
+    for got, got_cached, got_report in results:
+        assert got_cached == cached and got_report == report
+        assert ((got - latents).norm() / latents.norm()) <= 1e-5
