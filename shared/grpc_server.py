@@ -43,7 +43,9 @@ class StageServer:
     ) -> None:
         # Past max_concurrent_rpcs, gRPC itself answers RESOURCE_EXHAUSTED.
         self.server = grpc.aio.server(
-            options=[*message_size_options(max_message_bytes), *options],
+            # Clients reconnect (and re-resolve DNS, picking up new replicas) every 5 minutes; calls in
+            # flight on an old connection are never cut (no max_connection_age_grace).
+            options=[*message_size_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000), *options],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             interceptors=list(interceptors),
         )

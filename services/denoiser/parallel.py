@@ -71,21 +71,27 @@ def suggest_layout(world_size: int, num_heads: int) -> str:
 class ParallelState:
     """This rank's place in the layout and its process groups (built once per process, all ranks together)."""
 
-    def __init__(self, config: ParallelConfig, rank: int, backend_groups: bool = True):
+    def __init__(self, config: ParallelConfig, rank: int, backend_groups: bool = True,
+                 ranks: list[int] | None = None):
+        """`rank`: this process's global rank. `ranks`: the global ranks the layout runs on (default
+        0 .. world-1); every process of the job must construct the same states in the same order."""
         self.config = config
-        self.rank = rank
+        self.ranks = list(ranks) if ranks is not None else list(range(config.world_size))
+        self.member = rank in self.ranks
+        self.rank = self.ranks.index(rank) if self.member else -1  # rank inside the layout
         u, r, sp = config.ulysses, config.ring, config.sp
-        self.cfg_rank, within = divmod(rank, sp)
+        self.cfg_rank, within = divmod(max(self.rank, 0), sp)
         self.ring_rank, self.ulysses_rank = divmod(within, u)
         self.shard = self.ring_rank * u + self.ulysses_rank
         self.cfg_group = self.sp_group = self.ulysses_group = self.ring_group = None
+        self.ring_ranks: list[int] = []
         if backend_groups and config.world_size > 1:
             self._build_groups()
 
     def _build_groups(self) -> None:
         """Every rank must create every group, in the same order (torch.distributed's rule)."""
         c, u, r, sp = self.config.cfg, self.config.ulysses, self.config.ring, self.config.sp
-        rank_of = lambda ci, ri, ui: ci * sp + ri * u + ui  # noqa: E731
+        rank_of = lambda ci, ri, ui: self.ranks[ci * sp + ri * u + ui]  # noqa: E731
         for ri in range(r):
             for ui in range(u):
                 g = dist.new_group([rank_of(ci, ri, ui) for ci in range(c)])

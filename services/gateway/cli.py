@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="`smartdiff serve STAGE --help` lists a stage's flags.")
     serve.add_argument("stage", choices=("all", *STAGES))
     serve.add_argument("args", nargs=argparse.REMAINDER, help="the stage's flags")
+
+    from smartdiff.services.denoiser.cache.cli import add_calibrate_parser
+
+    add_calibrate_parser(sub)
+    from smartdiff.services.gateway.deploy import add_deploy_parser
+
+    add_deploy_parser(sub)  # `smartdiff deploy status|wait` (k8s/)
     return parser
 
 
@@ -185,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_generate(args))
         if args.command == "serve":
             return serve(args.stage, args.args)
+        if args.command == "calibrate-cache":
+            from smartdiff.services.denoiser.cache.cli import run_calibrate
+
+            return run_calibrate(args)
+        if args.command == "deploy":
+            from smartdiff.services.gateway.deploy import run as run_deploy
+
+            return run_deploy(args)
     except RequestError as e:
         print(f"error: invalid request: {e}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ class StageStatus:
     desired: int  # spec.replicas; 0 when the Deployment is missing
     ready: int  # pods passing their readiness probe
     updated: int  # pods of the current template
-    gpus: int  # nvidia.com/gpu limits summed over the stage's live pods
+    gpus: int  # nvidia.com/gpu held: limits summed over the stage's pods placed on a node
     restarts: int  # container restarts summed over the stage's live pods
     image: str  # the template's image ("-" when missing)
     state: str  # "ready", or what is in the way
@@ -115,8 +115,9 @@ def _pod_problem(pod: Any) -> str | None:
     """Why this pod is not ready, in the words `kubectl describe` would use; None when it is ready."""
     status = pod.status
     for cond in status.conditions or []:
-        if cond.type == "PodScheduled" and cond.status == "False":
-            return f"{cond.reason or 'Pending'}: {cond.message or ''}".strip().rstrip(":")
+        if cond.type == "PodScheduled" and cond.status == "False":  # the scheduler's first sentence says why
+            first = (cond.message or "").split(". ")[0].rstrip(".")
+            return f"{cond.reason or 'Pending'}: {first}" if first else cond.reason or "Pending"
     containers = status.container_statuses or []
     if not containers:
         return status.phase or "Pending"
@@ -144,7 +145,7 @@ def stage_status(stage: str, deployment: Any | None, pods: Iterable[Any]) -> Sta
     live = [p for p in pods if _selects(selector, p.metadata.labels) and p.metadata.deletion_timestamp is None]
     desired = spec.replicas if spec.replicas is not None else 1
     ready, updated = st.ready_replicas or 0, st.updated_replicas or 0
-    gpus = sum(_gpus(p) for p in live)
+    gpus = sum(_gpus(p) for p in live if p.spec.node_name)  # a Pending pod holds none
     restarts = sum(cs.restart_count or 0 for p in live for cs in (p.status.container_statuses or []))
     image = spec.template.spec.containers[0].image
     rolled_out = ((st.observed_generation or 0) >= (deployment.metadata.generation or 0)
@@ -185,7 +186,8 @@ def _waiting_for(statuses: Iterable[StageStatus]) -> str:
 
 # ---- commands ----
 
-def cmd_status(args: argparse.Namespace, out=sys.stdout) -> int:
+def cmd_status(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
     apps, core = load_apis(args.kubeconfig, args.context)
     statuses = collect(apps, core, args.namespace)
     print(f"namespace {args.namespace}", file=out)
@@ -193,9 +195,10 @@ def cmd_status(args: argparse.Namespace, out=sys.stdout) -> int:
     return EXIT_READY if all(s.is_ready for s in statuses) else EXIT_NOT_READY
 
 
-def cmd_wait(args: argparse.Namespace, out=sys.stdout, clock: Callable[[], float] = time.monotonic,
+def cmd_wait(args: argparse.Namespace, out=None, clock: Callable[[], float] = time.monotonic,
              sleep: Callable[[float], None] = time.sleep) -> int:
     """Poll every `args.interval` s until the four stages are ready (0) or `args.timeout` s passed (1)."""
+    out = out or sys.stdout
     apps, core = load_apis(args.kubeconfig, args.context)
     start = clock()
     last_line, statuses = None, None

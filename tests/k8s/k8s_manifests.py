@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,19 @@ def manifest_files(directory: Path = K8S_DIR) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml", ".json"))
 
 
-def load_manifests(directory: Path = K8S_DIR) -> list[Manifest]:
+@functools.cache
+def _load(directory: Path) -> tuple[Manifest, ...]:
     out = []
     for path in manifest_files(directory):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is not None:
                 out.append(Manifest(path, doc))
-    return out
+    return tuple(out)
+
+
+def load_manifests(directory: Path = K8S_DIR) -> list[Manifest]:
+    """Parsed once per session; treat the documents as read-only (copy before changing one)."""
+    return list(_load(directory))
 
 
 def by_kind(kind: str) -> dict[str, dict]:
