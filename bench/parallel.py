@@ -1,0 +1,194 @@
+"""Multi-GPU denoiser step time: our cfg / Ulysses / ring layouts vs diffusers' context parallel, one launch.
+
+Launch with torchrun on N GPUs; every layout that fits in N GPUs runs (on the first GPUs), plus diffusers'
+WanTransformer3DModel with enable_parallelism(ContextParallelConfig(ulysses_degree=D)) for the degrees asked
+(D must equal the launch's world size, or 1). Same random bf16 weights on every rank; a "step" is one
+denoising step with CFG (both branches). Prints a table, writes JSON (rank 0).
+
+  torchrun --nproc-per-node 4 bench/parallel.py --layouts 1 cfg2xu2 u4 u2xr2 --peer 1 4 --out r4.json
+  torchrun --nproc-per-node 2 bench/parallel.py --layouts cfg2 u2 r2 --peer 2 --out r2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from smartdiff.services.denoiser.dit import KEEP_FP32
+from smartdiff.services.denoiser.engine import DenoiserEngine
+from smartdiff.services.denoiser.parallel import ParallelConfig, ParallelState
+from smartdiff.services.denoiser.weights import build_dit
+from smartdiff.shared.checkpoint import load_strict
+from smartdiff.shared.config import load_model_config
+from smartdiff.shared.request import GenerationRequest, resolve_request
+
+MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
+
+
+def parse_layout(text: str) -> ParallelConfig:
+    """'1', 'cfg2', 'u4', 'r2', 'cfg2xu2', 'u2xr2' ..."""
+    degrees = {"cfg": 1, "u": 1, "r": 1}
+    if text != "1":
+        for part in text.split("x"):
+            m = re.fullmatch(r"(cfg|u|r)(\d+)", part)
+            if not m:
+                raise SystemExit(f"bad layout {text!r}")
+            degrees[m.group(1)] = int(m.group(2))
+    return ParallelConfig(degrees["cfg"], degrees["u"], degrees["r"])
+
+
+def random_state(model, device, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights drawn on the GPU with a seeded generator: identical on every rank."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for name, t in build_dit(model.dit).state_dict().items():
+        if name.endswith("weight") and t.dim() == 1:
+            w = torch.ones(t.shape, device=device)
+        else:
+            w = torch.randn(t.shape, generator=g, device=device) * (0.02 if t.dim() > 1 else 0.01)
+        sd[name] = w if any(k in name for k in KEEP_FP32) else w.to(torch.bfloat16)  # bf16: shared, not copied
+    return sd
+
+
+def timed(fn, steps: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg):
+    state = ParallelState(layout, rank, ranks=list(range(layout.world_size)))
+    out = None
+    if state.member:
+        dit = load_strict(build_dit(model.dit), sd, "random", device, torch.bfloat16, KEEP_FP32)
+        engine = DenoiserEngine(model, [dit], device, torch.bfloat16, parallel=state)
+        warm = resolve_request(GenerationRequest(prompt="x", **{**req_kw, "steps": 1}), model)
+        engine.denoise(warm, ctx, neg)
+        req = resolve_request(GenerationRequest(prompt="x", **{**req_kw, "steps": steps}), model)
+        latents = []
+        seconds = timed(lambda: latents.append(engine.denoise(req, ctx, neg)), steps)
+        out = (seconds, latents[0].float().cpu())
+        del engine, dit
+        torch.cuda.empty_cache()
+    dist.barrier()
+    return out
+
+
+def run_diffusers(model, degree, rank, world, device, req_kw, steps, ctx, neg):
+    """One CFG step = two forwards of diffusers' model; ulysses CP over all ranks when degree > 1."""
+    import diffusers
+
+    cfg = model.dit
+    if degree > 1 and degree != world:
+        raise SystemExit(f"diffusers' degree {degree} must equal the world size {world}")
+    active = degree > 1 or rank == 0
+    result = None
+    if active:
+        torch.manual_seed(0)
+        with torch.device(device):
+            ref = diffusers.WanTransformer3DModel(
+                patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                in_channels=16, out_channels=16, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+                num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps,
+            ).to(torch.bfloat16).eval().requires_grad_(False)
+        backend = "_native_cudnn"
+        try:
+            ref.set_attention_backend(backend)
+            if degree > 1:
+                ref.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=degree))
+        except Exception as e:  # noqa: BLE001 - report which backend the peer could use
+            backend = f"native ({type(e).__name__}: {str(e)[:80]})"
+            ref.set_attention_backend("native")
+            if degree > 1:
+                ref.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=degree))
+        lat = (1, 16, (req_kw["frames"] - 1) // 4 + 1, req_kw["height"] // 8, req_kw["width"] // 8)
+        x = torch.randn(lat, device=device, dtype=torch.bfloat16, generator=torch.Generator(device).manual_seed(1))
+        t = torch.tensor([900.0], device=device)
+        c = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[0]))[None].to(device, torch.bfloat16)
+        n = torch.nn.functional.pad(neg, (0, 0, 0, 512 - neg.shape[0]))[None].to(device, torch.bfloat16)
+
+        def step():
+            with torch.inference_mode():
+                ref(x, t, c, return_dict=False)
+                ref(x, t, n, return_dict=False)
+
+        step()  # warm-up
+        result = (timed(lambda: [step() for _ in range(steps)], steps), backend)
+        del ref
+        torch.cuda.empty_cache()
+    dist.barrier()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="14B", choices=list(MODELS))
+    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--height", type=int, default=720)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per layout (after one warm-up step)")
+    p.add_argument("--layouts", nargs="+", default=["1", "cfg2", "u2", "r2", "cfg2xu2", "u4", "u2xr2"])
+    p.add_argument("--peer", nargs="*", type=int, default=[], help="diffusers ulysses degrees to time (1 or world)")
+    p.add_argument("--out", type=Path, default=Path("bench_results/parallel.json"))
+    args = p.parse_args()
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group("nccl", device_id=device)
+    model = load_model_config(MODELS[args.model])
+    g = torch.Generator().manual_seed(0)
+    ctx, neg = torch.randn(120, 4096, generator=g).to(device), torch.randn(40, 4096, generator=g).to(device)
+    req_kw = dict(width=args.width, height=args.height, frames=args.frames, guidance=(5.0,), seed=3)
+    sd = random_state(model, device, seed=0)
+    rows, reference = [], None
+    for text in args.layouts:
+        layout = parse_layout(text)
+        if layout.world_size > world:
+            continue
+        layout.validate(layout.world_size, model.dit.num_heads)
+        res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg)
+        if rank == 0:
+            seconds, latents = res
+            if layout.world_size == 1:
+                reference = (seconds, latents)
+            err = ((latents - reference[1]).norm() / reference[1].norm()).item() if reference else float("nan")
+            rows.append(dict(impl="ours", layout=str(layout), gpus=layout.world_size, seconds_per_step=seconds,
+                             rel_err_vs_1gpu=err))
+            print(f"ours {str(layout):<28} {layout.world_size} GPU  {seconds:8.3f} s/step  rel err vs 1 GPU {err:.1e}",
+                  flush=True)
+    del sd
+    torch.cuda.empty_cache()
+    for degree in args.peer:
+        res = run_diffusers(model, degree, rank, world, device, req_kw, args.steps, ctx, neg)
+        if rank == 0:
+            rows.append(dict(impl="diffusers", layout=f"ulysses{degree} ({res[1]})", gpus=degree,
+                             seconds_per_step=res[0]))
+            print(f"diffusers ulysses{degree:<19} {degree} GPU  {res[0]:8.3f} s/step  attention {res[1]}", flush=True)
+    if rank == 0:
+        base = reference[0] if reference else None
+        print(f"\n{MODELS[args.model]} {args.width}x{args.height}x{args.frames}, one CFG step (2 forwards), "
+              f"{torch.cuda.get_device_name()}, world {world}")
+        print(f"{'impl':<10}{'layout':<44}{'GPUs':>5}{'s/step':>10}{'vs our 1 GPU':>14}")
+        for r in rows:
+            speed = f"{base / r['seconds_per_step']:.2f}x" if base else "-"
+            print(f"{r['impl']:<10}{r['layout']:<44}{r['gpus']:>5}{r['seconds_per_step']:>10.3f}{speed:>14}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+                                            world=world, model=MODELS[args.model],
+                                            shape=[args.width, args.height, args.frames], rows=rows), indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
