@@ -283,3 +283,29 @@ def test_deadline_propagates_and_expires_in_the_denoiser(denoiser_workers, step_
 
     expired = run(body)
     assert 0 < len(step_times) < 200 and len([t for t in step_times if t > expired]) <= 1
+
+
+def test_vae_decode_does_not_block_the_denoiser(step_times, monkeypatch):
+    """While the VAE decodes request 1, the denoiser already runs request 2's steps."""
+    from smartdiff.services.vae.engine import VaeEngine
+
+    decodes, real = [], VaeEngine.decode
+
+    def timed_decode(self, *a, **kw):
+        start = time.monotonic()
+        out = real(self, *a, **kw)
+        decodes.append((start, time.monotonic()))
+        return out
+
+    monkeypatch.setattr(VaeEngine, "decode", timed_decode)
+
+    async def body(d, channel):
+        decodes.clear()
+        step_times.clear()
+        req = lambda seed: request_to_proto(GenerationRequest(prompt="x", width=128, height=128, frames=33,  # noqa: E731
+                                                              steps=6, seed=seed))
+        await asyncio.gather(generate(gateway(channel), req(1)), generate(gateway(channel), req(2)))
+
+    run(body)
+    first_decode = min(decodes)
+    assert any(first_decode[0] < t < first_decode[1] for t in step_times), "denoiser idle while the VAE decoded"
