@@ -5,7 +5,14 @@ cache_stats=CacheStats())`. Server side: `cache_config_from_proto`, `cache_confi
 `stats.to_proto()`, `engine.flexcache.strategy_infos()`.
 """
 
-from .config import CacheConfig, MagCacheParams, PabParams, TeaCacheParams, cache_config_from_proto, cache_config_to_proto
+from .config import (
+    CacheConfig,
+    MagCacheParams,
+    PabParams,
+    TeaCacheParams,
+    cache_config_from_proto,
+    cache_config_to_proto,
+)
 from .published import CacheCalibration
 from .session import CacheSession, CacheStats, FlexCache, Schedule, StepInfo
 

@@ -89,7 +89,7 @@ def _validate(name: str, p: CacheParams) -> None:
         return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= 1000
 
     if isinstance(p, TeaCacheParams):
-        check("rel_l1_threshold", finite(p.rel_l1_threshold) and 0 <= p.rel_l1_threshold <= 10, "must be in [0, 10]")
+        check("rel_l1_threshold", finite(p.rel_l1_threshold) and p.rel_l1_threshold >= 0, "must be a finite number >= 0")
         check("warmup_steps", count(p.warmup_steps, 0), "must be an integer in [0, 1000]")
         check("final_steps", count(p.final_steps, 0), "must be an integer in [0, 1000]")
         check("coefficients", p.coefficients is None or (0 < len(p.coefficients) <= 16 and all(map(finite, p.coefficients))),
@@ -103,7 +103,7 @@ def _validate(name: str, p: CacheParams) -> None:
             raise RequestError("cache.pab.timestep_end", f"must be <= timestep_start ({p.timestep_start}), "
                                f"got {p.timestep_end}")
     else:
-        check("threshold", finite(p.threshold) and 0 <= p.threshold <= 10, "must be in [0, 10]")
+        check("threshold", finite(p.threshold) and p.threshold >= 0, "must be a finite number >= 0")
         check("max_skip_steps", count(p.max_skip_steps, 0), "must be an integer in [0, 1000]")
         check("retention_ratio", finite(p.retention_ratio) and 0 <= p.retention_ratio < 1, "must be in [0, 1)")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-
 from smartdiff.shared.errors import RequestError
 
 from .config import MagCacheParams

@@ -9,9 +9,9 @@ so a broadcast step still gates with its own timestep. An output is kept only wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable
 
 import torch
 

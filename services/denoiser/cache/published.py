@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from smartdiff.shared.config import ModelConfig
 
 # Architectures the published numbers belong to: (dim, num_layers, num_experts) -> table key.
@@ -136,7 +135,7 @@ class CacheCalibration:
         Path(path).write_text(header + yaml.safe_dump(data, sort_keys=False, width=120))
 
     @classmethod
-    def from_yaml(cls, path: Path) -> "CacheCalibration":
+    def from_yaml(cls, path: Path) -> CacheCalibration:
         data = yaml.safe_load(Path(path).read_text())
         try:
             teacache = tuple(

@@ -13,8 +13,9 @@ without communicating; each rank caches the residual or attention output of its 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import RequestError

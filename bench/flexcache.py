@@ -1,0 +1,181 @@
+"""FlexCache strategies vs the uncached run: wall time of the whole denoising loop and deviation of the final latents.
+
+Default: Wan2.1-T2V-1.3B shapes with random bf16 weights, 832x480 x 81 frames, 50 steps, CFG 5 (batched), the
+model's sampler; the uncached baseline runs first, in the same process. Prints a table and writes JSON.
+Run:  python bench/flexcache.py --out bench_results/flexcache.json
+CPU smoke test:  python bench/flexcache.py --model wan-tiny --width 64 --height 64 --frames 5 --steps 10 --device cpu
+
+--config takes `none`, `STRATEGY` (its defaults) or `STRATEGY:key=value,...` (fields of the strategy's params;
+coefficients as c4/c3/c2/c1/c0), repeatable. Random weights: speed is representative for a given number of
+computed forwards, accuracy is not; TeaCache's decisions on random weights do not follow the real model's (see
+docs/benchmarks.md), hence the identity-polynomial TeaCache entry that skips like the published setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_to_proto
+from smartdiff.services.denoiser.cache.config import PARAMS
+from smartdiff.services.denoiser.engine import DenoiserEngine
+from smartdiff.shared.config import load_model_config
+from smartdiff.shared.request import GenerationRequest, resolve_request
+
+DEFAULT_CONFIGS = (
+    "none",
+    "teacache",  # published 1.3B polynomial and threshold 0.08 (timestep-embedding mode)
+    "teacache:coefficients=1/0,rel_l1_threshold=1.0",  # skips every other step on these weights, as 0.08 does on real ones
+    "pab",
+    "magcache",
+)
+REPORTED = {"teacache": "2.48x (ChituDiffusion, threshold 0.1)", "pab": "1.60x (ChituDiffusion)"}
+
+
+def parse_config(spec: str) -> CacheConfig:
+    name, _, rest = spec.partition(":")
+    if name == "none":
+        return CacheConfig()
+    cls = PARAMS[name]
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
+    for item in filter(None, rest.split(",")):
+        key, _, raw = item.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"{name} has no parameter {key!r}; it has {', '.join(kinds)}")
+        if key == "coefficients":
+            values[key] = tuple(float(v) for v in raw.split("/"))
+        elif key == "use_ret_steps":
+            values[key] = raw.lower() in ("1", "true", "yes")
+        elif "int" in str(kinds[key]):
+            values[key] = int(raw)
+        else:
+            values[key] = float(raw)
+    return CacheConfig(name, cls(**values) if values else None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def run_one(engine, req, ctx, neg, cache: CacheConfig, device) -> tuple[torch.Tensor, float, CacheStats, dict]:
+    stats = CacheStats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = memory(device)
+    sync(device)
+    start = time.perf_counter()
+    out = engine.denoise(req, ctx, neg, cache=cache, cache_stats=stats)
+    sync(device)
+    seconds = time.perf_counter() - start
+    mem = {"peak_bytes_above_start": 0, "left_after_request_bytes": 0}  # CUDA only
+    if device.type == "cuda":  # what the request held at its peak, and what it left behind besides its output
+        mem = {"peak_bytes_above_start": torch.cuda.max_memory_allocated(device) - before,
+               "left_after_request_bytes": memory(device) - before - out.numel() * out.element_size()}
+    return out, seconds, stats, mem
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="Wan2.1-T2V-1.3B")
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--config", action="append", help=f"cache configs to time (default: {' '.join(DEFAULT_CONFIGS)})")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out", type=Path, default=Path("bench_results/flexcache.json"))
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = load_model_config(args.model).replace(random_weights=True)
+    engine = DenoiserEngine.load(model, None, device, dtype, enable_flexcache=True)
+    req = resolve_request(GenerationRequest(prompt="p", width=args.width, height=args.height, frames=args.frames,
+                                            steps=args.steps, guidance=(args.guidance,), seed=args.seed), model)
+    g = torch.Generator().manual_seed(0)
+    ctx = 0.1 * torch.randn(120, model.dit.text_dim, generator=g)  # a 120-token prompt, a 60-token negative
+    neg = 0.1 * torch.randn(60, model.dit.text_dim, generator=g)
+    specs = ["none"] + [c for c in (args.config or DEFAULT_CONFIGS) if c != "none"]
+
+    warm = resolve_request(GenerationRequest(prompt="p", width=args.width, height=args.height, frames=args.frames,
+                                             steps=2, guidance=(args.guidance,), seed=args.seed), model)
+    engine.denoise(warm, ctx, neg)  # kernels, allocator
+
+    rows, baseline = [], None
+    for spec in specs:
+        cache = parse_config(spec)
+        out, seconds, stats, mem = run_one(engine, req, ctx, neg, cache, device)
+        if baseline is None:
+            baseline, base_s = out, seconds
+        diff = (out - baseline).float()
+        row = {
+            "config": spec,
+            "strategy": cache.strategy,
+            "applied": _applied(stats),
+            "seconds": seconds,
+            "speedup": base_s / seconds,
+            "rel_l2_error": (diff.norm() / baseline.float().norm()).item(),
+            "max_abs_error": diff.abs().max().item(),
+            "computed": dict(stats.computed),
+            "reused": dict(stats.reused),
+            **mem,
+        }
+        rows.append(row)
+        print(f"{spec:<50} {seconds:8.2f} s  {row['speedup']:5.2f}x  rel err {row['rel_l2_error']:.3e}", flush=True)
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
+        "model": model.name, "weights": "random", "dtype": str(dtype).removeprefix("torch."),
+        "shape": {"width": args.width, "height": args.height, "frames": args.frames, "steps": args.steps,
+                  "guidance": args.guidance, "sampler": req.sampler, "shift": req.shift, "batch_cfg": engine.batch_cfg},
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print_table(rows)
+    print(f"wrote {args.out}")
+
+
+def _applied(stats: CacheStats) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(cache_config_to_proto(stats.applied)) if stats.applied else {}
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| config | time | speedup | rel. L2 error | block stacks computed / reused | self-attn reused | "
+          "cross-attn reused | reported elsewhere |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, u = r["computed"], r["reused"]
+        stacks = "all / 0" if r["strategy"] == "none" else f"{c.get('block_stack', 0)} / {u.get('block_stack', 0)}"
+        print(f"| {r['config']} | {r['seconds']:.2f} s | {r['speedup']:.2f}x | {r['rel_l2_error']:.2e} | "
+              f"{stacks} | {u.get('self_attention', 0)} | "
+              f"{u.get('cross_attention', 0)} | {REPORTED.get(r['config'], '')} |")
+
+
+if __name__ == "__main__":
+    main()
