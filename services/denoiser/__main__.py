@@ -21,7 +21,7 @@ from smartdiff.services.denoiser.distributed import (
 )
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.services.denoiser.parallel import ParallelConfigError
-from smartdiff.services.denoiser.server import add_denoiser_flags, options_from_args, start
+from smartdiff.services.denoiser.server import add_denoiser_flags, engine_options, options_from_args, start
 from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.serving import (
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if proc.world_size == 1:
         asyncio.run(serve(args, model, layout, system, options))
         return 0
-    engine = DenoiserEngine.load(model, layout, device, system.dtype, enable_flexcache=options.enable_flexcache,
-                                 parallel=state)
+    engine = DenoiserEngine.load(model, layout, device, system.dtype, parallel=state, **engine_options(options))
     channel = RequestChannel(device)
     log.info("rank %d/%d ready (%s, %s)", proc.rank, proc.world_size, state.config, device)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,6 +32,7 @@ class DenoiserOptions:
     attention_backends: tuple[str, ...] | None = None  # allowed per request; None: every registered backend
     default_attention: str = EXACT
     enable_flexcache: bool = False
+    cache_calibration: str | None = None  # YAML from `smartdiff calibrate-cache` (Wan2.2 TeaCache needs one)
     cfg_degree: int = 1
     ulysses_degree: int = 1
     ring_degree: int = 1
@@ -40,6 +42,7 @@ def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backends", help="comma-separated backends requests may choose (default: all)")
     p.add_argument("--default-attention", default=EXACT, help=f"backend of requests that name none (default {EXACT})")
     p.add_argument("--enable-flexcache", action="store_true", help="allow per-request feature-reuse caches")
+    p.add_argument("--cache-calibration", help="cache coefficients fitted by `smartdiff calibrate-cache` (YAML)")
     p.add_argument("--cfg-degree", type=int, default=1, help="1 or 2: guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all over heads (divides the head count)")
     p.add_argument("--ring-degree", type=int, default=1, help="sequence blocks passed around a ring")
@@ -51,9 +54,18 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
         attention_backends=tuple(a.strip() for a in allowed.split(",") if a.strip()) if allowed else None,
         default_attention=getattr(args, "default_attention", EXACT),
         enable_flexcache=getattr(args, "enable_flexcache", False),
+        cache_calibration=getattr(args, "cache_calibration", None),
         cfg_degree=getattr(args, "cfg_degree", 1), ulysses_degree=getattr(args, "ulysses_degree", 1),
         ring_degree=getattr(args, "ring_degree", 1),
     )
+
+
+def engine_options(options: DenoiserOptions) -> dict:
+    """DenoiserEngine keyword arguments from the deployment's options."""
+    from smartdiff.services.denoiser.cache import CacheCalibration
+
+    calibration = CacheCalibration.from_yaml(Path(options.cache_calibration)) if options.cache_calibration else None
+    return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration)
 
 
 @dataclass(frozen=True)
@@ -110,8 +122,11 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
     def on_attention(report: AttentionReport) -> None:
         result.attention = report
 
+    def on_step(i: int, n: int) -> None:  # progress(step, total, cache_hit)
+        progress((i, n, result.cache.last_step_hit))
+
     result.latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
-                                    progress=progress, cancelled=cancelled, cache=job.cache,
+                                    progress=on_step if progress else None, cancelled=cancelled, cache=job.cache,
                                     cache_stats=result.cache, attention=job.attention, on_attention=on_attention)
     return result
 
@@ -184,7 +199,7 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         start = time.perf_counter()
 
         def job_fn(emit, should_stop):
-            return self.runner(job, prompt, negative, progress=lambda i, n: emit((i, n)), cancelled=should_stop)
+            return self.runner(job, prompt, negative, progress=emit, cancelled=should_stop)
 
         result = None
         try:
@@ -192,8 +207,9 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
                 if isinstance(item, Done):
                     result = item.value
                 else:
+                    step, total, hit = item
                     yield pb.DenoiseResponse(progress=pb.DenoiseProgress(
-                        step=item[0], total_steps=item[1], elapsed_seconds=time.perf_counter() - start))
+                        step=step, total_steps=total, cache_hit=hit, elapsed_seconds=time.perf_counter() - start))
         except Cancelled:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(f"deadline exceeded during denoising ({job.request.steps} steps)") from None
@@ -242,8 +258,7 @@ async def start(model: ModelConfig, layout, system, address: str, options: Denoi
     from smartdiff.shared.serving import start_stage
 
     if engine is None:
-        engine = DenoiserEngine.load(model, layout, system.device, system.dtype,
-                                     enable_flexcache=options.enable_flexcache)
+        engine = DenoiserEngine.load(model, layout, system.device, system.dtype, **engine_options(options))
     servicer = DenoiserServicer(model, engine, StageWorker("denoiser", system.max_queue), options, runner)
 
     def warmup():

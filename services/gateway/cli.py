@@ -30,8 +30,15 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLER_NAMES)
     p.add_argument("--seed", type=int, help="default: random, printed")
     p.add_argument("--fps", type=int, help="frames per second of the mp4 (default 16)")
-    p.add_argument("--attention", default="", help="self-attention backend (default: the deployment's exact one)")
-    p.add_argument("--cache", default="", help="feature-reuse cache strategy (default: none)")
+    p.add_argument("--attention", default="",
+                   help="self-attention backend: sdpa, flash_attn, sage, sage_fp8, sparge, auto (default: the "
+                        "deployment's default)")
+    p.add_argument("--attention-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="AttentionConfig field, e.g. allow_fallback=true, auto.tolerance=0.02, sparge.topk=0.5")
+    p.add_argument("--cache", default="", help="feature-reuse cache: none, teacache, pab, magcache (default none)")
+    p.add_argument("--cache-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="parameter of the chosen cache, e.g. rel_l1_threshold=0.08 (teacache), "
+                        "self_attention_skip_range=2 (pab), threshold=0.12 (magcache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +77,30 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     )
 
 
+def choices_from_args(args: argparse.Namespace):
+    """AttentionConfig and CacheConfig protos from --attention/--attention-param and --cache/--cache-param."""
+    from smartdiff.denoiser.v1 import options_pb2
+    from smartdiff.services.gateway.client import set_fields
+
+    attention = options_pb2.AttentionConfig(backend=args.attention)
+    try:
+        set_fields(attention, args.attention_param, "--attention-param")
+    except ValueError as e:
+        raise RequestError("attention", str(e)) from None
+    cache = options_pb2.CacheConfig(strategy=args.cache)
+    if args.cache_param:
+        if not args.cache or args.cache == "none":
+            raise RequestError("cache", "--cache-param needs --cache STRATEGY")
+        if args.cache not in cache.DESCRIPTOR.fields_by_name:
+            raise RequestError("cache", f"unknown strategy {args.cache!r}")
+        getattr(cache, args.cache).SetInParent()
+        try:
+            set_fields(getattr(cache, args.cache), args.cache_param, "--cache-param")
+        except ValueError as e:
+            raise RequestError("cache", str(e)) from None
+    return attention, cache
+
+
 class ProgressBars:
     """One tqdm bar per stage, on stderr."""
 
@@ -94,7 +125,6 @@ class ProgressBars:
 async def _generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from smartdiff.denoiser.v1 import options_pb2
     from smartdiff.gateway.v1 import gateway_pb2_grpc
     from smartdiff.services.gateway.client import generate, request_to_proto
     from smartdiff.shared.grpc_server import create_channel
@@ -102,6 +132,7 @@ async def _generate(args: argparse.Namespace) -> int:
     from smartdiff.shared.serving import model_from_args, system_from_args
 
     req = request_from_args(args)
+    attention, cache = choices_from_args(args)
     deployment = None
     if args.gateway:
         address = args.gateway
@@ -115,12 +146,13 @@ async def _generate(args: argparse.Namespace) -> int:
         if model.random_weights:
             print(f"note: {model.name} has RANDOM weights: the video is noise (use --checkpoint for a real model)",
                   file=sys.stderr)
-        deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args))
+        from smartdiff.services.denoiser.server import DenoiserOptions
+
+        options = DenoiserOptions(enable_flexcache=bool(args.cache and args.cache != "none"))
+        deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args), denoiser=options)
         address = deployment.address
     try:
-        request = request_to_proto(req, attention=options_pb2.AttentionConfig(backend=args.attention),
-                                   cache=options_pb2.CacheConfig(strategy=args.cache),
-                                   return_latents=args.save_latents is not None)
+        request = request_to_proto(req, attention=attention, cache=cache, return_latents=args.save_latents is not None)
         async with create_channel(address) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             try:
@@ -143,7 +175,8 @@ async def _generate(args: argparse.Namespace) -> int:
     times = " ".join(f"{_stage_name(t.stage)}={t.seconds:.2f}s" for t in outcome.summary.stage_timings)
     print(f"wrote {args.out} ({s.width}x{s.height}, {s.frames} frames @ {s.fps} fps) model={s.model} "
           f"sampler={s.sampler} steps={s.steps} shift={s.shift:g} guidance={','.join(f'{g:g}' for g in s.guidance)} "
-          f"seed={s.seed} attention={s.attention_selection} cache={s.cache.strategy} {times} "
+          f"seed={s.seed} attention={s.attention_selection} cache={s.cache.strategy} "
+          f"cached_steps={outcome.summary.cached_steps} {times} "
           f"total={outcome.summary.total_seconds:.2f}s")
     return 0
 

@@ -37,6 +37,42 @@ def request_to_proto(req: GenerationRequest, *, model: str = "", attention: opti
     return r
 
 
+def set_fields(msg, assignments: list[str], what: str) -> None:
+    """Set proto fields from "path=value" strings, e.g. "sparge.topk=0.5", "allow_fallback=true".
+
+    Raises ValueError naming the path when a field does not exist or the value does not parse.
+    """
+    for item in assignments:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"{what}: expected KEY=VALUE, got {item!r}")
+        target = msg
+        names = path.strip().split(".")
+        for name in names[:-1]:
+            if name not in target.DESCRIPTOR.fields_by_name:
+                raise ValueError(f"{what}: unknown field {path!r}")
+            target = getattr(target, name)
+        field = target.DESCRIPTOR.fields_by_name.get(names[-1])
+        if field is None:
+            known = ", ".join(sorted(target.DESCRIPTOR.fields_by_name))
+            raise ValueError(f"{what}: unknown field {path!r} (fields here: {known})")
+        try:
+            if field.type == field.TYPE_BOOL:
+                value = {"true": True, "1": True, "false": False, "0": False}[text.strip().lower()]
+            elif field.type in (field.TYPE_FLOAT, field.TYPE_DOUBLE):
+                value = float(text)
+            elif field.type == field.TYPE_STRING:
+                value = text
+            else:
+                value = int(text)
+        except (KeyError, ValueError):
+            raise ValueError(f"{what}: {path}: cannot parse {text!r} as {field.type}") from None
+        if field.is_repeated:
+            getattr(target, names[-1]).append(value)
+        else:
+            setattr(target, names[-1], value)
+
+
 @dataclass
 class GenerateOutcome:
     video: bytes | None  # the mp4 file (OUTPUT_FORMAT_MP4)

@@ -73,10 +73,15 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             raise RequestError("model", f"this deployment serves {self.model.name!r}, not {r.model!r}")
         req = resolve_request(request_from_proto(r), self.model)
         caps = await self.denoiser_capabilities(timeout)
-        backends = {b.name for b in caps.attention_backends if b.available}
-        if r.attention.backend and r.attention.backend not in backends:
-            raise RequestError("attention.backend", f"{r.attention.backend!r} is not offered by this deployment; "
-                                                    f"available: {', '.join(sorted(backends))}")
+        backends = {b.name: b for b in caps.attention_backends}
+        available = ", ".join(sorted(n for n, b in backends.items() if b.available))
+        wanted = backends.get(r.attention.backend)
+        if r.attention.backend and wanted is None:
+            raise RequestError("attention.backend", f"unknown backend {r.attention.backend!r}; available: {available}")
+        if wanted is not None and not wanted.available and not r.attention.allow_fallback:
+            raise RequestError("attention.backend", f"{wanted.name!r} cannot run on this deployment: "
+                                                    f"{wanted.unavailable_reason}; available: {available} "
+                                                    "(or set allow_fallback)")
         strategies = {c.name for c in caps.cache_strategies if c.available}
         if r.cache.strategy and r.cache.strategy not in strategies:
             raise RequestError("cache.strategy", f"{r.cache.strategy!r} is not offered by this deployment; "
@@ -138,7 +143,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             async for msg in self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining()):
                 kind = msg.WhichOneof("frame")
                 if kind == "progress":
-                    yield progress(pb.STAGE_DENOISER, msg.progress.step, msg.progress.total_steps, start)
+                    p = msg.progress
+                    yield progress(pb.STAGE_DENOISER, p.step, p.total_steps, start, "cache hit" if p.cache_hit else "")
                 elif kind == "latents":
                     latent_frames.append(msg.latents)
                 else:
@@ -178,6 +184,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             request_id=request_id, stage_timings=timings, total_seconds=time.perf_counter() - start,
             video_bytes=vae_summary.video_bytes if vae_summary else 0,
             cached_steps=dn_summary.cached_steps if dn_summary else 0,
+            cache_report=dn_summary.cache_report if dn_summary else None,
+            denoiser_world_size=dn_summary.world_size if dn_summary else 0,
             settings=pb.EffectiveSettings(
                 model=self.model.name, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
                 frames=req.frames, steps=req.steps, guidance=list(req.guidance), shift=req.shift,

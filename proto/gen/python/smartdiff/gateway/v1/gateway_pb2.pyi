@@ -134,20 +134,24 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("request_id", "settings", "stage_timings", "total_seconds", "video_bytes", "cached_steps")
+    __slots__ = ("request_id", "settings", "stage_timings", "total_seconds", "video_bytes", "cached_steps", "cache_report", "denoiser_world_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     STAGE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VIDEO_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    DENOISER_WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     settings: EffectiveSettings
     stage_timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     total_seconds: float
     video_bytes: int
     cached_steps: int
-    def __init__(self, request_id: _Optional[str] = ..., settings: _Optional[_Union[EffectiveSettings, _Mapping]] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., total_seconds: _Optional[float] = ..., video_bytes: _Optional[int] = ..., cached_steps: _Optional[int] = ...) -> None: ...
+    cache_report: _options_pb2.CacheReport
+    denoiser_world_size: int
+    def __init__(self, request_id: _Optional[str] = ..., settings: _Optional[_Union[EffectiveSettings, _Mapping]] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., total_seconds: _Optional[float] = ..., video_bytes: _Optional[int] = ..., cached_steps: _Optional[int] = ..., cache_report: _Optional[_Union[_options_pb2.CacheReport, _Mapping]] = ..., denoiser_world_size: _Optional[int] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
