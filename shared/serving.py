@@ -118,11 +118,12 @@ def stage_main(stage: str, start, argv: list[str] | None = None, extra_flags=Non
     setup_logging(args.log_level)
     from smartdiff.shared.checkpoint import CheckpointError
     from smartdiff.shared.config import ConfigError
+    from smartdiff.shared.memory import MemoryPolicyError
 
     try:
         model, layout = model_from_args(args)
         system = system_from_args(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, MemoryPolicyError) as e:
         print(f"error: {e}", flush=True)
         return 2
 
@@ -131,5 +132,9 @@ def stage_main(stage: str, start, argv: list[str] | None = None, extra_flags=Non
         print(f"{stage} {args.host}:{port} SERVING", flush=True)
         await run_until_signal(server, args.drain_seconds)
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except (ConfigError, CheckpointError, MemoryPolicyError) as e:  # found while loading the weights
+        print(f"error: {e}", flush=True)
+        return 2
     return 0

@@ -19,11 +19,11 @@ import torch.distributed as dist
 from smartdiff.services.denoiser.distributed import (
     ProcessInfo, RankZeroRunner, RequestChannel, init_distributed, worker_loop,
 )
-from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.services.denoiser.parallel import ParallelConfigError
-from smartdiff.services.denoiser.server import add_denoiser_flags, engine_options, options_from_args, start
+from smartdiff.services.denoiser.server import add_denoiser_flags, load_engine, options_from_args, start
 from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
+from smartdiff.shared.memory import MemoryPolicyError
 from smartdiff.shared.serving import (
     add_model_flags, add_serve_flags, model_from_args, run_until_signal, setup_logging, system_from_args,
 )
@@ -55,13 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         system = system_from_args(args)
         options = options_from_args(args)
         state, device = init_distributed(proc, options, model, system.device)
-    except (ConfigError, CheckpointError, ParallelConfigError) as e:
+    except (ConfigError, CheckpointError, ParallelConfigError, MemoryPolicyError) as e:
         print(f"error: {e}", flush=True)
         return 2
-    if proc.world_size == 1:
-        asyncio.run(serve(args, model, layout, system, options))
-        return 0
-    engine = DenoiserEngine.load(model, layout, device, system.dtype, parallel=state, **engine_options(options))
+    try:
+        if proc.world_size == 1:
+            asyncio.run(serve(args, model, layout, system, options))
+            return 0
+        engine = load_engine(model, layout, system, options, device=device, parallel=state)
+    except (ConfigError, CheckpointError, MemoryPolicyError) as e:
+        print(f"error: {e}", flush=True)
+        return 2
     channel = RequestChannel(device)
     log.info("rank %d/%d ready (%s, %s)", proc.rank, proc.world_size, state.config, device)
     try:

@@ -151,7 +151,7 @@ def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOpt
     while (msg := channel.receive()) is not None:
         params, prompt, negative = msg
         try:
-            job = prepare_job(params, model, options)
+            job = prepare_job(params, model, options, engine)
             run_job(engine, job, prompt, negative, cancelled=LockstepStop(channel.device))
         except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
             log.info("rank job ended: %s", e)

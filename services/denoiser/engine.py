@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from smartdiff.shared.checkpoint import CheckpointLayout
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, RequestError
+from smartdiff.shared.memory import MemoryPolicy
 from smartdiff.shared.request import ResolvedRequest
 
 from .attention import EXACT, AttentionChoice, AttentionReport
 from .attention import attach as attach_attention
 from .cache import CacheCalibration, CacheConfig, CacheStats, FlexCache
 from .dit import WanDiT
+from .offload import BlockOffloader
 from .parallel import ParallelState, SequenceParallelAttention, attention_with_lse
 from .samplers import make_sampler
 from .weights import load_dit, random_dit
@@ -40,9 +42,13 @@ class DenoiserEngine:
 
     def __init__(self, model: ModelConfig, experts: Sequence[WanDiT], device: torch.device | str,
                  dtype: torch.dtype, batch_cfg: bool = True, enable_flexcache: bool = False,
-                 cache_calibration: CacheCalibration | None = None, parallel: ParallelState | None = None):
+                 cache_calibration: CacheCalibration | None = None, parallel: ParallelState | None = None,
+                 low_mem_level: int | MemoryPolicy = 0):
         if len(experts) != model.num_experts:
             raise ValueError(f"{model.name} needs {model.num_experts} experts, got {len(experts)}")
+        self.memory = MemoryPolicy.resolve(low_mem_level, device, "denoiser")
+        # Level 3: the experts' weights move to (pinned) host memory and stream through two device slots.
+        self.offloader = BlockOffloader(experts, device) if self.memory.dit_offload else None
         self.model = model
         self.experts = list(experts)
         self.device = torch.device(device)
@@ -53,8 +59,13 @@ class DenoiserEngine:
 
     @classmethod
     def load(cls, model: ModelConfig, layout: CheckpointLayout | None, device: torch.device | str,
-             dtype: torch.dtype, seed: int = 0, **options) -> "DenoiserEngine":
-        """Experts from a checkpoint, or seeded random weights when the model is a random-weight preset."""
+             dtype: torch.dtype, seed: int = 0, low_mem_level: int | MemoryPolicy = 0,
+             **options) -> "DenoiserEngine":
+        """Experts from a checkpoint, or seeded random weights when the model is a random-weight preset.
+
+        low_mem_level 3 loads them into host memory (refused before any reading without CUDA)."""
+        memory = MemoryPolicy.resolve(low_mem_level, device, "denoiser")
+        run_device, device = device, ("cpu" if memory.dit_offload else device)
         if layout is None:
             if not model.random_weights:
                 raise ValueError(f"{model.name} has no embedded weights: pass a checkpoint folder")
@@ -63,7 +74,7 @@ class DenoiserEngine:
             if layout.num_experts != model.num_experts:
                 raise ValueError(f"{layout.root} holds {layout.num_experts} experts, {model.name} needs {model.num_experts}")
             experts = [load_dit(d, layout.kind, model.dit, device, dtype) for d in layout.dit_dirs]
-        return cls(model, experts, device, dtype, **options)
+        return cls(model, experts, run_device, dtype, low_mem_level=memory, **options)
 
     def expert_index(self, t: float) -> int:
         """Wan2.2: the high-noise expert (0) while t >= boundary * num_train_timesteps, then the low-noise one (1)."""
@@ -99,7 +110,7 @@ class DenoiserEngine:
         attn = None
         restore_sp = lambda: None  # noqa: E731
         try:
-            attn = attach_attention(self.experts, attention)  # per request; detached below
+            attn = attach_attention(self.experts, attention, device=self.device)  # per request; detached below
             restore_sp = self._attach_sequence_parallel(req, attn)
             for i, t in enumerate(sampler.timesteps.tolist()):
                 if cancelled is not None and cancelled():

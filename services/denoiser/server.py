@@ -13,11 +13,13 @@ from smartdiff.denoiser.v1 import denoiser_pb2 as pb
 from smartdiff.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
 from smartdiff.denoiser.v1 import options_pb2
 from smartdiff.services.denoiser.attention import EXACT, AttentionChoice, AttentionReport, available_backends
+from smartdiff.services.denoiser.attention import resolve as resolve_attention
 from smartdiff.services.denoiser.attention.base import DTYPE_NAMES
 from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_from_proto, cache_config_to_proto
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, DeadlineExceeded, RequestError, grpc_errors
+from smartdiff.shared.memory import measure_peak
 from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request
 from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
@@ -68,6 +70,12 @@ def engine_options(options: DenoiserOptions) -> dict:
     return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration)
 
 
+def load_engine(model: ModelConfig, layout, system, options: DenoiserOptions, device=None, parallel=None):
+    """The denoiser engine of this process, at the deployment's low-memory level."""
+    return DenoiserEngine.load(model, layout, device or system.device, system.dtype, parallel=parallel,
+                               low_mem_level=system.low_mem_level, **engine_options(options))
+
+
 @dataclass(frozen=True)
 class DenoiseJob:
     """One validated request, as every rank runs it."""
@@ -83,6 +91,7 @@ class JobResult:
     latents: torch.Tensor
     attention: AttentionReport | None = None
     cache: CacheStats = field(default_factory=CacheStats)
+    peak_memory_bytes: int = 0
 
 
 def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
@@ -93,8 +102,12 @@ def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
                              sampler=p.sampler or None, seed=opt("seed"))
 
 
-def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserOptions) -> DenoiseJob:
-    """Validate everything of a request (RequestError naming the field) before any work."""
+def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserOptions,
+                engine: DenoiserEngine | None = None) -> DenoiseJob:
+    """Validate everything of a request (RequestError naming the field) before any work.
+
+    With `engine`, the attention choice is also checked against what can run on its device and dtype.
+    """
     if params.model and params.model != model.name:
         raise RequestError("params.model", f"this deployment serves {model.name!r}, not {params.model!r}")
     req = resolve_request(request_from_params(params), model)
@@ -107,7 +120,11 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
                                                     f"allowed: {', '.join(sorted({*allowed, EXACT}))}")
         if choice.backend == "auto":
             candidates = choice.candidates or tuple(a for a in allowed if a not in ("auto", EXACT))
-            choice = replace(choice, candidates=tuple(c for c in candidates if c in allowed))
+            candidates = tuple(c for c in candidates if c in allowed)
+            # nothing allowed to try: the exact backend (an empty candidate list would mean "all")
+            choice = replace(choice, candidates=candidates) if candidates else replace(choice, backend=EXACT)
+    if engine is not None:
+        resolve_attention(choice, engine.device, engine.dtype, model.dit.head_dim, allowed)
     cache = cache_config_from_proto(params.cache)
     fixed = pb.DenoiseParams()
     fixed.CopyFrom(params)
@@ -125,9 +142,11 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
     def on_step(i: int, n: int) -> None:  # progress(step, total, cache_hit)
         progress((i, n, result.cache.last_step_hit))
 
-    result.latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
-                                    progress=on_step if progress else None, cancelled=cancelled, cache=job.cache,
-                                    cache_stats=result.cache, attention=job.attention, on_attention=on_attention)
+    with measure_peak(engine.device) as peak:
+        result.latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
+                                        progress=on_step if progress else None, cancelled=cancelled, cache=job.cache,
+                                        cache_stats=result.cache, attention=job.attention, on_attention=on_attention)
+    result.peak_memory_bytes = peak.bytes or 0
     return result
 
 
@@ -188,7 +207,7 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
     @grpc_errors
     async def Denoise(self, request_iterator, context):
         params, prompt, negative = await self.read_inputs(request_iterator)
-        job = prepare_job(params, self.model, self.options)
+        job = prepare_job(params, self.model, self.options, self.engine)
         self.check_embedding("prompt_embeds", prompt)
         if job.request.uses_cfg:
             if negative is None:
@@ -222,7 +241,8 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
             attention_selection=result.attention.selection if result.attention else EXACT,
             cached_steps=result.cache.cached_steps, denoise_seconds=seconds,
             world_size=self.options.cfg_degree * self.options.ulysses_degree * self.options.ring_degree,
-            cache_report=result.cache.to_proto(),
+            cache_report=result.cache.to_proto(), peak_memory_bytes=result.peak_memory_bytes,
+            low_mem_level=int(self.engine.memory.level),
         ))
 
     @grpc_errors
@@ -258,7 +278,7 @@ async def start(model: ModelConfig, layout, system, address: str, options: Denoi
     from smartdiff.shared.serving import start_stage
 
     if engine is None:
-        engine = DenoiserEngine.load(model, layout, system.device, system.dtype, **engine_options(options))
+        engine = load_engine(model, layout, system, options)
     servicer = DenoiserServicer(model, engine, StageWorker("denoiser", system.max_queue), options, runner)
 
     def warmup():

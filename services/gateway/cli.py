@@ -11,6 +11,7 @@ from pathlib import Path
 from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.errors import RequestError
+from smartdiff.shared.memory import MemoryPolicyError
 from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest
 from smartdiff.shared.serving import add_model_flags, add_serve_flags
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-latents", type=Path, metavar="FILE.safetensors",
                      help="also save the final latents (key 'latents', float32, [1, 16, F', H/8, W/8])")
     gen.add_argument("--timeout", type=float, help="deadline of the request in seconds")
+    gen.add_argument("--low-mem-level", type=int, default=0, choices=range(4),
+                     help="embedded mode: 0 all resident; 1 VAE tiling; 2 T5 on CPU; 3 DiT block offload (CUDA)")
 
     serve = sub.add_parser("serve", help="run long-lived services: all (in one process) or one stage",
                            description="`smartdiff serve STAGE --help` lists a stage's flags.")
@@ -172,11 +175,14 @@ async def _generate(args: argparse.Namespace) -> int:
         save_file({"latents": outcome.latents.contiguous()}, str(args.save_latents))
     if req.seed is None:
         print(f"seed: {s.seed}", file=sys.stderr)
-    times = " ".join(f"{_stage_name(t.stage)}={t.seconds:.2f}s" for t in outcome.summary.stage_timings)
+    times = " ".join(f"{_stage_name(t.stage)}={t.seconds:.2f}s" + (f"/{t.peak_memory_bytes / 2**30:.1f}GiB"
+                                                                     if t.peak_memory_bytes else "")
+                     for t in outcome.summary.stage_timings)
+    levels = {t.low_mem_level for t in outcome.summary.stage_timings}
     print(f"wrote {args.out} ({s.width}x{s.height}, {s.frames} frames @ {s.fps} fps) model={s.model} "
           f"sampler={s.sampler} steps={s.steps} shift={s.shift:g} guidance={','.join(f'{g:g}' for g in s.guidance)} "
           f"seed={s.seed} attention={s.attention_selection} cache={s.cache.strategy} "
-          f"cached_steps={outcome.summary.cached_steps} {times} "
+          f"cached_steps={outcome.summary.cached_steps} low_mem_level={max(levels)} {times} "
           f"total={outcome.summary.total_seconds:.2f}s")
     return 0
 
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as e:
         print(f"error: invalid request: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, MemoryPolicyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

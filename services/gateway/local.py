@@ -36,16 +36,18 @@ class LocalPipeline:
 
     @classmethod
     def load(cls, model: ModelConfig, layout: CheckpointLayout | None, device: torch.device,
-             dtype: torch.dtype) -> "LocalPipeline":
+             dtype: torch.dtype, low_mem_level: int = 0) -> "LocalPipeline":
         """Load every stage from `layout`, or give random-weight presets their seeded random weights."""
+        level = low_mem_level
         if layout is None:
-            te = TextEncoderEngine.random(model.text_encoder, device, dtype, seed=0)
-            vae = VaeEngine.random(model.vae, device, torch.float32, seed=0)
+            te = TextEncoderEngine.random(model.text_encoder, device, dtype, seed=0, low_mem_level=level)
+            vae = VaeEngine.random(model.vae, device, torch.float32, seed=0, low_mem_level=level)
         else:
             te = TextEncoderEngine.from_checkpoint(layout.kind, layout.text_encoder, layout.tokenizer,
-                                                   model.text_encoder, device, dtype)
-            vae = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, device, torch.float32)
-        return cls(model, te, DenoiserEngine.load(model, layout, device, dtype), vae)
+                                                   model.text_encoder, device, dtype, low_mem_level=level)
+            vae = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, device, torch.float32,
+                                            low_mem_level=level)
+        return cls(model, te, DenoiserEngine.load(model, layout, device, dtype, low_mem_level=level), vae)
 
     def generate(self, req: ResolvedRequest, progress: StageProgress | None = None) -> GenerationResult:
         timings: dict[str, float] = {}

@@ -123,7 +123,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         if len(embeddings) != len(prompts):
             raise RequestError("prompts", f"text encoder returned {len(embeddings)} embeddings for {len(prompts)} prompts")
         timings.append(pb.StageTiming(stage=pb.STAGE_TEXT_ENCODER, seconds=time.perf_counter() - t0,
-                                      compute_seconds=te_summary.encode_seconds if te_summary else 0.0))
+                                      compute_seconds=te_summary.encode_seconds if te_summary else 0.0,
+                                      peak_memory_bytes=te_summary.peak_memory_bytes if te_summary else 0,
+                                      low_mem_level=te_summary.low_mem_level if te_summary else 0))
         yield progress(pb.STAGE_TEXT_ENCODER, 1, 1, start)
 
         t0 = time.perf_counter()
@@ -150,7 +152,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 else:
                     dn_summary = msg.summary
         timings.append(pb.StageTiming(stage=pb.STAGE_DENOISER, seconds=time.perf_counter() - t0,
-                                      compute_seconds=dn_summary.denoise_seconds if dn_summary else 0.0))
+                                      compute_seconds=dn_summary.denoise_seconds if dn_summary else 0.0,
+                                      peak_memory_bytes=dn_summary.peak_memory_bytes if dn_summary else 0,
+                                      low_mem_level=dn_summary.low_mem_level if dn_summary else 0))
         if request.return_latents:
             for f in latent_frames:
                 yield pb.GenerateResponse(latents=f)
@@ -178,7 +182,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     vae_summary = msg.summary
         timings.append(pb.StageTiming(stage=pb.STAGE_VAE, seconds=time.perf_counter() - t0,
                                       compute_seconds=vae_summary.decode_seconds + vae_summary.encode_seconds
-                                      if vae_summary else 0.0))
+                                      if vae_summary else 0.0,
+                                      peak_memory_bytes=vae_summary.peak_memory_bytes if vae_summary else 0,
+                                      low_mem_level=vae_summary.low_mem_level if vae_summary else 0))
         effective = dn_summary.effective if dn_summary else params
         yield pb.GenerateResponse(summary=pb.GenerateSummary(
             request_id=request_id, stage_timings=timings, total_seconds=time.perf_counter() - start,

@@ -9,6 +9,7 @@ import torch
 from smartdiff.services.text_encoder.engine import TextEncoderEngine
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import RequestError, grpc_errors
+from smartdiff.shared.memory import measure_peak
 from smartdiff.shared.tensor_stream import WIRE_DTYPES, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
 from smartdiff.text_encoder.v1 import text_encoder_pb2 as pb
@@ -48,10 +49,15 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
         out_dtype = self.validate(request)
         prompts = list(request.prompts)
         start = time.perf_counter()
-        embeddings = None
-        async for item in self.worker.stream(lambda emit, stop: self.engine.encode(prompts)):
+        embeddings, peak = None, None
+
+        def job(emit, stop):
+            with measure_peak(self.engine.device) as p:
+                return self.engine.encode(prompts), p
+
+        async for item in self.worker.stream(job):
             if isinstance(item, Done):
-                embeddings = item.value
+                embeddings, peak = item.value
         seconds = time.perf_counter() - start
         for i, emb in enumerate(embeddings):
             for msg in tensor_to_messages(emb.to("cpu", out_dtype).contiguous(), pb.EncodeResponse, "embedding",
@@ -60,7 +66,8 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
         yield pb.EncodeResponse(summary=pb.EncodeSummary(
             token_counts=[int(e.shape[0]) for e in embeddings],
             truncated_prompts=[i for i, e in enumerate(embeddings) if e.shape[0] >= self.engine.config.text_len],
-            encode_seconds=seconds, device=str(self.engine.device),
+            encode_seconds=seconds, device=str(self.engine.device), peak_memory_bytes=peak.bytes or 0,
+            low_mem_level=int(self.engine.memory.level),
         ))
 
 
@@ -68,11 +75,12 @@ async def start(model: ModelConfig, layout, system, address: str):
     """Load the encoder (from `layout`, or random weights for random presets), warm up, serve on `address`."""
     from smartdiff.shared.serving import start_stage
 
+    level = system.low_mem_level  # 2 and 3: the encoder runs on the CPU
     if layout is None:
-        engine = TextEncoderEngine.random(model.text_encoder, system.device, system.dtype, seed=0)
+        engine = TextEncoderEngine.random(model.text_encoder, system.device, system.dtype, seed=0, low_mem_level=level)
     else:
         engine = TextEncoderEngine.from_checkpoint(layout.kind, layout.text_encoder, layout.tokenizer,
-                                                   model.text_encoder, system.device, system.dtype)
+                                                   model.text_encoder, system.device, system.dtype, low_mem_level=level)
     servicer = TextEncoderServicer(model, engine, StageWorker("text_encoder", system.max_queue))
     return await start_stage(SERVICE_NAME, pb_grpc.add_TextEncoderServiceServicer_to_server, servicer, address,
                              system.max_queue, warmup=lambda: engine.encode(["warm-up prompt"]))

@@ -8,9 +8,11 @@ from typing import Callable
 import torch
 
 from smartdiff.services.vae.model import WanVAE
+from smartdiff.services.vae.tiling import FloatSink, TilingConfig, Uint8Sink, decode_tiled
 from smartdiff.services.vae.weights import load_vae
 from smartdiff.shared.checkpoint import materialize_random
 from smartdiff.shared.config import VAEConfig
+from smartdiff.shared.memory import MemoryPolicy
 
 Progress = Callable[[int, int], None]
 
@@ -20,49 +22,96 @@ class VaeEngine:
     z_norm = (z - latents_mean) / latents_std per channel.
 
     dtype is the compute dtype (float32 by default, as Wan decodes); inputs and float outputs are float32.
+
+    low_mem_level >= 1 (shared/memory.py): decode in overlapping spatial tiles (`tiling`, default
+    TilingConfig(); an explicit `tiling` turns tiles on at level 0 too), frames returned on the CPU, and the
+    encoder (unused by text-to-video) kept on the CPU and moved in only while encoding.
     """
 
-    def __init__(self, model: WanVAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: WanVAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 low_mem_level: int | MemoryPolicy = 0, tiling: TilingConfig | None = None):
         self.model = model.eval().requires_grad_(False)
         self.config: VAEConfig = model.config
         self.device = torch.device(device)
         self.dtype = dtype
+        self.memory = MemoryPolicy.resolve(low_mem_level, self.device, "vae")
+        self.tiling = tiling if tiling is not None else (TilingConfig() if self.memory.vae_tiling else None)
+        self.frames_device = torch.device("cpu") if self.memory.vae_tiling else self.device
+        self._encoder_parked = self.memory.vae_tiling and self.device.type != "cpu"
+        if self._encoder_parked:
+            self._move_encoder("cpu")
         shape = (1, self.config.z_dim, 1, 1, 1)
         self.mean = torch.tensor(self.config.latents_mean, device=self.device).view(shape)
         self.inv_std = 1.0 / torch.tensor(self.config.latents_std, device=self.device).view(shape)
 
     @classmethod
     def from_checkpoint(cls, source: str | Path, kind: str, config: VAEConfig,
-                        device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "VaeEngine":
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        low_mem_level: int | MemoryPolicy = 0,
+                        tiling: TilingConfig | None = None) -> "VaeEngine":
         """Load `Wan2.1_VAE.pth` (kind "wan") or a Diffusers `vae/` folder (kind "diffusers")."""
-        return cls(load_vae(source, kind, config, device, dtype), device, dtype)
+        MemoryPolicy.resolve(low_mem_level, device, "vae")  # refuse before reading weights
+        return cls(load_vae(source, kind, config, device, dtype), device, dtype, low_mem_level, tiling)
 
     @classmethod
     def random(cls, config: VAEConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0) -> "VaeEngine":
+               seed: int = 0, low_mem_level: int | MemoryPolicy = 0,
+               tiling: TilingConfig | None = None) -> "VaeEngine":
         """Deterministic random weights (the random-weight presets; output is noise)."""
         with torch.device("meta"):
             model = WanVAE(config)
-        return cls(materialize_random(model, device, dtype, seed), device, dtype)
+        return cls(materialize_random(model, device, dtype, seed), device, dtype, low_mem_level, tiling)
 
     @torch.inference_mode()
     def decode_float(self, latents: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
         """latents [B, z_dim, F', h, w] (normalised) -> video float32 [B, 3, 4(F'-1)+1, 8h, 8w] in [-1, 1]."""
-        self._check_latents(latents)
-        z = latents.to(self.device, torch.float32) / self.inv_std + self.mean  # as WanPipeline un-normalises
-        video = self.model.decode(z.to(self.dtype), progress)
+        z = self._unnormalise(latents)
+        if self.tiling is not None:
+            sink = FloatSink(self._video_shape(z), self.device)
+            decode_tiled(self.model, z, self.tiling, sink, progress)
+            return sink.video
+        video = self.model.decode(z, progress)
         return video.float().clamp_(-1.0, 1.0)
 
-    def decode(self, latents: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        """latents [B, z_dim, F', h, w] (normalised) -> frames uint8 [B, F, H, W, 3] (RGB)."""
-        return to_uint8_frames(self.decode_float(latents, progress))
-
     @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+        """latents [B, z_dim, F', h, w] (normalised) -> frames uint8 [B, F, H, W, 3] (RGB), on `frames_device`
+        (the CPU when tiled)."""
+        if self.tiling is None:
+            return to_uint8_frames(self.decode_float(latents, progress))
+        z = self._unnormalise(latents)
+        sink = Uint8Sink(self._video_shape(z), self.device, self.frames_device)
+        decode_tiled(self.model, z, self.tiling, sink, progress)
+        return sink.result()
+
+    def _unnormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        self._check_latents(latents)
+        z = latents.to(self.device, torch.float32) / self.inv_std + self.mean  # as WanPipeline un-normalises
+        return z.to(self.dtype)
+
+    def _video_shape(self, z: torch.Tensor) -> tuple[int, int, int, int, int]:
+        st, sh, sw = self.config.stride
+        b, _, f, h, w = z.shape
+        return b, 3, st * (f - 1) + 1, sh * h, sw * w
+
+    def _move_encoder(self, device: torch.device | str) -> None:
+        self.model.encoder.to(device)
+        self.model.conv1.to(device)
+
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video [B, 3, 4n+1, H, W] in [-1, 1] (H, W multiples of 8) -> normalised posterior mean
         float32 [B, z_dim, n+1, H/8, W/8]."""
         self._check_video(video)
+        if not self._encoder_parked:
+            return self._encode(video)
+        self._move_encoder(self.device)
+        try:
+            return self._encode(video)
+        finally:
+            self._move_encoder("cpu")
+
+    @torch.inference_mode()
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
         mean, _ = self.model.encode(video.to(self.device, self.dtype))
         return (mean.float() - self.mean) * self.inv_std
 

@@ -8,7 +8,7 @@ chunk, so chunked processing equals one causal pass over the whole clip while me
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +44,33 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         """x: [B, C, T, H, W] -> [B, C_out, T', H', W']."""
-        pad_front = self.time_pad
-        if cache is not None and self.time_pad > 0:
-            prev = cache.frames.get(self)
-            if prev is not None:
-                x = torch.cat([prev, x], dim=2)
-                pad_front -= prev.shape[2]
-            cache.frames[self] = x[:, :, -self.time_pad:].clone()
-        return super().forward(F.pad(x, (*self.space_pad, pad_front, 0)))
+        if cache is None or self.time_pad == 0:
+            return super().forward(self._padded(x, None))
+        prev = cache.frames.get(self)
+        cache.frames[self] = self._last_frames(prev, x)
+        x = self._padded(x, prev)
+        del prev  # the cache now holds the frames the next chunk needs
+        return super().forward(x)
+
+    def _last_frames(self, prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The last time_pad frames of [prev; x] (fewer at the start of the clip), copied."""
+        need = self.time_pad - x.shape[2]
+        if need <= 0 or prev is None:
+            return x[:, :, -self.time_pad:].clone()
+        return torch.cat([prev[:, :, -need:], x], dim=2)
+
+    def _padded(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """[zeros; prev; x] in time (time_pad frames before x) with the spatial zero border, in one buffer."""
+        pw0, pw1, ph0, ph1 = self.space_pad
+        if self.time_pad == 0 and not any(self.space_pad):
+            return x
+        b, c, t, h, w = x.shape
+        out = x.new_zeros(b, c, self.time_pad + t, h + ph0 + ph1, w + pw0 + pw1)
+        inner = out[:, :, :, ph0:ph0 + h, pw0:pw0 + w]
+        if prev is not None:
+            inner[:, :, self.time_pad - prev.shape[2]:self.time_pad] = prev
+        inner[:, :, self.time_pad:] = x
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -65,7 +84,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, T, H, W] (video) or [N, C, H, W]; low precision is normalised in float32."""
         y = F.normalize(x.float(), dim=1).to(x.dtype)
-        return y * self.scale * self.gamma
+        if y.dtype != torch.promote_types(y.dtype, self.gamma.dtype) or torch.is_grad_enabled():
+            return y * self.scale * self.gamma
+        return y.mul_(self.scale).mul_(self.gamma)  # same arithmetic in place: one full-size tensor less
 
 
 class Upsample2x(nn.Module):
@@ -105,6 +126,14 @@ class Resample(nn.Module):
 
     def _per_frame(self, x: torch.Tensor) -> torch.Tensor:
         b, _, t = x.shape[:3]
+        if t > 1 and self.mode.startswith("upsample"):
+            # One frame at a time: the 2x-upsampled conv input is the largest tensor of a decoder step.
+            first = self._per_frame(x[:, :, :1])
+            out = first.new_empty(b, first.shape[1], t, *first.shape[3:])
+            out[:, :, :1] = first
+            for i in range(1, t):
+                out[:, :, i:i + 1] = self._per_frame(x[:, :, i:i + 1])
+            return out
         y = self.resample(x.transpose(1, 2).flatten(0, 1))  # [B*T, C', H', W']
         return y.unflatten(0, (b, t)).transpose(1, 2)
 
@@ -131,13 +160,14 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Indices match the checkpoint: residual.{0,2,3,6}; 5 was a (p=0) dropout.
         self.residual = nn.Sequential(
-            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1),
-        )
+            RMSNorm(in_dim), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(inplace=True), nn.Identity(),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )  # SiLU in place: its input is always the fresh RMSNorm output
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        return _run(self.residual, x, cache) + self.shortcut(x)
+        return _run(self.residual, x, cache).add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -165,7 +195,7 @@ def _middle(dim: int) -> nn.Sequential:
 
 
 def _head(in_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1))
+    return nn.Sequential(RMSNorm(in_dim), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3, padding=1))
 
 
 def _run(layers: nn.Sequential, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
@@ -222,12 +252,24 @@ class Decoder3d(nn.Module):
                 blocks.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*blocks)
         self.head = _head(dims[-1], 3)
+        # Past the last temporal upsampler every layer is causal-cached or per-frame, so that high-resolution
+        # part may run on any split of the chunk's frames (one at a time bounds its activations).
+        ups = [i for i, b in enumerate(blocks) if isinstance(b, Resample) and b.mode == "upsample3d"]
+        self.time_split = ups[-1] + 1 if ups else 0
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        return self.forward_high(self.forward_low(x, cache), cache)
+
+    def forward_low(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """Latent chunk -> features after the last temporal upsampler (all of the chunk's output frames)."""
         x = self.conv1(x, cache)
-        for part in (self.middle, self.upsamples, self.head):
-            x = _run(part, x, cache)
-        return x
+        x = _run(self.middle, x, cache)
+        return _run(self.upsamples[:self.time_split], x, cache)
+
+    def forward_high(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """`forward_low` features of some consecutive output frames -> those RGB frames [B, 3, T, 8h, 8w]."""
+        x = _run(self.upsamples[self.time_split:], x, cache)
+        return _run(self.head, x, cache)
 
 
 class WanVAE(nn.Module):
@@ -259,11 +301,27 @@ class WanVAE(nn.Module):
 
         One latent frame per step; `progress(i, F')` is called after frame i (1-based) is decoded.
         """
+        return torch.cat([video for _, video in self.decode_chunks(z, progress=progress)], dim=2)
+
+    def decode_chunks(self, z: torch.Tensor, frames_per_call: int | None = None,
+                      progress: Callable[[int, int], None] | None = None
+                      ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Causal decode yielding (first video frame index, video [B, 3, T, 8h, 8w]) as frames come out.
+
+        One latent frame per decoder call; `frames_per_call` (None: all 4) splits each call's high-resolution
+        part into runs of that many video frames, which lowers peak memory and gives the same video.
+        """
         cache = FeatureCache()
         x = self.conv2(z)
-        frames = []
+        start = 0
         for i in range(z.shape[2]):
-            frames.append(self.decoder(x[:, :, i:i + 1], cache))
+            features = self.decoder.forward_low(x[:, :, i:i + 1], cache)
+            parts = features.split(frames_per_call, dim=2) if frames_per_call else (features,)
+            del features
+            for part in parts:
+                video = self.decoder.forward_high(part, cache)
+                yield start, video
+                start += video.shape[2]
+            del parts
             if progress is not None:
                 progress(i + 1, z.shape[2])
-        return torch.cat(frames, dim=2)

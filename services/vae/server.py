@@ -10,6 +10,7 @@ from smartdiff.services.vae.engine import VaeEngine
 from smartdiff.services.vae.video import encode_mp4
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, DeadlineExceeded, RequestError, grpc_errors
+from smartdiff.shared.memory import measure_peak
 from smartdiff.shared.request import MAX_FRAMES, MAX_SIDE
 from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
@@ -80,10 +81,11 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                 if should_stop():
                     raise Cancelled(f"cancelled after latent frame {i}/{n}")
 
-            frames = self.engine.decode(latents.to(self.engine.device), progress=progress)[0].cpu()  # [F, H, W, 3]
+            with measure_peak(self.engine.device) as peak:
+                frames = self.engine.decode(latents.to(self.engine.device), progress=progress)[0].cpu()  # [F,H,W,3]
             decoded = time.perf_counter()
             video = encode_mp4(frames, fps=fps) if fmt == pb.OUTPUT_FORMAT_MP4 else None
-            return frames, video, decoded - start, time.perf_counter() - decoded
+            return frames, video, decoded - start, time.perf_counter() - decoded, peak
 
         result = None
         try:
@@ -97,7 +99,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline exceeded during VAE decode") from None
             raise
-        frames, video, decode_s, encode_s = result
+        frames, video, decode_s, encode_s, peak = result
         if video is not None:
             payload = torch.frombuffer(bytearray(video), dtype=torch.uint8)
             field = "mp4"
@@ -109,6 +111,7 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         yield pb.DecodeResponse(summary=pb.DecodeSummary(
             output_format=fmt, frames=f, width=w, height=h, fps=fps, tiled=self.tiled,
             video_bytes=payload.numel(), decode_seconds=decode_s, encode_seconds=encode_s,
+            peak_memory_bytes=peak.bytes or 0, low_mem_level=int(self.engine.memory.level),
         ))
 
 
@@ -116,11 +119,13 @@ async def start(model: ModelConfig, layout, system, address: str):
     """Load the VAE (float32, as Wan decodes), warm up on a tiny latent, serve on `address`."""
     from smartdiff.shared.serving import start_stage
 
+    level = system.low_mem_level  # 1 and up: tiled decode
     if layout is None:
-        engine = VaeEngine.random(model.vae, system.device, torch.float32, seed=0)
+        engine = VaeEngine.random(model.vae, system.device, torch.float32, seed=0, low_mem_level=level)
     else:
-        engine = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, system.device, torch.float32)
-    servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue))
+        engine = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, system.device, torch.float32,
+                                           low_mem_level=level)
+    servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue), tiled=engine.tiling is not None)
     warm = torch.zeros(1, model.vae.z_dim, 1, 2, 2)
     return await start_stage(SERVICE_NAME, pb_grpc.add_VaeServiceServicer_to_server, servicer, address,
                              system.max_queue, warmup=lambda: engine.decode(warm.to(engine.device)))

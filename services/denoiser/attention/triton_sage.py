@@ -1,12 +1,13 @@
 """Triton kernels of our quantized attention: INT8 quantization pre-pass and the (block-sparse) attention forward.
 
 The maths is SageAttention's (INT8 Q.K^T with per-block scales after subtracting K's mean over tokens, which
-leaves every softmax row unchanged; then P.V in FP16/BF16, or in FP8 with per-channel V scales) with
+leaves every softmax row unchanged; then P.V in FP16, or in FP8 with per-channel V scales) with
 SpargeAttn's block skipping: the same forward walks either every key block or a per-query-block list of kept
 key blocks. Written for this project; imported only when a `sage` / `sparge` backend is built.
 
 Layouts: q, k, v, out [B, L, N, D] (any strides, last dim contiguous); quantized q/k [B*N, L_pad, D] int8 with
-one float32 scale per block of rows; FP8 v transposed [B*N, D, L_pad] so that P.V reads it K-major on Hopper.
+one float32 scale per block of rows; v as FP16 [B*N, L_pad, D], or FP8 transposed [B*N, D, L_pad] so that P.V
+reads it K-major on Hopper. Padding rows are zero; scores of padded keys are masked in the last block only.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-FP8_MAX = 448.0  # largest finite float8 e4m3fn
-MAGIC = 12582912.0  # 1.5 * 2**23: int32 i (|i| < 2**22) + bits(MAGIC) reinterpreted as fp32 is exactly MAGIC + i
+# In the kernels: 448 = largest finite float8 e4m3fn (8.807 = log2(448)); 0x4B400000 = bits of 12582912.0 =
+# 1.5 * 2**23, so (int32 i + 0x4B400000) reinterpreted as float32 is exactly 12582912 + i for |i| < 2**22.
 
 
 @dataclass(frozen=True)
@@ -29,21 +30,24 @@ class KernelConfig:
 
     block_m: int = 128  # query rows per program; Q scale granularity; sparge query-block size
     block_n: int = 64  # keys per step; K scale granularity; sparge key-block size
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
-    warp_specialize: bool = False
 
 
-# Tuned on Hopper (bench/attention.py --sweep, see docs/benchmarks.md); other GPUs and the CPU interpreter use
-# the generic default.
-HOPPER_CONFIG = {False: KernelConfig(128, 64, 8, 3), True: KernelConfig(128, 128, 8, 3)}  # key: pv_fp8
-DEFAULT_CONFIG = KernelConfig(128, 64, 4, 2)
+# Tuned on an H200 (bench/attention.py --sweep, docs/benchmarks.md): one warpgroup per program and tiles small
+# enough that two programs share a multiprocessor (one's softmax overlaps the other's MMAs) win. Other GPUs take
+# the same as a start; the CPU interpreter (tests) a small one.
+HOPPER_CONFIG = {False: KernelConfig(128, 64, 4, 3), True: KernelConfig(64, 128, 4, 3)}  # key: FP8 P.V
+GPU_CONFIG = KernelConfig(128, 64, 4, 3)
+CPU_CONFIG = KernelConfig(64, 64, 4, 1)
 
 
 def default_config(device: torch.device, pv_fp8: bool) -> KernelConfig:
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+    if device.type != "cuda":
+        return CPU_CONFIG
+    if torch.cuda.get_device_capability(device)[0] == 9:
         return HOPPER_CONFIG[pv_fp8]
-    return DEFAULT_CONFIG
+    return GPU_CONFIG
 
 
 @triton.jit
@@ -77,9 +81,10 @@ def _quant_int8_kernel(X, Xq, Xs, Mean, Pool, Sim,
 
 
 @triton.jit
-def _quant_fp8_v_kernel(V, Vq, Vs, stride_vb, stride_vl, stride_vh, L, L_pad, H,
-                        D: tl.constexpr, BLOCK: tl.constexpr):
-    """V block [BLOCK, D] -> FP8 e4m3 scaled per channel to +-448, stored transposed [B*N, D, L_pad]."""
+def _quant_v_kernel(V, Vq, Vs, stride_vb, stride_vl, stride_vh, L, L_pad, H,
+                    D: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr):
+    """V block [BLOCK, D], zero padded: FP8 e4m3 scaled per channel to +-448 and stored transposed
+    [B*N, D, L_pad] (FP8), or FP16 [B*N, L_pad, D]."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -88,21 +93,29 @@ def _quant_fp8_v_kernel(V, Vq, Vs, stride_vb, stride_vl, stride_vh, L, L_pad, H,
     cols = tl.arange(0, D)
     v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + rows[:, None].to(tl.int64) * stride_vl + cols[None, :],
                 mask=rows[:, None] < L, other=0.0).to(tl.float32)
-    inv = 448.0 / tl.load(Vs + bh * D + cols)  # Vs holds the channel's max |v| at this point
-    vq = (v * inv[None, :]).to(tl.float8e4nv)
-    tl.store(Vq + bh.to(tl.int64) * D * L_pad + cols[None, :].to(tl.int64) * L_pad + rows[:, None], vq)
+    if FP8:
+        inv = 448.0 / tl.load(Vs + bh * D + cols)  # Vs holds the channel's max |v| at this point
+        vq = (v * inv[None, :]).to(tl.float8e4nv)
+        tl.store(Vq + bh.to(tl.int64) * D * L_pad + cols[None, :].to(tl.int64) * L_pad + rows[:, None], vq)
+    else:
+        tl.store(Vq + bh.to(tl.int64) * L_pad * D + rows[:, None].to(tl.int64) * D + cols[None, :], v.to(tl.float16))
 
 
 @triton.jit
-def _attn_step(acc, l_i, m_i, q, qs, K8, KS, V, bh, j, kv_base, stride_vl, Lk, Lk_pad, pv_thr,
-               offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
-               PV_SKIP: tl.constexpr, MASKED: tl.constexpr):
-    """Online-softmax update of one query tile with key block j. Scores are in log2 units (scale folded in qs)."""
+def _qk(q, qs, K8, KS, bh, j, Lk_pad, offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores of key block j: (int32 Q8.K8^T [BLOCK_M, BLOCK_N], its scale to log2 units)."""
+    k = tl.load(K8 + bh.to(tl.int64) * Lk_pad * D + (j * BLOCK_N + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :])
+    s_int = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # |s| < 2**22 for D <= 128
+    return s_int, qs * tl.load(KS + bh * (Lk_pad // BLOCK_N) + j)
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, offs_n, offs_d,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Online-softmax update of one query tile with key block j's scores (log2 units once scaled by sc)."""
     start = j * BLOCK_N
-    k = tl.load(K8 + bh.to(tl.int64) * Lk_pad * D + (start + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :])
-    s_int = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # [BLOCK_M, BLOCK_N], |s| < 2**22 for D <= 128
-    f = (s_int + 0x4B400000).to(tl.float32, bitcast=True)  # = MAGIC + s exactly: int->float without cvt
-    sc = qs * tl.load(KS + bh * (Lk_pad // BLOCK_N) + j)
+    f = (s_int + 0x4B400000).to(tl.float32, bitcast=True)  # = 12582912 + s exactly: int->float without cvt
     if MASKED:
         f = tl.where((start + offs_n)[None, :] < Lk, f, float("-inf"))
     m_blk = (tl.max(f, 1) - 12582912.0) * sc
@@ -123,23 +136,19 @@ def _attn_step(acc, l_i, m_i, q, qs, K8, KS, V, bh, j, kv_base, stride_vl, Lk, L
         if PV_FP8:  # V^T stored [D, L_pad]: the [BLOCK_N, D] tile is contiguous along keys (K-major)
             v = tl.load(V + kv_base + offs_d[None, :].to(tl.int64) * Lk_pad + (start + offs_n)[:, None])
             acc = tl.dot(p.to(tl.float8e4nv), v, acc)
-        else:
-            v_ptrs = V + kv_base + (start + offs_n)[:, None].to(tl.int64) * stride_vl + offs_d[None, :]
-            if MASKED:
-                v = tl.load(v_ptrs, mask=(start + offs_n)[:, None] < Lk, other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:  # FP16 [L_pad, D], zero padded
+            v = tl.load(V + kv_base + (start + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :])
+            acc = tl.dot(p.to(tl.float16), v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O,
-                     stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O, LSE,
+                     stride_ob, stride_ol, stride_oh,
                      Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad, pv_thr,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
-                     SPARSE: tl.constexpr, PV_SKIP: tl.constexpr, HAS_TAIL: tl.constexpr, WS: tl.constexpr):
+                     SPARSE: tl.constexpr, PV_SKIP: tl.constexpr, HAS_TAIL: tl.constexpr, WRITE_LSE: tl.constexpr):
     """One query tile [BLOCK_M, D] of one (batch, head) against all key blocks, or the kept ones (SPARSE)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -150,10 +159,7 @@ def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O,
     offs_d = tl.arange(0, D)
     q = tl.load(Q8 + bh.to(tl.int64) * Lq_pad * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :])
     qs = tl.load(QS + bh * n_q_blocks + pid_m)
-    if PV_FP8:
-        kv_base = bh.to(tl.int64) * D * Lk_pad
-    else:
-        kv_base = b.to(tl.int64) * stride_vb + h * stride_vh
+    kv_base = bh.to(tl.int64) * D * Lk_pad  # V: [D, Lk_pad] (FP8) or [Lk_pad, D] (FP16) per (batch, head)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -166,18 +172,25 @@ def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O,
     else:
         do_tail = True
         n_loop = n_k_blocks - 1
-    for it in tl.range(0, n_loop, warp_specialize=WS):
+    for it in range(0, n_loop):
         if SPARSE:
             j = tl.load(lut + it)
         else:
             j = it
-        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, K8, KS, V, bh, j, kv_base, stride_vl, Lk, Lk_pad, pv_thr,
-                                   offs_n, offs_d, D, BLOCK_N, PV_FP8, PV_SKIP, False)
+        s_int, sc = _qk(q, qs, K8, KS, bh, j, Lk_pad, offs_n, offs_d, D, BLOCK_N)
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, offs_n, offs_d,
+                                    D, BLOCK_N, PV_FP8, PV_SKIP, False)
     if do_tail:
-        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, K8, KS, V, bh, n_k_blocks - 1, kv_base, stride_vl, Lk,
-                                   Lk_pad, pv_thr, offs_n, offs_d, D, BLOCK_N, PV_FP8, PV_SKIP, HAS_TAIL)
+        s_int, sc = _qk(q, qs, K8, KS, bh, n_k_blocks - 1, Lk_pad, offs_n, offs_d, D, BLOCK_N)
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, n_k_blocks - 1, Lk, Lk_pad, pv_thr,
+                                    offs_n, offs_d, D, BLOCK_N, PV_FP8, PV_SKIP, HAS_TAIL)
     l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]
+    if WRITE_LSE:  # natural log-sum-exp of the (smoothed-K) scores; P carried 448 = 2**8.807 in FP8 mode
+        lse2 = m_i + tl.math.log2(l_i)
+        if PV_FP8:
+            lse2 = lse2 - 8.807354922057604
+        tl.store(LSE + bh.to(tl.int64) * Lq_pad + offs_m, lse2 * 0.6931471805599453)
     if PV_FP8:
         out = out * (tl.load(VS + bh * D + offs_d) / 448.0)[None, :]
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
@@ -192,12 +205,13 @@ class Quantized:
     qs: torch.Tensor  # [B*N, n_q_blocks] float32, includes softmax scale * log2(e)
     k8: torch.Tensor  # [B*N, Lk_pad, D] int8 (K minus its mean over tokens)
     ks: torch.Tensor  # [B*N, n_k_blocks] float32
-    v: torch.Tensor  # FP8 [B*N, D, Lk_pad], or the caller's v [B, L, N, D] (FP16 / BF16)
+    v: torch.Tensor  # FP8 [B*N, D, Lk_pad], or FP16 [B*N, Lk_pad, D]
     vs: torch.Tensor | None  # [B*N, D] float32 channel max |v| (FP8 only)
     q_pool: torch.Tensor | None = None  # [B*N, n_q_blocks, D] float32 block means
     q_sim: torch.Tensor | None = None  # [B*N, n_q_blocks] mean pairwise cosine similarity inside each block
     k_pool: torch.Tensor | None = None
     k_sim: torch.Tensor | None = None
+    k_mean: torch.Tensor | None = None  # [B*N, D] float32, subtracted from k before quantization
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -218,7 +232,7 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfi
     qs = torch.empty(b * h, nq, dtype=torch.float32, device=dev)
     ks = torch.empty(b * h, nk, dtype=torch.float32, device=dev)
     k_mean = k.mean(dim=1, dtype=torch.float32).reshape(b * h, d).contiguous()
-    out = Quantized(q8, qs, k8, ks, v, None)
+    out = Quantized(q8, qs, k8, ks, v, None, k_mean=k_mean)
     if pool:
         out.q_pool = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
         out.k_pool = torch.empty(b * h, nk, d, dtype=torch.float32, device=dev)
@@ -233,42 +247,57 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfi
                                     lk, lk_pad, h, nk, 1.0, D=d, BLOCK=bn, SUB_MEAN=True, POOL=pool)
     if pv_fp8:
         vs = torch.linalg.vector_norm(v, ord=math.inf, dim=1, dtype=torch.float32).reshape(b * h, d)
-        vs = vs.clamp_min_(1e-12).contiguous()
-        v8 = torch.empty(b * h, d, lk_pad, dtype=torch.float8_e4m3fn, device=dev)
-        _quant_fp8_v_kernel[(nk, b * h)](v, v8, vs, v.stride(0), v.stride(1), v.stride(2), lk, lk_pad, h, D=d, BLOCK=bn)
-        out.v, out.vs = v8, vs
-    elif v.dtype not in (torch.float16, torch.bfloat16):
-        out.v = v.to(torch.float16)
+        out.vs = vs.clamp_min_(1e-12).contiguous()
+        out.v = torch.empty(b * h, d, lk_pad, dtype=torch.float8_e4m3fn, device=dev)
+    else:
+        out.v = torch.empty(b * h, lk_pad, d, dtype=torch.float16, device=dev)
+    _quant_v_kernel[(nk, b * h)](v, out.v, out.vs if pv_fp8 else qs, v.stride(0), v.stride(1), v.stride(2), lk, lk_pad,
+                                 h, D=d, BLOCK=bn, FP8=pv_fp8)
     return out
 
 
 def attention_forward(quant: Quantized, q_shape: torch.Size, lk: int, out_dtype: torch.dtype, cfg: KernelConfig,
                       pv_fp8: bool, lut: torch.Tensor | None = None, n_sel: torch.Tensor | None = None,
-                      pv_threshold: float | None = None) -> torch.Tensor:
-    """Run the forward on quantized inputs -> out [B, Lq, N, D] in out_dtype. lut/n_sel: block-sparse plan."""
+                      pv_threshold: float | None = None, lse: bool = False):
+    """Run the forward on quantized inputs -> out [B, Lq, N, D] in out_dtype. lut/n_sel: block-sparse plan.
+
+    With lse=True returns (out, lse [B*N, Lq_pad] float32 natural log-sum-exp of the smoothed-K scores).
+    """
     b, lq, h, d = q_shape
     nq, nk = quant.qs.shape[1], quant.ks.shape[1]
     lq_pad, lk_pad = quant.q8.shape[1], quant.k8.shape[1]
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=quant.q8.device)
-    v = quant.v
-    sv = (0, 0, 0) if pv_fp8 else (v.stride(0), v.stride(1), v.stride(2))
+    lse_out = torch.empty(b * h, lq_pad, dtype=torch.float32, device=out.device) if lse else quant.qs
     sparse = lut is not None
     dummy = quant.qs
     _attn_fwd_kernel[(nq, b * h)](
-        quant.q8, quant.k8, v, quant.qs, quant.ks, quant.vs if pv_fp8 else dummy,
-        lut if sparse else dummy, n_sel if sparse else dummy, out,
-        *sv, out.stride(0), out.stride(1), out.stride(2),
+        quant.q8, quant.k8, quant.v, quant.qs, quant.ks, quant.vs if pv_fp8 else dummy,
+        lut if sparse else dummy, n_sel if sparse else dummy, out, lse_out,
+        out.stride(0), out.stride(1), out.stride(2),
         lq, lk, h, nq, nk, lq_pad, lk_pad, float(pv_threshold or 0.0),
         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV_FP8=pv_fp8, SPARSE=sparse,
-        PV_SKIP=pv_threshold is not None, HAS_TAIL=lk % cfg.block_n != 0, WS=cfg.warp_specialize,
+        PV_SKIP=pv_threshold is not None, HAS_TAIL=lk % cfg.block_n != 0, WRITE_LSE=lse,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
+    return (out, lse_out) if lse else out
+
+
+def true_lse(lse: torch.Tensor, quant: Quantized, q: torch.Tensor) -> torch.Tensor:
+    """Kernel LSE [B*N, Lq_pad] -> [B, N, Lq] of the real scores: adds back q . mean(k) * scale per row."""
+    b, lq, h, d = q.shape
+    shift = torch.einsum("blhd,bhd->bhl", q.float(), quant.k_mean.view(b, h, d)) * d ** -0.5
+    return lse.view(b, h, -1)[:, :, :lq] + shift
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool = False,
-                   cfg: KernelConfig | None = None) -> torch.Tensor:
-    """Dense quantized attention: q [B, Lq, N, D], k/v [B, Lk, N, D] -> [B, Lq, N, D] in q's dtype."""
+                   cfg: KernelConfig | None = None, lse: bool = False):
+    """Dense quantized attention: q [B, Lq, N, D], k/v [B, Lk, N, D] -> [B, Lq, N, D] in q's dtype.
+
+    lse=True: returns (out, lse [B, N, Lq] float32), the natural log-sum-exp of the scaled scores.
+    """
     cfg = cfg or default_config(q.device, pv_fp8)
     quant = quantize(q, k, v, cfg, pv_fp8)
-    return attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv_fp8)
+    if not lse:
+        return attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv_fp8)
+    out, lse_k = attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv_fp8, lse=True)
+    return out, true_lse(lse_k, quant, q)

@@ -73,7 +73,7 @@ class DenoiseProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., expert: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class DenoiseSummary(_message.Message):
-    __slots__ = ("effective", "attention_selection", "cached_steps", "denoise_seconds", "world_size", "peak_memory_bytes", "cache_report")
+    __slots__ = ("effective", "attention_selection", "cached_steps", "denoise_seconds", "world_size", "peak_memory_bytes", "cache_report", "low_mem_level")
     EFFECTIVE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_SELECTION_FIELD_NUMBER: _ClassVar[int]
     CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class DenoiseSummary(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    LOW_MEM_LEVEL_FIELD_NUMBER: _ClassVar[int]
     effective: DenoiseParams
     attention_selection: str
     cached_steps: int
@@ -88,7 +89,8 @@ class DenoiseSummary(_message.Message):
     world_size: int
     peak_memory_bytes: int
     cache_report: _options_pb2.CacheReport
-    def __init__(self, effective: _Optional[_Union[DenoiseParams, _Mapping]] = ..., attention_selection: _Optional[str] = ..., cached_steps: _Optional[int] = ..., denoise_seconds: _Optional[float] = ..., world_size: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_report: _Optional[_Union[_options_pb2.CacheReport, _Mapping]] = ...) -> None: ...
+    low_mem_level: int
+    def __init__(self, effective: _Optional[_Union[DenoiseParams, _Mapping]] = ..., attention_selection: _Optional[str] = ..., cached_steps: _Optional[int] = ..., denoise_seconds: _Optional[float] = ..., world_size: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., cache_report: _Optional[_Union[_options_pb2.CacheReport, _Mapping]] = ..., low_mem_level: _Optional[int] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()

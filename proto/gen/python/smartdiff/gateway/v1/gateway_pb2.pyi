@@ -124,14 +124,18 @@ class EffectiveSettings(_message.Message):
     def __init__(self, model: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[_Iterable[float]] = ..., shift: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., attention: _Optional[_Union[_options_pb2.AttentionConfig, _Mapping]] = ..., attention_selection: _Optional[str] = ..., cache: _Optional[_Union[_options_pb2.CacheConfig, _Mapping]] = ..., output_format: _Optional[_Union[_vae_pb2.OutputFormat, str]] = ..., fps: _Optional[int] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "seconds", "compute_seconds")
+    __slots__ = ("stage", "seconds", "compute_seconds", "peak_memory_bytes", "low_mem_level")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOW_MEM_LEVEL_FIELD_NUMBER: _ClassVar[int]
     stage: Stage
     seconds: float
     compute_seconds: float
-    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    peak_memory_bytes: int
+    low_mem_level: int
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., low_mem_level: _Optional[int] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
     __slots__ = ("request_id", "settings", "stage_timings", "total_seconds", "video_bytes", "cached_steps", "cache_report", "denoiser_world_size")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from smartdiff.tensor.v1 import tensor_pb2 as smartdiff_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,smartdiff/text_encoder/v1/text_encoder.proto\x12\x19smartdiff.text_encoder.v1\x1a smartdiff/tensor/v1/tensor.proto\"n\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12)\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1a.smartdiff.tensor.v1.Dtype\"\x8d\x01\n\x0e\x45ncodeResponse\x12\x35\n\tembedding\x18\x01 \x01(\x0b\x32 .smartdiff.tensor.v1.TensorFrameH\x00\x12;\n\x07summary\x18\x02 \x01(\x0b\x32(.smartdiff.text_encoder.v1.EncodeSummaryH\x00\x42\x07\n\x05\x66rame\"h\n\rEncodeSummary\x12\x14\n\x0ctoken_counts\x18\x01 \x03(\r\x12\x19\n\x11truncated_prompts\x18\x02 \x03(\r\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t2u\n\x12TextEncoderService\x12_\n\x06\x45ncode\x12(.smartdiff.text_encoder.v1.EncodeRequest\x1a).smartdiff.text_encoder.v1.EncodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,smartdiff/text_encoder/v1/text_encoder.proto\x12\x19smartdiff.text_encoder.v1\x1a smartdiff/tensor/v1/tensor.proto\"n\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12)\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1a.smartdiff.tensor.v1.Dtype\"\x8d\x01\n\x0e\x45ncodeResponse\x12\x35\n\tembedding\x18\x01 \x01(\x0b\x32 .smartdiff.tensor.v1.TensorFrameH\x00\x12;\n\x07summary\x18\x02 \x01(\x0b\x32(.smartdiff.text_encoder.v1.EncodeSummaryH\x00\x42\x07\n\x05\x66rame\"\x9a\x01\n\rEncodeSummary\x12\x14\n\x0ctoken_counts\x18\x01 \x03(\r\x12\x19\n\x11truncated_prompts\x18\x02 \x03(\r\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x19\n\x11peak_memory_bytes\x18\x05 \x01(\x04\x12\x15\n\rlow_mem_level\x18\x06 \x01(\r2u\n\x12TextEncoderService\x12_\n\x06\x45ncode\x12(.smartdiff.text_encoder.v1.EncodeRequest\x1a).smartdiff.text_encoder.v1.EncodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_end=219
   _globals['_ENCODERESPONSE']._serialized_start=222
   _globals['_ENCODERESPONSE']._serialized_end=363
-  _globals['_ENCODESUMMARY']._serialized_start=365
-  _globals['_ENCODESUMMARY']._serialized_end=469
-  _globals['_TEXTENCODERSERVICE']._serialized_start=471
-  _globals['_TEXTENCODERSERVICE']._serialized_end=588
+  _globals['_ENCODESUMMARY']._serialized_start=366
+  _globals['_ENCODESUMMARY']._serialized_end=520
+  _globals['_TEXTENCODERSERVICE']._serialized_start=522
+  _globals['_TEXTENCODERSERVICE']._serialized_end=639
 # @@protoc_insertion_point(module_scope)

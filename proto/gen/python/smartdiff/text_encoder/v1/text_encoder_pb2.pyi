@@ -28,13 +28,17 @@ class EncodeResponse(_message.Message):
     def __init__(self, embedding: _Optional[_Union[_tensor_pb2.TensorFrame, _Mapping]] = ..., summary: _Optional[_Union[EncodeSummary, _Mapping]] = ...) -> None: ...
 
 class EncodeSummary(_message.Message):
-    __slots__ = ("token_counts", "truncated_prompts", "encode_seconds", "device")
+    __slots__ = ("token_counts", "truncated_prompts", "encode_seconds", "device", "peak_memory_bytes", "low_mem_level")
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOW_MEM_LEVEL_FIELD_NUMBER: _ClassVar[int]
     token_counts: _containers.RepeatedScalarFieldContainer[int]
     truncated_prompts: _containers.RepeatedScalarFieldContainer[int]
     encode_seconds: float
     device: str
-    def __init__(self, token_counts: _Optional[_Iterable[int]] = ..., truncated_prompts: _Optional[_Iterable[int]] = ..., encode_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    peak_memory_bytes: int
+    low_mem_level: int
+    def __init__(self, token_counts: _Optional[_Iterable[int]] = ..., truncated_prompts: _Optional[_Iterable[int]] = ..., encode_seconds: _Optional[float] = ..., device: _Optional[str] = ..., peak_memory_bytes: _Optional[int] = ..., low_mem_level: _Optional[int] = ...) -> None: ...

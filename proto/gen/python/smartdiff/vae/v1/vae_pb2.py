@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from smartdiff.tensor.v1 import tensor_pb2 as smartdiff_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asmartdiff/vae/v1/vae.proto\x12\x10smartdiff.vae.v1\x1a smartdiff/tensor/v1/tensor.proto\"\x7f\n\rDecodeRequest\x12\x30\n\x06params\x18\x01 \x01(\x0b\x32\x1e.smartdiff.vae.v1.DecodeParamsH\x00\x12\x33\n\x07latents\x18\x02 \x01(\x0b\x32 .smartdiff.tensor.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"\x82\x01\n\x0c\x44\x65\x63odeParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x35\n\routput_format\x18\x03 \x01(\x0e\x32\x1e.smartdiff.vae.v1.OutputFormat\x12\x10\n\x03\x66ps\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x06\n\x04_fps\"\xe8\x01\n\x0e\x44\x65\x63odeResponse\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32 .smartdiff.vae.v1.DecodeProgressH\x00\x12\x32\n\x06\x66rames\x18\x02 \x01(\x0b\x32 .smartdiff.tensor.v1.TensorFrameH\x00\x12/\n\x03mp4\x18\x03 \x01(\x0b\x32 .smartdiff.tensor.v1.TensorFrameH\x00\x12\x32\n\x07summary\x18\x04 \x01(\x0b\x32\x1f.smartdiff.vae.v1.DecodeSummaryH\x00\x42\x07\n\x05\x66rame\"t\n\x0e\x44\x65\x63odeProgress\x12,\n\x05phase\x18\x01 \x01(\x0e\x32\x1d.smartdiff.vae.v1.DecodePhase\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01\"\xd6\x01\n\rDecodeSummary\x12\x35\n\routput_format\x18\x01 \x01(\x0e\x32\x1e.smartdiff.vae.v1.OutputFormat\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0b\n\x03\x66ps\x18\x05 \x01(\r\x12\r\n\x05tiled\x18\x06 \x01(\x08\x12\x13\n\x0bvideo_bytes\x18\x07 \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x08 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\t \x01(\x01*^\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_MP4\x10\x01\x12\x18\n\x14OUTPUT_FORMAT_FRAMES\x10\x02*a\n\x0b\x44\x65\x63odePhase\x12\x1c\n\x18\x44\x45\x43ODE_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45\x43ODE_PHASE_DECODING\x10\x01\x12\x19\n\x15\x44\x45\x43ODE_PHASE_ENCODING\x10\x02\x32]\n\nVaeService\x12O\n\x06\x44\x65\x63ode\x12\x1f.smartdiff.vae.v1.DecodeRequest\x1a .smartdiff.vae.v1.DecodeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asmartdiff/vae/v1/vae.proto\x12\x10smartdiff.vae.v1\x1a smartdiff/tensor/v1/tensor.proto\"\x7f\n\rDecodeRequest\x12\x30\n\x06params\x18\x01 \x01(\x0b\x32\x1e.smartdiff.vae.v1.DecodeParamsH\x00\x12\x33\n\x07latents\x18\x02 \x01(\x0b\x32 .smartdiff.tensor.v1.TensorFrameH\x00\x42\x07\n\x05\x66rame\"\x82\x01\n\x0c\x44\x65\x63odeParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x35\n\routput_format\x18\x03 \x01(\x0e\x32\x1e.smartdiff.vae.v1.OutputFormat\x12\x10\n\x03\x66ps\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x06\n\x04_fps\"\xe8\x01\n\x0e\x44\x65\x63odeResponse\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32 .smartdiff.vae.v1.DecodeProgressH\x00\x12\x32\n\x06\x66rames\x18\x02 \x01(\x0b\x32 .smartdiff.tensor.v1.TensorFrameH\x00\x12/\n\x03mp4\x18\x03 \x01(\x0b\x32 .smartdiff.tensor.v1.TensorFrameH\x00\x12\x32\n\x07summary\x18\x04 \x01(\x0b\x32\x1f.smartdiff.vae.v1.DecodeSummaryH\x00\x42\x07\n\x05\x66rame\"t\n\x0e\x44\x65\x63odeProgress\x12,\n\x05phase\x18\x01 \x01(\x0e\x32\x1d.smartdiff.vae.v1.DecodePhase\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12\x17\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01\"\x88\x02\n\rDecodeSummary\x12\x35\n\routput_format\x18\x01 \x01(\x0e\x32\x1e.smartdiff.vae.v1.OutputFormat\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0b\n\x03\x66ps\x18\x05 \x01(\r\x12\r\n\x05tiled\x18\x06 \x01(\x08\x12\x13\n\x0bvideo_bytes\x18\x07 \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x08 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\t \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\n \x01(\x04\x12\x15\n\rlow_mem_level\x18\x0b \x01(\r*^\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_MP4\x10\x01\x12\x18\n\x14OUTPUT_FORMAT_FRAMES\x10\x02*a\n\x0b\x44\x65\x63odePhase\x12\x1c\n\x18\x44\x45\x43ODE_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45\x43ODE_PHASE_DECODING\x10\x01\x12\x19\n\x15\x44\x45\x43ODE_PHASE_ENCODING\x10\x02\x32]\n\nVaeService\x12O\n\x06\x44\x65\x63ode\x12\x1f.smartdiff.vae.v1.DecodeRequest\x1a .smartdiff.vae.v1.DecodeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartdiff.vae.v1.vae_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=914
-  _globals['_OUTPUTFORMAT']._serialized_end=1008
-  _globals['_DECODEPHASE']._serialized_start=1010
-  _globals['_DECODEPHASE']._serialized_end=1107
+  _globals['_OUTPUTFORMAT']._serialized_start=964
+  _globals['_OUTPUTFORMAT']._serialized_end=1058
+  _globals['_DECODEPHASE']._serialized_start=1060
+  _globals['_DECODEPHASE']._serialized_end=1157
   _globals['_DECODEREQUEST']._serialized_start=82
   _globals['_DECODEREQUEST']._serialized_end=209
   _globals['_DECODEPARAMS']._serialized_start=212
@@ -45,7 +45,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEPROGRESS']._serialized_start=579
   _globals['_DECODEPROGRESS']._serialized_end=695
   _globals['_DECODESUMMARY']._serialized_start=698
-  _globals['_DECODESUMMARY']._serialized_end=912
-  _globals['_VAESERVICE']._serialized_start=1109
-  _globals['_VAESERVICE']._serialized_end=1202
+  _globals['_DECODESUMMARY']._serialized_end=962
+  _globals['_VAESERVICE']._serialized_start=1159
+  _globals['_VAESERVICE']._serialized_end=1252
 # @@protoc_insertion_point(module_scope)

@@ -70,7 +70,7 @@ class DecodeProgress(_message.Message):
     def __init__(self, phase: _Optional[_Union[DecodePhase, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class DecodeSummary(_message.Message):
-    __slots__ = ("output_format", "frames", "width", "height", "fps", "tiled", "video_bytes", "decode_seconds", "encode_seconds")
+    __slots__ = ("output_format", "frames", "width", "height", "fps", "tiled", "video_bytes", "decode_seconds", "encode_seconds", "peak_memory_bytes", "low_mem_level")
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,8 @@ class DecodeSummary(_message.Message):
     VIDEO_BYTES_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOW_MEM_LEVEL_FIELD_NUMBER: _ClassVar[int]
     output_format: OutputFormat
     frames: int
     width: int
@@ -89,4 +91,6 @@ class DecodeSummary(_message.Message):
     video_bytes: int
     decode_seconds: float
     encode_seconds: float
-    def __init__(self, output_format: _Optional[_Union[OutputFormat, str]] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[int] = ..., tiled: _Optional[bool] = ..., video_bytes: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ...) -> None: ...
+    peak_memory_bytes: int
+    low_mem_level: int
+    def __init__(self, output_format: _Optional[_Union[OutputFormat, str]] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[int] = ..., tiled: _Optional[bool] = ..., video_bytes: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., low_mem_level: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,62 @@
+"""Self-attention backends of the DiT: a registry keyed by name, and the per-request API (choice -> attach).
+
+Every backend takes q, k, v [B, L, N, D] and returns [B, L, N, D]; it declares its constraints (BackendInfo)
+and imports its kernel only when built. Adding one is adding a file and a line in _REGISTRY.
+
+    choice = AttentionChoice.from_proto(params.attention)            # RequestError on bad values
+    with attach(engine.experts, choice) as handle:                   # refuses (RequestError) or falls back
+        ... run the denoising loop ...
+    handle.report()  # AttentionReport(backend="sage", kernel="sage[triton]", selection="sage[triton]")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .base import AttentionFn, Backend, BackendInfo, BackendStatus, Kernel
+
+EXACT = "sdpa"  # the exact reference every lossy backend is checked against
+
+# name -> (module, attribute). Order = preference of `auto` when timings tie (fastest expected first).
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "sparge": ("sparge", "BACKEND"),
+    "sage_fp8": ("sage", "SAGE_FP8"),
+    "sage": ("sage", "SAGE"),
+    "flash_attn": ("flash", "BACKEND"),
+    "sdpa": ("sdpa", "BACKEND"),
+    "auto": ("auto", "BACKEND"),
+}
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every registered backend name, `auto` included."""
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The registry entry for `name` (KeyError for an unknown name)."""
+    module, attr = _REGISTRY[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype | None = None,
+                       head_dim: int | None = None) -> list[BackendStatus]:
+    """Every backend with whether it can run on this device (and dtype / head dim when given), and why not."""
+    device = torch.device(device)
+    out = []
+    for name in _REGISTRY:
+        backend = get_backend(name)
+        out.append(BackendStatus(backend.info, backend.unavailable_reason(device, dtype, head_dim)))
+    return out
+
+
+from .choice import AttentionChoice, SpargeParams  # noqa: E402  (validates names against the registry above)
+from .handle import AttentionHandle, AttentionReport, attach, resolve  # noqa: E402
+
+__all__ = [
+    "EXACT", "AttentionChoice", "AttentionFn", "AttentionHandle", "AttentionReport", "Backend", "BackendInfo",
+    "BackendStatus", "Kernel", "SpargeParams", "attach", "available_backends", "backend_names", "get_backend",
+    "resolve",
+]

@@ -1,0 +1,97 @@
+"""`sage` and `sage_fp8`: quantized attention in the SageAttention style (lossy).
+
+INT8 Q.K^T with per-tile scales after subtracting K's mean over tokens (softmax-invariant), then P.V in
+FP16/BF16 (`sage`) or FP8 e4m3 with per-channel V scales (`sage_fp8`, faster, about 2x the error of `sage`:
+on random weights ~3.7e-2 relative against ~1.2e-2). Our Triton kernel runs both; `sage` uses the
+`sageattention` package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on
+PyPI) is not used: it is slower than cuDNN SDPA on Hopper and than our kernel (bench/attention.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .base import Backend, BackendInfo, Kernel, package_version, triton_reason
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+SAGE_INFO = BackendInfo(
+    name="sage", description="SageAttention-style INT8 Q.K (smoothed K) + FP16 P.V; Triton kernel, or the "
+                             "sageattention package >= 2 when installed (lossy)",
+    lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
+)
+SAGE_FP8_INFO = BackendInfo(
+    name="sage_fp8", description="SageAttention-style INT8 Q.K (smoothed K) + FP8 P.V; Triton kernel, compute "
+                                 "capability 8.9+ (lossy, about twice the error of sage)",
+    lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
+)
+
+
+def sageattention_package() -> str | None:
+    """Version of an installed sageattention >= 2, else None (1.x is slower than our kernel)."""
+    version = package_version("sageattention")
+    if version is None or importlib.util.find_spec("sageattention") is None:
+        return None
+    return version if int(version.split(".")[0]) >= 2 else None
+
+
+class TritonSageKernel(Kernel):
+    def __init__(self, name: str, device: torch.device, pv_fp8: bool):
+        from . import triton_sage
+
+        self.name, self.pv_fp8 = name, pv_fp8
+        self.cfg = triton_sage.default_config(device, pv_fp8)
+        self.run = triton_sage.sage_attention
+        self.label = f"{name}[triton]"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.run(q, k, v, pv_fp8=self.pv_fp8, cfg=self.cfg)
+
+    def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run(q, k, v, pv_fp8=self.pv_fp8, cfg=self.cfg, lse=True)
+
+
+class PackageSageKernel(Kernel):
+    """sageattention >= 2 (its own per-GPU dispatch); k is copied because the package may smooth it in place."""
+
+    name = "sage"
+
+    def __init__(self, version: str):
+        from sageattention import sageattn
+
+        self.fn = sageattn
+        self.label = f"sage[sageattention {version}]"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.fn(q, k.clone(), v, tensor_layout="NHD", is_causal=False)
+
+    def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return TritonSageKernel("sage", q.device, pv_fp8=False).with_lse(q, k, v)  # same maths, ours has the LSE
+
+
+def _check_sage(device: torch.device, dtype: torch.dtype | None, head_dim: int | None) -> str | None:
+    if device.type == "cuda" and sageattention_package() is not None:
+        return None
+    return triton_reason(device, (8, 0), " (INT8 tensor cores)")
+
+
+def _check_fp8(device: torch.device, dtype: torch.dtype | None, head_dim: int | None) -> str | None:
+    return triton_reason(device, (8, 9), " (FP8 tensor cores)")
+
+
+def _build_sage(choice, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
+    version = sageattention_package() if device.type == "cuda" else None
+    if version is not None and dtype != torch.float32:
+        return PackageSageKernel(version)
+    return TritonSageKernel("sage", device, pv_fp8=False)
+
+
+def _build_fp8(choice, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
+    return TritonSageKernel("sage_fp8", device, pv_fp8=True)
+
+
+SAGE = Backend(SAGE_INFO, _check_sage, _build_sage)
+SAGE_FP8 = Backend(SAGE_FP8_INFO, _check_fp8, _build_fp8)
