@@ -15,6 +15,7 @@ from torch import nn
 
 from smartdiff.shared.config import DiTConfig
 
+from .fused import FusedOps
 from .parallel import ParallelState, pad_rope
 
 # Parameters that stay float32 whatever the serving dtype: the timestep path and the modulation tables
@@ -135,17 +136,23 @@ class WanAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.eps = eps
         self.attention_fn: AttentionFn = sdpa_attention  # set per request for self-attention
+        self.ops = FusedOps()  # eager or compiled elementwise work, set by WanDiT.set_compiled
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [B, L, C], context [B, T, C] (None for self-attention) -> [B, L, C]."""
         src = x if context is None else context
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(src)).unflatten(-1, (self.num_heads, -1))
+        if self.ops.compiled and rope is not None and isinstance(self.norm_q, RMSNorm):
+            q, k = self.ops.norm_rope(self.q(x), self.k(src), self.norm_q.weight, self.norm_k.weight, self.eps,
+                                      self.num_heads, *rope)  # fused: no float32 temporaries in memory
+        else:
+            q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+            k = self.norm_k(self.k(src)).unflatten(-1, (self.num_heads, -1))
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         v = self.v(src).unflatten(-1, (self.num_heads, -1))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = self.attention_fn(q, k, v) if context is None else sdpa_attention(q, k, v)
         return self.o(out.flatten(-2))
 
@@ -156,13 +163,13 @@ class WanAttentionBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         dim = cfg.dim
-        self.norm1 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=False)
         self.self_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
         self.norm3 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
-        self.norm2 = LayerNorm32(dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))  # shift/scale/gate for attention and MLP
+        self.eps = cfg.eps
+        self.ops = FusedOps()
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor],
@@ -174,12 +181,17 @@ class WanAttentionBlock(nn.Module):
         """
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(1)  # each [B, C] fp32
         hook = attention_hook or (lambda kind, compute: compute())
-        y = hook("self", lambda: self.self_attn(
-            (self.norm1(x) * (1 + scale1[:, None]) + shift1[:, None]).type_as(x), rope=rope))
-        x = (x.float() + y.float() * gate1[:, None]).type_as(x)
-        x = x + hook("cross", lambda: self.cross_attn(self.norm3(x).type_as(x), context=context))
-        y = self.ffn((self.norm2(x) * (1 + scale2[:, None]) + shift2[:, None]).type_as(x))
-        return (x.float() + y.float() * gate2[:, None]).type_as(x)
+        ops = self.ops
+        y = hook("self", lambda: self.self_attn(ops.modulate(x, shift1, scale1, self.eps), rope=rope))
+        x = ops.gated_residual(x, y, gate1)
+        x = x + hook("cross", lambda: self.cross_attn(self.cross_norm(x), context=context))
+        y = self.ffn(ops.modulate(x, shift2, scale2, self.eps))
+        return ops.gated_residual(x, y, gate2)
+
+    def cross_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm3, nn.Identity):
+            return x
+        return self.ops.affine_norm(x, self.norm3.weight, self.norm3.bias, self.eps)
 
 
 class WanHead(nn.Module):
@@ -210,6 +222,14 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
+
+    def set_compiled(self, compile: bool) -> None:
+        """Run the blocks' elementwise work (norms, modulation, RoPE, gated residuals) through torch.compile.
+
+        A deployment setting: compilation happens on first use per shape (the denoiser's warm-up)."""
+        ops = FusedOps(compile)
+        for block in self.blocks:
+            block.ops = block.self_attn.ops = block.cross_attn.ops = ops
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """Padded T5 embeddings [B, T, text_dim] -> [B, T, C]; constant across steps, so computed once."""

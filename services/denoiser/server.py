@@ -35,6 +35,7 @@ class DenoiserOptions:
     default_attention: str = EXACT
     enable_flexcache: bool = False
     cache_calibration: str | None = None  # YAML from `smartdiff calibrate-cache` (Wan2.2 TeaCache needs one)
+    compile: str = "auto"  # torch.compile of the DiT's elementwise regions: auto (on CUDA), on, off
     cfg_degree: int = 1
     ulysses_degree: int = 1
     ring_degree: int = 1
@@ -45,6 +46,8 @@ def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-attention", default=EXACT, help=f"backend of requests that name none (default {EXACT})")
     p.add_argument("--enable-flexcache", action="store_true", help="allow per-request feature-reuse caches")
     p.add_argument("--cache-calibration", help="cache coefficients fitted by `smartdiff calibrate-cache` (YAML)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="fuse the DiT's norms / modulation / RoPE with torch.compile at warm-up (auto: on CUDA)")
     p.add_argument("--cfg-degree", type=int, default=1, help="1 or 2: guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all over heads (divides the head count)")
     p.add_argument("--ring-degree", type=int, default=1, help="sequence blocks passed around a ring")
@@ -56,7 +59,7 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
         attention_backends=tuple(a.strip() for a in allowed.split(",") if a.strip()) if allowed else None,
         default_attention=getattr(args, "default_attention", EXACT),
         enable_flexcache=getattr(args, "enable_flexcache", False),
-        cache_calibration=getattr(args, "cache_calibration", None),
+        cache_calibration=getattr(args, "cache_calibration", None), compile=getattr(args, "compile", "auto"),
         cfg_degree=getattr(args, "cfg_degree", 1), ulysses_degree=getattr(args, "ulysses_degree", 1),
         ring_degree=getattr(args, "ring_degree", 1),
     )
@@ -71,9 +74,17 @@ def engine_options(options: DenoiserOptions) -> dict:
 
 
 def load_engine(model: ModelConfig, layout, system, options: DenoiserOptions, device=None, parallel=None):
-    """The denoiser engine of this process, at the deployment's low-memory level."""
-    return DenoiserEngine.load(model, layout, device or system.device, system.dtype, parallel=parallel,
-                               low_mem_level=system.low_mem_level, **engine_options(options))
+    """The denoiser engine of this process, at the deployment's low-memory level, compiled if asked."""
+    engine = DenoiserEngine.load(model, layout, device or system.device, system.dtype, parallel=parallel,
+                                 low_mem_level=system.low_mem_level, **engine_options(options))
+    if compile_enabled(options, engine.device):
+        for dit in engine.experts:
+            dit.set_compiled(True)
+    return engine
+
+
+def compile_enabled(options: DenoiserOptions, device: torch.device) -> bool:
+    return options.compile == "on" or (options.compile == "auto" and torch.device(device).type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -266,9 +277,12 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         )
 
 
-def warmup_job(model: ModelConfig, options: DenoiserOptions) -> DenoiseJob:
-    """A one-step tiny request run before SERVING (loads kernels, allocator pools)."""
-    params = pb.DenoiseParams(width=32, height=32, frames=1, steps=1, guidance=[model.defaults.guidance[0]], seed=0)
+def warmup_job(model: ModelConfig, options: DenoiserOptions, compiled: bool) -> DenoiseJob:
+    """A one-step request run before SERVING: loads kernels and allocator pools; when compiled, at the model's
+    default size, so that the usual request never waits for compilation."""
+    d = model.defaults
+    size = dict(width=d.width, height=d.height, frames=d.frames) if compiled else dict(width=32, height=32, frames=1)
+    params = pb.DenoiseParams(steps=1, guidance=[d.guidance[0]], seed=0, **size)
     return prepare_job(params, model, options)
 
 
@@ -283,7 +297,7 @@ async def start(model: ModelConfig, layout, system, address: str, options: Denoi
 
     def warmup():
         emb = torch.zeros(4, model.dit.text_dim)
-        servicer.runner(warmup_job(model, options), emb, emb)
+        servicer.runner(warmup_job(model, options, compile_enabled(options, engine.device)), emb, emb)
 
     return await start_stage(SERVICE_NAME, pb_grpc.add_DenoiserServiceServicer_to_server, servicer, address,
                              system.max_queue, warmup=warmup)

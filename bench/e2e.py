@@ -1,0 +1,132 @@
+"""A whole generation, ours through the gateway (four services, real gRPC on loopback) vs diffusers' WanPipeline.
+
+Wan2.1-1.3B at 480p x 81 frames, 50 UniPC steps, CFG 5, the same random weights for both (a Diffusers folder
+written first): the 1.3B DiT, the full Wan VAE (float32 for both), and a ONE-layer umT5 with the real
+width (4096) in place of the 24-layer encoder (the T5 is ~0.05 s of a ~60 s generation on this class of GPU;
+both pipelines use the same one). Both return uint8 frames (no mp4: the GPU machine has no ffmpeg).
+Also reports the gRPC overhead: each stage's wall time at the gateway minus the compute time it reports.
+
+  python bench/e2e.py --out bench_results/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import smartdiff.shared  # noqa: F401  (first: configures gRPC before it loads)
+
+NEG = "blurry, static, low quality"
+PROMPT = "A red fox running through fresh snow in a pine forest, cinematic lighting"
+
+
+def write_folder(root: Path, shift: float) -> None:
+    import diffusers
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from smartdiff.services.text_encoder.tokenizer import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6)
+        t5 = UMT5EncoderModel(UMT5Config(vocab_size=512, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=1,
+                                         relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+                                         is_encoder_decoder=False))
+        vae = diffusers.AutoencoderKLWan()
+    sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              num_train_timesteps=1000, flow_shift=shift, solver_order=2,
+                                              solver_type="bh2", predict_x0=True, lower_order_final=True,
+                                              final_sigmas_type="zero")
+    pipe = diffusers.WanPipeline(tokenizer=build_tiny_tokenizer(512), text_encoder=t5.to(torch.bfloat16),
+                                 vae=vae, scheduler=sched, transformer=dit.to(torch.bfloat16))
+    pipe.save_pretrained(str(root))
+
+
+def run_diffusers(root: Path, kw: dict) -> tuple[float, float]:
+    import diffusers
+
+    vae = diffusers.AutoencoderKLWan.from_pretrained(str(root), subfolder="vae", torch_dtype=torch.float32)
+    pipe = diffusers.WanPipeline.from_pretrained(str(root), vae=vae, torch_dtype=torch.bfloat16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt=PROMPT, negative_prompt=NEG, height=kw["height"], width=kw["width"], num_frames=kw["frames"],
+                guidance_scale=5.0, output_type="np")
+    pipe(**args, num_inference_steps=2, generator=torch.Generator("cuda").manual_seed(1))  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe(**args, num_inference_steps=kw["steps"], generator=torch.Generator("cuda").manual_seed(1))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del pipe, vae
+    torch.cuda.empty_cache()
+    return seconds, 0.0
+
+
+async def run_ours(root: Path, kw: dict) -> tuple[float, dict]:
+    from smartdiff.gateway.v1 import gateway_pb2_grpc
+    from smartdiff.services.denoiser.server import DenoiserOptions
+    from smartdiff.services.gateway.client import generate, request_to_proto
+    from smartdiff.services.gateway.embedded import EmbeddedDeployment
+    from smartdiff.shared.grpc_server import create_channel
+    from smartdiff.shared.model_source import resolve_model
+    from smartdiff.shared.request import GenerationRequest
+    from smartdiff.shared.serving import SystemConfig
+    from smartdiff.vae.v1 import vae_pb2
+
+    model, layout = resolve_model(None, root)
+    start = time.perf_counter()
+    d = await EmbeddedDeployment.start(model, layout, SystemConfig(torch.device("cuda"), torch.bfloat16),
+                                       denoiser=DenoiserOptions(compile="on"))
+    startup = time.perf_counter() - start
+    try:
+        async with create_channel(d.address) as ch:
+            stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+            req = GenerationRequest(prompt=PROMPT, negative_prompt=NEG, guidance=(5.0,), seed=1, **kw)
+            proto = request_to_proto(req, output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)
+            start = time.perf_counter()
+            outcome = await generate(stub, proto)
+            seconds = time.perf_counter() - start
+    finally:
+        await d.stop()
+    stages = {t.stage: dict(wall=t.seconds, compute=t.compute_seconds, peak_gib=t.peak_memory_bytes / 2**30)
+              for t in outcome.summary.stage_timings}
+    overhead = sum(s["wall"] - s["compute"] for s in stages.values())
+    return seconds, dict(stages=stages, grpc_overhead_s=overhead, startup_s=startup,
+                         attention=outcome.summary.settings.attention_selection)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", type=Path, default=Path("/tmp/wan13b-random"))
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out", type=Path, default=Path("bench_results/e2e.json"))
+    args = p.parse_args()
+    kw = dict(width=args.width, height=args.height, frames=args.frames, steps=args.steps)
+    if not (args.folder / "model_index.json").is_file():
+        write_folder(args.folder, shift=5.0)
+    peer, _ = run_diffusers(args.folder, kw)
+    print(f"diffusers WanPipeline         {peer:8.2f} s", flush=True)
+    ours, info = asyncio.run(run_ours(args.folder, kw))
+    print(f"ours through the gateway      {ours:8.2f} s   ({peer / ours:.2f}x)   startup incl. compile "
+          f"{info['startup_s']:.0f} s, attention {info['attention']}")
+    print(f"gRPC overhead (stage wall - compute): {info['grpc_overhead_s']:.3f} s = "
+          f"{100 * info['grpc_overhead_s'] / ours:.2f} % of the generation")
+    for stage, s in info["stages"].items():
+        print(f"  stage {stage}: wall {s['wall']:.2f} s, compute {s['compute']:.2f} s, peak {s['peak_gib']:.1f} GiB")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), shape=kw,
+                                        diffusers_s=peer, ours_s=ours, speedup=peer / ours, **info), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The DiT's elementwise work between its GEMMs and attention, as small pure functions that can be compiled.
+
+Each function is the reference math (eager PyTorch, float32 where Wan computes in float32). With
+`FusedOps(compile=True)` they go through torch.compile, which fuses each into one or two kernels with no
+float32 temporaries in memory: the layer norm + adaLN modulation, the q/k RMS norm + RoPE, and the gated
+residuals. Attention and GEMMs stay outside (cuDNN / cuBLAS, or the request's attention backend).
+Compilation happens once per process and shape family (dynamo marks the token dim dynamic on the second
+shape it sees), at the denoiser's warm-up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm (no affine, float32) then adaLN: x [B, L, C] -> norm(x) * (1 + scale) + shift in x's dtype.
+
+    shift, scale [B, C] float32.
+    """
+    y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return (y * (1 + scale[:, None]) + shift[:, None]).type_as(x)
+
+
+def affine_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm with affine parameters, in float32, returned in x's dtype (the cross-attention norm)."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).type_as(x)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate, summed in float32: x, y [B, L, C], gate [B, C] float32."""
+    return (x.float() + y.float() * gate[:, None]).type_as(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim in float32, gain applied in x's dtype (as Wan's WanRMSNorm)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.type_as(x) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, N, D] by cos / sin [L, 1, D/2], in float32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float, heads: int,
+              cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention q/k: RMS norm over all heads, split heads, RoPE. q, k [B, L, C] -> [B, L, N, D]."""
+    q = rope(rms_norm(q, wq, eps).unflatten(-1, (heads, -1)), cos, sin)
+    k = rope(rms_norm(k, wk, eps).unflatten(-1, (heads, -1)), cos, sin)
+    return q, k
+
+
+class FusedOps:
+    """The functions above, eager or compiled; one instance per DiT (a deployment setting, not per request)."""
+
+    NAMES = ("modulate", "affine_norm", "gated_residual", "rms_norm", "norm_rope")
+
+    def __init__(self, compile: bool = False):
+        self.compiled = compile
+        for name in self.NAMES:
+            fn = globals()[name]
+            setattr(self, name, torch.compile(fn, fullgraph=True) if compile else fn)
