@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from smartdiff.services.denoiser.weights import build_dit, diffusers_to_wan_key
+from smartdiff.services.denoiser.attention import AttentionChoice, attach
 from smartdiff.services.denoiser.dit import KEEP_FP32
 from smartdiff.shared.checkpoint import load_strict, rename_keys
 from smartdiff.shared.config import load_model_config
@@ -80,6 +81,7 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
     # Our model shares the very same weight tensors (no copy): only the float32-kept modules are cast.
     ours = load_strict(build_dit(cfg), rename_keys(ref.state_dict(), diffusers_to_wan_key), "diffusers weights",
                        "cuda", torch.bfloat16, keep_fp32=KEEP_FP32)
+    attach([ours], AttentionChoice())  # the engine's default: exact sdpa, pinned to the fastest kernel (cuDNN)
     lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, *lat, device="cuda", generator=g, dtype=torch.bfloat16)

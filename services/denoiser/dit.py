@@ -5,6 +5,7 @@ Shapes: B batch, C = dim, L = F*H*W patch tokens, N heads, D = head dim, T = tex
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -12,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smartdiff.shared.config import DiTConfig
 
@@ -43,10 +45,18 @@ class ForwardHooks:
     attention: AttentionHook | None = None
 
 
+# On Hopper cuDNN's attention is ~1.7x PyTorch's default choice (flash); it goes first where it accepts the call.
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Exact attention. q [B, Lq, N, D], k/v [B, Lk, N, D] -> [B, Lq, N, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    """Exact attention (cross-attention, and self-attention outside a request). q [B, Lq, N, D], k/v [B, Lk, N, D]."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -67,8 +77,11 @@ def rope_angles(head_dim: int, max_len: int = 1024, theta: float = 10000.0) -> l
     return [torch.outer(pos, 1.0 / theta ** (torch.arange(0, s, 2, dtype=torch.float64) / s)) for s in sizes]
 
 
+@functools.lru_cache(maxsize=16)
 def rope_cos_sin(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [L, 1, D/2] float32 for a (frames, height, width) token grid, row-major order."""
+    """cos, sin tables [L, 1, D/2] float32 for a (frames, height, width) token grid, row-major order.
+
+    Cached per (head dim, grid, device): computed in float64 on the CPU once, not at every forward."""
     f, h, w = grid
     tf, th, tw = rope_angles(head_dim)
     angles = torch.cat(
@@ -147,6 +160,9 @@ class WanAttention(nn.Module):
         if self.ops.compiled and rope is not None and isinstance(self.norm_q, RMSNorm):
             q, k = self.ops.norm_rope(self.q(x), self.k(src), self.norm_q.weight, self.norm_k.weight, self.eps,
                                       self.num_heads, *rope)  # fused: no float32 temporaries in memory
+        elif self.ops.compiled and isinstance(self.norm_q, RMSNorm):  # cross-attention: norms only
+            q = self.ops.rms_norm(self.q(x), self.norm_q.weight, self.eps).unflatten(-1, (self.num_heads, -1))
+            k = self.ops.rms_norm(self.k(src), self.norm_k.weight, self.eps).unflatten(-1, (self.num_heads, -1))
         else:
             q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
             k = self.norm_k(self.k(src)).unflatten(-1, (self.num_heads, -1))
@@ -185,7 +201,7 @@ class WanAttentionBlock(nn.Module):
         y = hook("self", lambda: self.self_attn(ops.modulate(x, shift1, scale1, self.eps), rope=rope))
         x = ops.gated_residual(x, y, gate1)
         x = x + hook("cross", lambda: self.cross_attn(self.cross_norm(x), context=context))
-        y = self.ffn(ops.modulate(x, shift2, scale2, self.eps))
+        y = self.ffn[2](ops.gelu(self.ffn[0](ops.modulate(x, shift2, scale2, self.eps))))
         return ops.gated_residual(x, y, gate2)
 
     def cross_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +278,7 @@ class WanDiT(nn.Module):
         b, _, f, h, w = x.shape
         grid = (f // pt, h // ph, w // pw)
         dtype = self.patch_embedding.weight.dtype
-        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, L, C]
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, L, C]
         ctx = context.to(dtype) if context_embedded else self.embed_text(context)
         e, e6 = self.embed_time(t)
         rope = rope_cos_sin(self.cfg.head_dim, grid, x.device)

@@ -33,6 +33,11 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return (x.float() + y.float() * gate[:, None]).type_as(x)
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation: GELU, tanh approximation (as Wan)."""
+    return F.gelu(x, approximate="tanh")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS norm over the last dim in float32, gain applied in x's dtype (as Wan's WanRMSNorm)."""
     xf = x.float()
@@ -57,7 +62,7 @@ def norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tens
 class FusedOps:
     """The functions above, eager or compiled; one instance per DiT (a deployment setting, not per request)."""
 
-    NAMES = ("modulate", "affine_norm", "gated_residual", "rms_norm", "norm_rope")
+    NAMES = ("modulate", "affine_norm", "gated_residual", "gelu", "rms_norm", "norm_rope")
 
     def __init__(self, compile: bool = False):
         self.compiled = compile

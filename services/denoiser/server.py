@@ -154,9 +154,11 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
         progress((i, n, result.cache.last_step_hit))
 
     with measure_peak(engine.device) as peak:
-        result.latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
-                                        progress=on_step if progress else None, cancelled=cancelled, cache=job.cache,
-                                        cache_stats=result.cache, attention=job.attention, on_attention=on_attention)
+        latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
+                                 progress=on_step if progress else None, cancelled=cancelled, cache=job.cache,
+                                 cache_stats=result.cache, attention=job.attention, on_attention=on_attention)
+        # to the host here: the GPU may still be a step behind the CPU, and that work is the denoiser's time
+        result.latents = latents.float().cpu()
     result.peak_memory_bytes = peak.bytes or 0
     return result
 

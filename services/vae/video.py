@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 
@@ -22,6 +21,8 @@ def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16
     """
     array = _as_frames(frames)
     f, h, w, _ = array.shape
+    import imageio_ffmpeg  # its ffmpeg binary is needed only for mp4 output
+
     writer = imageio_ffmpeg.write_frames(
         str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
         quality=None, macro_block_size=1, output_params=["-crf", str(crf), "-movflags", "+faststart"],
@@ -45,6 +46,8 @@ def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int = 16, crf: int = 10) 
 def probe_mp4(video: str | Path | bytes) -> tuple[int, int, int, float]:
     """(frames, width, height, fps) of an mp4 file or its bytes; frames are counted by decoding."""
     with _as_path(video) as path:
+        import imageio_ffmpeg
+
         reader = imageio_ffmpeg.read_frames(str(path))
         meta = next(reader)
         count = sum(1 for _ in reader)
@@ -55,6 +58,8 @@ def probe_mp4(video: str | Path | bytes) -> tuple[int, int, int, float]:
 def read_mp4(video: str | Path | bytes) -> np.ndarray:
     """Decode an mp4 (file or bytes) to uint8 RGB frames [F, H, W, 3]."""
     with _as_path(video) as path:
+        import imageio_ffmpeg
+
         reader = imageio_ffmpeg.read_frames(str(path))
         width, height = next(reader)["size"]
         frames = [np.frombuffer(buf, np.uint8).reshape(height, width, 3) for buf in reader]
