@@ -199,6 +199,9 @@ def all_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_serve_flags(p, "gateway")
     p.add_argument("--low-mem-level", type=int, default=0, choices=range(4))
+    from smartdiff.services.denoiser.server import add_denoiser_flags
+
+    add_denoiser_flags(p)
     return p
 
 
@@ -206,11 +209,17 @@ async def _serve_all(args: argparse.Namespace) -> int:
     from smartdiff.services.gateway.embedded import EmbeddedDeployment
     from smartdiff.shared.serving import model_from_args, run_until_signal, setup_logging, system_from_args
 
+    from smartdiff.services.denoiser.server import options_from_args
+
     setup_logging(args.log_level)
     model, layout = model_from_args(args)
+    options = options_from_args(args)
+    if options.cfg_degree * options.ulysses_degree * options.ring_degree != 1:
+        raise ConfigError("serve all runs one denoiser process: parallel degrees must be 1 "
+                          "(multi-GPU: torchrun -m smartdiff.services.denoiser, see the README)")
     host = "127.0.0.1" if args.host in ("[::]", "0.0.0.0") else args.host
     deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args), host=host,
-                                                gateway_port=args.port)
+                                                gateway_port=args.port, denoiser=options)
     print(f"{deployment.address} SERVING", flush=True)
     await run_until_signal(deployment.servers[-1], args.drain_seconds)
     await deployment.stop()
