@@ -69,3 +69,26 @@ def test_cache_decisions_are_the_same_on_every_rank(strategy):
     for got, got_cached, got_report in results:
         assert got_cached == cached and got_report == report
         assert ((got - latents).norm() / latents.norm()) <= 1e-5
+
+
+def _cancel_rank(rank, world, cancel_after):
+    from smartdiff.services.denoiser.distributed import LockstepStop
+    from smartdiff.shared.errors import Cancelled
+
+    model, req, ctx, neg = inputs("wan-tiny")
+    req = resolve_request(GenerationRequest(prompt="x", guidance=(5.0,), **{**SHAPE, "steps": 20}), model)
+    engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=ParallelState(ParallelConfig(2, 1, 1), rank))
+    done = []
+    local = (lambda: len(done) >= cancel_after) if rank == 0 else None  # only rank 0 knows the client cancelled
+    try:
+        engine.denoise(req, ctx, neg, progress=lambda i, n: done.append(i),
+                       cancelled=LockstepStop(torch.device("cpu"), local))
+    except Cancelled:
+        return len(done)
+    return None
+
+
+def test_cancel_on_rank_zero_stops_every_rank_at_the_same_step():
+    steps = run_ranks(_cancel_rank, 2, 3)
+    assert steps[0] is not None and steps[0] == steps[1]  # both ranks stopped, after the same step
+    assert 3 <= steps[0] <= 4  # within one step of the cancel (the flag is read one step later)
