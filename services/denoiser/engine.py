@@ -13,7 +13,7 @@ from smartdiff.shared.errors import Cancelled, RequestError
 from smartdiff.shared.memory import MemoryPolicy
 from smartdiff.shared.request import ResolvedRequest
 
-from .attention import EXACT, AttentionChoice, AttentionReport
+from .attention import EXACT, AttentionChoice, AttentionReport, backend_names, get_backend
 from .attention import attach as attach_attention
 from .cache import CacheCalibration, CacheConfig, CacheStats, FlexCache
 from .dit import WanDiT
@@ -164,25 +164,29 @@ class DenoiserEngine:
     def _attach_sequence_parallel(self, req: ResolvedRequest, attn) -> Callable[[], None]:
         """Under sequence parallel, wrap each block's self-attention (as the request chose it) for sharded tokens.
 
-        Returns the function that puts the request's attention back. Ring attention needs the log-sum-exp,
-        which only the exact backend provides: other backends are refused for ring layouts.
+        Returns the function that puts the request's attention back. Ring attention merges partial results
+        with their log-sum-exp: the exact backend gets it from the fused SDPA kernels, `sage` / `sparge` from
+        their kernels (`with_lse`); backends that cannot return it (`flash_attn`, `auto`) are refused for ring.
         """
         par = self.parallel
         if par is None or par.config.sp == 1:
             return lambda: None
         backend = attn.resolution.backend
-        if par.config.ring > 1 and backend != EXACT:
+        exact_lse = attention_with_lse(self.device)
+        if par.config.ring > 1 and backend != EXACT and not (backend != "auto" and get_backend(backend).info.returns_lse):
+            capable = ", ".join(n for n in backend_names() if n == EXACT or (n != "auto" and get_backend(n).info.returns_lse))
             raise RequestError("attention.backend", f"{backend!r} cannot run under ring attention (ring degree "
-                                                    f"{par.config.ring}): it does not return the log-sum-exp; use {EXACT}")
+                                                    f"{par.config.ring}): it does not return the log-sum-exp; "
+                                                    f"use one of {capable}")
         pt, ph, pw = self.model.dit.patch_size
         f, h, w = req.latent_shape(self.model)[2:]
         valid = (f // pt) * (h // ph) * (w // pw)
-        lse_fn = attention_with_lse(self.device)
         saved = []
         for dit in self.experts:
             for block in dit.blocks:
                 a = block.self_attn
                 saved.append((a, a.attention_fn))
+                lse_fn = exact_lse if backend == EXACT else getattr(a.attention_fn, "with_lse", None)
                 a.attention_fn = SequenceParallelAttention(par, a.attention_fn, lse_fn, valid)
 
         def restore() -> None:

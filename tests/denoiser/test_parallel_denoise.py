@@ -92,3 +92,49 @@ def test_cancel_on_rank_zero_stops_every_rank_at_the_same_step():
     steps = run_ranks(_cancel_rank, 2, 3)
     assert steps[0] is not None and steps[0] == steps[1]  # both ranks stopped, after the same step
     assert 3 <= steps[0] <= 4  # within one step of the cancel (the flag is read one step later)
+
+
+def _lossy_rank(rank, world, backend, layout):
+    """wan-tiny with head dim 64 (what our Triton kernels take), on `layout` or one process, with `backend`."""
+    import dataclasses
+
+    from smartdiff.services.denoiser.attention import AttentionChoice
+
+    model, req, ctx, neg = inputs("wan-tiny")
+    model = dataclasses.replace(model, dit=dataclasses.replace(model.dit, dim=128, num_heads=2))
+    state = ParallelState(ParallelConfig(*layout), rank) if layout else None
+    engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=state)
+    req = resolve_request(GenerationRequest(prompt="x", guidance=(5.0,), **{**SHAPE, "steps": 2}), model)
+    return engine.denoise(req, ctx, neg, attention=AttentionChoice(backend=backend) if backend else None)
+
+
+@pytest.mark.parametrize("backend", ["sage", "sparge"])
+def test_ring_attention_with_lossy_backends_that_return_the_lse(backend, monkeypatch):
+    """sage / sparge under ring attention: their kernels give the log-sum-exp; the result stays within the
+    lossy backends' tolerance of the exact single-process run (their quantisation / block choices are per ring
+    block, so not bit-equal to their own single-process run)."""
+    pytest.importorskip("triton", reason="sage / sparge are Triton kernels (CPU: TRITON_INTERPRET=1)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks inherit it
+    exact = _lossy_rank(0, 1, None, None)
+    for latents in run_ranks(_lossy_rank, 2, backend, (1, 1, 2)):
+        assert ((latents - exact).norm() / exact.norm()) <= 2e-2
+
+
+def test_ring_refuses_backends_without_lse():
+    for field, message in run_ranks(_refuse_rank, 2):  # every rank refuses, before any collective
+        assert field == "attention.backend"
+        assert "cannot run under ring attention" in message and "sage" in message
+
+
+def _refuse_rank(rank, world):
+    from smartdiff.services.denoiser.attention import AttentionChoice
+    from smartdiff.shared.errors import RequestError
+
+    model, req, ctx, neg = inputs("wan-tiny")
+    engine = DenoiserEngine.load(model, None, "cpu", torch.float32,
+                                 parallel=ParallelState(ParallelConfig(1, 1, 2), rank))
+    try:
+        engine.denoise(req, ctx, neg, attention=AttentionChoice(backend="auto"))
+    except RequestError as e:
+        return e.field, str(e)
+    return None, ""
