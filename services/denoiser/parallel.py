@@ -79,7 +79,7 @@ class ParallelState:
         self.ranks = list(ranks) if ranks is not None else list(range(config.world_size))
         self.member = rank in self.ranks
         self.rank = self.ranks.index(rank) if self.member else -1  # rank inside the layout
-        u, r, sp = config.ulysses, config.ring, config.sp
+        u, sp = config.ulysses, config.sp
         self.cfg_rank, within = divmod(max(self.rank, 0), sp)
         self.ring_rank, self.ulysses_rank = divmod(within, u)
         self.shard = self.ring_rank * u + self.ulysses_rank

@@ -11,7 +11,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from smartdiff.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc, options_pb2
+from smartdiff.denoiser.v1 import denoiser_pb2, options_pb2
 from smartdiff.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smartdiff.services.gateway.client import generate, request_to_proto
 from smartdiff.services.gateway.embedded import EmbeddedDeployment
@@ -22,8 +22,8 @@ from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.request import GenerationRequest, resolve_request
 from smartdiff.shared.serving import SystemConfig
 from smartdiff.shared.tensor_stream import tensor_to_messages
-from smartdiff.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
-from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
+from smartdiff.text_encoder.v1 import text_encoder_pb2
+from smartdiff.vae.v1 import vae_pb2
 
 CPU = SystemConfig(torch.device("cpu"), torch.float32, max_queue=2)
 SMALL = dict(width=32, height=32, frames=5, steps=3)
