@@ -12,62 +12,45 @@ from smartdiff.shared.config import DiTConfig
 
 from .dit import KEEP_FP32, WanDiT
 
-# Diffusers WanTransformer3DModel name -> official Wan name (regex on the full key, first match wins).
-_DIFFUSERS_TO_WAN = [
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
-    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
-    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # Diffusers' norm2 is the cross-attention norm
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^scale_shift_table$", "head.modulation"),
+# Diffusers WanTransformer3DModel name <-> official Wan name, as (Diffusers, Wan) prefixes: top-level ones, and
+# ones inside `blocks.N.` (Diffusers' norm2 is the cross-attention norm, Wan's norm3).
+_TOP = [
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("proj_out.", "head.head."),
+    ("scale_shift_table", "head.modulation"),
 ]
+_BLOCK = [
+    ("attn1.to_out.0.", "self_attn.o."), ("attn1.to_q.", "self_attn.q."), ("attn1.to_k.", "self_attn.k."),
+    ("attn1.to_v.", "self_attn.v."), ("attn1.norm_", "self_attn.norm_"),
+    ("attn2.to_out.0.", "cross_attn.o."), ("attn2.to_q.", "cross_attn.q."), ("attn2.to_k.", "cross_attn.k."),
+    ("attn2.to_v.", "cross_attn.v."), ("attn2.norm_", "cross_attn.norm_"),
+    ("norm2.", "norm3."), ("ffn.net.0.proj.", "ffn.0."), ("ffn.net.2.", "ffn.2."),
+    ("scale_shift_table", "modulation"),
+]
+_BLOCK_KEY = re.compile(r"(blocks\.\d+\.)(.*)")
+
+
+def _rename(key: str, src: int) -> str:
+    """Map one key from naming `src` (0 Diffusers, 1 Wan) to the other; unknown keys pass through."""
+    m = _BLOCK_KEY.fullmatch(key)
+    prefix, rest, table = (m.group(1), m.group(2), _BLOCK) if m else ("", key, _TOP)
+    for pair in table:
+        if rest.startswith(pair[src]):
+            return prefix + pair[1 - src] + rest[len(pair[src]):]
+    return key
 
 
 def diffusers_to_wan_key(key: str) -> str:
-    for pattern, repl in _DIFFUSERS_TO_WAN:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
+    return _rename(key, 0)
 
 
 def wan_to_diffusers_key(key: str) -> str:
     """Inverse mapping (used to write Diffusers-layout folders in tests and tools)."""
-    inverse = [
-        (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-        (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-        (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-        (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-        (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-        (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
-        (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
-        (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
-        (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
-        (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
-        (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
-        (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
-        (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
-        (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
-        (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
-        (r"^head\.head\.", "proj_out."),
-        (r"^head\.modulation$", "scale_shift_table"),
-    ]
-    for pattern, repl in inverse:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
+    return _rename(key, 1)
 
 
 def build_dit(cfg: DiTConfig) -> WanDiT:

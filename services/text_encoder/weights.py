@@ -23,6 +23,7 @@ from transformers import UMT5Config
 
 from smartdiff.shared.checkpoint import CheckpointError, find_weights, read_json, read_state_dict
 from smartdiff.shared.config import TextEncoderConfig
+from smartdiff.shared.model_source import text_encoder_config_from_json
 
 EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # tied in UMT5EncoderModel
 
@@ -122,26 +123,6 @@ def umt5_config(config: TextEncoderConfig) -> UMT5Config:
     )
 
 
-def text_encoder_config_from_hf(config_json: dict, text_len: int = 512) -> TextEncoderConfig:
-    """A Diffusers `text_encoder/config.json` (UMT5Config fields) -> TextEncoderConfig."""
-    c = config_json
-    try:
-        return TextEncoderConfig(
-            vocab_size=c["vocab_size"],
-            dim=c["d_model"],
-            dim_attn=c["num_heads"] * c["d_kv"],
-            ffn_dim=c["d_ff"],
-            num_heads=c["num_heads"],
-            num_layers=c["num_layers"],
-            num_buckets=c.get("relative_attention_num_buckets", 32),
-            max_distance=c.get("relative_attention_max_distance", 128),
-            text_len=text_len,
-            eps=c.get("layer_norm_epsilon", 1e-6),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"text encoder config.json lacks field {e}") from None
-
-
 def check_hf_config(folder: Path, config: TextEncoderConfig) -> None:
     """Raise CheckpointError naming the first field of `folder/config.json` that disagrees with `config`."""
     path = folder / "config.json"
@@ -149,7 +130,7 @@ def check_hf_config(folder: Path, config: TextEncoderConfig) -> None:
     act = data.get("feed_forward_proj", "gated-gelu")
     if act != "gated-gelu":
         raise CheckpointError(f"{path}: feed_forward_proj is {act!r}, expected 'gated-gelu' (umT5)")
-    found = text_encoder_config_from_hf(data, config.text_len)
+    found = text_encoder_config_from_json(data, config.text_len)
     for name, value in vars(found).items():
         if value != getattr(config, name):
             raise CheckpointError(f"{path}: text_encoder.{name} is {value} in the checkpoint, model config says "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from pathlib import Path
@@ -19,7 +18,8 @@ from smartdiff.shared.checkpoint import (
     read_state_dict,
     rename_keys,
 )
-from smartdiff.shared.config import ConfigError, VAEConfig
+from smartdiff.shared.config import VAEConfig
+from smartdiff.shared.model_source import VAE_DIFFUSERS_FIELDS, vae_config_from_json
 
 
 def load_vae(source: str | Path, kind: str, config: VAEConfig, device: torch.device | str = "cpu",
@@ -49,46 +49,10 @@ def read_vae_state_dict(source: Path, kind: str, config: VAEConfig) -> tuple[dic
 
 
 # ------------------------------------------------------------------------------------- Diffusers config
-_DIFFUSERS_FIELDS = {  # Diffusers config.json name -> VAEConfig field
-    "base_dim": "base_dim",
-    "z_dim": "z_dim",
-    "dim_mult": "dim_mult",
-    "num_res_blocks": "num_res_blocks",
-    "temperal_downsample": "temporal_downsample",
-    "latents_mean": "latents_mean",
-    "latents_std": "latents_std",
-}
-# Features of AutoencoderKLWan that the Wan2.1 VAE does not have (Wan2.2-TI2V's VAE uses some of them).
-_UNSUPPORTED = {"is_residual": False, "attn_scales": [], "patch_size": None,
-                "in_channels": 3, "out_channels": 3}
-
-
-def vae_config_from_diffusers(config_json: dict) -> VAEConfig:
-    """A VAEConfig from an AutoencoderKLWan config.json (absent fields take the Wan2.1 defaults)."""
-    for name, supported in _UNSUPPORTED.items():
-        if config_json.get(name, supported) != supported:
-            raise CheckpointError(f"AutoencoderKLWan config: {name}={config_json[name]!r} is not supported "
-                                  f"by the Wan2.1 VAE (expected {supported!r})")
-    decoder_dim = config_json.get("decoder_base_dim")
-    if decoder_dim is not None and decoder_dim != config_json.get("base_dim", VAEConfig.base_dim):
-        raise CheckpointError(f"AutoencoderKLWan config: decoder_base_dim={decoder_dim} is not base_dim")
-    values = {}
-    for theirs, ours in _DIFFUSERS_FIELDS.items():
-        if theirs in config_json:
-            value = config_json[theirs]
-            values[ours] = tuple(value) if isinstance(value, list) else value
-    try:
-        cfg = VAEConfig(**values)
-    except ConfigError as e:
-        raise CheckpointError(f"AutoencoderKLWan config: {e}") from None
-    spatial = 2 ** (len(cfg.dim_mult) - 1)
-    return dataclasses.replace(cfg, stride=(2 ** sum(cfg.temporal_downsample), spatial, spatial))
-
-
 def check_diffusers_config(config_json: dict, config: VAEConfig, where: str | Path) -> None:
     """Raise CheckpointError naming the first config.json field that disagrees with `config`."""
-    theirs = vae_config_from_diffusers(config_json)
-    for name, field in _DIFFUSERS_FIELDS.items():
+    theirs = vae_config_from_json(config_json)
+    for name, field in VAE_DIFFUSERS_FIELDS.items():
         a, b = getattr(theirs, field), getattr(config, field)
         if not _same(a, b):
             raise CheckpointError(f"{where}: {name} is {list(a) if isinstance(a, tuple) else a} "

@@ -11,7 +11,8 @@ from diffusers.video_processor import VideoProcessor
 
 from smartdiff.services.vae.engine import VaeEngine
 from smartdiff.services.vae.model import WanVAE
-from smartdiff.services.vae.weights import convert_diffusers_state_dict, load_vae, vae_config_from_diffusers
+from smartdiff.services.vae.weights import convert_diffusers_state_dict, load_vae
+from smartdiff.shared.model_source import vae_config_from_json
 from smartdiff.shared.checkpoint import WAN_VAE_FILE, CheckpointError, load_strict
 from smartdiff.shared.config import load_model_config
 
@@ -101,7 +102,7 @@ def test_builds_on_meta_with_the_official_parameter_count(reference):
 
 
 def test_config_from_diffusers_json(reference):
-    assert vae_config_from_diffusers(dict(reference.config)) == CFG
+    assert vae_config_from_json(dict(reference.config)) == CFG
 
 
 def _save_both_layouts(reference, engine, root):
