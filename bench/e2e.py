@@ -50,7 +50,7 @@ def write_folder(root: Path, shift: float) -> None:
     pipe.save_pretrained(str(root))
 
 
-def run_diffusers(root: Path, kw: dict) -> tuple[float, float]:
+def run_diffusers(root: Path, kw: dict) -> float:
     import diffusers
 
     vae = diffusers.AutoencoderKLWan.from_pretrained(str(root), subfolder="vae", torch_dtype=torch.float32)
@@ -66,7 +66,7 @@ def run_diffusers(root: Path, kw: dict) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     del pipe, vae
     torch.cuda.empty_cache()
-    return seconds, 0.0
+    return seconds
 
 
 async def run_ours(root: Path, kw: dict) -> tuple[float, dict]:
@@ -114,7 +114,7 @@ def main() -> None:
     kw = dict(width=args.width, height=args.height, frames=args.frames, steps=args.steps)
     if not (args.folder / "model_index.json").is_file():
         write_folder(args.folder, shift=5.0)
-    peer, _ = run_diffusers(args.folder, kw)
+    peer = run_diffusers(args.folder, kw)
     print(f"diffusers WanPipeline         {peer:8.2f} s", flush=True)
     ours, info = asyncio.run(run_ours(args.folder, kw))
     print(f"ours through the gateway      {ours:8.2f} s   ({peer / ours:.2f}x)   startup incl. compile "

@@ -235,3 +235,29 @@ def frames_to_tensors(
             yield out
     if assembler is not None and not assembler.done:
         assembler.result()  # raises DATA_LOSS: the last tensor was cut off
+
+
+async def read_params_and_tensors(request_iterator, assemblers: dict[str, TensorAssembler]):
+    """Read a stage's client stream: one `params` frame first, then TensorFrames on the fields of `assemblers`.
+
+    Returns the params message; the tensors are in the assemblers. RequestError (INVALID_ARGUMENT) for a stream
+    out of that order.
+    """
+    from smartdiff.shared.errors import RequestError
+
+    params = None
+    async for msg in request_iterator:
+        kind = msg.WhichOneof("frame")
+        if kind == "params":
+            if params is not None:
+                raise RequestError("params", "must be sent once")
+            params = msg.params
+        elif kind in assemblers:
+            if params is None:
+                raise RequestError("params", "must be the first message of the stream")
+            assemblers[kind].feed(getattr(msg, kind))
+        else:
+            raise RequestError("frame", f"empty {type(msg).__name__} message")
+    if params is None:
+        raise RequestError("params", "missing: the stream ended without its parameters")
+    return params

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from smartdiff.shared.errors import Overloaded
+from smartdiff.shared.errors import Cancelled, DeadlineExceeded, Overloaded
 
 Emit = Callable[[Any], None]
 ShouldStop = Callable[[], bool]
@@ -40,11 +40,15 @@ class StageWorker:
         self.pending = 0  # admitted and not yet finished (queued + running)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-worker")
 
-    async def stream(self, job: Job, deadline: float | None = None) -> AsyncIterator[Any]:
-        """Run `job`, yielding what it emits, then Done(result). `deadline` is a time.monotonic() value.
+    async def stream(self, job: Job, context=None) -> AsyncIterator[Any]:
+        """Run `job`, yielding what it emits, then Done(result).
 
-        If the consumer stops iterating (client cancel) the job is told to stop at its next check.
+        `context`: the gRPC call's; its deadline makes `should_stop()` True once passed, and a job that then
+        stops with Cancelled is reported as DeadlineExceeded. If the consumer stops iterating (client
+        cancel) the job is told to stop at its next check.
         """
+        left = context.time_remaining() if context is not None else None
+        deadline = time.monotonic() + left if left is not None else None
         if self.pending >= self.max_pending:
             raise Overloaded(f"{self.name}: {self.pending} requests in flight (limit {self.max_pending}); retry later")
         self.pending += 1
@@ -67,7 +71,13 @@ class StageWorker:
         try:
             while (item := await queue.get()) is not _FINISHED:
                 yield item
-            yield Done(await future)
+            try:
+                result = await future
+            except Cancelled:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"{self.name}: deadline exceeded") from None
+                raise
+            yield Done(result)
         finally:
             stop.set()  # no-op when the job finished; stops it at its next check otherwise
 

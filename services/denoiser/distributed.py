@@ -63,32 +63,31 @@ class LockstepStop:
     def __init__(self, device: torch.device, local_stop=None):
         self.device = device
         self.local_stop = local_stop  # rank 0 only: the real cancel / deadline check
-        self._pending = None
+        self._pending = False  # a flag was broadcast at the previous call
+        self._flag = torch.zeros(1, dtype=torch.int32, device=device)
+        cuda = device.type == "cuda"
+        self._host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda) if cuda else self._flag
+        self._event = torch.cuda.Event() if cuda else None
 
     def __call__(self) -> bool:
         stop = self._read_previous()
-        flag = torch.tensor([1 if (self.local_stop is not None and self.local_stop()) else 0],
-                            dtype=torch.int32, device=self.device)
-        if self.device.type == "cuda":
-            work = dist.broadcast(flag, 0, async_op=True)
+        self._flag.fill_(1 if (self.local_stop is not None and self.local_stop()) else 0)
+        if self._event is not None:
+            work = dist.broadcast(self._flag, 0, async_op=True)
             work.wait()  # a stream dependency, not a host wait
-            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (host, event)
+            self._host.copy_(self._flag, non_blocking=True)
+            self._event.record()
         else:
-            dist.broadcast(flag, 0)
-            self._pending = (flag, None)
+            dist.broadcast(self._flag, 0)
+        self._pending = True
         return stop
 
     def _read_previous(self) -> bool:
-        if self._pending is None:
+        if not self._pending:
             return False
-        value, event = self._pending
-        if event is not None:
-            event.synchronize()  # the flag was queued a step ago: this waits for that point, not for this step
-        return bool(value.item())
+        if self._event is not None:
+            self._event.synchronize()  # the flag was queued a step ago: this waits for that point, not this step
+        return bool(self._host.item())
 
 
 class RequestChannel:

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smartdiff.shared.config import DiTConfig
 
+from . import fused
 from .fused import FusedOps
 from .parallel import ParallelState, pad_rope
 
@@ -101,12 +102,10 @@ TOKEN_CHUNK = 8192
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, N, D] by the angles; computed in float32."""
+    """fused.rope over TOKEN_CHUNK tokens at a time: x [B, L, N, D], cos / sin [L, 1, D/2] (same values)."""
     out = torch.empty_like(x)
     for s in range(0, x.shape[1], TOKEN_CHUNK):
-        x1, x2 = x[:, s:s + TOKEN_CHUNK].float().unflatten(-1, (-1, 2)).unbind(-1)
-        c, si = cos[s:s + TOKEN_CHUNK], sin[s:s + TOKEN_CHUNK]
-        out[:, s:s + TOKEN_CHUNK] = torch.stack([x1 * c - x2 * si, x1 * si + x2 * c], dim=-1).flatten(-2)
+        out[:, s:s + TOKEN_CHUNK] = fused.rope(x[:, s:s + TOKEN_CHUNK], cos[s:s + TOKEN_CHUNK], sin[s:s + TOKEN_CHUNK])
     return out
 
 
@@ -122,9 +121,7 @@ class RMSNorm(nn.Module):
         """x [B, L, C], normalised TOKEN_CHUNK tokens at a time (per-token: the same values, less memory)."""
         out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, self.weight.dtype))
         for s in range(0, x.shape[1], TOKEN_CHUNK):
-            xf = x[:, s:s + TOKEN_CHUNK].float()
-            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            torch.mul(y.type_as(x), self.weight, out=out[:, s:s + TOKEN_CHUNK])
+            out[:, s:s + TOKEN_CHUNK] = fused.rms_norm(x[:, s:s + TOKEN_CHUNK], self.weight, self.eps)
         return out
 
 

@@ -18,10 +18,10 @@ from smartdiff.services.denoiser.attention.base import DTYPE_NAMES
 from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_from_proto, cache_config_to_proto
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.shared.config import ModelConfig
-from smartdiff.shared.errors import Cancelled, DeadlineExceeded, RequestError, grpc_errors
+from smartdiff.shared.errors import RequestError, grpc_errors
 from smartdiff.shared.memory import measure_peak
 from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request
-from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_messages
+from smartdiff.shared.tensor_stream import TensorAssembler, read_params_and_tensors, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DenoiserService"].full_name
@@ -188,24 +188,10 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
 
     async def read_inputs(self, request_iterator) -> tuple[pb.DenoiseParams, torch.Tensor, torch.Tensor | None]:
         """params first, then the prompt embedding, then (for guidance > 1) the negative one."""
-        params = None
         limit = self.model.dit.text_len * self.model.dit.text_dim * 4
         tensors = {"prompt_embeds": TensorAssembler("prompt_embeds", limit),
                    "negative_prompt_embeds": TensorAssembler("negative_prompt_embeds", limit)}
-        async for msg in request_iterator:
-            kind = msg.WhichOneof("frame")
-            if kind == "params":
-                if params is not None:
-                    raise RequestError("params", "must be sent once")
-                params = msg.params
-            elif kind in tensors:
-                if params is None:
-                    raise RequestError("params", "must be the first message of the stream")
-                tensors[kind].feed(getattr(msg, kind))
-            else:
-                raise RequestError("frame", "empty DenoiseRequest message")
-        if params is None:
-            raise RequestError("params", "missing: the stream ended without DenoiseParams")
+        params = await read_params_and_tensors(request_iterator, tensors)
         context = tensors["prompt_embeds"].result()
         negative = tensors["negative_prompt_embeds"].result() if tensors["negative_prompt_embeds"].started else None
         return params, context, negative
@@ -226,26 +212,19 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
             if negative is None:
                 raise RequestError("negative_prompt_embeds", "required when guidance > 1")
             self.check_embedding("negative_prompt_embeds", negative)
-        left = context.time_remaining()
-        deadline = time.monotonic() + left if left is not None else None
         start = time.perf_counter()
 
         def job_fn(emit, should_stop):
             return self.runner(job, prompt, negative, progress=emit, cancelled=should_stop)
 
         result = None
-        try:
-            async for item in self.worker.stream(job_fn, deadline):
-                if isinstance(item, Done):
-                    result = item.value
-                else:
-                    step, total, hit = item
-                    yield pb.DenoiseResponse(progress=pb.DenoiseProgress(
-                        step=step, total_steps=total, cache_hit=hit, elapsed_seconds=time.perf_counter() - start))
-        except Cancelled:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"deadline exceeded during denoising ({job.request.steps} steps)") from None
-            raise
+        async for item in self.worker.stream(job_fn, context):
+            if isinstance(item, Done):
+                result = item.value
+            else:
+                step, total, hit = item
+                yield pb.DenoiseResponse(progress=pb.DenoiseProgress(
+                    step=step, total_steps=total, cache_hit=hit, elapsed_seconds=time.perf_counter() - start))
         seconds = time.perf_counter() - start
         for msg in tensor_to_messages(result.latents.float().cpu().contiguous(), pb.DenoiseResponse, "latents"):
             yield msg

@@ -55,7 +55,7 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
             with measure_peak(self.engine.device) as p:
                 return self.engine.encode(prompts), p
 
-        async for item in self.worker.stream(job):
+        async for item in self.worker.stream(job, context):
             if isinstance(item, Done):
                 embeddings, peak = item.value
         seconds = time.perf_counter() - start

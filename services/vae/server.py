@@ -9,10 +9,10 @@ import torch
 from smartdiff.services.vae.engine import VaeEngine
 from smartdiff.services.vae.video import encode_mp4
 from smartdiff.shared.config import ModelConfig
-from smartdiff.shared.errors import Cancelled, DeadlineExceeded, RequestError, grpc_errors
+from smartdiff.shared.errors import Cancelled, RequestError, grpc_errors
 from smartdiff.shared.memory import measure_peak
 from smartdiff.shared.request import MAX_FRAMES, MAX_SIDE
-from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_messages
+from smartdiff.shared.tensor_stream import TensorAssembler, read_params_and_tensors, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
 from smartdiff.vae.v1 import vae_pb2 as pb
 from smartdiff.vae.v1 import vae_pb2_grpc as pb_grpc
@@ -32,21 +32,8 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         vae = self.model.vae
         st, sh, sw = vae.stride
         limit = vae.z_dim * ((MAX_FRAMES - 1) // st + 1) * (MAX_SIDE // sh) * (MAX_SIDE // sw) * 4
-        params, latents = None, TensorAssembler("latents", limit)
-        async for msg in request_iterator:
-            kind = msg.WhichOneof("frame")
-            if kind == "params":
-                if params is not None:
-                    raise RequestError("params", "must be sent once")
-                params = msg.params
-            elif kind == "latents":
-                if params is None:
-                    raise RequestError("params", "must be the first message of the stream")
-                latents.feed(msg.latents)
-            else:
-                raise RequestError("frame", "empty DecodeRequest message")
-        if params is None:
-            raise RequestError("params", "missing: the stream ended without DecodeParams")
+        latents = TensorAssembler("latents", limit)
+        params = await read_params_and_tensors(request_iterator, {"latents": latents})
         return params, latents.result()
 
     def validate(self, p: pb.DecodeParams, latents: torch.Tensor) -> tuple[int, int]:
@@ -71,8 +58,6 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
     async def Decode(self, request_iterator, context):
         params, latents = await self.read_inputs(request_iterator)
         fmt, fps = self.validate(params, latents)
-        left = context.time_remaining()
-        deadline = time.monotonic() + left if left is not None else None
         start = time.perf_counter()
 
         def job(emit, should_stop):
@@ -88,17 +73,12 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             return frames, video, decoded - start, time.perf_counter() - decoded, peak
 
         result = None
-        try:
-            async for item in self.worker.stream(job, deadline):
-                if isinstance(item, Done):
-                    result = item.value
-                else:
-                    yield pb.DecodeResponse(progress=pb.DecodeProgress(
-                        phase=item[0], step=item[1], total=item[2], elapsed_seconds=time.perf_counter() - start))
-        except Cancelled:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded("deadline exceeded during VAE decode") from None
-            raise
+        async for item in self.worker.stream(job, context):
+            if isinstance(item, Done):
+                result = item.value
+            else:
+                yield pb.DecodeResponse(progress=pb.DecodeProgress(
+                    phase=item[0], step=item[1], total=item[2], elapsed_seconds=time.perf_counter() - start))
         frames, video, decode_s, encode_s, peak = result
         if video is not None:
             payload = torch.frombuffer(bytearray(video), dtype=torch.uint8)

@@ -55,3 +55,29 @@ def test_unknown_sampler_refused_by_parser(capsys):
 def test_model_without_weights_needs_checkpoint(capsys):
     assert main(["generate", "--prompt", "x", "--model", "Wan2.1-T2V-14B"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_cache_and_attention_parameters_reach_the_denoiser(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--prompt", "x", "--width", "32", "--height", "32", "--frames", "5", "--steps", "6",
+                 "--seed", "1", "--cache", "teacache", "--cache-param", "rel_l1_threshold=5",
+                 "--cache-param", "coefficients=1", "--cache-param", "coefficients=0", "--out", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "cache=teacache" in summary and "cached_steps=0" not in summary  # threshold 5 with identity: skips
+    assert main(["generate", "--prompt", "x", "--width", "32", "--height", "32", "--frames", "5", "--steps", "2",
+                 "--attention", "sage", "--attention-param", "allow_fallback=true", "--out", str(out)]) == 0
+    assert "fallback from sage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--cache", "pab", "--cache-param", "bogus=1"], ["cache", "unknown field 'bogus'"]),
+    (["--cache-param", "rel_l1_threshold=1"], ["--cache-param needs --cache"]),
+    (["--attention-param", "sparge.topk=lots"], ["attention", "sparge.topk", "cannot parse"]),
+    (["--attention", "sage"], ["attention.backend", "cannot run", "allow_fallback"]),
+])
+def test_bad_attention_and_cache_parameters_are_refused(tmp_path, capsys, flags, words):
+    assert main(["generate", "--prompt", "x", "--width", "32", "--height", "32", "--frames", "5", "--steps", "2",
+                 "--out", str(tmp_path / "v.mp4"), *flags]) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err

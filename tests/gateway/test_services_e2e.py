@@ -232,13 +232,18 @@ def denoiser_workers(monkeypatch):
 
 @pytest.fixture
 def step_times(monkeypatch):
-    """time.monotonic() at the end of every denoising step computed by any engine."""
+    """time.monotonic() at the end of every denoising step computed by any engine.
+
+    Each step is made to last at least 50 ms, as a real one does (seconds on a GPU), so that "within one step"
+    is measured against a step and not against the time a cancel takes to cross two gRPC hops on a busy CPU.
+    """
     from smartdiff.services.denoiser.engine import DenoiserEngine
 
     times, real = [], DenoiserEngine._guided_flow
 
     def timed(self, *a, **kw):
         out = real(self, *a, **kw)
+        time.sleep(0.05)
         times.append(time.monotonic())
         return out
 
