@@ -59,6 +59,49 @@ def card_ceilings() -> tuple[float, float]:
     return 2 * 8192**3 / gemm_s / 1e12, 4 * 32760**2 * 128 * 12 / attn_s / 1e12
 
 
+# Kernel name patterns -> op class, first match wins (profile of one forward, --profile).
+OP_CLASSES = [
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa", "_attn", "sage", "sparge")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "matmul", "splitk")),
+    ("compiled elementwise (triton)", ("triton",)),
+    ("copies", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("norms", ("norm",)),
+    ("conv (patch embedding)", ("conv", "implicit", "im2col")),
+]
+
+
+def profile_forward(fn, label: str, top: int = 12) -> dict:
+    """CUDA kernel time of one forward by op class, plus the largest kernels and the gaps (wall - kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(ev.name, []).append(ev.device_time / 1e6)  # us -> s
+    classes: dict[str, float] = {}
+    for name, times in kernels.items():
+        lower = name.lower()
+        cls = next((c for c, pats in OP_CLASSES if any(p in lower for p in pats)), "other")
+        classes[cls] = classes.get(cls, 0.0) + sum(times)
+    busy = sum(classes.values())
+    biggest = sorted(((sum(t), len(t), n) for n, t in kernels.items()), reverse=True)[:top]
+    print(f"\nprofile: {label}: wall {wall * 1e3:.1f} ms, kernels {busy * 1e3:.1f} ms, "
+          f"gaps {(wall - busy) * 1e3:.1f} ms")
+    for cls, sec in sorted(classes.items(), key=lambda kv: -kv[1]):
+        print(f"  {cls:<32}{sec * 1e3:9.1f} ms {sec / busy:7.1%}")
+    for sec, calls, name in biggest:
+        print(f"    {sec * 1e3:8.1f} ms {calls:5d}x  {name[:110]}")
+    return dict(wall_s=wall, kernels_s=busy, classes_s=classes,
+                top=[dict(seconds=s, calls=c, name=n) for s, c, n in biggest])
+
+
 def diffusers_model(cfg):
     import diffusers
 
@@ -75,7 +118,8 @@ def diffusers_model(cfg):
     return model
 
 
-def bench_model(label: str, width: int, height: int, frames: int, warmup: int, iters: int, ceilings) -> dict:
+def bench_model(label: str, width: int, height: int, frames: int, warmup: int, iters: int, ceilings,
+                profile: bool = False) -> dict:
     cfg = load_model_config(MODELS[label]).dit
     ref = diffusers_model(cfg)
     # Our model shares the very same weight tensors (no copy): only the float32-kept modules are cast.
@@ -113,6 +157,8 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
             med = statistics.median(times)
             rows[name] = dict(seconds=med, tflops=(attn_f + gemm_f) / med / 1e12, floor_ratio=med / floor,
                               all_seconds=times)
+            if profile and name.endswith("compiled"):
+                rows[name]["profile"] = profile_forward(fn, f"{MODELS[label]} {name}")
     del ref, ours
     torch.cuda.empty_cache()
     return dict(model=MODELS[label], shape=f"{width}x{height}x{frames}", tokens=tokens, floor_s=floor,
@@ -127,6 +173,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also profile one compiled forward of each, by op class")
     p.add_argument("--out", type=Path, default=Path("bench_results/dit_forward.json"))
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -137,7 +184,8 @@ def main() -> None:
           f"SDPA attention {ceilings[1]:.0f} TFLOP/s")
     print(f"{'model':<18}{'impl':<18}{'time (s)':>10}{'TFLOP/s':>10}{'x floor':>9}{'rel err':>10}")
     for label in args.models:
-        r = bench_model(label, args.width, args.height, args.frames, args.warmup, args.iters, ceilings)
+        r = bench_model(label, args.width, args.height, args.frames, args.warmup, args.iters, ceilings,
+                        args.profile)
         results["models"].append(r)
         for impl, row in r["runs"].items():
             if not isinstance(row, dict):

@@ -6,7 +6,11 @@ Run:  python bench/flexcache.py --out bench_results/flexcache.json
 CPU smoke test:  python bench/flexcache.py --model wan-tiny --width 64 --height 64 --frames 5 --steps 10 --device cpu
 
 --config takes `none`, `STRATEGY` (its defaults) or `STRATEGY:key=value,...` (fields of the strategy's params;
-coefficients as c4/c3/c2/c1/c0), repeatable. Random weights: speed is representative for a given number of
+coefficients as c4/c3/c2/c1/c0), repeatable. `--calibrate N` first fits TeaCache polynomials and MagCache ratios
+for this very model from N uncached runs (other seeds and prompts), and both strategies then use them; `--match`
+adds, for every magcache config, a TeaCache config whose threshold computes the same number of block stacks
+(found with `DenoiserEngine.plan_cache`, which predicts a strategy's decisions without running the blocks): the two
+compared at an equal budget. Random weights: speed is representative for a given number of
 computed forwards, accuracy is not; TeaCache's decisions on random weights do not follow the real model's (see
 docs/benchmarks.md), hence the identity-polynomial TeaCache entry that skips like the published setting.
 """
@@ -19,9 +23,11 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
-from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_to_proto
+from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, FlexCache, TeaCacheParams, cache_config_to_proto
+from smartdiff.services.denoiser.cache.calibrate import calibrate
 from smartdiff.services.denoiser.cache.config import PARAMS
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.shared.config import load_model_config
@@ -57,6 +63,37 @@ def parse_config(spec: str) -> CacheConfig:
         else:
             values[key] = float(raw)
     return CacheConfig(name, cls(**values) if values else None)
+
+
+def computed_stacks(engine, req, cache: CacheConfig) -> int:
+    return engine.plan_cache(req, cache).computed["block_stack"]
+
+
+def matched_teacache(engine, req, target: int) -> tuple[str, int]:
+    """The TeaCache config (the deployment's polynomial) computing `target` block stacks, or the closest count
+    above it (never a smaller budget than the strategy it is compared with). Counts fall as the threshold rises;
+    the threshold is the middle of the range giving that count, away from the edges where rounding could tip it."""
+    def count(threshold: float) -> int:
+        return computed_stacks(engine, req, CacheConfig("teacache", TeaCacheParams(rel_l1_threshold=threshold)))
+
+    def edge(lo: float, hi: float, above: Callable[[int], bool]) -> tuple[float, float]:
+        for _ in range(50):  # above(count(lo)) and not above(count(hi))
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if above(count(mid)) else (lo, mid)
+        return lo, hi
+
+    hi = 1e-3
+    while count(hi) > target and hi < 1e6:
+        hi *= 2
+    lo, hi = edge(0.0, hi, lambda n: n > target)
+    got = count(hi) if count(hi) >= target else count(lo)  # the closest budget not below the target
+    start = hi if count(hi) == got else lo
+    top = start * 2 + 1e-3
+    while count(top) == got and top < 1e6:
+        top *= 2
+    end, _ = edge(start, top, lambda n: n == got)
+    threshold = (start + end) / 2
+    return f"teacache:rel_l1_threshold={threshold:.6g}", count(float(f"{threshold:.6g}"))
 
 
 def sync(device: torch.device) -> None:
@@ -105,6 +142,12 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--config", action="append", help=f"cache configs to time (default: {' '.join(DEFAULT_CONFIGS)})")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--compile", choices=["on", "off"], default=None,
+                    help="the DiT's compiled elementwise regions (default: on for CUDA, as the denoiser)")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="fit TeaCache / MagCache numbers for this model from N uncached runs before timing")
+    ap.add_argument("--match", action="store_true",
+                    help="add a TeaCache config at the budget of every magcache config (equal computed stacks)")
     ap.add_argument("--out", type=Path, default=Path("bench_results/flexcache.json"))
     args = ap.parse_args()
 
@@ -112,6 +155,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = load_model_config(args.model).replace(random_weights=True)
     engine = DenoiserEngine.load(model, None, device, dtype, enable_flexcache=True)
+    compiled = (args.compile or ("on" if device.type == "cuda" else "off")) == "on"
+    for dit in engine.experts:
+        dit.set_compiled(compiled)
     req = resolve_request(GenerationRequest(prompt="p", width=args.width, height=args.height, frames=args.frames,
                                             steps=args.steps, guidance=(args.guidance,), seed=args.seed), model)
     g = torch.Generator().manual_seed(0)
@@ -121,7 +167,28 @@ def main() -> None:
 
     warm = resolve_request(GenerationRequest(prompt="p", width=args.width, height=args.height, frames=args.frames,
                                              steps=2, guidance=(args.guidance,), seed=args.seed), model)
-    engine.denoise(warm, ctx, neg)  # kernels, allocator
+    engine.denoise(warm, ctx, neg)  # kernels, allocator, compilation
+
+    calibration = None
+    if args.calibrate:
+        runs = []
+        for k in range(args.calibrate):  # other seeds and prompts than the timed run
+            gk = torch.Generator().manual_seed(100 + k)
+            runs.append((resolve_request(GenerationRequest(prompt="c", width=args.width, height=args.height,
+                                                           frames=args.frames, steps=args.steps,
+                                                           guidance=(args.guidance,), seed=1000 + k), model),
+                         0.1 * torch.randn(100, model.dit.text_dim, generator=gk),
+                         0.1 * torch.randn(50, model.dit.text_dim, generator=gk)))
+        start = time.perf_counter()
+        calibration = calibrate(engine, runs)
+        engine.flexcache = FlexCache(model, True, calibration)
+        print(f"calibrated from {args.calibrate} run(s) in {time.perf_counter() - start:.1f} s", flush=True)
+    if args.match:
+        for spec in [s for s in specs if s.split(":")[0] == "magcache"]:
+            target = computed_stacks(engine, req, parse_config(spec))
+            tea, got = matched_teacache(engine, req, target)
+            print(f"budget of {spec}: {target} block stacks; {tea} computes {got}", flush=True)
+            specs.insert(specs.index(spec) + 1, tea)
 
     rows, baseline = [], None
     for spec in specs:
@@ -151,6 +218,9 @@ def main() -> None:
         "model": model.name, "weights": "random", "dtype": str(dtype).removeprefix("torch."),
         "shape": {"width": args.width, "height": args.height, "frames": args.frames, "steps": args.steps,
                   "guidance": args.guidance, "sampler": req.sampler, "shift": req.shift, "batch_cfg": engine.batch_cfg},
+        "compiled": compiled,
+        "calibration": None if calibration is None else {
+            "runs": args.calibrate, "teacache": calibration.teacache, "magcache": calibration.magcache},
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -207,7 +207,8 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
     free_device()
 
     model.to(device)
-    tilings = {"ours level 1": None, f"ours level 1 {args.vae_alt_tiling}": parse_tiling(args.vae_alt_tiling)}
+    tilings = {"ours level 1": None}
+    tilings.update({f"ours level 1 {text}": parse_tiling(text) for text in args.vae_alt_tiling})
     if dry:
         tilings = {"ours level 1": TilingConfig(tile=6, overlap=2), "ours level 1 4:1": TilingConfig(4, 1)}
     engines = {"ours level 0": VaeEngine(model, device, dtype, low_mem_level=0)}
@@ -237,8 +238,11 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def parse_tiling(text: str) -> TilingConfig:
-    tile, overlap = (int(v) for v in text.split(":"))
-    return TilingConfig(tile=tile, overlap=overlap)
+    """TILE:OVERLAP[:FRAMES] in latent px; FRAMES: video frames per decoder call past the temporal upsamplers."""
+    values = [int(v) for v in text.split(":")]
+    if len(values) not in (2, 3):
+        raise SystemExit(f"--vae-alt-tiling: expected TILE:OVERLAP[:FRAMES], got {text!r}")
+    return TilingConfig(*values)
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -294,8 +298,9 @@ def main() -> None:
                    help="the VAE is served in float32; diffusers' published tiling figures match bfloat16")
     p.add_argument("--vae-warmup", type=int, default=1)
     p.add_argument("--vae-iters", type=int, default=2)
-    p.add_argument("--vae-alt-tiling", default="50:8", metavar="TILE:OVERLAP",
-                   help="a second tiling for ours, in latent px (default 50:8: diffusers' 64 px overlap)")
+    p.add_argument("--vae-alt-tiling", nargs="*", default=["50:8"], metavar="TILE:OVERLAP[:FRAMES]",
+                   help="more tilings for ours, in latent px, with video frames per decoder call past the "
+                        "temporal upsamplers (default 50:8: diffusers' 64 px overlap)")
     p.add_argument("--dry-run", action="store_true", help="tiny models and shapes on the CPU")
     p.add_argument("--out", type=Path, default=Path("bench_results/low_mem.json"))
     args = p.parse_args()

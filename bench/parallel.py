@@ -65,11 +65,12 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg):
+def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_dit):
     state = ParallelState(layout, rank, ranks=list(range(layout.world_size)))
     out = None
     if state.member:
         dit = load_strict(build_dit(model.dit), sd, "random", device, torch.bfloat16, KEEP_FP32)
+        dit.set_compiled(compile_dit)  # the denoiser's default on CUDA (--compile auto); compiled in the warm-up
         engine = DenoiserEngine(model, [dit], device, torch.bfloat16, parallel=state)
         warm = resolve_request(GenerationRequest(prompt="x", **{**req_kw, "steps": 1}), model)
         engine.denoise(warm, ctx, neg)
@@ -138,6 +139,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per layout (after one warm-up step)")
     p.add_argument("--layouts", nargs="+", default=["1", "cfg2", "u2", "r2", "cfg2xu2", "u4", "u2xr2"])
     p.add_argument("--peer", nargs="*", type=int, default=[], help="diffusers ulysses degrees to time (1 or world)")
+    p.add_argument("--compile", choices=["on", "off"], default="on",
+                   help="our DiT's compiled elementwise regions (the denoiser's default on CUDA)")
     p.add_argument("--out", type=Path, default=Path("bench_results/parallel.json"))
     args = p.parse_args()
 
@@ -157,7 +160,7 @@ def main() -> None:
         if layout.world_size > world:
             continue
         layout.validate(layout.world_size, model.dit.num_heads)
-        res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg)
+        res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg, args.compile == "on")
         if rank == 0:
             seconds, latents = res
             if layout.world_size == 1:
@@ -178,14 +181,14 @@ def main() -> None:
     if rank == 0:
         base = reference[0] if reference else None
         print(f"\n{MODELS[args.model]} {args.width}x{args.height}x{args.frames}, one CFG step (2 forwards), "
-              f"{torch.cuda.get_device_name()}, world {world}")
+              f"{torch.cuda.get_device_name()}, world {world}, our DiT compiled: {args.compile}")
         print(f"{'impl':<10}{'layout':<44}{'GPUs':>5}{'s/step':>10}{'vs our 1 GPU':>14}")
         for r in rows:
             speed = f"{base / r['seconds_per_step']:.2f}x" if base else "-"
             print(f"{r['impl']:<10}{r['layout']:<44}{r['gpus']:>5}{r['seconds_per_step']:>10.3f}{speed:>14}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                                            world=world, model=MODELS[args.model],
+                                            world=world, model=MODELS[args.model], compile=args.compile,
                                             shape=[args.width, args.height, args.frames], rows=rows), indent=1))
     dist.destroy_process_group()
 

@@ -134,6 +134,50 @@ class DenoiserEngine:
             on_attention(attn.report())
         return latents
 
+    @torch.inference_mode()
+    def plan_cache(self, req: ResolvedRequest, cache: CacheConfig) -> CacheStats:
+        """What `cache` would compute and reuse for `req`, without running the block stack.
+
+        Every strategy decides from the schedule and the timestep embedding alone (never from the latents), so
+        driving its hooks with the real timestep embeddings and stand-in tensors gives the exact pattern of a
+        real run (tests/denoiser/test_cache.py checks it). Used to compare strategies at an equal budget.
+        """
+        sampler = make_sampler(req.sampler, req.steps, req.shift, self.model.num_train_timesteps)
+        stats = CacheStats()
+        session = self.flexcache.start(cache, sampler.timesteps.tolist(), self.expert_index, stats)
+        if session is None:
+            return stats
+        branches = (0, 1) if req.uses_cfg else (0,)
+        try:
+            for i, t in enumerate(sampler.timesteps.tolist()):
+                dit = self.experts[self.expert_index(t)]
+                e, e6 = dit.embed_time(torch.full((len(branches),), t, device=self.device, dtype=torch.float32))
+                step = session.step(i)
+                calls = [branches] if self.batch_cfg else [(b,) for b in branches]  # as _guided_flow calls the DiT
+                for call in calls:
+                    rows = [branches.index(b) for b in call]
+                    self._plan_call(dit, step(*call), e[rows], e6[rows])
+        finally:
+            session.close()
+        return stats
+
+    @staticmethod
+    def _plan_call(dit: WanDiT, hooks, e: torch.Tensor, e6: torch.Tensor) -> None:
+        """One DiT call's hooks with stand-in tokens [B, 1, 1]: the block stack calls every attention hook."""
+        tokens = torch.zeros(e.shape[0], 1, 1, device=e.device)
+
+        def run(tk, e6_, ctx_):
+            if hooks.attention is not None:
+                for layer in range(len(dit.blocks)):
+                    for kind in ("self", "cross"):
+                        hooks.attention(layer, kind, lambda: torch.zeros_like(tk))
+            return tk
+
+        if hooks.blocks is not None:
+            hooks.blocks(run, tokens, e, e6, tokens)
+        else:
+            run(tokens, e6, tokens)
+
     def _guided_flow(self, dit: WanDiT, latents: torch.Tensor, t: float, ctx: torch.Tensor,
                      neg: torch.Tensor | None, guidance: float, hooks=None) -> torch.Tensor:
         """Velocity with classifier-free guidance: uncond + g * (cond - uncond), in float32.

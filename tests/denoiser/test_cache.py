@@ -116,6 +116,25 @@ def test_strategies_reuse_and_report_it(engine, cache):
     assert applied.strategy == cache.strategy and applied.WhichOneof("params") == cache.strategy
 
 
+@pytest.mark.parametrize("batch_cfg", [True, False])
+@pytest.mark.parametrize("cache", [
+    CacheConfig("teacache", TeaCacheParams(rel_l1_threshold=1.5)),
+    CacheConfig("teacache", TeaCacheParams(rel_l1_threshold=3.0, use_ret_steps=True, coefficients=(1.0, 0.0))),
+    CacheConfig("pab"),
+    CacheConfig("magcache", MagCacheParams(threshold=0.5, max_skip_steps=3)),
+    CacheConfig("none"),
+], ids=lambda c: f"{c.strategy}-{c.params}")
+def test_plan_predicts_what_a_real_run_computes(engine, cache, batch_cfg):
+    eng = sibling(engine, batch_cfg=batch_cfg)
+    real = CacheStats()
+    run(eng, cache, real)
+    planned = eng.plan_cache(request(eng), cache)
+    assert planned.computed == real.computed and planned.reused == real.reused
+    assert [s.hit for s in planned.steps] == [s.hit for s in real.steps]
+    if cache.strategy != "none":
+        assert sum(planned.reused.values()) > 0  # the plan is not trivially "compute everything"
+
+
 def test_cached_tensors_are_freed_after_each_request(tiny):
     modules_before = {n: dict(vars(m)).keys() for n, m in tiny.experts[0].named_modules()}
     run(tiny)  # warm any lazy state
