@@ -61,6 +61,7 @@ def card_ceilings() -> tuple[float, float]:
 
 # Kernel name patterns -> op class, first match wins (profile of one forward, --profile).
 OP_CLASSES = [
+    ("communication (nccl)", ("nccl",)),
     ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa", "_attn", "sage", "sparge")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "matmul", "splitk")),
     ("compiled elementwise (triton)", ("triton",)),

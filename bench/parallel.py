@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_dit):
+def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_dit, profile=False):
     state = ParallelState(layout, rank, ranks=list(range(layout.world_size)))
     out = None
     if state.member:
@@ -78,6 +79,15 @@ def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_d
         latents = []
         seconds = timed(lambda: latents.append(engine.denoise(req, ctx, neg)), steps)
         out = (seconds, latents[0].float().cpu())
+        if profile and layout.world_size > 1:  # one more step (twice: warm, then profiled on rank 0)
+            sys.path.insert(0, str(Path(__file__).parent))
+            from dit_forward import profile_forward
+
+            step = lambda: engine.denoise(warm, ctx, neg)  # noqa: E731
+            if state.rank == 0:
+                profile_forward(step, f"ours {layout} (rank 0, one CFG step)")
+            else:
+                step(), step()
         del engine, dit
         torch.cuda.empty_cache()
     dist.barrier()
@@ -141,6 +151,7 @@ def main() -> None:
     p.add_argument("--peer", nargs="*", type=int, default=[], help="diffusers ulysses degrees to time (1 or world)")
     p.add_argument("--compile", choices=["on", "off"], default="on",
                    help="our DiT's compiled elementwise regions (the denoiser's default on CUDA)")
+    p.add_argument("--profile", action="store_true", help="profile one step of each multi-GPU layout (rank 0)")
     p.add_argument("--out", type=Path, default=Path("bench_results/parallel.json"))
     args = p.parse_args()
 
@@ -160,7 +171,8 @@ def main() -> None:
         if layout.world_size > world:
             continue
         layout.validate(layout.world_size, model.dit.num_heads)
-        res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg, args.compile == "on")
+        res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg, args.compile == "on",
+                       args.profile)
         if rank == 0:
             seconds, latents = res
             if layout.world_size == 1:

@@ -153,21 +153,35 @@ class WanAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [B, L, C], context [B, T, C] (None for self-attention) -> [B, L, C]."""
+        if context is None and hasattr(self.attention_fn, "run_module"):
+            # sequence parallel: it runs the projections too, ordered around its exchanges (parallel.py)
+            return self.attention_fn.run_module(self, x, rope)
         src = x if context is None else context
-        if self.ops.compiled and rope is not None and isinstance(self.norm_q, RMSNorm):
-            q, k = self.ops.norm_rope(self.q(x), self.k(src), self.norm_q.weight, self.norm_k.weight, self.eps,
-                                      self.num_heads, *rope)  # fused: no float32 temporaries in memory
-        elif self.ops.compiled and isinstance(self.norm_q, RMSNorm):  # cross-attention: norms only
-            q = self.ops.rms_norm(self.q(x), self.norm_q.weight, self.eps).unflatten(-1, (self.num_heads, -1))
-            k = self.ops.rms_norm(self.k(src), self.norm_k.weight, self.eps).unflatten(-1, (self.num_heads, -1))
-        else:
-            q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-            k = self.norm_k(self.k(src)).unflatten(-1, (self.num_heads, -1))
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.project_qk(x, src, rope)
         v = self.v(src).unflatten(-1, (self.num_heads, -1))
         out = self.attention_fn(q, k, v) if context is None else sdpa_attention(q, k, v)
         return self.o(out.flatten(-2))
+
+    def project_qk(self, x: torch.Tensor, src: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                   groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """q from x [B, L, C], k from src [B, T, C]: projected, RMS-normed, RoPE'd (self-attention) -> [B, *, N, D].
+
+        groups > 1 (self-attention, Ulysses): [G, B, L, N / G, D], head group g contiguous (fused.norm_rope)."""
+        if self.ops.compiled and rope is not None and isinstance(self.norm_q, RMSNorm):
+            return self.ops.norm_rope(self.q(x), self.k(src), self.norm_q.weight, self.norm_k.weight, self.eps,
+                                      self.num_heads, *rope, groups)  # fused: no float32 temporaries in memory
+        if groups > 1:
+            return tuple(t.unflatten(2, (groups, -1)).permute(2, 0, 1, 3, 4).contiguous()
+                         for t in self.project_qk(x, src, rope))
+        if self.ops.compiled and isinstance(self.norm_q, RMSNorm):  # cross-attention: norms only
+            q = self.ops.rms_norm(self.q(x), self.norm_q.weight, self.eps).unflatten(-1, (self.num_heads, -1))
+            k = self.ops.rms_norm(self.k(src), self.norm_k.weight, self.eps).unflatten(-1, (self.num_heads, -1))
+            return q, k
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(src)).unflatten(-1, (self.num_heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k
 
 
 class WanAttentionBlock(nn.Module):

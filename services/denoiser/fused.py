@@ -52,10 +52,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float, heads: int,
-              cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention q/k: RMS norm over all heads, split heads, RoPE. q, k [B, L, C] -> [B, L, N, D]."""
+              cos: torch.Tensor, sin: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention q/k: RMS norm over all heads, split heads, RoPE. q, k [B, L, C] -> [B, L, N, D].
+
+    groups > 1 (Ulysses): returned as [G, B, L, N / G, D], head group g contiguous for its rank, written in
+    that layout by the same kernel."""
     q = rope(rms_norm(q, wq, eps).unflatten(-1, (heads, -1)), cos, sin)
     k = rope(rms_norm(k, wk, eps).unflatten(-1, (heads, -1)), cos, sin)
+    if groups > 1:
+        q, k = (t.unflatten(2, (groups, -1)).permute(2, 0, 1, 3, 4).contiguous() for t in (q, k))
     return q, k
 
 

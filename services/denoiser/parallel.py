@@ -140,12 +140,22 @@ class ParallelState:
         return parts
 
 
-def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int, size: int) -> torch.Tensor:
-    """Split x into `size` parts along scatter_dim, exchange, concatenate what arrives along gather_dim."""
-    send = [t.contiguous() for t in x.chunk(size, dim=scatter_dim)]
-    recv = [torch.empty_like(send[0]) for _ in range(size)]
-    dist.all_to_all(recv, send, group=group)
-    return torch.cat(recv, dim=gather_dim)
+def _exchange(send: torch.Tensor, group) -> tuple[torch.Tensor, dist.Work]:
+    """Start an all-to-all of send [U, ...]: part u goes to Ulysses rank u; part u of the result came from it."""
+    recv = torch.empty_like(send)
+    return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+
+def _heads_to_ranks(x: torch.Tensor, u: int) -> torch.Tensor:
+    """[B, Ls, N, D] -> [U, B, Ls, N/U, D], contiguous: head group u goes to Ulysses rank u (one copy)."""
+    b, length, n, d = x.shape
+    return x.view(b, length, u, n // u, d).permute(2, 0, 1, 3, 4).contiguous()
+
+
+def _sequence_from_ranks(recv: torch.Tensor) -> torch.Tensor:
+    """[U, B, Ls, Nh, D] (sequence shard u from rank u) -> [B, U * Ls, Nh, D]: a view when B == 1."""
+    u, b, length, n, d = recv.shape
+    return recv.transpose(0, 1).reshape(b, u * length, n, d)
 
 
 def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, o_b: torch.Tensor, lse_b: torch.Tensor):
@@ -200,7 +210,8 @@ def attention_with_lse(device: torch.device) -> AttentionWithLse:
 class SequenceParallelAttention:
     """Self-attention over a sequence sharded across U x R ranks: Ulysses all-to-all, then ring over blocks.
 
-    Called with this rank's q/k/v shards [B, L_pad / S, N, D]; returns this rank's output shard.
+    `run_module(attn, x, rope)` runs a whole self-attention module on this rank's tokens (what the DiT calls);
+    calling it with this rank's q/k/v shards [B, L_pad / S, N, D] returns this rank's output shard.
     `valid` is the unpadded global sequence length.
     """
 
@@ -211,18 +222,59 @@ class SequenceParallelAttention:
         self.state, self.attention, self.attention_lse, self.valid = state, attention, attention_lse, valid
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        st, cfg = self.state, self.state.config
-        u = cfg.ulysses
-        if u > 1:  # gather the ring block's sequence, scatter the heads: [B, L/S, N, D] -> [B, L/R, N/U, D]
-            q, k, v = (_all_to_all(t, st.ulysses_group, scatter_dim=2, gather_dim=1, size=u) for t in (q, k, v))
-        block = q.shape[1]  # tokens of one ring block, padding included
-        if cfg.ring == 1:
-            out = self.attention(q, k[:, : self.valid], v[:, : self.valid])
-        else:
-            out = self._ring(q, k, v, block)
-        if u > 1:  # back: [B, L/R, N/U, D] -> [B, L/S, N, D]
-            out = _all_to_all(out, st.ulysses_group, scatter_dim=1, gather_dim=2, size=u)
-        return out
+        u = self.state.config.ulysses
+        if u == 1:
+            return self._attend(q, k, v)
+        exchanges = [_exchange(_heads_to_ranks(t, u), self.state.ulysses_group) for t in (q, k, v)]
+        for _, work in exchanges:
+            work.wait()
+        recv, work = self._send_back(self._attend(*(_sequence_from_ranks(t) for t, _ in exchanges)))
+        work.wait()
+        return recv.permute(1, 2, 0, 3, 4).flatten(2, 3)  # [U, B, Ls, Nh, D] -> [B, Ls, N, D]
+
+    def run_module(self, attn, x: torch.Tensor, rope) -> torch.Tensor:
+        """The whole self-attention module `attn` (a dit.WanAttention) on this rank's tokens x [B, L/S, C].
+
+        Same result as projecting and calling self(q, k, v), with the exchanges overlapping the compute: v goes
+        first and travels while q and k are projected, normed and rotated; the output projection starts on this
+        rank's own head group while the others' arrive (it is linear in the head groups: o(y) = b + sum_u y_u
+        W_u^T); the received blocks are used where they land (no copy at batch 1)."""
+        u = self.state.config.ulysses
+        if u == 1:
+            q, k = attn.project_qk(x, x, rope)
+            return attn.o(self._attend(q, k, attn.v(x).unflatten(-1, (attn.num_heads, -1))).flatten(-2))
+        group = self.state.ulysses_group
+        v = _exchange(_heads_to_ranks(attn.v(x).unflatten(-1, (attn.num_heads, -1)), u), group)
+        q, k = attn.project_qk(x, x, rope, groups=u)  # already [U, B, Ls, N/U, D]
+        k = _exchange(k, group)
+        q = _exchange(q, group)
+        for _, work in (v, k, q):
+            work.wait()
+        out = self._attend(*(_sequence_from_ranks(t) for t, _ in (q, k, v)))  # [B, L/R, N/U, D]
+        recv, work = self._send_back(out)
+        mine, width = self.state.ulysses_rank, out.shape[-2] * out.shape[-1]
+        weight = attn.o.weight.view(attn.o.weight.shape[0], u, width)  # input columns by head group
+        own = out.reshape(out.shape[0], u, -1, width)[:, mine]  # [B, Ls, C / U]: stays on this rank
+        y = F.linear(own, weight[:, mine], attn.o.bias)
+        work.wait()
+        flat = y.view(-1, y.shape[-1])
+        for j in range(u):
+            if j != mine:
+                flat.addmm_(recv[j].reshape(-1, width), weight[:, j].t())
+        return y
+
+    def _send_back(self, out: torch.Tensor) -> tuple[torch.Tensor, dist.Work]:
+        """Start returning out [B, L/R, Nh, D] to the ranks owning its sequence shards: -> [U, B, Ls, Nh, D]."""
+        u = self.state.config.ulysses
+        b, length, nh, d = out.shape
+        send = out.reshape(b, u, length // u, nh, d).transpose(0, 1).contiguous()  # no copy at batch 1
+        return _exchange(send, self.state.ulysses_group)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of a ring block's queries [B, L/R, Nh, D] over the whole (padded) sequence."""
+        if self.state.config.ring == 1:
+            return self.attention(q, k[:, : self.valid], v[:, : self.valid])
+        return self._ring(q, k, v, q.shape[1])
 
     def _ring(self, q, k, v, block: int) -> torch.Tensor:
         """Pass K/V blocks around the ring; merge the partial results with their log-sum-exp."""

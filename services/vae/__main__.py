@@ -2,13 +2,17 @@
 
 import sys
 
+import torch
+
 from smartdiff.services.vae.server import start
 from smartdiff.shared.serving import stage_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("vae", lambda model, layout, system, address, args: start(model, layout, system, address),
-                      argv)
+    def run(model, layout, system, address, args):  # --dtype given: the VAE computes in it (default float32)
+        return start(model, layout, system, address, getattr(torch, args.dtype) if args.dtype else None)
+
+    return stage_main("vae", run, argv)
 
 
 if __name__ == "__main__":

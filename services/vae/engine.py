@@ -24,8 +24,8 @@ class VaeEngine:
     dtype is the compute dtype (float32 by default, as Wan decodes); inputs and float outputs are float32.
 
     low_mem_level >= 1 (shared/memory.py): decode in overlapping spatial tiles (`tiling`, default
-    TilingConfig(); an explicit `tiling` turns tiles on at level 0 too), frames returned on the CPU, and the
-    encoder (unused by text-to-video) kept on the CPU and moved in only while encoding.
+    TilingConfig.for_dtype(dtype); an explicit `tiling` turns tiles on at level 0 too), frames returned on the
+    CPU, and the encoder (unused by text-to-video) kept on the CPU and moved in only while encoding.
     """
 
     def __init__(self, model: WanVAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -35,7 +35,9 @@ class VaeEngine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.memory = MemoryPolicy.resolve(low_mem_level, self.device, "vae")
-        self.tiling = tiling if tiling is not None else (TilingConfig() if self.memory.vae_tiling else None)
+        if tiling is None and self.memory.vae_tiling:
+            tiling = TilingConfig.for_dtype(dtype)
+        self.tiling = tiling
         self.frames_device = torch.device("cpu") if self.memory.vae_tiling else self.device
         self._encoder_parked = self.memory.vae_tiling and self.device.type != "cpu"
         if self._encoder_parked:

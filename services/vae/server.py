@@ -95,15 +95,17 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         ))
 
 
-async def start(model: ModelConfig, layout, system, address: str):
-    """Load the VAE (float32, as Wan decodes), warm up on a tiny latent, serve on `address`."""
+async def start(model: ModelConfig, layout, system, address: str, dtype: torch.dtype | None = None):
+    """Load the VAE, warm up on a tiny latent, serve on `address`. dtype: the compute dtype, float32 unless the
+    deployment asks (`--dtype`): Wan decodes in float32; bfloat16 halves the memory and time."""
     from smartdiff.shared.serving import start_stage
 
     level = system.low_mem_level  # 1 and up: tiled decode
+    dtype = dtype or torch.float32
     if layout is None:
-        engine = VaeEngine.random(model.vae, system.device, torch.float32, seed=0, low_mem_level=level)
+        engine = VaeEngine.random(model.vae, system.device, dtype, seed=0, low_mem_level=level)
     else:
-        engine = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, system.device, torch.float32,
+        engine = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, system.device, dtype,
                                            low_mem_level=level)
     servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue), tiled=engine.tiling is not None)
     warm = torch.zeros(1, model.vae.z_dim, 1, 2, 2)

@@ -26,8 +26,9 @@ Span = tuple[int, int]
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """Tile geometry in latent pixels (x8 in the video). The defaults split 720p (latent 90 x 160) into 2 x 4
-    tiles of 48 x 45 (384 x 360 px) with ~6 latent px (48 px) of overlap: 1.2x the untiled area."""
+    """Tile geometry in latent pixels (x8 in the video), and video frames per decoder call past the last temporal
+    upsampler. Most of a tile's memory is its causal convolutions' caches (two frames of every conv's input), the
+    rest grows with frames_per_call, while one frame per call costs time (small convolutions): see `for_dtype`."""
 
     tile: int = 48  # largest tile side
     overlap: int = 6  # smallest overlap between neighbouring tiles, blended linearly
@@ -39,6 +40,16 @@ class TilingConfig:
                              f"overlap {self.overlap}")
         if self.frames_per_call < 1:
             raise ValueError(f"tiling: frames_per_call must be >= 1, got {self.frames_per_call}")
+
+    @classmethod
+    def for_dtype(cls, dtype: torch.dtype) -> "TilingConfig":
+        """The default tiles for a compute dtype: about 2 GiB peak at any resolution (tile memory does not grow
+        with the video), as fast as that allows. 720p x 81 on an H200 (docs/benchmarks.md): 2-byte dtypes
+        48:4 with 4 frames per call (2 x 4 tiles, 1.12x the untiled area); float32, twice the bytes per pixel,
+        40:4 with 2 frames per call (3 x 5 tiles)."""
+        if dtype.itemsize <= 2:
+            return cls(tile=48, overlap=4, frames_per_call=4)
+        return cls(tile=40, overlap=4, frames_per_call=2)
 
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[Span]:

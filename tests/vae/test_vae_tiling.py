@@ -60,12 +60,16 @@ def test_tile_spans_cover_with_equal_tiles_and_two_deep_overlaps(length, tile, o
         assert c0 >= a1  # never three tiles on one pixel along an axis
 
 
-def test_default_tiles_720p():
-    cfg = TilingConfig()
+@pytest.mark.parametrize("dtype, grid, tile_px, area", [
+    (torch.bfloat16, (2, 4), (47, 43), 1.123),  # 8 tiles of 376 x 344 video px, 4 frames per call
+    (torch.float32, (3, 5), (33, 36), 1.2375),  # 15 tiles of 264 x 288 video px, 2 frames per call
+])
+def test_default_tiles_720p(dtype, grid, tile_px, area):
+    cfg = TilingConfig.for_dtype(dtype)
     rows, cols = tile_spans(90, cfg.tile, cfg.overlap), tile_spans(160, cfg.tile, cfg.overlap)
-    assert (len(rows), len(cols)) == (2, 4)  # 8 tiles of 48 x 45 latent px = 384 x 360 video px
-    area = sum(b - a for a, b in rows) * sum(b - a for a, b in cols) / (90 * 160)
-    assert area == pytest.approx(1.2)
+    assert (len(rows), len(cols)) == grid
+    assert (rows[0][1] - rows[0][0], cols[0][1] - cols[0][0]) == tile_px
+    assert sum(b - a for a, b in rows) * sum(b - a for a, b in cols) / (90 * 160) == pytest.approx(area, abs=1e-3)
 
 
 def test_ramp_weights_are_a_partition_of_unity():
@@ -114,10 +118,11 @@ def test_blending_is_exact_for_a_spatially_local_decoder():
     assert calls == [(i, n * 3) for i in range(1, n * 3 + 1)]  # latent frames over all tiles, in order
 
 
-def test_one_tile_equals_untiled_bit_for_bit(engine):
-    z = torch.randn(1, CFG.z_dim, 2, 4, 6, generator=torch.Generator().manual_seed(2))
-    tiled = VaeEngine(engine.model, tiling=TilingConfig(tile=16, overlap=4, frames_per_call=1))
-    assert torch.equal(tiled.decode_float(z), engine.decode_float(z))  # one frame per call is exact too
+@pytest.mark.parametrize("frames_per_call", [1, 2, 4])
+def test_one_tile_equals_untiled_bit_for_bit(engine, frames_per_call):
+    z = torch.randn(1, CFG.z_dim, 3, 4, 6, generator=torch.Generator().manual_seed(2))
+    tiled = VaeEngine(engine.model, tiling=TilingConfig(tile=16, overlap=4, frames_per_call=frames_per_call))
+    assert torch.equal(tiled.decode_float(z), engine.decode_float(z))  # splitting a call's frames is exact too
 
 
 def test_tiled_equals_untiled_away_from_the_seam(local_engine):
@@ -151,8 +156,8 @@ def test_level_1_decodes_tiles_to_uint8_frames_on_the_cpu(engine):
 
 def test_levels_pick_tiling(engine):
     assert VaeEngine(engine.model, low_mem_level=0).tiling is None
-    assert VaeEngine(engine.model, low_mem_level=1).tiling == TilingConfig()
-    assert VaeEngine(engine.model, low_mem_level=3).tiling == TilingConfig()  # levels include the ones below
+    assert VaeEngine(engine.model, low_mem_level=1).tiling == TilingConfig.for_dtype(torch.float32)
+    assert VaeEngine(engine.model, low_mem_level=3).tiling == TilingConfig.for_dtype(torch.float32)  # levels nest
     with pytest.raises(MemoryPolicyError, match="low_mem_level"):
         VaeEngine(engine.model, low_mem_level=4)
 
