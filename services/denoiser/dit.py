@@ -211,8 +211,9 @@ class WanAttentionBlock(nn.Module):
         ops = self.ops
         y = hook("self", lambda: self.self_attn(ops.modulate(x, shift1, scale1, self.eps), rope=rope))
         x = ops.gated_residual(x, y, gate1)
-        x = x + hook("cross", lambda: self.cross_attn(self.cross_norm(x), context=context))
-        y = self.ffn[2](ops.gelu(self.ffn[0](ops.modulate(x, shift2, scale2, self.eps))))
+        x, h = ops.add_modulate(x, hook("cross", lambda: self.cross_attn(self.cross_norm(x), context=context)),
+                                shift2, scale2, self.eps)
+        y = self.ffn[2](ops.linear_gelu(h, self.ffn[0].weight, self.ffn[0].bias))
         return ops.gated_residual(x, y, gate2)
 
     def cross_norm(self, x: torch.Tensor) -> torch.Tensor:

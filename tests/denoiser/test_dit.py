@@ -81,3 +81,13 @@ def test_compiled_elementwise_ops_match_eager():
         compiled = ours(x, t, ctx)
         ours.set_compiled(False)
     assert ((compiled - eager).norm() / eager.norm()) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuBLASLt GELU epilogue is CUDA-only")
+def test_gelu_epilogue_is_the_tanh_gelu():
+    from smartdiff.services.denoiser.fused import linear_gelu, linear_gelu_epilogue
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3, 100, 64, device="cuda", generator=g)
+    w, b = torch.randn(96, 64, device="cuda", generator=g) * 0.1, torch.randn(96, device="cuda", generator=g)
+    torch.testing.assert_close(linear_gelu_epilogue(x, w, b), linear_gelu(x, w, b), atol=1e-4, rtol=1e-4)
