@@ -85,13 +85,15 @@ def matched_teacache(engine, req, target: int) -> tuple[str, int]:
     hi = 1e-3
     while count(hi) > target and hi < 1e6:
         hi *= 2
-    lo, hi = edge(0.0, hi, lambda n: n > target)
-    got = count(hi) if count(hi) >= target else count(lo)  # the closest budget not below the target
-    start = hi if count(hi) == got else lo
-    top = start * 2 + 1e-3
-    while count(top) == got and top < 1e6:
-        top *= 2
-    end, _ = edge(start, top, lambda n: n == got)
+    lo, hi = edge(0.0, hi, lambda n: n > target)  # count(lo) > target >= count(hi), lo and hi adjacent
+    if count(hi) == target:  # the range giving the target: from hi up to where the count drops again
+        start, top = hi, hi * 2 + 1e-3
+        while count(top) == target and top < 1e6:
+            top *= 2
+        end, _ = edge(start, top, lambda n: n == target)
+    else:  # no threshold gives it: the range just below, whose count is the closest above the target
+        got, end = count(lo), lo
+        start = 0.0 if count(0.0) == got else edge(0.0, lo, lambda n: n > got)[1]
     threshold = (start + end) / 2
     return f"teacache:rel_l1_threshold={threshold:.6g}", count(float(f"{threshold:.6g}"))
 

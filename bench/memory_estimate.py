@@ -104,19 +104,22 @@ def vae_rows(frames: int, height: int, width: int, dtype: torch.dtype, tiling: T
     tiled = activation_peak(lambda: decode_tiled(vae, z, tiling, sink))
     tag = f"VAE {width}x{height}x{frames} {str(dtype).removeprefix('torch.')}"
     return [(f"{tag}: level 0 untiled", (untiled + nbytes(vae)) / GiB),
-            (f"{tag}: level 1 tiles {tiling.tile}:{tiling.overlap}", (tiled + nbytes(vae.decoder)) / GiB)]
+            (f"{tag}: level 1 tiles {tiling.tile}:{tiling.overlap}:{tiling.frames_per_call}",
+             (tiled + nbytes(vae.decoder)) / GiB)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Wan2.1-T2V-14B")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--tiling", default="48:6", metavar="TILE:OVERLAP")
+    p.add_argument("--tiling", default=None, metavar="TILE:OVERLAP[:FRAMES]",
+                   help="VAE tiles (default: the served ones, TilingConfig.for_dtype)")
     args = p.parse_args()
-    tile, overlap = (int(v) for v in args.tiling.split(":"))
     rows = [r for b in args.batch for r in dit_rows(args.model, 81, 480, 832, b)]
     for dtype in (torch.bfloat16, torch.float32):
-        rows += vae_rows(81, 720, 1280, dtype, TilingConfig(tile, overlap))
+        tiling = (TilingConfig(*(int(v) for v in args.tiling.split(":"))) if args.tiling
+                  else TilingConfig.for_dtype(dtype))
+        rows += vae_rows(81, 720, 1280, dtype, tiling)
     for name, gib in rows:
         print(f"{name:<62}{gib:>8.2f} GiB")
 

@@ -38,7 +38,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="shipped model preset; default wan-tiny (random weights) without --checkpoint")
     p.add_argument("--checkpoint", type=Path, default=os.environ.get(MODEL_DIR_ENV) or None,
                    help=f"model folder, official Wan or Diffusers layout (default: ${MODEL_DIR_ENV})")
-    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bfloat16 on GPU, float32 on CPU; "
+                                                   "the vae service computes in float32 unless given)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 
 

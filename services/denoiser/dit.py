@@ -211,10 +211,17 @@ class WanAttentionBlock(nn.Module):
         ops = self.ops
         y = hook("self", lambda: self.self_attn(ops.modulate(x, shift1, scale1, self.eps), rope=rope))
         x = ops.gated_residual(x, y, gate1)
-        x, h = ops.add_modulate(x, hook("cross", lambda: self.cross_attn(self.cross_norm(x), context=context)),
-                                shift2, scale2, self.eps)
-        y = self.ffn[2](ops.linear_gelu(h, self.ffn[0].weight, self.ffn[0].bias))
-        return ops.gated_residual(x, y, gate2)
+        y = hook("cross", lambda: self.cross_attn(self.cross_norm(x), context=context))
+        if ops.compiled:  # the residual add and the MLP's norm + modulation in one kernel
+            x, h = ops.add_modulate(x, y, shift2, scale2, self.eps)
+            del y
+        else:  # eager: each full-size input freed once used (the norm's float32 temporaries are the peak)
+            x = x + y
+            del y
+            h = ops.modulate(x, shift2, scale2, self.eps)
+        h = ops.linear_gelu(h, self.ffn[0].weight, self.ffn[0].bias)  # rebinding h frees each input once used
+        h = self.ffn[2](h)
+        return ops.gated_residual(x, h, gate2)
 
     def cross_norm(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.norm3, nn.Identity):

@@ -141,25 +141,30 @@ class DenoiserEngine:
         Every strategy decides from the schedule and the timestep embedding alone (never from the latents), so
         driving its hooks with the real timestep embeddings and stand-in tensors gives the exact pattern of a
         real run (tests/denoiser/test_cache.py checks it). Used to compare strategies at an equal budget.
+        Single-process layout (under CFG parallel each rank runs one branch of the same decisions).
         """
         sampler = make_sampler(req.sampler, req.steps, req.shift, self.model.num_train_timesteps)
         stats = CacheStats()
         session = self.flexcache.start(cache, sampler.timesteps.tolist(), self.expert_index, stats)
         if session is None:
             return stats
-        branches = (0, 1) if req.uses_cfg else (0,)
         try:
             for i, t in enumerate(sampler.timesteps.tolist()):
-                dit = self.experts[self.expert_index(t)]
-                e, e6 = dit.embed_time(torch.full((len(branches),), t, device=self.device, dtype=torch.float32))
+                k = self.expert_index(t)
                 step = session.step(i)
-                calls = [branches] if self.batch_cfg else [(b,) for b in branches]  # as _guided_flow calls the DiT
-                for call in calls:
-                    rows = [branches.index(b) for b in call]
-                    self._plan_call(dit, step(*call), e[rows], e6[rows])
+                for call in self._branch_calls(req.guidance[k]):  # as _guided_flow calls the DiT
+                    e, e6 = self.experts[k].embed_time(torch.full((len(call),), t, device=self.device,
+                                                                  dtype=torch.float32))
+                    self._plan_call(self.experts[k], step(*call), e, e6)
         finally:
             session.close()
         return stats
+
+    def _branch_calls(self, guidance: float) -> list[tuple[int, ...]]:
+        """The CFG branches of each DiT call _guided_flow makes for a step at this guidance (single process)."""
+        if guidance <= 1.0:
+            return [(0,)]
+        return [(0, 1)] if self.batch_cfg else [(0,), (1,)]
 
     @staticmethod
     def _plan_call(dit: WanDiT, hooks, e: torch.Tensor, e6: torch.Tensor) -> None:

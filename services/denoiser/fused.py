@@ -96,7 +96,7 @@ class FusedOps:
 
     Compiled, the MLP's first GEMM also takes its GELU as a cuBLASLt epilogue on CUDA (linear_gelu_epilogue)."""
 
-    NAMES = ("modulate", "add_modulate", "affine_norm", "gated_residual", "gelu", "rms_norm", "norm_rope")
+    NAMES = ("modulate", "add_modulate", "affine_norm", "gated_residual", "rms_norm", "norm_rope")
 
     def __init__(self, compile: bool = False):
         self.compiled = compile

@@ -235,7 +235,8 @@ class SequenceParallelAttention:
     def run_module(self, attn, x: torch.Tensor, rope) -> torch.Tensor:
         """The whole self-attention module `attn` (a dit.WanAttention) on this rank's tokens x [B, L/S, C].
 
-        Same result as projecting and calling self(q, k, v), with the exchanges overlapping the compute: v goes
+        The maths of projecting and calling self(q, k, v) (in bf16 the output projection's per-head-group
+        partial sums round once more each: ~1e-3 relative), with the exchanges overlapping the compute: v goes
         first and travels while q and k are projected, normed and rotated; the output projection starts on this
         rank's own head group while the others' arrive (it is linear in the head groups: o(y) = b + sum_u y_u
         W_u^T); the received blocks are used where they land (no copy at batch 1)."""

@@ -124,11 +124,16 @@ def test_strategies_reuse_and_report_it(engine, cache):
     CacheConfig("magcache", MagCacheParams(threshold=0.5, max_skip_steps=3)),
     CacheConfig("none"),
 ], ids=lambda c: f"{c.strategy}-{c.params}")
-def test_plan_predicts_what_a_real_run_computes(engine, cache, batch_cfg):
+@pytest.mark.parametrize("last_unguided", [False, True], ids=["guided", "last-expert-unguided"])
+def test_plan_predicts_what_a_real_run_computes(engine, cache, batch_cfg, last_unguided):
     eng = sibling(engine, batch_cfg=batch_cfg)
+    kw = {}
+    if last_unguided:  # wan-tiny: no CFG at all; wan-tiny-moe: CFG on the first expert only
+        n = eng.model.num_experts
+        kw["guidance"] = (5.0,) * (n - 1) + (1.0,)
     real = CacheStats()
-    run(eng, cache, real)
-    planned = eng.plan_cache(request(eng), cache)
+    run(eng, cache, real, **kw)
+    planned = eng.plan_cache(request(eng, **kw), cache)
     assert planned.computed == real.computed and planned.reused == real.reused
     assert [s.hit for s in planned.steps] == [s.hit for s in real.steps]
     if cache.strategy != "none":
