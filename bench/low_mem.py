@@ -239,10 +239,10 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
 
 def parse_tiling(text: str) -> TilingConfig:
     """TILE:OVERLAP[:FRAMES] in latent px; FRAMES: video frames per decoder call past the temporal upsamplers."""
-    values = [int(v) for v in text.split(":")]
-    if len(values) not in (2, 3):
-        raise SystemExit(f"--vae-alt-tiling: expected TILE:OVERLAP[:FRAMES], got {text!r}")
-    return TilingConfig(*values)
+    try:
+        return TilingConfig.parse(text)
+    except ValueError as e:
+        raise SystemExit(f"--vae-alt-tiling: {e}") from None
 
 
 # -- report ----------------------------------------------------------------------------------

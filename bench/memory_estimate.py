@@ -117,8 +117,7 @@ def main() -> None:
     args = p.parse_args()
     rows = [r for b in args.batch for r in dit_rows(args.model, 81, 480, 832, b)]
     for dtype in (torch.bfloat16, torch.float32):
-        tiling = (TilingConfig(*(int(v) for v in args.tiling.split(":"))) if args.tiling
-                  else TilingConfig.for_dtype(dtype))
+        tiling = TilingConfig.parse(args.tiling) if args.tiling else TilingConfig.for_dtype(dtype)
         rows += vae_rows(81, 720, 1280, dtype, tiling)
     for name, gib in rows:
         print(f"{name:<62}{gib:>8.2f} GiB")

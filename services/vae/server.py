@@ -7,6 +7,7 @@ import time
 import torch
 
 from smartdiff.services.vae.engine import VaeEngine
+from smartdiff.services.vae.tiling import TilingConfig
 from smartdiff.services.vae.video import encode_mp4
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, RequestError, grpc_errors
@@ -95,18 +96,20 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         ))
 
 
-async def start(model: ModelConfig, layout, system, address: str, dtype: torch.dtype | None = None):
+async def start(model: ModelConfig, layout, system, address: str, dtype: torch.dtype | None = None,
+                tiling: TilingConfig | None = None):
     """Load the VAE, warm up on a tiny latent, serve on `address`. dtype: the compute dtype, float32 unless the
-    deployment asks (`--dtype`): Wan decodes in float32; bfloat16 halves the memory and time."""
+    deployment asks (`--dtype`): Wan decodes in float32; bfloat16 halves the memory and time. tiling: the tiles
+    of levels >= 1 (default TilingConfig.for_dtype)."""
     from smartdiff.shared.serving import start_stage
 
     level = system.low_mem_level  # 1 and up: tiled decode
     dtype = dtype or torch.float32
     if layout is None:
-        engine = VaeEngine.random(model.vae, system.device, dtype, seed=0, low_mem_level=level)
+        engine = VaeEngine.random(model.vae, system.device, dtype, seed=0, low_mem_level=level, tiling=tiling)
     else:
         engine = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, system.device, dtype,
-                                           low_mem_level=level)
+                                           low_mem_level=level, tiling=tiling)
     servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue), tiled=engine.tiling is not None)
     warm = torch.zeros(1, model.vae.z_dim, 1, 2, 2)
     return await start_stage(SERVICE_NAME, pb_grpc.add_VaeServiceServicer_to_server, servicer, address,

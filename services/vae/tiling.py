@@ -42,6 +42,14 @@ class TilingConfig:
             raise ValueError(f"tiling: frames_per_call must be >= 1, got {self.frames_per_call}")
 
     @classmethod
+    def parse(cls, text: str) -> "TilingConfig":
+        """'TILE:OVERLAP' or 'TILE:OVERLAP:FRAMES' (latent px; video frames per call), e.g. '48:6:4'."""
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"tiling: expected TILE:OVERLAP[:FRAMES] with whole numbers, got {text!r}")
+        return cls(*(int(p) for p in parts))
+
+    @classmethod
     def for_dtype(cls, dtype: torch.dtype) -> "TilingConfig":
         """The default tiles for a compute dtype: about 2 GiB peak at any resolution (tile memory does not grow
         with the video), as fast as that allows. 720p x 81 on an H200 (docs/benchmarks.md): 2-byte dtypes

@@ -22,11 +22,35 @@ def test_dtype_flag_reaches_the_engine_and_picks_its_tiles(monkeypatch, flag, dt
         return None, 0
 
     monkeypatch.setattr(serving, "start_stage", fake_start_stage)
-    monkeypatch.setattr(vae_main, "stage_main", lambda stage, run, argv: started.setdefault("run", run))
+    monkeypatch.setattr(vae_main, "stage_main", lambda stage, run, argv, extra_flags: started.setdefault("run", run))
     vae_main.main([])
     system = SystemConfig(torch.device("cpu"), torch.float32, low_mem_level=1)
-    args = types.SimpleNamespace(dtype=flag)
+    args = types.SimpleNamespace(dtype=flag, tiling=None)
     asyncio.run(started["run"](load_model_config("wan-tiny"), None, system, "127.0.0.1:0", args))
     engine = started["engine"]
     assert engine.dtype == dtype and next(engine.model.parameters()).dtype == dtype
     assert engine.tiling == TilingConfig.for_dtype(dtype)
+
+
+def test_tiling_flag_sets_the_tiles_and_is_validated(monkeypatch, capsys):
+    started = {}
+
+    async def fake_start_stage(name, add, servicer, address, max_queue, warmup=None):
+        started["engine"] = servicer.engine
+        return None, 0
+
+    monkeypatch.setattr(serving, "start_stage", fake_start_stage)
+    monkeypatch.setattr(serving, "run_until_signal", lambda server, drain: asyncio.sleep(0))
+    assert vae_main.main(["--low-mem-level", "1", "--tiling", "48:6:4", "--port", "0"]) == 0
+    assert started["engine"].tiling == TilingConfig(48, 6, 4)
+    with pytest.raises(SystemExit):  # argparse: the rule, then exit 2
+        vae_main.main(["--tiling", "48x6"])
+    assert "TILE:OVERLAP[:FRAMES]" in capsys.readouterr().err
+    assert vae_main.main(["--tiling", "48:6:4", "--port", "0"]) == 2  # level 0 has no tiles
+    assert "--low-mem-level 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["48", "48:6:4:1", "a:6", "48:-1", "8:4"])
+def test_tiling_parse_refuses_with_the_rule(text):
+    with pytest.raises(ValueError, match="tiling"):
+        TilingConfig.parse(text)
