@@ -25,23 +25,10 @@ from smartdiff.services.denoiser import attention as A
 from smartdiff.services.denoiser.attention import triton_sage as ts
 from smartdiff.services.denoiser.attention.sparge import TritonSpargeKernel
 
+from common import cuda_time
+
 SHAPES = {"1.3B-480p": (1, 32760, 12, 128), "14B-720p": (1, 75600, 40, 128)}  # B, L, N, D
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
-
-
-def cuda_time(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        out.append(start.elapsed_time(end) / 1e3)
-    return out
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

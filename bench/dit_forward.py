@@ -22,23 +22,10 @@ from smartdiff.services.denoiser.dit import KEEP_FP32
 from smartdiff.shared.checkpoint import load_strict, rename_keys
 from smartdiff.shared.config import load_model_config
 
+from common import cuda_time, profile_forward
+
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
 TEXT_LEN = 512
-
-
-def cuda_time(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
 
 
 def forward_flops(dim: int, ffn: int, layers: int, tokens: int, text: int = TEXT_LEN) -> tuple[float, float]:
@@ -57,57 +44,6 @@ def card_ceilings() -> tuple[float, float]:
     q = torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16)
     attn_s = statistics.median(cuda_time(lambda: F.scaled_dot_product_attention(q, q, q), 2, 5))
     return 2 * 8192**3 / gemm_s / 1e12, 4 * 32760**2 * 128 * 12 / attn_s / 1e12
-
-
-# Kernel name patterns -> op class, first match wins (profile of one forward, --profile).
-OP_CLASSES = [
-    ("communication (nccl)", ("nccl",)),
-    ("compiled elementwise (triton)", ("triton_",)),  # Inductor's kernels (their names list the fused ops)
-    ("attention", ("fmha", "flash", "attention", "sdpa", "_attn", "sage", "sparge")),
-    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "matmul", "splitk")),
-    ("copies", ("copy", "memcpy", "memset", "catarraybatched", "fill")),
-    ("norms", ("norm",)),
-    ("conv (patch embedding)", ("conv", "implicit", "im2col")),
-]
-
-
-def profile_forward(fn, label: str, top: int = 12) -> dict:
-    """CUDA kernel time of one forward by op class, plus the largest kernels and the gaps (wall - kernels)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    kernels: dict[str, list[float]] = {}
-    spans = []
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.setdefault(ev.name, []).append(ev.device_time / 1e6)  # us -> s
-            spans.append((ev.time_range.start, ev.time_range.end))
-    busy_union, reach = 0.0, float("-inf")  # GPU busy time: kernels on several streams (NCCL) overlap
-    for a, b in sorted(spans):
-        if b > reach:
-            busy_union += (b - max(a, reach)) / 1e6
-            reach = b
-    classes: dict[str, float] = {}
-    for name, times in kernels.items():
-        lower = name.lower()
-        cls = next((c for c, pats in OP_CLASSES if any(p in lower for p in pats)), "other")
-        classes[cls] = classes.get(cls, 0.0) + sum(times)
-    busy = sum(classes.values())
-    biggest = sorted(((sum(t), len(t), n) for n, t in kernels.items()), reverse=True)[:top]
-    print(f"\nprofile: {label}: wall {wall * 1e3:.1f} ms, kernels {busy * 1e3:.1f} ms (summed over streams), "
-          f"GPU busy {busy_union * 1e3:.1f} ms, idle gaps {(wall - busy_union) * 1e3:.1f} ms")
-    for cls, sec in sorted(classes.items(), key=lambda kv: -kv[1]):
-        print(f"  {cls:<32}{sec * 1e3:9.1f} ms {sec / busy:7.1%}")
-    for sec, calls, name in biggest:
-        print(f"    {sec * 1e3:8.1f} ms {calls:5d}x  {name[:110]}")
-    return dict(wall_s=wall, kernels_s=busy, busy_s=busy_union, classes_s=classes,
-                top=[dict(seconds=s, calls=c, name=n) for s, c, n in biggest])
 
 
 def diffusers_model(cfg):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,8 @@ from smartdiff.services.denoiser.cache.config import PARAMS
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.shared.config import load_model_config
 from smartdiff.shared.request import GenerationRequest, resolve_request
+
+from common import git_commit
 
 DEFAULT_CONFIGS = (
     "none",
@@ -122,14 +123,6 @@ def run_one(engine, req, ctx, neg, cache: CacheConfig, device) -> tuple[torch.Te
         mem = {"peak_bytes_above_start": torch.cuda.max_memory_allocated(device) - before,
                "left_after_request_bytes": memory(device) - before - out.numel() * out.element_size()}
     return out, seconds, stats, mem
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,8 @@ from smartdiff.services.vae.weights import convert_diffusers_state_dict
 from smartdiff.shared.checkpoint import load_strict, rename_keys
 from smartdiff.shared.config import VAEConfig, load_model_config
 from smartdiff.shared.memory import MemoryPolicy, measure_peak
+
+from common import git_commit
 
 TARGETS = dict(dit_peak_gib=5.0, dit_time_ratio=1.05, vae_peak_gib=2.0, vae_time_ratio=1.3)
 
@@ -313,8 +314,7 @@ def main() -> None:
         device = torch.device("cuda")
     import diffusers
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    commit = git.stdout.strip()
+    commit = git_commit()
     results: dict = dict(card=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
                          date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
                          diffusers=diffusers.__version__, command=" ".join(sys.argv), targets=TARGETS)

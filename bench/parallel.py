@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from smartdiff.services.denoiser.weights import build_dit
 from smartdiff.shared.checkpoint import load_strict
 from smartdiff.shared.config import load_model_config
 from smartdiff.shared.request import GenerationRequest, resolve_request
+
+from common import profile_forward
 
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
 
@@ -80,9 +81,6 @@ def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_d
         seconds = timed(lambda: latents.append(engine.denoise(req, ctx, neg)), steps)
         out = (seconds, latents[0].float().cpu())
         if profile and layout.world_size > 1:  # one more step (twice: warm, then profiled on rank 0)
-            sys.path.insert(0, str(Path(__file__).parent))
-            from dit_forward import profile_forward
-
             step = lambda: engine.denoise(warm, ctx, neg)  # noqa: E731
             if state.rank == 0:
                 profile_forward(step, f"ours {layout} (rank 0, one CFG step)")

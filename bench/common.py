@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmark scripts (run as `python bench/<script>.py`, so this folder is on sys.path)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import torch
+
+
+def git_commit() -> str:
+    """Short hash of HEAD where the script runs ("unknown" outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cuda_time(fn, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of `iters` calls of fn (CUDA events), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+# Kernel name patterns -> op class, first match wins (profile of one forward, --profile).
+OP_CLASSES = [
+    ("communication (nccl)", ("nccl",)),
+    ("compiled elementwise (triton)", ("triton_",)),  # Inductor's kernels (their names list the fused ops)
+    ("attention", ("fmha", "flash", "attention", "sdpa", "_attn", "sage", "sparge")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "matmul", "splitk")),
+    ("copies", ("copy", "memcpy", "memset", "catarraybatched", "fill")),
+    ("norms", ("norm",)),
+    ("conv (patch embedding)", ("conv", "implicit", "im2col")),
+]
+
+
+def profile_forward(fn, label: str, top: int = 12) -> dict:
+    """CUDA kernel time of one forward by op class, plus the largest kernels and the gaps (wall - kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels: dict[str, list[float]] = {}
+    spans = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(ev.name, []).append(ev.device_time / 1e6)  # us -> s
+            spans.append((ev.time_range.start, ev.time_range.end))
+    busy_union, reach = 0.0, float("-inf")  # GPU busy time: kernels on several streams (NCCL) overlap
+    for a, b in sorted(spans):
+        if b > reach:
+            busy_union += (b - max(a, reach)) / 1e6
+            reach = b
+    classes: dict[str, float] = {}
+    for name, times in kernels.items():
+        lower = name.lower()
+        cls = next((c for c, pats in OP_CLASSES if any(p in lower for p in pats)), "other")
+        classes[cls] = classes.get(cls, 0.0) + sum(times)
+    busy = sum(classes.values())
+    biggest = sorted(((sum(t), len(t), n) for n, t in kernels.items()), reverse=True)[:top]
+    print(f"\nprofile: {label}: wall {wall * 1e3:.1f} ms, kernels {busy * 1e3:.1f} ms (summed over streams), "
+          f"GPU busy {busy_union * 1e3:.1f} ms, idle gaps {(wall - busy_union) * 1e3:.1f} ms")
+    for cls, sec in sorted(classes.items(), key=lambda kv: -kv[1]):
+        print(f"  {cls:<32}{sec * 1e3:9.1f} ms {sec / busy:7.1%}")
+    for sec, calls, name in biggest:
+        print(f"    {sec * 1e3:8.1f} ms {calls:5d}x  {name[:110]}")
+    return dict(wall_s=wall, kernels_s=busy, busy_s=busy_union, classes_s=classes,
+                top=[dict(seconds=s, calls=c, name=n) for s, c, n in biggest])
