@@ -8,7 +8,7 @@ CPU smoke test:  python bench/flexcache.py --model wan-tiny --width 64 --height 
 --config takes `none`, `STRATEGY` (its defaults) or `STRATEGY:key=value,...` (fields of the strategy's params;
 coefficients as c4/c3/c2/c1/c0), repeatable. `--calibrate N` first fits TeaCache polynomials and MagCache ratios
 for this very model from N uncached runs (other seeds and prompts), and both strategies then use them; `--match`
-adds, for every magcache config, a TeaCache config whose threshold computes the same number of block stacks
+adds, for every magcache and budget config, a TeaCache config whose threshold computes the same number of block stacks
 (found with `DenoiserEngine.plan_cache`, which predicts a strategy's decisions without running the blocks): the two
 compared at an equal budget. Random weights: speed is representative for a given number of
 computed forwards, accuracy is not; TeaCache's decisions on random weights do not follow the real model's (see
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="fit TeaCache / MagCache numbers for this model from N uncached runs before timing")
     ap.add_argument("--match", action="store_true",
-                    help="add a TeaCache config at the budget of every magcache config (equal computed stacks)")
+                    help="add a TeaCache config at the budget of every magcache / budget config (equal computed stacks)")
     ap.add_argument("--out", type=Path, default=Path("bench_results/flexcache.json"))
     args = ap.parse_args()
 
@@ -179,11 +179,12 @@ def main() -> None:
         engine.flexcache = FlexCache(model, True, calibration)
         print(f"calibrated from {args.calibrate} run(s) in {time.perf_counter() - start:.1f} s", flush=True)
     if args.match:
-        for spec in [s for s in specs if s.split(":")[0] == "magcache"]:
+        for spec in [s for s in specs if s.split(":")[0] in ("magcache", "budget")]:
             target = computed_stacks(engine, req, parse_config(spec))
             tea, got = matched_teacache(engine, req, target)
             print(f"budget of {spec}: {target} block stacks; {tea} computes {got}", flush=True)
-            specs.insert(specs.index(spec) + 1, tea)
+            if tea not in specs:  # another config of the same budget may have added it already
+                specs.insert(specs.index(spec) + 1, tea)
 
     rows, baseline = [], None
     for spec in specs:

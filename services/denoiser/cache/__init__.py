@@ -1,4 +1,4 @@
-"""FlexCache: feature-reuse strategies (TeaCache, PAB, MagCache) chosen per request, with per-request state.
+"""FlexCache: feature-reuse strategies (TeaCache, PAB, MagCache, budget) chosen per request, with per-request state.
 
 Engine side: `DenoiserEngine(..., enable_flexcache=True)`, then `denoise(..., cache=CacheConfig(...),
 cache_stats=CacheStats())`. Server side: `cache_config_from_proto`, `cache_config_to_proto(stats.applied)`,
@@ -6,6 +6,7 @@ cache_stats=CacheStats())`. Server side: `cache_config_from_proto`, `cache_confi
 """
 
 from .config import (
+    BudgetParams,
     CacheConfig,
     MagCacheParams,
     PabParams,
@@ -17,6 +18,6 @@ from .published import CacheCalibration
 from .session import CacheSession, CacheStats, FlexCache, Schedule, StepInfo
 
 __all__ = [
-    "CacheCalibration", "CacheConfig", "CacheSession", "CacheStats", "FlexCache", "MagCacheParams", "PabParams",
+    "BudgetParams", "CacheCalibration", "CacheConfig", "CacheSession", "CacheStats", "FlexCache", "MagCacheParams", "PabParams",
     "Schedule", "StepInfo", "TeaCacheParams", "cache_config_from_proto", "cache_config_to_proto",
 ]

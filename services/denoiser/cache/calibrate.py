@@ -3,13 +3,18 @@
 For every step after an expert's first, per CFG branch, a recording block-stack hook measures
 - x: the relative L1 change of the timestep embedding e (and of its projection e6) since the previous step,
 - y: the relative L1 change of the model output (the head applied to the block stack's output),
-- the mean over tokens of ||r_i|| / ||r_(i-1)|| for the block-stack residual r (MagCache's magnitude ratio).
+- the mean over tokens of ||r_i|| / ||r_(i-1)|| for the block-stack residual r (MagCache's magnitude ratio),
+- for d = 1 .. REUSE_DISTANCES, the RMS error of the model output if step i reused r_(i-d) of the same expert:
+  the head applied to tokens_i + r_(i-d) against the real output (the budget cache's reuse-error table).
 TeaCache's polynomial is the least-squares fit y ~ poly(x) (degree 4, as published) over all runs, branches and
-steps of each expert; MagCache's ratios are averaged over runs per step and branch (1.0 at an expert's first step).
+steps of each expert; MagCache's ratios and the reuse errors are averaged over runs per step and branch (ratio
+1.0 at an expert's first step, error inf where step i - d belongs to another expert or precedes the run).
+The recorder keeps REUSE_DISTANCES residuals per branch (for Wan 14B at 720p, about 0.8 GB each in bf16).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -24,6 +29,7 @@ from .published import CacheCalibration
 from .session import CacheStats, StepInfo, StrategyContext
 
 DEGREE = 4
+REUSE_DISTANCES = 5  # reuse errors measured up to this many steps back (budget cache: max_skip_steps <= 4)
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,6 +44,7 @@ class Sample:
     x_e6: float
     y: float
     ratio: float
+    reuse: tuple[float, ...] = ()  # output RMS error when reusing the residual 1, 2, ... steps back
 
 
 @dataclass
@@ -61,12 +68,14 @@ class _Recorder:
     def __init__(self, ctx: StrategyContext, stats: CacheStats, recording: Recording):
         self.ctx, self.stats, self.recording = ctx, stats, recording
         self.previous: dict[tuple[int, int], _Previous] = {}
+        self.history: dict[tuple[int, int], list[torch.Tensor]] = {}  # residuals, newest first
 
     def hooks(self, step: StepInfo, branches: tuple[int, ...]) -> ForwardHooks:
         return ForwardHooks(blocks=partial(self._blocks, step, branches))
 
     def close(self) -> None:
         self.previous.clear()
+        self.history.clear()
 
     def _blocks(self, step, branches, run, tokens, e, e6, ctx):
         out = run(tokens, e6, ctx)
@@ -74,14 +83,25 @@ class _Recorder:
         head = self.ctx.experts[step.expert].head(out, e)  # [B, L, out * patch] model output (before unpatchify)
         residual = out - tokens
         for r, b in enumerate(branches):
+            key = (step.expert, b)
             now = _Previous(e[r].clone(), e6[r].clone(), head[r].clone(), residual[r].clone())
-            prev = self.previous.get((step.expert, b))
+            prev = self.previous.get(key)
             if prev is not None:
                 ratio = (now.residual.float().norm(dim=-1) / prev.residual.float().norm(dim=-1)).mean().item()
-                self.recording.samples[(step.expert, b)].append(Sample(
-                    step.index, rel_l1(now.e, prev.e), rel_l1(now.e6, prev.e6), rel_l1(now.out, prev.out), ratio))
-            self.previous[(step.expert, b)] = now
+                reuse = self._reuse_errors(step.expert, tokens[r], e[r], head[r], self.history[key])
+                self.recording.samples[key].append(Sample(
+                    step.index, rel_l1(now.e, prev.e), rel_l1(now.e6, prev.e6), rel_l1(now.out, prev.out), ratio,
+                    reuse))
+            self.previous[key] = now
+            self.history[key] = [now.residual] + self.history.get(key, [])[:REUSE_DISTANCES - 1]
         return out
+
+    def _reuse_errors(self, expert: int, tokens: torch.Tensor, e: torch.Tensor, real: torch.Tensor,
+                      history: list[torch.Tensor]) -> tuple[float, ...]:
+        """RMS error of the head output of tokens + each older residual (newest first) against the real one."""
+        stale = tokens[None] + torch.stack(history)  # [d, L, C]
+        head = self.ctx.experts[expert].head(stale, e[None].expand(len(history), -1))
+        return tuple((head.float() - real.float()).pow(2).mean(dim=(1, 2)).sqrt().tolist())
 
 
 class CalibrationRecorder:
@@ -120,9 +140,25 @@ def fit(recording: Recording, model_name: str, num_experts: int, steps: int, deg
                 for s in ss:
                     per_step[s.step].append(s.ratio)
         ratios.append(tuple(float(np.mean(per_step[i])) if per_step[i] else 1.0 for i in range(steps)))
+    reuse = [reuse_table(recording, b, steps) for b in (0, 1)]
     if not any(branch == 1 for (_, branch) in recording.samples):
-        ratios[1] = ratios[0]  # calibrated without CFG: use the cond ratios for both
-    return CacheCalibration(model_name, steps, tuple(teacache), (ratios[0], ratios[1]), dict(notes or {}))
+        ratios[1] = ratios[0]  # calibrated without CFG: use the cond numbers for both
+        reuse[1] = reuse[0]
+    return CacheCalibration(model_name, steps, tuple(teacache), (ratios[0], ratios[1]), (reuse[0], reuse[1]),
+                            dict(notes or {}))
+
+
+def reuse_table(recording: Recording, branch: int, steps: int) -> tuple[tuple[float, ...], ...]:
+    """[step][d - 1]: mean over runs of the recorded reuse errors; inf where none was recorded (step i - d is
+    before the expert's first step: another expert, or before the run)."""
+    per = defaultdict(list)
+    for (_, b), ss in recording.samples.items():
+        if b == branch:
+            for s in ss:
+                for d, err in enumerate(s.reuse, 1):
+                    per[(s.step, d)].append(err)
+    return tuple(tuple(float(np.mean(per[(i, d)])) if per[(i, d)] else math.inf for d in range(1, REUSE_DISTANCES + 1))
+                 for i in range(steps))
 
 
 def calibrate(engine, runs: Sequence[tuple], degree: int = DEGREE) -> CacheCalibration:

@@ -46,8 +46,17 @@ class MagCacheParams:
     retention_ratio: float | None = None  # fraction of each expert's first steps always computed
 
 
-PARAMS = {"teacache": TeaCacheParams, "pab": PabParams, "magcache": MagCacheParams}
-CacheParams = TeaCacheParams | PabParams | MagCacheParams
+@dataclass(frozen=True)
+class BudgetParams:
+    """Budget cache: compute this share of each expert's steps, the ones a dynamic programme over the
+    calibrated reuse errors picks; the others reuse the block stack's residual of the last computed step."""
+
+    compute_fraction: float | None = None  # 1 computes every step
+    max_skip_steps: int | None = None  # most consecutive reused steps
+
+
+PARAMS = {"teacache": TeaCacheParams, "pab": PabParams, "magcache": MagCacheParams, "budget": BudgetParams}
+CacheParams = TeaCacheParams | PabParams | MagCacheParams | BudgetParams
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,9 @@ def _validate(name: str, p: CacheParams) -> None:
         if p.timestep_start is not None and p.timestep_end is not None and p.timestep_end > p.timestep_start:
             raise RequestError("cache.pab.timestep_end", f"must be <= timestep_start ({p.timestep_start}), "
                                f"got {p.timestep_end}")
+    elif isinstance(p, BudgetParams):
+        check("compute_fraction", finite(p.compute_fraction) and 0 < p.compute_fraction <= 1, "must be in (0, 1]")
+        check("max_skip_steps", count(p.max_skip_steps, 0), "must be an integer in [0, 1000]")
     else:
         check("threshold", finite(p.threshold) and p.threshold >= 0, "must be a finite number >= 0")
         check("max_skip_steps", count(p.max_skip_steps, 0), "must be an integer in [0, 1000]")

@@ -112,14 +112,24 @@ class CacheCalibration:
     """A deployment's fitted numbers for one model (what `smartdiff calibrate-cache` writes).
 
     teacache[k] = (embedding-mode polynomial, ret-steps-mode polynomial) of expert k, highest degree first;
-    magcache = (cond ratios, uncond ratios) per step of `steps`-step runs, across experts.
+    magcache = (cond ratios, uncond ratios) per step of `steps`-step runs, across experts;
+    reuse_error = (cond, uncond) tables: [step][d - 1] the RMS error of the model output when that step reuses
+    the block-stack residual of the step d earlier (inf where that step belongs to another expert).
     """
 
     model: str
     steps: int
     teacache: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
     magcache: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    reuse_error: tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]] | None = None
     notes: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.reuse_error is not None:
+            if len(self.reuse_error) != 2 or any(len(t) != self.steps for t in self.reuse_error):
+                raise ValueError(f"reuse_error: need cond and uncond tables of {self.steps} steps each")
+            if len({len(row) for t in self.reuse_error for row in t}) != 1 or not self.reuse_error[0][0]:
+                raise ValueError("reuse_error: every step needs the same number (>= 1) of distances")
 
     def to_yaml(self, path: Path) -> None:
         data = {
@@ -129,6 +139,8 @@ class CacheCalibration:
                          for k, (c, r) in enumerate(self.teacache)],
             "magcache": None if self.magcache is None else {"cond": list(self.magcache[0]),
                                                             "uncond": list(self.magcache[1])},
+            "reuse_error": None if self.reuse_error is None else {
+                branch: [list(row) for row in table] for branch, table in zip(("cond", "uncond"), self.reuse_error)},
             "notes": dict(self.notes),
         }
         header = f"# FlexCache calibration of {self.model} (smartdiff calibrate-cache); read by the denoiser.\n"
@@ -144,6 +156,10 @@ class CacheCalibration:
             )
             mag = data.get("magcache")
             magcache = None if not mag else (tuple(map(float, mag["cond"])), tuple(map(float, mag["uncond"])))
-            return cls(str(data["model"]), int(data["steps"]), teacache, magcache, dict(data.get("notes") or {}))
+            err = data.get("reuse_error")
+            reuse = None if not err else tuple(tuple(tuple(float(v) for v in row) for row in err[branch])
+                                               for branch in ("cond", "uncond"))
+            return cls(str(data["model"]), int(data["steps"]), teacache, magcache, reuse,
+                       dict(data.get("notes") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a FlexCache calibration file ({e})") from None

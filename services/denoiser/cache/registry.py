@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import magcache, pab, teacache
+from . import budget, magcache, pab, teacache
 
 
 @dataclass(frozen=True)
@@ -23,4 +23,5 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "teacache": StrategyEntry(teacache.DESCRIPTION, teacache.resolve, teacache.create, teacache.unavailable_reason),
     "pab": StrategyEntry(pab.DESCRIPTION, pab.resolve, pab.create, pab.unavailable_reason),
     "magcache": StrategyEntry(magcache.DESCRIPTION, magcache.resolve, magcache.create, magcache.unavailable_reason),
+    "budget": StrategyEntry(budget.DESCRIPTION, budget.resolve, budget.create, budget.unavailable_reason),
 }

@@ -39,16 +39,18 @@ class SpargeAttentionParams(_message.Message):
     def __init__(self, topk: _Optional[float] = ..., cdf_threshold: _Optional[float] = ..., sim_threshold: _Optional[float] = ..., pv_threshold: _Optional[float] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("strategy", "teacache", "pab", "magcache")
+    __slots__ = ("strategy", "teacache", "pab", "magcache", "budget")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     TEACACHE_FIELD_NUMBER: _ClassVar[int]
     PAB_FIELD_NUMBER: _ClassVar[int]
     MAGCACHE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     teacache: TeaCacheParams
     pab: PabParams
     magcache: MagCacheParams
-    def __init__(self, strategy: _Optional[str] = ..., teacache: _Optional[_Union[TeaCacheParams, _Mapping]] = ..., pab: _Optional[_Union[PabParams, _Mapping]] = ..., magcache: _Optional[_Union[MagCacheParams, _Mapping]] = ...) -> None: ...
+    budget: BudgetParams
+    def __init__(self, strategy: _Optional[str] = ..., teacache: _Optional[_Union[TeaCacheParams, _Mapping]] = ..., pab: _Optional[_Union[PabParams, _Mapping]] = ..., magcache: _Optional[_Union[MagCacheParams, _Mapping]] = ..., budget: _Optional[_Union[BudgetParams, _Mapping]] = ...) -> None: ...
 
 class TeaCacheParams(_message.Message):
     __slots__ = ("rel_l1_threshold", "warmup_steps", "final_steps", "use_ret_steps", "coefficients")
@@ -73,6 +75,14 @@ class MagCacheParams(_message.Message):
     max_skip_steps: int
     retention_ratio: float
     def __init__(self, threshold: _Optional[float] = ..., max_skip_steps: _Optional[int] = ..., retention_ratio: _Optional[float] = ...) -> None: ...
+
+class BudgetParams(_message.Message):
+    __slots__ = ("compute_fraction", "max_skip_steps")
+    COMPUTE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SKIP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    compute_fraction: float
+    max_skip_steps: int
+    def __init__(self, compute_fraction: _Optional[float] = ..., max_skip_steps: _Optional[int] = ...) -> None: ...
 
 class PabParams(_message.Message):
     __slots__ = ("self_attention_skip_range", "cross_attention_skip_range", "timestep_start", "timestep_end")
