@@ -36,10 +36,10 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
                         "deployment's default)")
     p.add_argument("--attention-param", action="append", default=[], metavar="KEY=VALUE",
                    help="AttentionConfig field, e.g. allow_fallback=true, auto.tolerance=0.02, sparge.topk=0.5")
-    p.add_argument("--cache", default="", help="feature-reuse cache: none, teacache, pab, magcache (default none)")
+    p.add_argument("--cache", default="", help="feature-reuse cache: none, teacache, pab, magcache, budget (default none)")
     p.add_argument("--cache-param", action="append", default=[], metavar="KEY=VALUE",
                    help="parameter of the chosen cache, e.g. rel_l1_threshold=0.08 (teacache), "
-                        "self_attention_skip_range=2 (pab), threshold=0.12 (magcache)")
+                        "self_attention_skip_range=2 (pab), threshold=0.12 (magcache), compute_fraction=0.5 (budget)")
 
 
 def build_parser() -> argparse.ArgumentParser:

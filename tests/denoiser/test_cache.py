@@ -11,6 +11,7 @@ import pytest
 import torch
 from smartdiff.denoiser.v1 import options_pb2
 from smartdiff.services.denoiser.cache import (
+    BudgetParams,
     CacheCalibration,
     CacheConfig,
     CacheStats,
@@ -79,6 +80,7 @@ EXACT = [
     CacheConfig("pab", PabParams(self_attention_skip_range=1, cross_attention_skip_range=1)),
     CacheConfig("magcache", MagCacheParams(threshold=0.0)),
     CacheConfig("magcache", MagCacheParams(max_skip_steps=0)),
+    CacheConfig("budget", BudgetParams(compute_fraction=1.0)),
 ]
 
 
@@ -99,6 +101,7 @@ def test_disabling_parameters_give_exactly_the_uncached_result(engine, cache, ba
     CacheConfig("teacache", TeaCacheParams(rel_l1_threshold=1.5)),
     CacheConfig("pab"),
     CacheConfig("magcache"),
+    CacheConfig("budget"),
 ], ids=lambda c: c.strategy)
 def test_strategies_reuse_and_report_it(engine, cache):
     base = run(engine)
@@ -122,6 +125,7 @@ def test_strategies_reuse_and_report_it(engine, cache):
     CacheConfig("teacache", TeaCacheParams(rel_l1_threshold=3.0, use_ret_steps=True, coefficients=(1.0, 0.0))),
     CacheConfig("pab"),
     CacheConfig("magcache", MagCacheParams(threshold=0.5, max_skip_steps=3)),
+    CacheConfig("budget", BudgetParams(compute_fraction=0.4)),
     CacheConfig("none"),
 ], ids=lambda c: f"{c.strategy}-{c.params}")
 @pytest.mark.parametrize("last_unguided", [False, True], ids=["guided", "last-expert-unguided"])
@@ -144,7 +148,7 @@ def test_cached_tensors_are_freed_after_each_request(tiny):
     modules_before = {n: dict(vars(m)).keys() for n, m in tiny.experts[0].named_modules()}
     run(tiny)  # warm any lazy state
     for cache in (CacheConfig("teacache", TeaCacheParams(rel_l1_threshold=1.5)), CacheConfig("pab"),
-                  CacheConfig("magcache")):
+                  CacheConfig("magcache"), CacheConfig("budget")):
         before = live_tensors()
         out = run(tiny, cache)
         assert live_tensors() - before == {id(out)}, cache.strategy
@@ -173,11 +177,12 @@ def test_cache_is_freed_when_the_request_is_cancelled(tiny):
     plain = live_after_cancel(None)
     assert live_after_cancel(CacheConfig("pab")) == plain
     assert live_after_cancel(CacheConfig("magcache")) == plain
+    assert live_after_cancel(CacheConfig("budget")) == plain
 
 
 def test_concurrent_requests_with_different_settings_do_not_affect_each_other(engine):
     configs = [CacheConfig("teacache", TeaCacheParams(rel_l1_threshold=1.5)), CacheConfig("pab"),
-               CacheConfig("magcache", MagCacheParams(max_skip_steps=3)), None]
+               CacheConfig("magcache", MagCacheParams(max_skip_steps=3)), CacheConfig("budget"), None]
     alone = [run(engine, c, seed=i) for i, c in enumerate(configs)]
     barrier = threading.Barrier(len(configs))
     results, errors = [None] * len(configs), []
@@ -204,7 +209,7 @@ def test_concurrent_requests_with_different_settings_do_not_affect_each_other(en
 def test_decisions_do_not_read_the_tokens(engine):
     """Sequence parallel: ranks hold different token shards, so a decision must not depend on them."""
     for cache in (CacheConfig("teacache", TeaCacheParams(rel_l1_threshold=1.5)), CacheConfig("pab"),
-                  CacheConfig("magcache")):
+                  CacheConfig("magcache"), CacheConfig("budget")):
         patterns = []
         for seed in (1, 2):
             stats = CacheStats()
@@ -284,6 +289,8 @@ def test_proto_round_trip_and_validation():
     assert cache_config_from_proto(options_pb2.CacheConfig()) == CacheConfig("none")
     mag = options_pb2.CacheConfig(strategy="magcache", magcache=options_pb2.MagCacheParams(max_skip_steps=3))
     assert cache_config_from_proto(mag).params == MagCacheParams(max_skip_steps=3)
+    budget = options_pb2.CacheConfig(strategy="budget", budget=options_pb2.BudgetParams(compute_fraction=0.25))
+    assert cache_config_from_proto(budget).params == BudgetParams(compute_fraction=0.25)
     bad = [
         (options_pb2.CacheConfig(strategy="fastcache"), "cache.strategy"),
         (options_pb2.CacheConfig(strategy="teacache", pab=options_pb2.PabParams()), "cache.pab"),
@@ -295,6 +302,10 @@ def test_proto_round_trip_and_validation():
          "cache.teacache.rel_l1_threshold"),
         (options_pb2.CacheConfig(strategy="magcache", magcache=options_pb2.MagCacheParams(retention_ratio=1.0)),
          "cache.magcache.retention_ratio"),
+        (options_pb2.CacheConfig(strategy="budget", budget=options_pb2.BudgetParams(compute_fraction=0.0)),
+         "cache.budget.compute_fraction"),
+        (options_pb2.CacheConfig(strategy="budget", budget=options_pb2.BudgetParams(compute_fraction=1.5)),
+         "cache.budget.compute_fraction"),
     ]
     for msg, field in bad:
         with pytest.raises(RequestError) as info:
@@ -311,6 +322,7 @@ def test_calibration_fits_every_expert_and_is_used(tmp_path):
     cal = calibrate(moe, runs)
     assert len(cal.teacache) == 2 and all(len(c) == 5 for pair in cal.teacache for c in pair)
     assert len(cal.magcache[0]) == len(cal.magcache[1]) == 12
+    assert all(len(table) == 12 and all(len(row) == 5 for row in table) for table in cal.reuse_error)
     path = tmp_path / "cal.yaml"
     cal.to_yaml(path)
     loaded = CacheCalibration.from_yaml(path)

@@ -21,7 +21,7 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     """Add `calibrate-cache` to the `smartdiff` subcommands."""
     from smartdiff.shared.serving import add_model_flags
 
-    p = sub.add_parser("calibrate-cache", help="fit TeaCache coefficients (per expert) and MagCache ratios",
+    p = sub.add_parser("calibrate-cache", help="fit TeaCache coefficients (per expert), MagCache ratios and reuse errors",
                        description="Runs full uncached generations and fits the FlexCache numbers of the model "
                        "(needed for Wan2.2, which has no published TeaCache coefficients). The denoiser reads the "
                        "YAML it writes as its cache calibration.")
