@@ -48,11 +48,12 @@ def test_two_expert_model_under_cfg_and_ring():
 
 
 def _cached_rank(rank, world, layout, strategy):
-    from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, PabParams, TeaCacheParams
+    from smartdiff.services.denoiser.cache import BudgetParams, CacheConfig, CacheStats, PabParams, TeaCacheParams
 
     model, req, ctx, neg = inputs("wan-tiny")
     req = resolve_request(GenerationRequest(prompt="x", guidance=(5.0,), **{**SHAPE, "steps": 10}), model)
-    params = TeaCacheParams(rel_l1_threshold=5.0) if strategy == "teacache" else PabParams()
+    params = {"teacache": TeaCacheParams(rel_l1_threshold=5.0), "pab": PabParams(),
+              "budget": BudgetParams(compute_fraction=0.5)}[strategy]
     state = ParallelState(ParallelConfig(*layout), rank) if layout else None
     engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=state, enable_flexcache=True)
     stats = CacheStats()
@@ -60,7 +61,7 @@ def _cached_rank(rank, world, layout, strategy):
     return latents, stats.cached_steps, stats.to_proto().SerializeToString()
 
 
-@pytest.mark.parametrize("strategy", ["teacache", "pab"])
+@pytest.mark.parametrize("strategy", ["teacache", "pab", "budget"])
 def test_cache_decisions_are_the_same_on_every_rank(strategy):
     """Under sequence parallel every rank takes the single-process decisions and caches its own shard."""
     latents, cached, report = _cached_rank(0, 1, None, strategy)
