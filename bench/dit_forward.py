@@ -2,6 +2,9 @@
 
 Prints a table (time, achieved TFLOP/s, ratio to the floor, relative error) and writes JSON results.
 Run: python bench/dit_forward.py --models 1.3B 14B --out bench_results/dit_forward.json
+`--fp8` also times our compiled DiT with FP8 GEMMs in the blocks (`--gemm fp8`, lossy; needs compute capability
+>= 8.9): its time, TFLOP/s (same FLOP count), ratio to diffusers eager, and relative error against our bf16
+compiled output; "x floor" stays against the bf16 floor, and the card's FP8 GEMM TFLOP/s is measured too.
 Needs a CUDA GPU and the `diffusers` package (the peer).
 """
 
@@ -19,10 +22,11 @@ import torch.nn.functional as F
 from smartdiff.services.denoiser.weights import build_dit, diffusers_to_wan_key
 from smartdiff.services.denoiser.attention import AttentionChoice, attach
 from smartdiff.services.denoiser.dit import KEEP_FP32
+from smartdiff.services.denoiser.fp8 import check_gemm, quantize_blocks_fp8
 from smartdiff.shared.checkpoint import load_strict, rename_keys
 from smartdiff.shared.config import load_model_config
 
-from common import cuda_time, profile_forward
+from common import cuda_time, git_commit, profile_forward
 
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
 TEXT_LEN = 512
@@ -46,6 +50,19 @@ def card_ceilings() -> tuple[float, float]:
     return 2 * 8192**3 / gemm_s / 1e12, 4 * 32760**2 * 128 * 12 / attn_s / 1e12
 
 
+def fp8_gemm_ceiling() -> float:
+    """Measured FP8 GEMM (8192^3, row-wise scales, bf16 out: what --gemm fp8 runs) TFLOP/s on this card."""
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(8192, 1, device="cuda"), torch.ones(1, 8192, device="cuda")
+    mm = lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+    return 2 * 8192**3 / statistics.median(cuda_time(mm, 3, 10)) / 1e12
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def diffusers_model(cfg):
     import diffusers
 
@@ -63,8 +80,10 @@ def diffusers_model(cfg):
 
 
 def bench_model(label: str, width: int, height: int, frames: int, warmup: int, iters: int, ceilings,
-                profile: bool = False) -> dict:
+                profile: bool = False, fp8: bool = False) -> dict:
     cfg = load_model_config(MODELS[label]).dit
+    if fp8:
+        check_gemm("fp8", "cuda", torch.bfloat16, cfg)  # this card can run it (before any work)
     ref = diffusers_model(cfg)
     # Our model shares the very same weight tensors (no copy): only the float32-kept modules are cast.
     ours = load_strict(build_dit(cfg), rename_keys(ref.state_dict(), diffusers_to_wan_key), "diffusers weights",
@@ -83,7 +102,7 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
     with torch.inference_mode():
         out_ref = ref(x, t, ctx, return_dict=False)[0]
         out_ours = ours(x, t, ctx)
-        rel = ((out_ours.float() - out_ref.float()).norm() / out_ref.float().norm()).item()
+        rel = rel_err(out_ours, out_ref)
         runs = [("diffusers eager", lambda: ref(x, t, ctx, return_dict=False)),
                 ("ours eager", lambda: ours(x, t, ctx)),
                 ("diffusers compiled", None), ("ours compiled", None)]
@@ -95,15 +114,26 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
                 ours.set_compiled(True)
                 fn = lambda: ours(x, t, ctx)  # noqa: E731
                 out_c = ours(x, t, ctx)
-                rows["compiled_rel_err_vs_eager"] = ((out_c.float() - out_ours.float()).norm()
-                                                     / out_ours.float().norm()).item()
+                rows["compiled_rel_err_vs_eager"] = rel_err(out_c, out_ours)
             times = cuda_time(fn, warmup, iters)
             med = statistics.median(times)
             rows[name] = dict(seconds=med, tflops=(attn_f + gemm_f) / med / 1e12, floor_ratio=med / floor,
                               all_seconds=times)
             if profile and name.endswith("compiled"):
                 rows[name]["profile"] = profile_forward(fn, f"{MODELS[label]} {name}")
-    del ref, ours
+        if fp8:  # last: the blocks' linears of `ours` become FP8 in place (ref keeps the shared bf16 weights)
+            quantize_blocks_fp8(ours)  # stays compiled, as the denoiser serves it (--compile on --gemm fp8)
+            fn = lambda: ours(x, t, ctx)  # noqa: E731
+            out_fp8 = ours(x, t, ctx)
+            times = cuda_time(fn, warmup, iters)
+            med = statistics.median(times)
+            row = rows["ours compiled fp8"] = dict(
+                seconds=med, tflops=(attn_f + gemm_f) / med / 1e12, floor_ratio=med / floor, all_seconds=times,
+                vs_diffusers_eager=rows["diffusers eager"]["seconds"] / med,
+                rel_err_vs_ours_bf16=rel_err(out_fp8, out_c), rel_err_vs_diffusers=rel_err(out_fp8, out_ref))
+            if profile:
+                row["profile"] = profile_forward(fn, f"{MODELS[label]} ours compiled fp8")
+    ref = ours = None  # frees the weights before the next model (the lambdas above share these names)
     torch.cuda.empty_cache()
     return dict(model=MODELS[label], shape=f"{width}x{height}x{frames}", tokens=tokens, floor_s=floor,
                 attention_tflop=attn_f / 1e12, gemm_tflop=gemm_f / 1e12, rel_err_ours_vs_diffusers=rel, runs=rows)
@@ -118,25 +148,36 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also profile one compiled forward of each, by op class")
+    p.add_argument("--fp8", action="store_true",
+                   help="also time our compiled DiT with FP8 GEMMs (--gemm fp8, lossy), error vs our bf16")
     p.add_argument("--out", type=Path, default=Path("bench_results/dit_forward.json"))
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     ceilings = card_ceilings()
     results = dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                   gemm_tflops=ceilings[0], sdpa_attention_tflops=ceilings[1], models=[])
+                   commit=git_commit(), gemm_tflops=ceilings[0], sdpa_attention_tflops=ceilings[1], models=[])
+    if args.fp8:
+        check_gemm("fp8", "cuda", torch.bfloat16, load_model_config(MODELS[args.models[0]]).dit)
+        results["fp8_gemm_tflops"] = fp8_gemm_ceiling()
     print(f"card: {results['card']}  torch {torch.__version__}  bf16 GEMM {ceilings[0]:.0f} TFLOP/s, "
-          f"SDPA attention {ceilings[1]:.0f} TFLOP/s")
+          f"SDPA attention {ceilings[1]:.0f} TFLOP/s"
+          + (f", FP8 GEMM {results['fp8_gemm_tflops']:.0f} TFLOP/s" if args.fp8 else ""))
     print(f"{'model':<18}{'impl':<18}{'time (s)':>10}{'TFLOP/s':>10}{'x floor':>9}{'rel err':>10}")
     for label in args.models:
         r = bench_model(label, args.width, args.height, args.frames, args.warmup, args.iters, ceilings,
-                        args.profile)
+                        args.profile, args.fp8)
         results["models"].append(r)
         for impl, row in r["runs"].items():
             if not isinstance(row, dict):
                 continue
             print(f"{r['model']:<18}{impl:<18}{row['seconds']:>10.3f}{row['tflops']:>10.0f}{row['floor_ratio']:>9.2f}"
-                  f"{r['rel_err_ours_vs_diffusers']:>10.1e}")
+                  f"{row.get('rel_err_vs_diffusers', r['rel_err_ours_vs_diffusers']):>10.1e}")
         print(f"{'':<18}{'floor':<18}{r['floor_s']:>10.3f}")
+        fp8_row = r["runs"].get("ours compiled fp8")
+        if fp8_row:
+            print(f"{'':<18}fp8: {fp8_row['vs_diffusers_eager']:.2f}x diffusers eager, "
+                  f"{r['runs']['ours compiled']['seconds'] / fp8_row['seconds']:.2f}x ours compiled bf16, "
+                  f"rel err vs ours compiled bf16 {fp8_row['rel_err_vs_ours_bf16']:.1e}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

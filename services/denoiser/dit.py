@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from smartdiff.shared.config import DiTConfig
 
 from . import fused
+from .fp8 import Fp8Linear
 from .fused import FusedOps
 from .parallel import ParallelState, pad_rope
 
@@ -152,7 +153,9 @@ class WanAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x [B, L, C], context [B, T, C] (None for self-attention) -> [B, L, C]."""
+        """x [B, L, C], context [B, T, C] (None for self-attention) -> [B, L, C].
+
+        Under FP8 GEMMs x may come quantized by the kernel that computed it (fp8.Fp8Rows): it only feeds q/k/v."""
         if context is None and hasattr(self.attention_fn, "run_module"):
             # sequence parallel: it runs the projections too, ordered around its exchanges (parallel.py)
             return self.attention_fn.run_module(self, x, rope)
@@ -219,7 +222,7 @@ class WanAttentionBlock(nn.Module):
             x = x + y
             del y
             h = ops.modulate(x, shift2, scale2, self.eps)
-        h = ops.linear_gelu(h, self.ffn[0].weight, self.ffn[0].bias)  # rebinding h frees each input once used
+        h = ops.linear_gelu(h, self.ffn[0])  # rebinding h frees each input once used
         h = self.ffn[2](h)
         return ops.gated_residual(x, h, gate2)
 
@@ -261,10 +264,19 @@ class WanDiT(nn.Module):
     def set_compiled(self, compile: bool) -> None:
         """Run the blocks' elementwise work (norms, modulation, RoPE, gated residuals) through torch.compile.
 
-        A deployment setting: compilation happens on first use per shape (the denoiser's warm-up)."""
-        ops = FusedOps(compile)
+        A deployment setting: compilation happens on first use per shape (the denoiser's warm-up). With FP8
+        GEMMs (fp8.quantize_blocks_fp8) the quantization of each GEMM input goes with it."""
+        ops = FusedOps(compile, fp8=self.fp8_gemms)
         for block in self.blocks:
             block.ops = block.self_attn.ops = block.cross_attn.ops = ops
+            for m in block.modules():
+                if isinstance(m, Fp8Linear):
+                    m.quantize = ops.quantize_rows
+
+    @property
+    def fp8_gemms(self) -> bool:
+        """Whether the blocks' linears are FP8 (`--gemm fp8`, fp8.py)."""
+        return len(self.blocks) > 0 and isinstance(self.blocks[0].ffn[0], Fp8Linear)
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """Padded T5 embeddings [B, T, text_dim] -> [B, T, C]; constant across steps, so computed once."""

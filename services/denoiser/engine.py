@@ -17,6 +17,7 @@ from .attention import EXACT, AttentionChoice, AttentionReport, backend_names, g
 from .attention import attach as attach_attention
 from .cache import CacheCalibration, CacheConfig, CacheStats, FlexCache
 from .dit import WanDiT
+from .fp8 import check_gemm, quantize_blocks_fp8
 from .offload import BlockOffloader
 from .parallel import ParallelState, SequenceParallelAttention, attention_with_lse
 from .samplers import make_sampler
@@ -43,10 +44,16 @@ class DenoiserEngine:
     def __init__(self, model: ModelConfig, experts: Sequence[WanDiT], device: torch.device | str,
                  dtype: torch.dtype, batch_cfg: bool = True, enable_flexcache: bool = False,
                  cache_calibration: CacheCalibration | None = None, parallel: ParallelState | None = None,
-                 low_mem_level: int | MemoryPolicy = 0):
+                 low_mem_level: int | MemoryPolicy = 0, gemm: str = "exact"):
         if len(experts) != model.num_experts:
             raise ValueError(f"{model.name} needs {model.num_experts} experts, got {len(experts)}")
         self.memory = MemoryPolicy.resolve(low_mem_level, device, "denoiser")
+        # `gemm` "fp8" (lossy, opt-in): the blocks' linears quantized here, before level 3 packs the weights (it
+        # then streams the FP8 ones); quantized on the run device, wherever the weights are kept.
+        self.gemm = check_gemm(gemm, device, dtype, model.dit)
+        if self.gemm == "fp8":
+            for dit in experts:
+                quantize_blocks_fp8(dit, device)
         # Level 3: the experts' weights move to (pinned) host memory and stream through two device slots.
         self.offloader = BlockOffloader(experts, device) if self.memory.dit_offload else None
         self.model = model
@@ -59,12 +66,14 @@ class DenoiserEngine:
 
     @classmethod
     def load(cls, model: ModelConfig, layout: CheckpointLayout | None, device: torch.device | str,
-             dtype: torch.dtype, seed: int = 0, low_mem_level: int | MemoryPolicy = 0,
+             dtype: torch.dtype, seed: int = 0, low_mem_level: int | MemoryPolicy = 0, gemm: str = "exact",
              **options) -> "DenoiserEngine":
         """Experts from a checkpoint, or seeded random weights when the model is a random-weight preset.
 
-        low_mem_level 3 loads them into host memory (refused before any reading without CUDA)."""
+        low_mem_level 3 loads them into host memory (refused before any reading without CUDA). gemm "fp8"
+        quantizes the blocks' linears once loaded (fp8.py; refused before any reading where it cannot run)."""
         memory = MemoryPolicy.resolve(low_mem_level, device, "denoiser")
+        check_gemm(gemm, device, dtype, model.dit)
         run_device, device = device, ("cpu" if memory.dit_offload else device)
         if layout is None:
             if not model.random_weights:
@@ -74,7 +83,7 @@ class DenoiserEngine:
             if layout.num_experts != model.num_experts:
                 raise ValueError(f"{layout.root} holds {layout.num_experts} experts, {model.name} needs {model.num_experts}")
             experts = [load_dit(d, layout.kind, model.dit, device, dtype) for d in layout.dit_dirs]
-        return cls(model, experts, run_device, dtype, low_mem_level=memory, **options)
+        return cls(model, experts, run_device, dtype, low_mem_level=memory, gemm=gemm, **options)
 
     def expert_index(self, t: float) -> int:
         """Wan2.2: the high-noise expert (0) while t >= boundary * num_train_timesteps, then the low-noise one (1)."""

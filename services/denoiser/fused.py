@@ -6,12 +6,18 @@ float32 temporaries in memory: the layer norm + adaLN modulation, the q/k RMS no
 residuals. Attention and GEMMs stay outside (cuDNN / cuBLAS, or the request's attention backend).
 Compilation happens once per process and shape family (dynamo marks the token dim dynamic on the second
 shape it sees), at the denoiser's warm-up.
+
+Under FP8 GEMMs (`--gemm fp8`, fp8.py) the regions whose output only feeds a GEMM (the modulated norms before
+attention and the MLP, the cross-attention norm, the GELU) also quantize that output per row, in the same kernel
+when compiled: `*_fp8` below, which return fp8.Fp8Rows for the next Fp8Linear.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .fp8 import Fp8Rows, quantize_rows
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,6 +92,24 @@ def norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tens
     return q, k
 
 
+def modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> Fp8Rows:
+    return quantize_rows(modulate(x, shift, scale, eps))
+
+
+def add_modulate_fp8(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, Fp8Rows]:
+    x, h = add_modulate(x, y, shift, scale, eps)
+    return x, quantize_rows(h)
+
+
+def affine_norm_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Fp8Rows:
+    return quantize_rows(affine_norm(x, weight, bias, eps))
+
+
+def gelu_fp8(x: torch.Tensor) -> Fp8Rows:
+    return quantize_rows(gelu(x))
+
+
 # Inductor tunes each compiled kernel's launch configuration at warm-up (coordinate descent): the reductions over
 # the model width (layer / RMS norms) otherwise run well below memory speed.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
@@ -94,13 +118,31 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 class FusedOps:
     """The functions above, eager or compiled; one instance per DiT (a deployment setting, not per request).
 
-    Compiled, the MLP's first GEMM also takes its GELU as a cuBLASLt epilogue on CUDA (linear_gelu_epilogue)."""
+    Compiled, the MLP's first GEMM also takes its GELU as a cuBLASLt epilogue on CUDA (linear_gelu_epilogue).
+    With `fp8` (the blocks' linears are fp8.Fp8Linear) `modulate`, `add_modulate`'s second output and
+    `affine_norm` are the `*_fp8` variants, and `quantize_rows` quantizes the GEMM inputs no region computes
+    (the attention outputs, the text context)."""
 
     NAMES = ("modulate", "add_modulate", "affine_norm", "gated_residual", "rms_norm", "norm_rope")
 
-    def __init__(self, compile: bool = False):
-        self.compiled = compile
+    def __init__(self, compile: bool = False, fp8: bool = False):
+        self.compiled, self.fp8 = compile, fp8
+
+        def wrap(fn):
+            return torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS) if compile else fn
+
         for name in self.NAMES:
-            fn = globals()[name]
-            setattr(self, name, torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS) if compile else fn)
-        self.linear_gelu = linear_gelu_epilogue if compile else linear_gelu
+            setattr(self, name, wrap(globals()[name]))
+        self._linear_gelu = linear_gelu_epilogue if compile else linear_gelu
+        self.gelu_fp8 = self.quantize_rows = None
+        if fp8:  # the GEMM inputs these compute come out quantized
+            self.modulate, self.add_modulate, self.affine_norm, self.gelu_fp8, self.quantize_rows = (
+                wrap(fn) for fn in (modulate_fp8, add_modulate_fp8, affine_norm_fp8, gelu_fp8, quantize_rows))
+
+    def linear_gelu(self, x: torch.Tensor | Fp8Rows, linear) -> torch.Tensor | Fp8Rows:
+        """gelu(linear(x)), the MLP's first layer (an nn.Linear, or an fp8.Fp8Linear under FP8). Scaled FP8 GEMMs
+        have no GELU epilogue: the GEMM writes its output, and the GELU runs in the kernel that quantizes it for
+        the second layer (returns Fp8Rows)."""
+        if self.fp8:
+            return self.gelu_fp8(linear(x))
+        return self._linear_gelu(x, linear.weight, linear.bias)

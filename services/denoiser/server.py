@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ from smartdiff.services.denoiser.attention import resolve as resolve_attention
 from smartdiff.services.denoiser.attention.base import DTYPE_NAMES
 from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_from_proto, cache_config_to_proto
 from smartdiff.services.denoiser.engine import DenoiserEngine
+from smartdiff.services.denoiser.fp8 import GEMMS
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import RequestError, grpc_errors
 from smartdiff.shared.memory import measure_peak
@@ -25,6 +27,7 @@ from smartdiff.shared.tensor_stream import TensorAssembler, read_params_and_tens
 from smartdiff.shared.worker import Done, StageWorker
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DenoiserService"].full_name
+log = logging.getLogger("smartdiff.denoiser")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class DenoiserOptions:
     enable_flexcache: bool = False
     cache_calibration: str | None = None  # YAML from `smartdiff calibrate-cache` (Wan2.2 TeaCache needs one)
     compile: str = "auto"  # torch.compile of the DiT's elementwise regions: auto (on CUDA), on, off
+    gemm: str = "exact"  # the blocks' GEMMs: exact (in the model dtype) or fp8 (lossy, services/denoiser/fp8.py)
     cfg_degree: int = 1
     ulysses_degree: int = 1
     ring_degree: int = 1
@@ -48,6 +52,9 @@ def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-calibration", help="cache coefficients fitted by `smartdiff calibrate-cache` (YAML)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="fuse the DiT's norms / modulation / RoPE with torch.compile at warm-up (auto: on CUDA)")
+    p.add_argument("--gemm", choices=GEMMS, default="exact",
+                   help="the DiT blocks' GEMMs: exact (in --dtype, default) or fp8 (LOSSY: FP8 weights and "
+                        "activations, row-wise scales; CUDA compute capability >= 8.9 with bfloat16)")
     p.add_argument("--cfg-degree", type=int, default=1, help="1 or 2: guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all over heads (divides the head count)")
     p.add_argument("--ring-degree", type=int, default=1, help="sequence blocks passed around a ring")
@@ -60,6 +67,7 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
         default_attention=getattr(args, "default_attention", EXACT),
         enable_flexcache=getattr(args, "enable_flexcache", False),
         cache_calibration=getattr(args, "cache_calibration", None), compile=getattr(args, "compile", "auto"),
+        gemm=getattr(args, "gemm", "exact"),
         cfg_degree=getattr(args, "cfg_degree", 1), ulysses_degree=getattr(args, "ulysses_degree", 1),
         ring_degree=getattr(args, "ring_degree", 1),
     )
@@ -70,7 +78,7 @@ def engine_options(options: DenoiserOptions) -> dict:
     from smartdiff.services.denoiser.cache import CacheCalibration
 
     calibration = CacheCalibration.from_yaml(Path(options.cache_calibration)) if options.cache_calibration else None
-    return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration)
+    return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration, gemm=options.gemm)
 
 
 def load_engine(model: ModelConfig, layout, system, options: DenoiserOptions, device=None, parallel=None):
@@ -80,6 +88,8 @@ def load_engine(model: ModelConfig, layout, system, options: DenoiserOptions, de
     if compile_enabled(options, engine.device):
         for dit in engine.experts:
             dit.set_compiled(True)
+    if engine.gemm != "exact":
+        log.info("DiT blocks' GEMMs: %s (lossy; --gemm exact for the model dtype)", engine.gemm)
     return engine
 
 

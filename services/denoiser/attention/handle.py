@@ -151,7 +151,7 @@ def attach(dits: nn.Module | Sequence[nn.Module], choice: AttentionChoice | None
     """
     dits = [dits] if isinstance(dits, nn.Module) else list(dits)
     choice = choice or AttentionChoice()
-    probe = dits[0].blocks[0].self_attn.q.weight
+    probe = dits[0].patch_embedding.weight  # in the model dtype (the blocks' GEMMs may be FP8: fp8.py)
     device, dtype, head_dim = torch.device(device or probe.device), probe.dtype, dits[0].cfg.head_dim
     res = resolve(choice, device, dtype, head_dim, allowed)
     return AttentionHandle(dits, build_kernel(res, choice, device, dtype, head_dim), res, wrap)

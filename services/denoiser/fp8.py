@@ -1,0 +1,155 @@
+"""FP8 GEMMs for the DiT's blocks (`--gemm fp8`): a lossy, opt-in deployment setting.
+
+Every linear of the transformer blocks (self- and cross-attention q, k, v, o; both MLP layers) becomes an
+`Fp8Linear`: its weight is quantized once, at load, to float8_e4m3fn with one float32 scale per output
+channel; each call quantizes its activation per token (one scale per row) and runs `torch._scaled_mm`, which
+multiplies in FP8 with float32 accumulation and applies both scales and the bias in its epilogue. These are
+nearly all of the DiT's GEMM FLOPs and weights (whose memory FP8 halves). The embeddings (patch, text, time),
+the time projection and the head stay in the model dtype: they are small, and the timestep path is float32 by
+design (dit.KEEP_FP32).
+
+Quantizing is plain elementwise + row-reduction torch (`quantize_rows`), so that under `--compile` Inductor
+fuses it with the work that computes the GEMM's input: the layer norm + modulation before q/k/v and the MLP,
+the cross-attention norm, and the GELU between the two MLP layers (fused.py), which then hand the GEMM an
+Fp8Rows instead of a bf16 activation (q, k and v share one quantization).
+
+Per-token and per-channel scales leave the error of FP8's 3 mantissa bits on each input (a few 1e-2 relative
+on one GEMM of random data); whole forwards are measured by tests/denoiser/test_fp8.py and, on the GPU at full
+size, by bench/dit_forward.py --fp8 (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import nn
+
+from smartdiff.shared.config import ConfigError, DiTConfig
+
+if TYPE_CHECKING:
+    from .dit import WanDiT
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448: the largest finite e4m3fn value (no infinities in this format)
+GEMMS = ("exact", "fp8")  # --gemm: the blocks' GEMMs in the model dtype (default), or FP8 (this module)
+MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
+
+
+class GemmConfigError(ConfigError):
+    """A `--gemm` choice this deployment cannot run; the message names the flag and the rule."""
+
+
+class Fp8Rows(NamedTuple):
+    """An activation [..., K] quantized per row: data float8 [..., K] and scale float32 [..., 1], with
+    x ~= data * scale; `dtype` is x's dtype, in which the GEMM writes its output."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def quantize_rows(x: torch.Tensor) -> Fp8Rows:
+    """x [..., K] -> Fp8Rows: each row scaled so that its absolute maximum maps to FP8_MAX (all-zero rows get
+    scale 1 and stay zero). The same rule quantizes weights [N, K] per output channel."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    data = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # the clamp only catches rounding past the bound
+    return Fp8Rows(data, scale, x.dtype)
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with an FP8 weight (per-output-channel scales) and FP8 activations (per-row scales).
+
+    Takes a tensor [..., K] (quantized here, with `self.quantize`, which WanDiT.set_compiled points at the
+    compiled quantize_rows) or an activation already quantized by the kernel that computed it (Fp8Rows).
+    Returns [..., N] in the activation's dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # float8 [N, K]
+        self.register_buffer("weight_scale", weight_scale)  # float32 [1, N], contiguous (as _scaled_mm wants)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # model dtype [N]
+        self.quantize = quantize_rows
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> "Fp8Linear":
+        """Quantize `linear`'s weight (on `device` if given, e.g. the GPU for weights kept in host memory); the
+        result lives where the linear's weight lives."""
+        w = linear.weight.detach()
+        q = quantize_rows(w.to(device) if device is not None else w)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q.data.to(w.device), q.scale.t().contiguous().to(w.device), bias)
+
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        rows = x if isinstance(x, Fp8Rows) else self.quantize(x)
+        lead = rows.data.shape[:-1]
+        out = torch._scaled_mm(rows.data.reshape(-1, self.in_features), self.weight.t(),
+                               scale_a=rows.scale.reshape(-1, 1), scale_b=self.weight_scale, bias=self.bias,
+                               out_dtype=rows.dtype)
+        return out.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def block_linears(dit: "WanDiT") -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of every linear of the transformer blocks: the ones --gemm fp8 quantizes."""
+    out = []
+    for block in dit.blocks:
+        for attn in (block.self_attn, block.cross_attn):
+            out += [(attn, name) for name in ("q", "k", "v", "o")]
+        out += [(block.ffn, "0"), (block.ffn, "2")]
+    return out
+
+
+@torch.no_grad()
+def quantize_blocks_fp8(dit: "WanDiT", device: torch.device | str | None = None) -> "WanDiT":
+    """Replace the blocks' linears of `dit` by Fp8Linear, in place, one at a time (the peak is one extra layer).
+
+    `device`: where to compute the quantization (default: where each weight is). The embeddings, the time
+    projection and the head keep the model dtype. The fused ops are rebuilt for FP8 inputs, compiled or not as
+    before. Idempotent: linears already FP8 are left as they are."""
+    for parent, name in block_linears(dit):
+        linear = getattr(parent, name)
+        if isinstance(linear, nn.Linear):
+            setattr(parent, name, Fp8Linear.from_linear(linear, device))
+    dit.set_compiled(dit.blocks[0].ops.compiled if len(dit.blocks) else False)
+    return dit
+
+
+def check_gemm(gemm: str, device: torch.device | str, dtype: torch.dtype, cfg: DiTConfig) -> str:
+    """Refuse, before any weight is read, a --gemm choice this device, dtype or model cannot run.
+
+    fp8 runs torch._scaled_mm with row-wise scales: on CUDA that needs FP8 tensor cores (compute capability
+    >= 8.9), writes bfloat16 only, and wants K and N multiples of 16; the CPU runs it in any dtype (the
+    reference the tests use). Returns `gemm`."""
+    if gemm not in GEMMS:
+        raise GemmConfigError(f"gemm: must be one of {', '.join(GEMMS)}, got {gemm!r}")
+    if gemm == "exact":
+        return gemm
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GemmConfigError("gemm: fp8 needs CUDA, and torch.cuda.is_available() is False")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:
+            raise GemmConfigError(
+                f"gemm: fp8 needs FP8 tensor cores (CUDA compute capability >= 8.9: Ada, Hopper or later); "
+                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use --gemm exact")
+        if dtype != torch.bfloat16:
+            name = str(dtype).removeprefix("torch.")
+            raise GemmConfigError(f"gemm: fp8 on CUDA needs --dtype bfloat16 (row-wise scaled FP8 GEMMs write "
+                                  f"bfloat16 only), got {name}: use --dtype bfloat16 or --gemm exact")
+        bad = {name: v for name, v in (("dim", cfg.dim), ("ffn_dim", cfg.ffn_dim)) if v % 16}
+        if bad:
+            raise GemmConfigError(f"gemm: fp8 on CUDA needs the model's dim and ffn_dim to be multiples of 16 "
+                                  f"(torch._scaled_mm), got {bad}: use --gemm exact")
+    elif device.type != "cpu":
+        raise GemmConfigError(f"gemm: fp8 runs on CUDA (compute capability >= 8.9) or the CPU, got device "
+                              f"{device}: use --gemm exact")
+    return gemm
