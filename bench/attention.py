@@ -25,7 +25,7 @@ from smartdiff.services.denoiser import attention as A
 from smartdiff.services.denoiser.attention import triton_sage as ts
 from smartdiff.services.denoiser.attention.sparge import TritonSpargeKernel
 
-from common import cuda_time
+from common import cuda_time, git_commit
 
 SHAPES = {"1.3B-480p": (1, 32760, 12, 128), "14B-720p": (1, 75600, 40, 128)}  # B, L, N, D
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
@@ -62,12 +62,11 @@ def sweep_rows() -> list[tuple[str, object]]:
         rows.append((f"sweep sparge0.5 {c}", sp, None))
 
     def plan_only(q, k, v):  # quantization + pooled mask + LUT, no attention
-        from smartdiff.services.denoiser.attention.sparge import block_lut, block_mask
-        cfg, params = ts.default_config(dev, False), A.SpargeParams(topk=0.5)
+        cfg, params = ts.default_config(dev, False), A.SpargeParams(topk=0.5).resolved()
 
         def fn():
             quant = ts.quantize(q, k, v, cfg, False, pool=True)
-            block_lut(block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, params))
+            ts.block_plan(quant, params.topk, params.cdf_threshold, params.sim_threshold)
             return q
         return fn
     rows.append(("sparge plan only (quant+mask+lut)", plan_only, None))
@@ -173,6 +172,44 @@ def bench_kernels(shape_name: str, sweep: bool, iters: int, adopt: bool = False)
     return out
 
 
+def bench_mask(shape_name: str, iters: int) -> list[dict]:
+    """SpargeAttn's mask prediction against the whole sparge call (topk 0.5 and cdf 0.98): the pooled scores and
+    block list alone (one matmul + one Triton kernel, on a quantization pass done beforehand, which the kernel
+    needs anyway), the same selection in plain torch (sparge.block_mask + block_lut), and the quantization."""
+    from smartdiff.services.denoiser.attention.sparge import block_lut, block_mask
+
+    b, l, n, d = SHAPES[shape_name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, l, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    dev = q.device
+    cfg = ts.default_config(dev, False)
+    quant = ts.quantize(q, k, v, cfg, False, pool=True)
+    rows = []
+    for label, params in (("topk 0.5", A.SpargeParams(topk=0.5)), ("cdf 0.98", A.SpargeParams())):
+        p = params.resolved()
+        kern = TritonSpargeKernel(params, dev)
+        fns = {
+            "sparge call": lambda: kern(q, k, v),
+            "mask prediction (triton)": lambda: ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold),
+            "mask prediction (torch)": lambda: block_lut(block_mask(quant.q_pool, quant.q_sim, quant.k_pool,
+                                                                    quant.k_sim, p)),
+            "quantization + pooling": lambda: ts.quantize(q, k, v, cfg, False, pool=True),
+        }
+        t = {name: statistics.median(cuda_time(fn, 2, iters)) for name, fn in fns.items()}
+        same = torch.equal(ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)[1],
+                           block_lut(block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, p))[1])
+        row = dict(shape=shape_name, params=label, seconds={k_: v_ for k_, v_ in t.items()},
+                   mask_share=t["mask prediction (triton)"] / t["sparge call"], same_counts_as_torch=same)
+        rows.append(row)
+        print(f"{shape_name:<10} sparge {label}: call {1e3 * t['sparge call']:.2f} ms, mask prediction "
+              f"{1e3 * t['mask prediction (triton)']:.3f} ms ({100 * row['mask_share']:.1f}%; torch "
+              f"{1e3 * t['mask prediction (torch)']:.3f} ms), quantization {1e3 * t['quantization + pooling']:.3f} ms,"
+              f" same counts as torch: {same}", flush=True)
+    q = k = v = quant = None  # free before the next shape (the lambdas above are done)
+    torch.cuda.empty_cache()
+    return rows
+
+
 def check_small() -> list[dict]:
     """Correctness on small odd shapes against float64, every Triton path (poisoned outputs would show)."""
     out = []
@@ -273,17 +310,21 @@ def main() -> None:
     p.add_argument("--adopt-best", action="store_true", help="use the sweep's fastest configs for the rest")
     p.add_argument("--e2e-choices", nargs="*", default=None, help="only these e2e rows (names as printed)")
     p.add_argument("--e2e", nargs="*", default=[], choices=list(MODELS))
+    p.add_argument("--mask", action="store_true", help="time sparge's mask prediction against its whole call")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("bench_results/attention.json"))
     args = p.parse_args()
     res = dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-               triton=__import__("triton").__version__, argv=sys.argv, check=[], kernels=[], e2e=[])
+               triton=__import__("triton").__version__, argv=sys.argv, commit=git_commit(), check=[], kernels=[],
+               mask=[], e2e=[])
     print(f"card: {res['card']}  torch {res['torch']}  triton {res['triton']}", flush=True)
     if args.check:
         res["check"] = check_small()
     for s in args.shapes:
         res["kernels"] += bench_kernels(s, args.sweep and (s == "1.3B-480p" or not args.sweep_only),
                                         args.iters if s == "1.3B-480p" else max(2, args.iters // 2), args.adopt_best)
+        if args.mask:
+            res["mask"] += bench_mask(s, args.iters)
         res["configs"] = {str(k): repr(v) for k, v in ts.HOPPER_CONFIG.items()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))

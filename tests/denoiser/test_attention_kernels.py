@@ -134,6 +134,25 @@ def test_block_mask_topk_cdf_and_dissimilar_blocks():
     assert keep[0].tolist() == [[True, True, True, True], [True, False, False, True]]
 
 
+@pytest.mark.parametrize("mode", [dict(topk=0.5), dict(topk=0.1), dict(cdf_threshold=0.9), dict(cdf_threshold=0.5)],
+                         ids=str)
+def test_triton_block_plan_equals_the_torch_selection(mode):
+    """The one-kernel plan keeps exactly block_mask's blocks, listed as block_lut lists them (random pooled
+    summaries: no ties; some query / key blocks below the self-similarity threshold)."""
+    g = torch.Generator().manual_seed(7)
+    bh, nq, nk, d = 3, 5, 37, 16
+    quant = ts.Quantized(*(None,) * 6, q_pool=torch.randn(bh, nq, d, generator=g).to(DEV) * 2,
+                         q_sim=torch.rand(bh, nq, generator=g).to(DEV), k_pool=torch.randn(bh, nk, d, generator=g).to(DEV) * 2,
+                         k_sim=torch.rand(bh, nk, generator=g).to(DEV))
+    params = A.SpargeParams(sim_threshold=0.15, **mode).resolved()
+    keep = block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, params)
+    assert 0 < keep.float().mean() < 1 and (~(quant.q_sim > 0.15)).any() and (~(quant.k_sim > 0.15)).any()
+    lut, n_sel = ts.block_plan(quant, params.topk, params.cdf_threshold, params.sim_threshold)
+    ref_lut, ref_n = block_lut(keep)
+    assert torch.equal(n_sel.cpu(), ref_n.cpu())
+    assert torch.equal(lut.cpu(), ref_lut.cpu())
+
+
 def test_pooling_and_self_similarity_from_the_quantization_pass():
     q, k, v = qkv(b=1, lq=100, n=1)
     q = q.clone()

@@ -29,7 +29,8 @@ INFO = BackendInfo(
 
 def block_mask(q_pool: torch.Tensor, q_sim: torch.Tensor, k_pool: torch.Tensor, k_sim: torch.Tensor,
                params: SpargeParams) -> torch.Tensor:
-    """Which (query block, key block) pairs to compute: bool [BH, nq, nk].
+    """Which (query block, key block) pairs to compute: bool [BH, nq, nk] (the plain-torch statement of the
+    selection that triton_sage.block_plan makes in one kernel; the tests compare them).
 
     q_pool [BH, nq, D], k_pool [BH, nk, D]: block means; q_sim [BH, nq], k_sim [BH, nk]: self-similarity.
     """
@@ -73,20 +74,25 @@ class TritonSpargeKernel(Kernel):
         self.kept: torch.Tensor | None = None  # kept blocks summed over calls (on device: no sync per call)
         self.total = 0
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        quant = self.ts.quantize(q, k, v, self.cfg, pv_fp8=False, pool=True)
-        keep = block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, self.params)
-        lut, n_sel = block_lut(keep)
+    def plan(self, quant) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lut, n_sel) of the kept blocks (block_mask + block_lut's selection, in one Triton kernel)."""
+        p = self.params
+        lut, n_sel = self.ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)
         kept = n_sel.sum(dtype=torch.int64)
         self.kept = kept if self.kept is None else self.kept + kept
-        self.total += keep.numel()
+        self.total += lut.numel()
+        return lut, n_sel
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        quant = self.ts.quantize(q, k, v, self.cfg, pv_fp8=False, pool=True)
+        lut, n_sel = self.plan(quant)
         return self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, False, lut, n_sel,
                                          self.params.pv_threshold)
 
     def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LSE over the kept blocks only (what the output is normalised by)."""
         quant = self.ts.quantize(q, k, v, self.cfg, pv_fp8=False, pool=True)
-        lut, n_sel = block_lut(block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, self.params))
+        lut, n_sel = self.plan(quant)
         out, lse = self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, False, lut, n_sel,
                                              self.params.pv_threshold, lse=True)
         return out, self.ts.true_lse(lse, quant, q)

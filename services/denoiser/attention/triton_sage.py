@@ -1,4 +1,4 @@
-"""Triton kernels of our quantized attention: INT8 quantization pre-pass and the (block-sparse) attention forward.
+"""Triton kernels of our quantized attention: INT8 quantization pre-pass, block-sparse plan and attention forward.
 
 The maths is SageAttention's (INT8 Q.K^T with per-block scales after subtracting K's mean over tokens, which
 leaves every softmax row unchanged; then P.V in FP16, or in FP8 with per-channel V scales) with
@@ -195,6 +195,82 @@ def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O, LSE,
         out = out * (tl.load(VS + bh * D + offs_d) / 448.0)[None, :]
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
+
+
+@triton.jit
+def _block_plan_kernel(S, QSIM, KSIM, LUT, NSEL, n_q_blocks, n_k_blocks, sim_thr, n_top, cdf_thr,
+                       TOPK: tl.constexpr, NK_POW2: tl.constexpr):
+    """SpargeAttn's block selection for one query block, straight to the kernel's key-block list.
+
+    Row of pooled scores S [n_k_blocks] -> softmax over the self-similar key blocks -> keep the n_top largest
+    (TOPK) or the smallest prefix by decreasing probability reaching cdf_thr, plus every key block that is not
+    self-similar (all of them when the query block is not). The cut value is found by bisection on the float
+    bits of the probabilities (non-negative, so their int32 bits sort like them), which replaces a sort.
+    Writes the kept indices ascending then the dropped ones + n_k_blocks ascending (as sparge.block_lut) and
+    their count."""
+    row = tl.program_id(0)
+    bh = row // n_q_blocks
+    idx = tl.arange(0, NK_POW2)
+    inside = idx < n_k_blocks
+    k_ok = (tl.load(KSIM + bh * n_k_blocks + idx, mask=inside, other=-2.0) > sim_thr) & inside
+    s = tl.where(k_ok, tl.load(S + row.to(tl.int64) * n_k_blocks + idx, mask=inside, other=0.0), float("-inf"))
+    e = tl.where(k_ok, tl.exp(s - tl.max(s, 0)), 0.0)
+    total = tl.sum(e, 0)
+    p = e / tl.where(total > 0, total, 1.0)
+    bits = p.to(tl.int32, bitcast=True)
+    if TOPK:
+        need = n_top
+        mass_all = 1.0
+    else:
+        mass_all = tl.sum(p, 0)
+    lo = tl.zeros([], dtype=tl.int32)  # invariant: enough at or above lo, not enough at or above hi
+    hi = tl.zeros([], dtype=tl.int32) + 0x7F800000
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        above = (bits >= mid) & inside
+        if TOPK:
+            enough = tl.sum(above.to(tl.int32), 0) >= n_top
+        else:
+            enough = tl.sum(tl.where(above, p, 0.0), 0) >= cdf_thr
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    greater = (bits > lo) & inside
+    equal = (bits == lo) & inside
+    n_equal = tl.sum(equal.to(tl.int32), 0)
+    if not TOPK:  # entries equal to the cut value needed to reach the mass (1 unless there are ties)
+        rest = cdf_thr - tl.sum(tl.where(greater, p, 0.0), 0)
+        v = lo.to(tl.float32, bitcast=True)
+        need = tl.sum(greater.to(tl.int32), 0) + tl.minimum(
+            tl.maximum(tl.ceil(rest / tl.where(v > 0, v, 1.0)).to(tl.int32), 1), n_equal)
+        need = tl.where((v > 0) & (mass_all >= cdf_thr), need, n_k_blocks)  # rounding: the mass is never reached
+    ties = need - tl.sum(greater.to(tl.int32), 0)
+    keep = greater | (equal & (tl.cumsum(equal.to(tl.int32), 0) <= ties))
+    keep = keep | (inside & ~k_ok)
+    if tl.load(QSIM + row) <= sim_thr:
+        keep = inside
+    n_keep = tl.sum(keep.to(tl.int32), 0)
+    pos = tl.where(keep, tl.cumsum(keep.to(tl.int32), 0) - 1,
+                   n_keep + tl.cumsum((inside & ~keep).to(tl.int32), 0) - 1)
+    tl.store(LUT + row.to(tl.int64) * n_k_blocks + pos, tl.where(keep, idx, idx + n_k_blocks), mask=inside)
+    tl.store(NSEL + row, n_keep)
+
+
+def block_plan(quant: Quantized, topk: float | None, cdf_threshold: float | None,
+               sim_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block-sparse plan of a pooled quantization pass: (lut int32 [B*N*nq, nk], n_sel int32 [B*N*nq]).
+
+    One matmul for the pooled scores and one kernel for everything else; sparge.block_mask + block_lut are the
+    same selection in plain torch (the tests' reference)."""
+    bh, nq, d = quant.q_pool.shape
+    nk = quant.k_pool.shape[1]
+    scores = torch.bmm(quant.q_pool, quant.k_pool.transpose(1, 2)).mul_(d ** -0.5)
+    lut = torch.empty(bh * nq, nk, dtype=torch.int32, device=scores.device)
+    n_sel = torch.empty(bh * nq, dtype=torch.int32, device=scores.device)
+    n_top = min(nk, max(1, int(topk * nk))) if topk is not None else 0
+    _block_plan_kernel[(bh * nq,)](scores, quant.q_sim, quant.k_sim, lut, n_sel, nq, nk, float(sim_threshold),
+                                   n_top, float(cdf_threshold or 0.0), TOPK=topk is not None,
+                                   NK_POW2=triton.next_power_of_2(nk), num_warps=4)
+    return lut, n_sel
 
 
 @dataclass
