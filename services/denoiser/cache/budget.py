@@ -53,7 +53,7 @@ def resolve(params: BudgetParams | None, ctx: StrategyContext) -> BudgetParams:
         if computed_steps(p.compute_fraction, n) < need:
             raise RequestError("cache.budget.compute_fraction",
                                f"expert {k} runs {n} steps and at most {p.max_skip_steps} in a row can be reused, so "
-                               f"at least {need} must compute (fraction >= {need / n:.3g}), got {p.compute_fraction}")
+                               f"at least {need} must compute (fraction >= {need / n:.3g}), got {p.compute_fraction:.6g}")
     return p
 
 
