@@ -11,7 +11,8 @@ design (dit.KEEP_FP32).
 Quantizing is plain elementwise + row-reduction torch (`quantize_rows`), so that under `--compile` Inductor
 fuses it with the work that computes the GEMM's input: the layer norm + modulation before q/k/v and the MLP,
 the cross-attention norm, and the GELU between the two MLP layers (fused.py), which then hand the GEMM an
-Fp8Rows instead of a bf16 activation (q, k and v share one quantization).
+Fp8Rows instead of a bf16 activation (self-attention's q, k and v share one quantization of their input; cross-attention quantizes the text
+context for its k and v).
 
 Per-token and per-channel scales leave the error of FP8's 3 mantissa bits on each input (a few 1e-2 relative
 on one GEMM of random data); whole forwards are measured by tests/denoiser/test_fp8.py and, on the GPU at full
@@ -49,9 +50,28 @@ class Fp8Rows(NamedTuple):
     dtype: torch.dtype
 
 
+ROW_CHUNK = 8192  # eager quantization works on this many rows at a time (float32 temporaries of [rows, K])
+
+
 def quantize_rows(x: torch.Tensor) -> Fp8Rows:
     """x [..., K] -> Fp8Rows: each row scaled so that its absolute maximum maps to FP8_MAX (all-zero rows get
-    scale 1 and stay zero). The same rule quantizes weights [N, K] per output channel."""
+    scale 1 and stay zero). The same rule quantizes weights [N, K] per output channel.
+
+    Eager (not under torch.compile, which fuses it into one pass), large inputs go ROW_CHUNK rows at a time, so
+    that its float32 temporaries stay small (the MLP's [tokens, ffn_dim] activation is the widest)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows <= ROW_CHUNK or torch.compiler.is_compiling():
+        return _quantize(x)
+    flat = x.reshape(rows, x.shape[-1])
+    data = torch.empty(flat.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    for s in range(0, rows, ROW_CHUNK):
+        part = _quantize(flat[s:s + ROW_CHUNK])
+        data[s:s + ROW_CHUNK], scale[s:s + ROW_CHUNK] = part.data, part.scale
+    return Fp8Rows(data.view(x.shape), scale.view(*x.shape[:-1], 1), x.dtype)
+
+
+def _quantize(x: torch.Tensor) -> Fp8Rows:
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)

@@ -153,6 +153,30 @@ def test_triton_block_plan_equals_the_torch_selection(mode):
     assert torch.equal(lut.cpu(), ref_lut.cpu())
 
 
+def test_triton_block_plan_edge_cases():
+    """One key block, every key block dissimilar, and exact ties (same pooled key twice): the counts equal
+    block_mask's (which of two tied blocks is kept may differ: torch.topk picks either)."""
+    def compare(q_pool, q_sim, k_pool, k_sim, params):
+        quant = ts.Quantized(*(None,) * 6, q_pool=q_pool.to(DEV), q_sim=q_sim.to(DEV), k_pool=k_pool.to(DEV),
+                             k_sim=k_sim.to(DEV))
+        p = params.resolved()
+        lut, n_sel = ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)
+        keep = block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, p)
+        assert torch.equal(n_sel.cpu(), block_lut(keep)[1].cpu())
+        return lut.cpu(), n_sel.cpu()
+
+    g = torch.Generator().manual_seed(3)
+    q_pool, ones_q = torch.randn(2, 3, 16, generator=g), torch.ones(2, 3)
+    for params in (A.SpargeParams(topk=0.5, sim_threshold=0.0), A.SpargeParams(cdf_threshold=0.9, sim_threshold=0.0)):
+        lut, n = compare(q_pool, ones_q, torch.randn(2, 1, 16, generator=g), torch.ones(2, 1), params)
+        assert n.tolist() == [1] * 6 and lut.flatten().tolist() == [0] * 6
+        lut, n = compare(q_pool, ones_q, torch.randn(2, 5, 16, generator=g), torch.zeros(2, 5), params)
+        assert n.tolist() == [5] * 6  # no key block is self-similar: all kept
+        k_pool = torch.randn(2, 6, 16, generator=g)
+        k_pool[:, 1] = k_pool[:, 4]  # a tie
+        compare(q_pool, ones_q, k_pool, torch.ones(2, 6), params)
+
+
 def test_pooling_and_self_similarity_from_the_quantization_pass():
     q, k, v = qkv(b=1, lq=100, n=1)
     q = q.clone()

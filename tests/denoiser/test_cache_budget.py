@@ -25,8 +25,8 @@ def engine(request):
     return DenoiserEngine.load(load_model_config(request.param), None, "cpu", torch.float32, enable_flexcache=True)
 
 
-def request(engine, steps=STEPS, seed=1):
-    return resolve_request(GenerationRequest(prompt="p", width=32, height=32, frames=5, steps=steps, seed=seed),
+def request(engine, steps=STEPS, seed=1, **kw):
+    return resolve_request(GenerationRequest(prompt="p", width=32, height=32, frames=5, steps=steps, seed=seed, **kw),
                            engine.model)
 
 
@@ -105,6 +105,7 @@ def test_calibration_records_reuse_errors_that_grow_with_distance(tmp_path):
     ctx, neg = embeddings()
     cal = calibrate(eng, [(request(eng, seed=3), ctx, neg)])
     cond, uncond = cal.reuse_error
+    assert cal.timesteps == tuple(eng_timesteps(eng))
     assert all(math.isinf(v) for v in cond[0])  # nothing before the first step
     experts = [eng.expert_index(t) for t in eng_timesteps(eng)]
     second = experts.index(1)
@@ -137,12 +138,53 @@ def test_refusals_name_the_field():
 
     err = refused(CacheConfig("budget", BudgetParams(compute_fraction=0.1, max_skip_steps=2)))
     assert err.field == "cache.budget.compute_fraction" and "at least 4 must compute" in str(err)
+    assert "above 0.25" in str(err)  # 3 of 12 would be too few: any fraction above 3/12 computes 4
     table = tuple((1.0, 2.0) for _ in range(STEPS))
     eng.flexcache = FlexCache(eng.model, True, CacheCalibration("wan-tiny", STEPS, reuse_error=(table, table)))
-    assert refused(CacheConfig("budget", BudgetParams(max_skip_steps=2))).field == "cache.budget.max_skip_steps"
-    err = refused(CacheConfig("budget", BudgetParams(max_skip_steps=1)), steps=STEPS + 1)
-    assert err.field == "cache.budget" and f"{STEPS}-step runs" in str(err)
+    assert refused(CacheConfig("budget", BudgetParams(max_skip_steps=3))).field == "cache.budget.max_skip_steps"
     with pytest.raises(ValueError, match="reuse_error"):
         CacheCalibration("wan-tiny", STEPS, reuse_error=(table, table[1:]))
-    out = eng.denoise(request(eng), ctx, neg, cache=CacheConfig("budget", BudgetParams(max_skip_steps=1)))
+    out = eng.denoise(request(eng), ctx, neg, cache=CacheConfig("budget", BudgetParams(max_skip_steps=2)))
     assert torch.isfinite(out).all()  # the engine serves the next, valid request
+
+
+def planned(eng, cal, steps=STEPS, **kw):
+    eng.flexcache = FlexCache(eng.model, True, cal)
+    stats = eng.plan_cache(request(eng, steps=steps, **kw), CacheConfig("budget", BudgetParams(compute_fraction=0.25)))
+    return [r.step for r in stats.steps if r.computed["block_stack"]]
+
+
+def test_a_calibration_of_another_schedule_or_with_gaps_falls_back_to_the_distance_rule():
+    eng = DenoiserEngine.load(load_model_config("wan-tiny"), None, "cpu", torch.float32, enable_flexcache=True)
+    row = (1.0, 2.0, 3.0, 4.0, 5.0)
+    costly = tuple(tuple(r * (1000.0 if i == 7 else 1.0) for r in row) for i in range(STEPS))
+    times = tuple(eng_timesteps(eng))
+    calibrated = planned(eng, CacheCalibration("wan-tiny", STEPS, reuse_error=(costly, costly), timesteps=times))
+    uncalibrated = planned(eng, None)
+    assert 7 in calibrated and calibrated != uncalibrated
+    # another step count, another shift (other timesteps), or a step never measured: the table is not used
+    assert planned(eng, CacheCalibration("wan-tiny", STEPS + 1, reuse_error=((row,) * (STEPS + 1),) * 2),
+                   steps=STEPS + 1) == planned(eng, None, steps=STEPS + 1)
+    assert planned(eng, CacheCalibration("wan-tiny", STEPS, reuse_error=(costly, costly), timesteps=times),
+                   shift=1.0) == planned(eng, None, shift=1.0)
+    gap = tuple(tuple(math.inf for _ in row) if i == 3 else r for i, r in enumerate(costly))
+    assert planned(eng, CacheCalibration("wan-tiny", STEPS, reuse_error=(costly, gap), timesteps=times)) == uncalibrated
+
+
+def test_the_share_is_the_same_from_python_and_from_the_proto():
+    import numpy as np
+
+    for fraction in (0.35, 0.48, 0.36, 0.5, 0.1, 1.0):
+        for n in (7, 10, 12, 50):
+            assert computed_steps(float(np.float32(fraction)), n) == computed_steps(fraction, n) == \
+                max(1, math.ceil(round(fraction * n, 6)))
+
+
+def test_plan_is_fast_for_long_schedules_and_long_skips():
+    import time
+
+    rng = random.Random(0)
+    costs = [[rng.random() for _ in range(min(s, 199))] for s in range(200)]
+    start = time.perf_counter()
+    chosen = plan(costs, 100, 199)
+    assert len(chosen) == 100 and time.perf_counter() - start < 5.0

@@ -206,3 +206,13 @@ def test_flag_reaches_the_engine_options():
     assert options.gemm == "fp8" and engine_options(options)["gemm"] == "fp8"
     with pytest.raises(SystemExit):
         p.parse_args(["--gemm", "fp16"])
+
+
+def test_eager_quantization_in_row_chunks_equals_one_pass(monkeypatch):
+    """Large eager inputs are quantized ROW_CHUNK rows at a time (bounded float32 temporaries): same bits."""
+    x = torch.randn(2, 37, 24, dtype=torch.bfloat16)
+    whole = fp8.quantize_rows(x)
+    monkeypatch.setattr(fp8, "ROW_CHUNK", 10)
+    chunked = fp8.quantize_rows(x)
+    assert torch.equal(chunked.data.view(torch.uint8), whole.data.view(torch.uint8))
+    assert torch.equal(chunked.scale, whole.scale) and chunked.data.shape == x.shape

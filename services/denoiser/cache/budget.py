@@ -11,8 +11,9 @@ step d steps earlier adds
 to the latents' deviation, where err is the RMS error of the model output when step s reuses that residual
 instead of its own (measured by `smartdiff calibrate-cache` on full runs: the head applied to the step's tokens
 plus the old residual, against its real output) and the sigma difference is the step's share of the flow
-integration. Without a calibration, err = d: the error grows with the distance, and the plan spaces the computed
-steps by the schedule's step sizes.
+integration. Without a calibration, or when the calibration ran another schedule (step count, sampler, shift),
+err = d: the error grows with the distance, and the plan spaces the computed steps by the schedule's step sizes.
+Requests never fail for want of a matching calibration.
 
 Each (expert, CFG branch) gets its own plan; an expert's first step always computes. The plan reads only the
 schedule and the calibrated table, so it costs nothing at run time, `plan_cache` predicts it exactly and every
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import torch
 from smartdiff.shared.errors import RequestError
 
@@ -43,17 +45,18 @@ def resolve(params: BudgetParams | None, ctx: StrategyContext) -> BudgetParams:
     p = replace(p, compute_fraction=DEFAULT_FRACTION if p.compute_fraction is None else float(p.compute_fraction),
                 max_skip_steps=DEFAULT_MAX_SKIP if p.max_skip_steps is None else p.max_skip_steps)
     table = reuse_errors(ctx)
-    if table is not None and p.max_skip_steps > len(table[0][0]) - 1:
+    if table is not None and p.max_skip_steps > len(table[0][0]):
         raise RequestError("cache.budget.max_skip_steps",
-                           f"the calibration measured reuse up to {len(table[0][0])} steps back, so at most "
-                           f"{len(table[0][0]) - 1} steps in a row can be reused, got {p.max_skip_steps}")
+                           f"the deployment's calibration measured reuse up to {len(table[0][0])} steps back, so at "
+                           f"most {len(table[0][0])} steps in a row can be reused, got {p.max_skip_steps}")
     for k in sorted(set(ctx.schedule.experts)):
         n = ctx.schedule.experts.count(k)
         need = math.ceil(n / (p.max_skip_steps + 1))
         if computed_steps(p.compute_fraction, n) < need:
             raise RequestError("cache.budget.compute_fraction",
                                f"expert {k} runs {n} steps and at most {p.max_skip_steps} in a row can be reused, so "
-                               f"at least {need} must compute (fraction >= {need / n:.3g}), got {p.compute_fraction:.6g}")
+                               f"at least {need} must compute: the fraction must be above {(need - 1) / n:.4g}, "
+                               f"got {p.compute_fraction:.6g}")
     return p
 
 
@@ -62,61 +65,77 @@ def unavailable_reason(model, calibration) -> str:
 
 
 def computed_steps(fraction: float, n: int) -> int:
-    """How many of an expert's n steps compute (at least its first)."""
-    return min(n, max(1, round(fraction * n)))
+    """How many of an expert's n steps compute: ceil(fraction * n), at least 1 (its first step). The tolerance
+    makes a fraction sent as a float32 (the proto) give the same count as the same decimal in Python."""
+    return min(n, max(1, math.ceil(fraction * n - 1e-4)))
 
 
 def reuse_errors(ctx: StrategyContext) -> tuple | None:
-    """The calibrated err[branch][step][d - 1] for this request's steps, or None (no table: err = d).
+    """The calibrated err[branch][step][d - 1] if it was measured on this request's schedule, else None.
 
-    The table is per step of the calibrated step count, so a request with another count is refused."""
+    The table belongs to the steps of the calibration runs: it applies to a request with the same number of steps
+    and, when the calibration recorded them, the same timesteps (same sampler and shift, hence the same expert for
+    each step). Any other request plans with err = d, as without a calibration."""
     cal = ctx.calibration
-    if cal is None or cal.reuse_error is None:
+    if cal is None or cal.reuse_error is None or cal.steps != ctx.schedule.num_steps:
         return None
-    if cal.steps != ctx.schedule.num_steps:
-        raise RequestError("cache.budget", f"the deployment's calibration of {cal.model} is for {cal.steps}-step "
-                           f"runs, the request has {ctx.schedule.num_steps} steps: calibrate at that step count "
-                           "(`smartdiff calibrate-cache --steps N`)")
+    if cal.timesteps is not None and any(abs(a - b) > 0.5 for a, b in zip(cal.timesteps, ctx.schedule.timesteps)):
+        return None
     return cal.reuse_error
 
 
 def plan(costs: list[list[float]], computed: int, max_skip: int) -> list[int]:
     """The steps to compute (sorted, first included) minimising the summed cost of the reused ones.
 
-    costs[s][d - 1]: cost of reusing at step s the residual of step s - d (d = 1 .. max_skip + 1); exactly
-    `computed` steps compute and at most `max_skip` reused steps follow each other. Dynamic programming over
-    (last computed step, number computed), O(n * computed * max_skip).
+    costs[s][d - 1]: cost of reusing at step s the residual of step s - d (read for d = 1 .. min(s, max_skip));
+    exactly `computed` steps compute and at most `max_skip` reused steps follow each other. Dynamic programming
+    over (computed step, how many computed so far): from each computed step p, the next computed step q (or the
+    end) takes the running cost of the steps between them; O(n * max_skip) vector updates over the counts.
     """
     n = len(costs)
     if not 1 <= computed <= n:
         raise ValueError(f"computed {computed} outside [1, {n}]")
-    inf = math.inf
-
-    def gap(p: int, q: int) -> float:
-        """Cost of the steps strictly between p (computed) and q, all reusing p's residual."""
-        return sum(costs[s][s - p - 1] for s in range(p + 1, q))
-
-    best = [[inf] * (computed + 1) for _ in range(n)]  # best[q][c]: q computed, c computed in 0..q
-    back = [[-1] * (computed + 1) for _ in range(n)]
-    best[0][1] = 0.0
-    for q in range(1, n):
-        for c in range(2, min(q + 1, computed) + 1):
-            for p in range(max(0, q - max_skip - 1), q):
-                value = best[p][c - 1] + gap(p, q)
-                if value < best[q][c]:
-                    best[q][c], back[q][c] = value, p
-    last, total = -1, inf
-    for p in range(max(0, n - max_skip - 1), n):
-        value = best[p][computed] + gap(p, n)
-        if value < total:
-            last, total = p, value
-    if last < 0:
+    max_skip = min(max_skip, n - 1)
+    best = np.full((n + 1, computed + 2), np.inf)  # best[q, c]: q computes as the c-th; row n: the end
+    back = np.full((n + 1, computed + 2), -1, dtype=np.int64)
+    best[0, 1] = 0.0
+    for p in range(n):
+        row = best[p, :-1]  # reached p having computed c = 0 .. computed steps
+        if not np.isfinite(row).any():
+            continue
+        gap, last = 0.0, min(n, p + max_skip + 1)
+        for q in range(p + 1, last + 1):  # steps p+1 .. q-1 reuse p's residual; gap is their cost
+            if q == n:
+                if row[computed] + gap < best[n, computed]:
+                    best[n, computed], back[n, computed] = row[computed] + gap, p
+                break
+            candidate = row + gap
+            better = candidate < best[q, 1:]
+            best[q, 1:][better], back[q, 1:][better] = candidate[better], p
+            if q < last:
+                gap += costs[q][q - p - 1]
+    if back[n, computed] < 0:
         raise ValueError(f"no plan computes {computed} of {n} steps with at most {max_skip} reused in a row")
-    steps, c = [last], computed
-    while steps[-1] > 0:
-        steps.append(back[steps[-1]][c])
+    steps, c = [int(back[n, computed])], computed
+    while steps[-1] != 0:
+        steps.append(int(back[steps[-1], c]))
         c -= 1
     return steps[::-1]
+
+
+def plan_costs(schedule, table, max_skip: int) -> dict[tuple[int, int], list[list[float]]]:
+    """(expert, branch) -> costs[pos][d - 1] over that expert's steps, for plan(); table None: err = d."""
+    times = list(schedule.timesteps) + [0.0]
+    out = {}
+    for k in sorted(set(schedule.experts)):
+        mine = [i for i, e in enumerate(schedule.experts) if e == k]
+        for branch in (0, 1):
+            out[(k, branch)] = [
+                [abs(times[i] - times[i + 1]) / 1000.0  # the step's share of the flow integration (sigma)
+                 * (table[branch][i][d - 1] if table is not None else d)
+                 for d in range(1, min(pos, max_skip) + 1)]  # reuse from at most pos steps back, in this expert
+                for pos, i in enumerate(mine)]
+    return out
 
 
 class BudgetCache(ResidualCache):
@@ -126,18 +145,14 @@ class BudgetCache(ResidualCache):
         super().__init__(stats)
         self.p = params
         self.plans: dict[tuple[int, int], frozenset[int]] = {}  # (expert, branch) -> expert steps that compute
-        schedule, table = ctx.schedule, reuse_errors(ctx)
-        times = list(schedule.timesteps) + [0.0]
-        for k in sorted(set(schedule.experts)):
-            mine = [i for i, e in enumerate(schedule.experts) if e == k]
-            for branch in (0, 1):
-                costs = []
-                for pos, i in enumerate(mine):  # reuse from at most pos steps back, inside this expert
-                    weight = abs(times[i] - times[i + 1]) / 1000.0  # the step's sigma difference
-                    costs.append([weight * (table[branch][i][d - 1] if table is not None else d)
-                                  for d in range(1, min(pos, params.max_skip_steps + 1) + 1)])
-                chosen = plan(costs, computed_steps(params.compute_fraction, len(mine)), params.max_skip_steps)
-                self.plans[(k, branch)] = frozenset(chosen)
+        schedule = ctx.schedule
+        table = reuse_errors(ctx)
+        costs = plan_costs(schedule, table, params.max_skip_steps)
+        if table is not None and not all(math.isfinite(c) for rows in costs.values() for row in rows for c in row):
+            costs = plan_costs(schedule, None, params.max_skip_steps)  # a step was never measured: no table at all
+        for (k, branch), rows in costs.items():
+            chosen = plan(rows, computed_steps(params.compute_fraction, len(rows)), params.max_skip_steps)
+            self.plans[(k, branch)] = frozenset(chosen)
 
     def should_compute(self, state: ResidualState, step: StepInfo, branch: int, e: torch.Tensor,
                        e6: torch.Tensor) -> bool:

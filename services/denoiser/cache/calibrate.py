@@ -9,7 +9,8 @@ For every step after an expert's first, per CFG branch, a recording block-stack 
 TeaCache's polynomial is the least-squares fit y ~ poly(x) (degree 4, as published) over all runs, branches and
 steps of each expert; MagCache's ratios and the reuse errors are averaged over runs per step and branch (ratio
 1.0 at an expert's first step, error inf where step i - d belongs to another expert or precedes the run).
-The recorder keeps REUSE_DISTANCES residuals per branch (for Wan 14B at 720p, about 0.8 GB each in bf16).
+The recorder keeps REUSE_DISTANCES residuals per branch (for Wan 14B at 720p, 0.8 GB each in bf16: 7.7 GB with
+CFG) and evaluates the head on one stale residual at a time.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 
 from ..dit import ForwardHooks
+from ..samplers import make_sampler
 from .published import CacheCalibration
 from .session import CacheStats, StepInfo, StrategyContext
 
 DEGREE = 4
-REUSE_DISTANCES = 5  # reuse errors measured up to this many steps back (budget cache: max_skip_steps <= 4)
+REUSE_DISTANCES = 5  # reuse errors measured up to this many steps back (the budget cache's max_skip_steps <= this)
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,9 +101,9 @@ class _Recorder:
     def _reuse_errors(self, expert: int, tokens: torch.Tensor, e: torch.Tensor, real: torch.Tensor,
                       history: list[torch.Tensor]) -> tuple[float, ...]:
         """RMS error of the head output of tokens + each older residual (newest first) against the real one."""
-        stale = tokens[None] + torch.stack(history)  # [d, L, C]
-        head = self.ctx.experts[expert].head(stale, e[None].expand(len(history), -1))
-        return tuple((head.float() - real.float()).pow(2).mean(dim=(1, 2)).sqrt().tolist())
+        head = self.ctx.experts[expert].head
+        return tuple((head((tokens + old)[None], e[None]).float() - real.float()).pow(2).mean().sqrt().item()
+                     for old in history)
 
 
 class CalibrationRecorder:
@@ -117,7 +119,7 @@ class CalibrationRecorder:
 
 
 def fit(recording: Recording, model_name: str, num_experts: int, steps: int, degree: int = DEGREE,
-        notes: dict | None = None) -> CacheCalibration:
+        notes: dict | None = None, timesteps: tuple[float, ...] | None = None) -> CacheCalibration:
     """Polynomials per expert (both modes) and per-step ratios per branch from the recorded samples."""
     teacache = []
     for k in range(num_experts):
@@ -140,11 +142,12 @@ def fit(recording: Recording, model_name: str, num_experts: int, steps: int, deg
                 for s in ss:
                     per_step[s.step].append(s.ratio)
         ratios.append(tuple(float(np.mean(per_step[i])) if per_step[i] else 1.0 for i in range(steps)))
-    reuse = [reuse_table(recording, b, steps) for b in (0, 1)]
+    cond, uncond = (reuse_table(recording, b, steps) for b in (0, 1))
     if not any(branch == 1 for (_, branch) in recording.samples):
         ratios[1] = ratios[0]  # calibrated without CFG: use the cond numbers for both
-        reuse[1] = reuse[0]
-    return CacheCalibration(model_name, steps, tuple(teacache), (ratios[0], ratios[1]), (reuse[0], reuse[1]),
+    # steps run without CFG (guidance <= 1, e.g. one Wan2.2 expert) have no uncond measurement: use the cond one
+    uncond = tuple(u if any(map(math.isfinite, u)) else c for c, u in zip(cond, uncond))
+    return CacheCalibration(model_name, steps, tuple(teacache), (ratios[0], ratios[1]), (cond, uncond), timesteps,
                             dict(notes or {}))
 
 
@@ -175,4 +178,9 @@ def calibrate(engine, runs: Sequence[tuple], degree: int = DEGREE) -> CacheCalib
     req = runs[0][0]
     notes = {"runs": len(runs), "sampler": req.sampler, "shift": req.shift, "guidance": list(req.guidance),
              "size": f"{req.width}x{req.height}x{req.frames}", "dtype": str(engine.dtype).removeprefix("torch.")}
-    return fit(recorder.recording, engine.model.name, engine.model.num_experts, steps.pop(), degree, notes)
+    schedules = {tuple(make_sampler(r.sampler, r.steps, r.shift, engine.model.num_train_timesteps).timesteps.tolist())
+                 for r, _, _ in runs}
+    timesteps = schedules.pop() if len(schedules) == 1 else None
+    if timesteps is None:
+        notes["timesteps"] = "runs with different schedules: the reuse errors apply to any schedule of this step count"
+    return fit(recorder.recording, engine.model.name, engine.model.num_experts, steps.pop(), degree, notes, timesteps)

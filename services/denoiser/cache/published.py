@@ -114,7 +114,8 @@ class CacheCalibration:
     teacache[k] = (embedding-mode polynomial, ret-steps-mode polynomial) of expert k, highest degree first;
     magcache = (cond ratios, uncond ratios) per step of `steps`-step runs, across experts;
     reuse_error = (cond, uncond) tables: [step][d - 1] the RMS error of the model output when that step reuses
-    the block-stack residual of the step d earlier (inf where that step belongs to another expert).
+    the block-stack residual of the step d earlier (inf where that step belongs to another expert), measured on
+    the schedule `timesteps`.
     """
 
     model: str
@@ -122,6 +123,7 @@ class CacheCalibration:
     teacache: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
     magcache: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     reuse_error: tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]] | None = None
+    timesteps: tuple[float, ...] | None = None  # the schedule reuse_error was measured on (None: any of `steps`)
     notes: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +132,8 @@ class CacheCalibration:
                 raise ValueError(f"reuse_error: need cond and uncond tables of {self.steps} steps each")
             if len({len(row) for t in self.reuse_error for row in t}) != 1 or not self.reuse_error[0][0]:
                 raise ValueError("reuse_error: every step needs the same number (>= 1) of distances")
+        if self.timesteps is not None and len(self.timesteps) != self.steps:
+            raise ValueError(f"timesteps: need {self.steps}, got {len(self.timesteps)}")
 
     def to_yaml(self, path: Path) -> None:
         data = {
@@ -141,6 +145,7 @@ class CacheCalibration:
                                                             "uncond": list(self.magcache[1])},
             "reuse_error": None if self.reuse_error is None else {
                 branch: [list(row) for row in table] for branch, table in zip(("cond", "uncond"), self.reuse_error)},
+            "timesteps": None if self.timesteps is None else list(self.timesteps),
             "notes": dict(self.notes),
         }
         header = f"# FlexCache calibration of {self.model} (smartdiff calibrate-cache); read by the denoiser.\n"
@@ -159,7 +164,8 @@ class CacheCalibration:
             err = data.get("reuse_error")
             reuse = None if not err else tuple(tuple(tuple(float(v) for v in row) for row in err[branch])
                                                for branch in ("cond", "uncond"))
+            times = data.get("timesteps")
             return cls(str(data["model"]), int(data["steps"]), teacache, magcache, reuse,
-                       dict(data.get("notes") or {}))
+                       None if times is None else tuple(float(t) for t in times), dict(data.get("notes") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a FlexCache calibration file ({e})") from None
