@@ -1,7 +1,7 @@
 """Triton kernels of our quantized attention: INT8 quantization pre-pass, block-sparse plan and attention forward.
 
 The maths is SageAttention's (INT8 Q.K^T with per-block scales after subtracting K's mean over tokens, which
-leaves every softmax row unchanged; then P.V in FP16, or in FP8 with V centred and scaled per channel) with
+leaves every softmax row unchanged; then P.V in FP16, or in FP8 with per-channel V scales) with
 SpargeAttn's block skipping: the same forward walks either every key block or a per-query-block list of kept
 key blocks. Written for this project; imported only when a `sage` / `sparge` backend is built.
 
@@ -12,6 +12,7 @@ reads it K-major on Hopper. Padding rows are zero; scores of padded keys are mas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,10 +81,10 @@ def _quant_int8_kernel(X, Xq, Xs, Mean, Pool, Sim,
 
 
 @triton.jit
-def _quant_v_kernel(V, Vq, Vs, Vc, stride_vb, stride_vl, stride_vh, L, L_pad, H,
+def _quant_v_kernel(V, Vq, Vs, stride_vb, stride_vl, stride_vh, L, L_pad, H,
                     D: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr):
-    """V block [BLOCK, D], zero padded: FP8 e4m3 of v - Vc (the channel's centre) scaled per channel to +-448
-    and stored transposed [B*N, D, L_pad] (FP8), or FP16 [B*N, L_pad, D]."""
+    """V block [BLOCK, D], zero padded: FP8 e4m3 scaled per channel to +-448 and stored transposed
+    [B*N, D, L_pad] (FP8), or FP16 [B*N, L_pad, D]."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -92,9 +93,8 @@ def _quant_v_kernel(V, Vq, Vs, Vc, stride_vb, stride_vl, stride_vh, L, L_pad, H,
     cols = tl.arange(0, D)
     v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + rows[:, None].to(tl.int64) * stride_vl + cols[None, :],
                 mask=rows[:, None] < L, other=0.0).to(tl.float32)
-    if FP8:  # V smoothing: every row of P sums to 1, so P.(V - c) + c = P.V; the centred channel spans +-Vs
-        inv = 448.0 / tl.load(Vs + bh * D + cols)
-        v = tl.where(rows[:, None] < L, v - tl.load(Vc + bh * D + cols)[None, :], 0.0)
+    if FP8:
+        inv = 448.0 / tl.load(Vs + bh * D + cols)  # Vs holds the channel's max |v| at this point
         vq = (v * inv[None, :]).to(tl.float8e4nv)
         tl.store(Vq + bh.to(tl.int64) * D * L_pad + cols[None, :].to(tl.int64) * L_pad + rows[:, None], vq)
     else:
@@ -144,7 +144,7 @@ def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, off
 
 
 @triton.jit
-def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, VC, LUT, NSEL, O, LSE,
+def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O, LSE,
                      stride_ob, stride_ol, stride_oh,
                      Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad, pv_thr,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
@@ -192,7 +192,7 @@ def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, VC, LUT, NSEL, O, LSE,
             lse2 = lse2 - 8.807354922057604
         tl.store(LSE + bh.to(tl.int64) * Lq_pad + offs_m, lse2 * 0.6931471805599453)
     if PV_FP8:
-        out = out * (tl.load(VS + bh * D + offs_d) / 448.0)[None, :] + tl.load(VC + bh * D + offs_d)[None, :]
+        out = out * (tl.load(VS + bh * D + offs_d) / 448.0)[None, :]
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
 
@@ -282,13 +282,12 @@ class Quantized:
     k8: torch.Tensor  # [B*N, Lk_pad, D] int8 (K minus its mean over tokens)
     ks: torch.Tensor  # [B*N, n_k_blocks] float32
     v: torch.Tensor  # FP8 [B*N, D, Lk_pad], or FP16 [B*N, Lk_pad, D]
-    vs: torch.Tensor | None  # [B*N, D] float32 channel half range (max - min) / 2 of v (FP8 only)
+    vs: torch.Tensor | None  # [B*N, D] float32 channel max |v| (FP8 only)
     q_pool: torch.Tensor | None = None  # [B*N, n_q_blocks, D] float32 block means
     q_sim: torch.Tensor | None = None  # [B*N, n_q_blocks] mean pairwise cosine similarity inside each block
     k_pool: torch.Tensor | None = None
     k_sim: torch.Tensor | None = None
     k_mean: torch.Tensor | None = None  # [B*N, D] float32, subtracted from k before quantization
-    v_centre: torch.Tensor | None = None  # [B*N, D] float32 channel mid-range of v, subtracted before FP8
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -322,15 +321,14 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfi
                                     lq, lq_pad, h, nq, sm_scale * LOG2E, D=d, BLOCK=bm, SUB_MEAN=False, POOL=pool)
     _quant_int8_kernel[(nk, b * h)](k, k8, ks, k_mean, *k_extra, k.stride(0), k.stride(1), k.stride(2),
                                     lk, lk_pad, h, nk, 1.0, D=d, BLOCK=bn, SUB_MEAN=True, POOL=pool)
-    if pv_fp8:  # centred on each channel's mid-range: the smallest scale, so the most FP8 precision
-        hi, lo = v.amax(dim=1).float(), v.amin(dim=1).float()  # [B, N, D]
-        out.v_centre = ((hi + lo) / 2).reshape(b * h, d).contiguous()
-        out.vs = ((hi - lo) / 2).reshape(b * h, d).clamp_min_(1e-12).contiguous()
+    if pv_fp8:
+        vs = torch.linalg.vector_norm(v, ord=math.inf, dim=1, dtype=torch.float32).reshape(b * h, d)
+        out.vs = vs.clamp_min_(1e-12).contiguous()
         out.v = torch.empty(b * h, d, lk_pad, dtype=torch.float8_e4m3fn, device=dev)
     else:
         out.v = torch.empty(b * h, lk_pad, d, dtype=torch.float16, device=dev)
-    _quant_v_kernel[(nk, b * h)](v, out.v, out.vs if pv_fp8 else qs, out.v_centre if pv_fp8 else qs, v.stride(0),
-                                 v.stride(1), v.stride(2), lk, lk_pad, h, D=d, BLOCK=bn, FP8=pv_fp8)
+    _quant_v_kernel[(nk, b * h)](v, out.v, out.vs if pv_fp8 else qs, v.stride(0), v.stride(1), v.stride(2), lk, lk_pad,
+                                 h, D=d, BLOCK=bn, FP8=pv_fp8)
     return out
 
 
@@ -350,7 +348,6 @@ def attention_forward(quant: Quantized, q_shape: torch.Size, lk: int, out_dtype:
     dummy = quant.qs
     _attn_fwd_kernel[(nq, b * h)](
         quant.q8, quant.k8, quant.v, quant.qs, quant.ks, quant.vs if pv_fp8 else dummy,
-        quant.v_centre if pv_fp8 else dummy,
         lut if sparse else dummy, n_sel if sparse else dummy, out, lse_out,
         out.stride(0), out.stride(1), out.stride(2),
         lq, lk, h, nq, nk, lq_pad, lk_pad, float(pv_threshold or 0.0),
