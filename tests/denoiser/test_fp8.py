@@ -154,22 +154,24 @@ def test_engine_fp8_resident_and_offloaded_and_the_default_is_untouched():
     assert torch.equal(offloaded.denoise(req, ctx, neg), got)
 
 
-def _ulysses_rank(rank, world):
+def _parallel_rank(rank, world, layout):
     from smartdiff.services.denoiser.parallel import ParallelConfig, ParallelState
 
     model, req, ctx, neg = inputs(steps=2)
-    state = ParallelState(ParallelConfig(1, 2, 1), rank) if world > 1 else None
+    state = ParallelState(ParallelConfig(*layout), rank) if world > 1 else None
     engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=state, gemm="fp8")
     return engine.denoise(req, ctx, neg)
 
 
-def test_fp8_under_ulysses_matches_one_process():
+@pytest.mark.parametrize("layout", [(1, 2, 1), (1, 1, 2), (2, 1, 1)], ids=["ulysses2", "ring2", "cfg2"])
+def test_fp8_under_every_parallel_layout_matches_one_process(layout):
     """Ulysses splits the output projection's input by head group; under FP8 it runs once every group is there
-    (a token's scale spans all heads), so the sharded run gives the one-process FP8 latents."""
+    (a token's scale spans all heads). Ring and CFG parallel leave the linears whole. Each sharded run gives the
+    one-process FP8 latents."""
     from distributed_helpers import run_ranks
 
-    expected = _ulysses_rank(0, 1)
-    for latents in run_ranks(_ulysses_rank, 2):
+    expected = _parallel_rank(0, 1, layout)
+    for latents in run_ranks(_parallel_rank, 2, layout):
         assert rel(latents, expected) < 1e-4
 
 
