@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+
+from .fp8 import Fp8Linear
 
 # (q, k, v) [B, L, N, D] -> (out [B, Lq, N, D], lse [B, N, Lq] float32)
 AttentionWithLse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -254,7 +255,7 @@ class SequenceParallelAttention:
             work.wait()
         out = self._attend(*(_sequence_from_ranks(t) for t, _ in (q, k, v)))  # [B, L/R, N/U, D]
         recv, work = self._send_back(out)
-        if not isinstance(attn.o, nn.Linear):  # FP8 (fp8.Fp8Linear): a token's scale spans all head groups
+        if isinstance(attn.o, Fp8Linear):  # a token's FP8 scale spans all head groups
             work.wait()
             return attn.o(recv.permute(1, 2, 0, 3, 4).flatten(2))  # [U, B, Ls, Nh, D] -> [B, Ls, C]
         mine, width = self.state.ulysses_rank, out.shape[-2] * out.shape[-1]

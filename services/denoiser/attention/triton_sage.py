@@ -220,10 +220,8 @@ def _block_plan_kernel(S, QSIM, KSIM, LUT, NSEL, n_q_blocks, n_k_blocks, sim_thr
     bits = p.to(tl.int32, bitcast=True)
     if TOPK:
         need = n_top
-        mass_all = 1.0
-    else:
-        mass_all = tl.sum(p, 0)
-    lo = tl.zeros([], dtype=tl.int32)  # invariant: enough at or above lo, not enough at or above hi
+    # invariant: enough at or above lo (unless even the whole mass misses cdf_thr), not enough at or above hi
+    lo = tl.zeros([], dtype=tl.int32)
     hi = tl.zeros([], dtype=tl.int32) + 0x7F800000
     for _ in range(31):
         mid = lo + (hi - lo) // 2
@@ -242,7 +240,7 @@ def _block_plan_kernel(S, QSIM, KSIM, LUT, NSEL, n_q_blocks, n_k_blocks, sim_thr
         v = lo.to(tl.float32, bitcast=True)
         need = tl.sum(greater.to(tl.int32), 0) + tl.minimum(
             tl.maximum(tl.ceil(rest / tl.where(v > 0, v, 1.0)).to(tl.int32), 1), n_equal)
-        need = tl.where((v > 0) & (mass_all >= cdf_thr), need, n_k_blocks)  # rounding: the mass is never reached
+        need = tl.where(v > 0, need, n_k_blocks)  # lo stayed 0: rounding kept the mass below cdf_thr, keep all
     ties = need - tl.sum(greater.to(tl.int32), 0)
     keep = greater | (equal & (tl.cumsum(equal.to(tl.int32), 0) <= ties))
     keep = keep | (inside & ~k_ok)

@@ -143,7 +143,6 @@ class BudgetCache(ResidualCache):
 
     def __init__(self, params: BudgetParams, ctx: StrategyContext, stats: CacheStats):
         super().__init__(stats)
-        self.p = params
         self.plans: dict[tuple[int, int], frozenset[int]] = {}  # (expert, branch) -> expert steps that compute
         schedule = ctx.schedule
         table = reuse_errors(ctx)
