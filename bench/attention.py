@@ -44,16 +44,17 @@ def sdpa_views(q, k, v, backends=None):
 
 
 def sweep_rows() -> list[tuple[str, object]]:
-    """Our kernel's tile and pipelining-depth variants (labels start with 'sweep f16', 'sweep fp8')."""
+    """Our kernel's tile and pipelining-depth variants (labels start with 'sweep fp16', 'sweep fp8', 'sweep int8')."""
     dev = torch.device("cuda")
     rows = []
-    for pv_fp8, cfgs in ((False, [(128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 2),
-                                  (128, 64, 8, 3)]),
-                         (True, [(64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3)])):
+    eight_bit = [(64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3)]
+    for pv, cfgs in (("fp16", [(128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 2),
+                               (128, 64, 8, 3)]),
+                     ("fp8", eight_bit), ("int8", eight_bit + [(128, 128, 4, 2), (64, 128, 4, 4)])):
         for c in cfgs:
             cfg = ts.KernelConfig(*c)
-            rows.append((f"sweep {'fp8' if pv_fp8 else 'f16'} {c}",
-                         lambda q, k, v, cfg=cfg, f=pv_fp8: (lambda: ts.sage_attention(q, k, v, f, cfg)), cfg))
+            rows.append((f"sweep {pv} {c}",
+                         lambda q, k, v, cfg=cfg, pv=pv: (lambda: ts.sage_attention(q, k, v, pv, cfg)), cfg))
     for c in [(128, 64, 4, 3), (64, 128, 4, 2)]:
         def sp(q, k, v, cfg=ts.KernelConfig(*c)):
             kern = TritonSpargeKernel(A.SpargeParams(topk=0.5), dev)
@@ -62,16 +63,16 @@ def sweep_rows() -> list[tuple[str, object]]:
         rows.append((f"sweep sparge0.5 {c}", sp, None))
 
     def plan_only(q, k, v):  # quantization + pooled mask + LUT, no attention
-        cfg, params = ts.default_config(dev, False), A.SpargeParams(topk=0.5).resolved()
+        cfg, params = ts.default_config(dev, "fp16"), A.SpargeParams(topk=0.5).resolved()
 
         def fn():
-            quant = ts.quantize(q, k, v, cfg, False, pool=True)
+            quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
             ts.block_plan(quant, params.topk, params.cdf_threshold, params.sim_threshold)
             return q
         return fn
     rows.append(("sparge plan only (quant+mask+lut)", plan_only, None))
-    rows.append(("sage quantize only", lambda q, k, v: (lambda: (ts.quantize(q, k, v, ts.default_config(dev, False),
-                                                                             False), q)[1]), None))
+    rows.append(("sage quantize only", lambda q, k, v: (lambda: (ts.quantize(q, k, v, ts.default_config(dev, "fp16"),
+                                                                             "fp16"), q)[1]), None))
     return rows
 
 
@@ -89,7 +90,7 @@ def kernel_rows() -> list[tuple[str, object]]:
         ("sdpa[flash]", lambda q, k, v: (lambda: sdpa_views(q, k, v, [SDPBackend.FLASH_ATTENTION]))),
         ("sdpa cudnn, BNLD copies incl.", contiguous_sdpa),
     ]
-    for name in ("sdpa", "flash_attn", "sage", "sage_fp8"):
+    for name in ("sdpa", "flash_attn", "sage", "sage_fp8", "sage_int8"):
         rows.append((name, lambda q, k, v, name=name: _backend_fn(name, A.AttentionChoice(name), q, k, v)))
     for label, params in (("sparge topk 0.5", A.SpargeParams(topk=0.5)),
                           ("sparge topk 0.25", A.SpargeParams(topk=0.25)),
@@ -119,12 +120,12 @@ def _backend_fn(name, choice, q, k, v):
 
 def adopt_best(rows: list[dict], configs: dict) -> None:
     """Make the fastest swept configuration of each P.V precision the default for the rest of this run."""
-    for pv_fp8, tag in ((False, "sweep f16"), (True, "sweep fp8")):
-        cands = [r for r in rows if r["label"].startswith(tag)]
+    for pv in ts.PV_MODES:
+        cands = [r for r in rows if r["label"].startswith(f"sweep {pv} ")]
         if cands:
             best = min(cands, key=lambda r: r["seconds"])
-            ts.HOPPER_CONFIG[pv_fp8] = configs[best["label"]]
-            print(f"adopted for {'fp8' if pv_fp8 else 'f16'} P.V: {best['label']} {configs[best['label']]}")
+            ts.HOPPER_CONFIG[pv] = configs[best["label"]]
+            print(f"adopted for {pv} P.V: {best['label']} {configs[best['label']]}")
 
 
 def bench_kernels(shape_name: str, sweep: bool, iters: int, adopt: bool = False) -> list[dict]:
@@ -182,8 +183,8 @@ def bench_mask(shape_name: str, iters: int) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, l, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     dev = q.device
-    cfg = ts.default_config(dev, False)
-    quant = ts.quantize(q, k, v, cfg, False, pool=True)
+    cfg = ts.default_config(dev, "fp16")
+    quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
     rows = []
     for label, params in (("topk 0.5", A.SpargeParams(topk=0.5)), ("cdf 0.98", A.SpargeParams())):
         p = params.resolved()
@@ -193,7 +194,7 @@ def bench_mask(shape_name: str, iters: int) -> list[dict]:
             "mask prediction (triton)": lambda: ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold),
             "mask prediction (torch)": lambda: block_lut(block_mask(quant.q_pool, quant.q_sim, quant.k_pool,
                                                                     quant.k_sim, p)),
-            "quantization + pooling": lambda: ts.quantize(q, k, v, cfg, False, pool=True),
+            "quantization + pooling": lambda: ts.quantize(q, k, v, cfg, "fp16", pool=True),
         }
         t = {name: statistics.median(cuda_time(fn, 2, iters)) for name, fn in fns.items()}
         same = torch.equal(ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)[1],
@@ -218,8 +219,9 @@ def check_small() -> list[dict]:
         q, k, v = (torch.randn(b, l, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         k = k + 0.5
         ref = sdpa_views(q.double(), k.double(), v.double(), [SDPBackend.MATH])
-        for name, fn in (("sage", lambda: ts.sage_attention(q, k, v, False)),
-                         ("sage_fp8", lambda: ts.sage_attention(q, k, v, True)),
+        for name, fn in (("sage", lambda: ts.sage_attention(q, k, v, "fp16")),
+                         ("sage_fp8", lambda: ts.sage_attention(q, k, v, "fp8")),
+                         ("sage_int8", lambda: ts.sage_attention(q, k, v, "int8")),
                          ("sparge topk1", lambda: TritonSpargeKernel(A.SpargeParams(topk=1.0), q.device)(q, k, v)),
                          ("sdpa", lambda: A.get_backend("sdpa").build(None, q.device, q.dtype, d)(q, k, v))):
             o = fn()
@@ -228,9 +230,9 @@ def check_small() -> list[dict]:
             print(f"check {str((b, l, n, d)):<20} {name:<14} rel err vs fp64 {e:.2e} finite {out[-1]['finite']}")
         from smartdiff.services.denoiser.attention.sparge import block_lut, block_mask
         for cfg in (ts.KernelConfig(128, 64, 4, 3), ts.KernelConfig(64, 128, 4, 3)):
-            quant = ts.quantize(q, k, v, cfg, False, pool=True)
+            quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
             keep = block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, A.SpargeParams(topk=0.5))
-            o = ts.attention_forward(quant, q.shape, l, q.dtype, cfg, False, *block_lut(keep))
+            o = ts.attention_forward(quant, q.shape, l, q.dtype, cfg, "fp16", *block_lut(keep))
             rows = torch.arange(l, device="cuda")
             tok = keep.view(b, n, *keep.shape[1:])[:, :, rows // cfg.block_m][:, :, :, rows // cfg.block_n]
             qd, kd, vd = (x.double().transpose(1, 2) for x in (q, k, v))
@@ -241,7 +243,7 @@ def check_small() -> list[dict]:
                             kept=keep.float().mean().item()))
             print(f"check {str((b, l, n, d)):<20} sparse {cfg.block_m}x{cfg.block_n} vs fp64 "
                   f"masked {e:.2e} (kept {keep.float().mean().item():.2f})")
-            o = ts.sage_attention(q, k, v, False, cfg)
+            o = ts.sage_attention(q, k, v, "fp16", cfg)
             print(f"check {str((b, l, n, d)):<20} dense  {cfg} vs fp64 {rel(o.double(), ref):.2e}")
     return out
 
@@ -258,7 +260,7 @@ def bench_e2e(label: str, iters: int, only: list[str] | None = None) -> list[dic
     t = torch.tensor([900.0], device="cuda")
     choices = [("old sdpa path (no attach)", None), ("sdpa", A.AttentionChoice("sdpa")),
                ("flash_attn", A.AttentionChoice("flash_attn")), ("sage", A.AttentionChoice("sage")),
-               ("sage_fp8", A.AttentionChoice("sage_fp8")),
+               ("sage_fp8", A.AttentionChoice("sage_fp8")), ("sage_int8", A.AttentionChoice("sage_int8")),
                ("sparge topk 0.5", A.AttentionChoice("sparge", sparge=A.SpargeParams(topk=0.5))),
                ("sparge cdf 0.98", A.AttentionChoice("sparge")),
                ("auto (tol 2e-2)", A.AttentionChoice("auto")),

@@ -32,8 +32,8 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="default: random, printed")
     p.add_argument("--fps", type=int, help="frames per second of the mp4 (default 16)")
     p.add_argument("--attention", default="",
-                   help="self-attention backend: sdpa, flash_attn, sage, sage_fp8, sparge, auto (default: the "
-                        "deployment's default)")
+                   help="self-attention backend: sdpa, flash_attn, sage, sage_fp8, sage_int8, sparge, auto "
+                        "(default: the deployment's default)")
     p.add_argument("--attention-param", action="append", default=[], metavar="KEY=VALUE",
                    help="AttentionConfig field, e.g. allow_fallback=true, auto.tolerance=0.02, sparge.topk=0.5")
     p.add_argument("--cache", default="", help="feature-reuse cache: none, teacache, pab, magcache, budget (default none)")

@@ -26,12 +26,12 @@ TINY = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32, tex
 
 def test_registry_lists_every_backend_with_constraints():
     names = A.backend_names()
-    assert set(names) == {"sdpa", "flash_attn", "sage", "sage_fp8", "sparge", "auto"}
+    assert set(names) == {"sdpa", "flash_attn", "sage", "sage_fp8", "sage_int8", "sparge", "auto"}
     for name in names:
         info = A.get_backend(name).info
         assert info.name == name and info.description and info.dtypes and info.devices
     assert not A.get_backend("sdpa").info.lossy and not A.get_backend("flash_attn").info.lossy
-    assert all(A.get_backend(n).info.lossy for n in ("sage", "sage_fp8", "sparge"))
+    assert all(A.get_backend(n).info.lossy for n in ("sage", "sage_fp8", "sage_int8", "sparge"))
     status = {s.info.name: s for s in A.available_backends(CPU, torch.float32, 16)}
     assert status["sdpa"].available and status["auto"].available
     assert "CUDA" in status["flash_attn"].reason

@@ -55,15 +55,34 @@ def rel(a, b):
 @pytest.mark.parametrize("b,lq,lk,d", [(2, 200, 200, 64), (1, 96, 150, 128)])
 def test_sage_matches_float64(b, lq, lk, d):
     q, k, v = qkv(b, lq, lk, d=d)
-    out = ts.sage_attention(q, k, v, pv_fp8=False, cfg=CFG)
+    out = ts.sage_attention(q, k, v, pv="fp16", cfg=CFG)
     assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
     assert rel(out, reference(q, k, v)) < 2.5e-2
 
 
 def test_sage_fp8_matches_float64_within_fp8_error():
     q, k, v = qkv()
-    out = ts.sage_attention(q, k, v, pv_fp8=True, cfg=CFG)
+    out = ts.sage_attention(q, k, v, pv="fp8", cfg=CFG)
     assert torch.isfinite(out).all() and rel(out, reference(q, k, v)) < FP8_TOL
+
+
+def test_sage_int8_matches_float64():
+    q, k, v = qkv()
+    out = ts.sage_attention(q, k, v, pv="int8", cfg=CFG)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    assert rel(out, reference(q, k, v)) < 3e-2
+
+
+def test_sage_int8_keeps_each_row_a_weighted_mean_of_v():
+    """Peaked rows whose small probabilities round to 0 in int8, over V with a large offset: normalising by the
+    sum of the rounded P keeps the offset (a sum of unrounded P would shrink it)."""
+    q, k, v = qkv(k_shift=0.0)
+    q = q * 4.0  # sharp softmax rows
+    v = v + 20.0
+    out = ts.sage_attention(q, k, v, pv="int8", cfg=CFG)
+    ref = reference(q, k, v)
+    assert rel(out, ref) < 1e-2
+    assert (out.double().mean() - ref.mean()).abs() < 0.05
 
 
 def test_key_smoothing_makes_a_large_key_offset_harmless():
@@ -72,9 +91,10 @@ def test_key_smoothing_makes_a_large_key_offset_harmless():
     assert rel(ts.sage_attention(q, shifted, v, cfg=CFG), reference(q, k, v)) < 2.5e-2
 
 
-def test_log_sum_exp_of_the_real_scores():
+@pytest.mark.parametrize("pv", ts.PV_MODES)
+def test_log_sum_exp_of_the_real_scores(pv):
     q, k, v = qkv(b=1, lq=150)
-    out, lse = ts.sage_attention(q, k, v, cfg=CFG, lse=True)
+    out, lse = ts.sage_attention(q, k, v, pv=pv, cfg=CFG, lse=True)
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * q.shape[-1] ** -0.5
     assert lse.shape == (1, 2, 150) and lse.dtype == torch.float32
     assert (lse.double() - torch.logsumexp(s, -1)).abs().max() < 5e-2
@@ -83,9 +103,9 @@ def test_log_sum_exp_of_the_real_scores():
 
 
 def test_block_sparse_kernel_matches_masked_float64():
-    cfg = CFG or ts.default_config(DEV, False)
+    cfg = CFG or ts.default_config(DEV, "fp16")
     q, k, v = qkv(b=1, lq=230)
-    quant = ts.quantize(q, k, v, cfg, pv_fp8=False, pool=True)
+    quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
     nq, nk = quant.qs.shape[1], quant.ks.shape[1]
     g = torch.Generator().manual_seed(3)
     keep = torch.rand(2, nq, nk, generator=g) < 0.5
@@ -94,15 +114,15 @@ def test_block_sparse_kernel_matches_masked_float64():
     keep[1, -1] = False
     keep[1, -1, 1] = True  # a row keeping one middle block
     keep = keep.to(DEV)
-    out = ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, False, *block_lut(keep))
+    out = ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, "fp16", *block_lut(keep))
     rows = torch.arange(230, device=DEV)
     token_mask = keep.view(1, 2, nq, nk)[:, :, rows // cfg.block_m][:, :, :, rows // cfg.block_n]
     assert rel(out, reference(q, k, v, token_mask)) < 2.5e-2
-    dense = ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, False)
+    dense = ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, "fp16")
     all_kept = torch.ones_like(keep)
-    assert torch.equal(ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, False, *block_lut(all_kept)),
+    assert torch.equal(ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, "fp16", *block_lut(all_kept)),
                        dense)  # the sparse walk over every block is the dense kernel
-    no_skip = ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, False, *block_lut(keep),
+    no_skip = ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, "fp16", *block_lut(keep),
                                    pv_threshold=1e9)
     assert torch.equal(no_skip, out)
 
@@ -182,7 +202,7 @@ def test_pooling_and_self_similarity_from_the_quantization_pass():
     q = q.clone()
     q[:, :64] = q[:, :1]  # the first 64-row query block: one token repeated (self-similarity 1)
     cfg = ts.KernelConfig(64, 32, 4, 1)
-    quant = ts.quantize(q, k, v, cfg, pv_fp8=False, pool=True)
+    quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
     assert quant.q_sim[0, 0].item() == pytest.approx(1.0, abs=1e-3)
     assert quant.q_sim[0, 1].item() < 0.2  # random tokens
     assert torch.allclose(quant.q_pool[0, 1].cpu(), q[0, 64:100, 0].float().mean(0).cpu(), atol=1e-4)

@@ -23,6 +23,7 @@ EXACT = "sdpa"  # the exact reference every lossy backend is checked against
 _REGISTRY: dict[str, tuple[str, str]] = {
     "sparge": ("sparge", "BACKEND"),
     "sage_fp8": ("sage", "SAGE_FP8"),
+    "sage_int8": ("sage", "SAGE_INT8"),
     "sage": ("sage", "SAGE"),
     "flash_attn": ("flash", "BACKEND"),
     "sdpa": ("sdpa", "BACKEND"),

@@ -1,8 +1,9 @@
-"""`sage` and `sage_fp8`: quantized attention in the SageAttention style (lossy).
+"""`sage`, `sage_fp8` and `sage_int8`: quantized attention in the SageAttention style (lossy).
 
 INT8 Q.K^T with per-tile scales after subtracting K's mean over tokens (softmax-invariant), then P.V in
-FP16/BF16 (`sage`) or FP8 e4m3 with per-channel V scales (`sage_fp8`, faster, about 2x the error of `sage`:
-on random weights ~3.7e-2 relative against ~1.2e-2). Our Triton kernel runs both; `sage` uses the
+FP16/BF16 (`sage`), FP8 e4m3 with per-channel V scales (`sage_fp8`: faster, ~3.7e-2 relative error on random
+inputs against ~1.2e-2), or INT8 with P scaled per row and key block and V per channel (`sage_int8`: the 8-bit
+tensor-core rate of `sage_fp8` at ~2e-2; see triton_sage). Our Triton kernel runs all three; `sage` uses the
 `sageattention` package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on
 PyPI) is not used: it is slower than cuDNN SDPA on Hopper and than our kernel (bench/attention.py).
 """
@@ -28,6 +29,11 @@ SAGE_FP8_INFO = BackendInfo(
                                  "capability 8.9+ (lossy, about twice the error of sage)",
     lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
 )
+SAGE_INT8_INFO = BackendInfo(
+    name="sage_int8", description="INT8 Q.K (smoothed K) + INT8 P.V (P scaled per row and key block); Triton "
+                                  "kernel, compute capability 8.0+ (lossy)",
+    lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
+)
 
 
 def sageattention_package() -> str | None:
@@ -39,19 +45,19 @@ def sageattention_package() -> str | None:
 
 
 class TritonSageKernel(Kernel):
-    def __init__(self, name: str, device: torch.device, pv_fp8: bool):
+    def __init__(self, name: str, device: torch.device, pv: str):
         from . import triton_sage
 
-        self.name, self.pv_fp8 = name, pv_fp8
-        self.cfg = triton_sage.default_config(device, pv_fp8)
+        self.name, self.pv = name, pv
+        self.cfg = triton_sage.default_config(device, pv)
         self.run = triton_sage.sage_attention
         self.label = f"{name}[triton]"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.run(q, k, v, pv_fp8=self.pv_fp8, cfg=self.cfg)
+        return self.run(q, k, v, pv=self.pv, cfg=self.cfg)
 
     def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run(q, k, v, pv_fp8=self.pv_fp8, cfg=self.cfg, lse=True)
+        return self.run(q, k, v, pv=self.pv, cfg=self.cfg, lse=True)
 
 
 class PackageSageKernel(Kernel):
@@ -69,7 +75,7 @@ class PackageSageKernel(Kernel):
         return self.fn(q, k.clone(), v, tensor_layout="NHD", is_causal=False)
 
     def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return TritonSageKernel("sage", q.device, pv_fp8=False).with_lse(q, k, v)  # same maths, ours has the LSE
+        return TritonSageKernel("sage", q.device, pv="fp16").with_lse(q, k, v)  # same maths, ours has the LSE
 
 
 def _check_sage(device: torch.device, dtype: torch.dtype | None, head_dim: int | None) -> str | None:
@@ -86,12 +92,21 @@ def _build_sage(choice, device: torch.device, dtype: torch.dtype, head_dim: int)
     version = sageattention_package() if device.type == "cuda" else None
     if version is not None and dtype != torch.float32:
         return PackageSageKernel(version)
-    return TritonSageKernel("sage", device, pv_fp8=False)
+    return TritonSageKernel("sage", device, pv="fp16")
 
 
 def _build_fp8(choice, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
-    return TritonSageKernel("sage_fp8", device, pv_fp8=True)
+    return TritonSageKernel("sage_fp8", device, pv="fp8")
+
+
+def _check_int8(device: torch.device, dtype: torch.dtype | None, head_dim: int | None) -> str | None:
+    return triton_reason(device, (8, 0), " (INT8 tensor cores)")
+
+
+def _build_int8(choice, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
+    return TritonSageKernel("sage_int8", device, pv="int8")
 
 
 SAGE = Backend(SAGE_INFO, _check_sage, _build_sage)
 SAGE_FP8 = Backend(SAGE_FP8_INFO, _check_fp8, _build_fp8)
+SAGE_INT8 = Backend(SAGE_INT8_INFO, _check_int8, _build_int8)

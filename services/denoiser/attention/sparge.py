@@ -69,7 +69,7 @@ class TritonSpargeKernel(Kernel):
 
         self.ts = triton_sage
         self.params = params.resolved()
-        self.cfg = triton_sage.default_config(device, pv_fp8=False)
+        self.cfg = triton_sage.default_config(device, "fp16")
         self.label = "sparge[triton]"
         self.kept: torch.Tensor | None = None  # kept blocks summed over calls (on device: no sync per call)
         self.total = 0
@@ -84,16 +84,16 @@ class TritonSpargeKernel(Kernel):
         return lut, n_sel
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        quant = self.ts.quantize(q, k, v, self.cfg, pv_fp8=False, pool=True)
+        quant = self.ts.quantize(q, k, v, self.cfg, "fp16", pool=True)
         lut, n_sel = self.plan(quant)
-        return self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, False, lut, n_sel,
+        return self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, "fp16", lut, n_sel,
                                          self.params.pv_threshold)
 
     def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LSE over the kept blocks only (what the output is normalised by)."""
-        quant = self.ts.quantize(q, k, v, self.cfg, pv_fp8=False, pool=True)
+        quant = self.ts.quantize(q, k, v, self.cfg, "fp16", pool=True)
         lut, n_sel = self.plan(quant)
-        out, lse = self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, False, lut, n_sel,
+        out, lse = self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, "fp16", lut, n_sel,
                                              self.params.pv_threshold, lse=True)
         return out, self.ts.true_lse(lse, quant, q)
 

@@ -1,13 +1,20 @@
 """Triton kernels of our quantized attention: INT8 quantization pre-pass, block-sparse plan and attention forward.
 
 The maths is SageAttention's (INT8 Q.K^T with per-block scales after subtracting K's mean over tokens, which
-leaves every softmax row unchanged; then P.V in FP16, or in FP8 with per-channel V scales) with
+leaves every softmax row unchanged; then P.V in FP16, or in FP8 with per-channel V scales), our INT8 P.V (below) and
 SpargeAttn's block skipping: the same forward walks either every key block or a per-query-block list of kept
 key blocks. Written for this project; imported only when a `sage` / `sparge` backend is built.
 
+INT8 P.V: each row of a key block's probabilities is scaled by its own maximum, exp2(s - rowmax of the block),
+so the largest is exactly 1 -> 127, and rounded to int8; V is int8 per channel. The row's factor
+exp2(block rowmax - running max) multiplies the int32 product and the row sum, which is taken over the rounded
+values, so each output row stays a weighted mean of V rows. On random inputs its rounding costs ~1.5e-2
+relative error where FP8 e4m3 (3 mantissa bits for both P and V) costs ~3.7e-2, at the same tensor-core rate.
+
 Layouts: q, k, v, out [B, L, N, D] (any strides, last dim contiguous); quantized q/k [B*N, L_pad, D] int8 with
-one float32 scale per block of rows; v as FP16 [B*N, L_pad, D], or FP8 transposed [B*N, D, L_pad] so that P.V
-reads it K-major on Hopper. Padding rows are zero; scores of padded keys are masked in the last block only.
+one float32 scale per block of rows; v as FP16 [B*N, L_pad, D], or 8-bit (FP8 / INT8) transposed
+[B*N, D, L_pad] so that P.V reads it K-major on Hopper. Padding rows are zero; scores of padded keys are masked
+in the last block only.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 # In the kernels: 448 = largest finite float8 e4m3fn (8.807 = log2(448)); 0x4B400000 = bits of 12582912.0 =
-# 1.5 * 2**23, so (int32 i + 0x4B400000) reinterpreted as float32 is exactly 12582912 + i for |i| < 2**22.
+# 1.5 * 2**23, so (int32 i + 0x4B400000) reinterpreted as float32 is exactly 12582912 + i for |i| < 2**22, and
+# the low byte of the bits of 12582912 + x (float32 x in [0, 255]) is x rounded to the nearest integer.
+PV_MODES = ("fp16", "fp8", "int8")  # precision of P.V; the kernels take its index (PV constexpr: 0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -37,16 +46,24 @@ class KernelConfig:
 # Tuned on an H200 (bench/attention.py --sweep, docs/benchmarks.md): one warpgroup per program and tiles small
 # enough that two programs share a multiprocessor (one's softmax overlaps the other's MMAs) win. Other GPUs take
 # the same as a start; the CPU interpreter (tests) a small one.
-HOPPER_CONFIG = {False: KernelConfig(128, 64, 4, 3), True: KernelConfig(64, 128, 4, 3)}  # key: FP8 P.V
+HOPPER_CONFIG = {"fp16": KernelConfig(128, 64, 4, 3), "fp8": KernelConfig(64, 128, 4, 3),
+                 "int8": KernelConfig(64, 128, 4, 3)}  # key: P.V precision
 GPU_CONFIG = KernelConfig(128, 64, 4, 3)
 CPU_CONFIG = KernelConfig(64, 64, 4, 1)
 
 
-def default_config(device: torch.device, pv_fp8: bool) -> KernelConfig:
+def pv_index(pv: str) -> int:
+    if pv not in PV_MODES:
+        raise ValueError(f"pv must be one of {', '.join(PV_MODES)}, got {pv!r}")
+    return PV_MODES.index(pv)
+
+
+def default_config(device: torch.device, pv: str) -> KernelConfig:
+    pv_index(pv)
     if device.type != "cuda":
         return CPU_CONFIG
     if torch.cuda.get_device_capability(device)[0] == 9:
-        return HOPPER_CONFIG[pv_fp8]
+        return HOPPER_CONFIG[pv]
     return GPU_CONFIG
 
 
@@ -82,9 +99,9 @@ def _quant_int8_kernel(X, Xq, Xs, Mean, Pool, Sim,
 
 @triton.jit
 def _quant_v_kernel(V, Vq, Vs, stride_vb, stride_vl, stride_vh, L, L_pad, H,
-                    D: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr):
-    """V block [BLOCK, D], zero padded: FP8 e4m3 scaled per channel to +-448 and stored transposed
-    [B*N, D, L_pad] (FP8), or FP16 [B*N, L_pad, D]."""
+                    D: tl.constexpr, BLOCK: tl.constexpr, PV: tl.constexpr):
+    """V block [BLOCK, D], zero padded: FP8 e4m3 scaled per channel to +-448 or INT8 to +-127, stored
+    transposed [B*N, D, L_pad]; or FP16 [B*N, L_pad, D]."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -93,9 +110,13 @@ def _quant_v_kernel(V, Vq, Vs, stride_vb, stride_vl, stride_vh, L, L_pad, H,
     cols = tl.arange(0, D)
     v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + rows[:, None].to(tl.int64) * stride_vl + cols[None, :],
                 mask=rows[:, None] < L, other=0.0).to(tl.float32)
-    if FP8:
-        inv = 448.0 / tl.load(Vs + bh * D + cols)  # Vs holds the channel's max |v| at this point
-        vq = (v * inv[None, :]).to(tl.float8e4nv)
+    if PV != 0:
+        amax = tl.load(Vs + bh * D + cols)  # the channel's max |v|
+        if PV == 1:
+            vq = (v * (448.0 / amax)[None, :]).to(tl.float8e4nv)
+        else:
+            vq = v * (127.0 / amax)[None, :]
+            vq = tl.where(vq >= 0, vq + 0.5, vq - 0.5).to(tl.int8)
         tl.store(Vq + bh.to(tl.int64) * D * L_pad + cols[None, :].to(tl.int64) * L_pad + rows[:, None], vq)
     else:
         tl.store(Vq + bh.to(tl.int64) * L_pad * D + rows[:, None].to(tl.int64) * D + cols[None, :], v.to(tl.float16))
@@ -111,7 +132,7 @@ def _qk(q, qs, K8, KS, bh, j, Lk_pad, offs_n, offs_d, D: tl.constexpr, BLOCK_N: 
 
 @triton.jit
 def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, offs_n, offs_d,
-                D: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, PV_SKIP: tl.constexpr,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr, PV_SKIP: tl.constexpr,
                 MASKED: tl.constexpr):
     """Online-softmax update of one query tile with key block j's scores (log2 units once scaled by sc)."""
     start = j * BLOCK_N
@@ -120,8 +141,10 @@ def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, off
         f = tl.where((start + offs_n)[None, :] < Lk, f, float("-inf"))
     m_blk = (tl.max(f, 1) - 12582912.0) * sc
     m_new = tl.maximum(m_i, m_blk)
-    if PV_FP8:  # P scaled by 448 (exp2 offset log2(448)) to use FP8's range; l carries the same factor
+    if PV == 1:  # P scaled by 448 (exp2 offset log2(448)) to use FP8's range; l carries the same factor
         bias = m_new - 8.807354922057604 + 12582912.0 * sc
+    elif PV == 2:  # each row relative to its own maximum in this block: the largest is exactly 1
+        bias = m_blk + 12582912.0 * sc
     else:
         bias = m_new + 12582912.0 * sc
     if PV_SKIP:  # SpargeAttn's second stage: skip P.V when the whole block is negligible in every row
@@ -131,14 +154,22 @@ def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, off
     if keep:
         p = tl.math.exp2(f * sc - bias[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if PV_FP8:  # V^T stored [D, L_pad]: the [BLOCK_N, D] tile is contiguous along keys (K-major)
-            v = tl.load(V + kv_base + offs_d[None, :].to(tl.int64) * Lk_pad + (start + offs_n)[:, None])
-            acc = tl.dot(p.to(tl.float8e4nv), v, acc)
-        else:  # FP16 [L_pad, D], zero padded
+        if PV == 0:  # FP16 [L_pad, D], zero padded
+            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + kv_base + (start + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :])
             acc = tl.dot(p.to(tl.float16), v, acc)
+        else:  # V^T stored [D, L_pad]: the [BLOCK_N, D] tile is contiguous along keys (K-major)
+            v = tl.load(V + kv_base + offs_d[None, :].to(tl.int64) * Lk_pad + (start + offs_n)[:, None])
+            if PV == 1:
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+            else:  # 127 p rounded by the magic constant: its bits' low byte is the int8, minus it the value
+                y = p * 127.0 + 12582912.0
+                beta = tl.math.exp2(m_blk - m_new)
+                l_i = l_i * alpha + tl.sum(y - 12582912.0, 1) * beta
+                pv = tl.dot(y.to(tl.int32, bitcast=True).to(tl.int8), v, out_dtype=tl.int32)  # < 2**22
+                acc += ((pv + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * beta[:, None]
         m_i = m_new
     return acc, l_i, m_i
 
@@ -147,7 +178,7 @@ def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, off
 def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O, LSE,
                      stride_ob, stride_ol, stride_oh,
                      Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad, pv_thr,
-                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr,
                      SPARSE: tl.constexpr, PV_SKIP: tl.constexpr, HAS_TAIL: tl.constexpr, WRITE_LSE: tl.constexpr):
     """One query tile [BLOCK_M, D] of one (batch, head) against all key blocks, or the kept ones (SPARSE)."""
     pid_m = tl.program_id(0)
@@ -159,7 +190,7 @@ def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O, LSE,
     offs_d = tl.arange(0, D)
     q = tl.load(Q8 + bh.to(tl.int64) * Lq_pad * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :])
     qs = tl.load(QS + bh * n_q_blocks + pid_m)
-    kv_base = bh.to(tl.int64) * D * Lk_pad  # V: [D, Lk_pad] (FP8) or [Lk_pad, D] (FP16) per (batch, head)
+    kv_base = bh.to(tl.int64) * D * Lk_pad  # V: [D, Lk_pad] (8-bit) or [Lk_pad, D] (FP16) per (batch, head)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -179,20 +210,24 @@ def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O, LSE,
             j = it
         s_int, sc = _qk(q, qs, K8, KS, bh, j, Lk_pad, offs_n, offs_d, D, BLOCK_N)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, offs_n, offs_d,
-                                    D, BLOCK_N, PV_FP8, PV_SKIP, False)
+                                    D, BLOCK_N, PV, PV_SKIP, False)
     if do_tail:
         s_int, sc = _qk(q, qs, K8, KS, bh, n_k_blocks - 1, Lk_pad, offs_n, offs_d, D, BLOCK_N)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, n_k_blocks - 1, Lk, Lk_pad, pv_thr,
-                                    offs_n, offs_d, D, BLOCK_N, PV_FP8, PV_SKIP, HAS_TAIL)
+                                    offs_n, offs_d, D, BLOCK_N, PV, PV_SKIP, HAS_TAIL)
     l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]
-    if WRITE_LSE:  # natural log-sum-exp of the (smoothed-K) scores; P carried 448 = 2**8.807 in FP8 mode
+    if WRITE_LSE:  # natural log-sum-exp of the (smoothed-K) scores; P carried 448 = 2**8.807 (FP8), 127 (INT8)
         lse2 = m_i + tl.math.log2(l_i)
-        if PV_FP8:
+        if PV == 1:
             lse2 = lse2 - 8.807354922057604
+        elif PV == 2:
+            lse2 = lse2 - 6.988684686772166
         tl.store(LSE + bh.to(tl.int64) * Lq_pad + offs_m, lse2 * 0.6931471805599453)
-    if PV_FP8:
+    if PV == 1:
         out = out * (tl.load(VS + bh * D + offs_d) / 448.0)[None, :]
+    elif PV == 2:
+        out = out * (tl.load(VS + bh * D + offs_d) / 127.0)[None, :]
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
 
@@ -273,14 +308,14 @@ def block_plan(quant: Quantized, topk: float | None, cdf_threshold: float | None
 
 @dataclass
 class Quantized:
-    """q, k (and for FP8 P.V, v) quantized for one attention call, with SpargeAttn's block summaries if asked."""
+    """q, k and v quantized for one attention call, with SpargeAttn's block summaries if asked."""
 
     q8: torch.Tensor  # [B*N, Lq_pad, D] int8
     qs: torch.Tensor  # [B*N, n_q_blocks] float32, includes softmax scale * log2(e)
     k8: torch.Tensor  # [B*N, Lk_pad, D] int8 (K minus its mean over tokens)
     ks: torch.Tensor  # [B*N, n_k_blocks] float32
-    v: torch.Tensor  # FP8 [B*N, D, Lk_pad], or FP16 [B*N, Lk_pad, D]
-    vs: torch.Tensor | None  # [B*N, D] float32 channel max |v| (FP8 only)
+    v: torch.Tensor  # FP8 / INT8 [B*N, D, Lk_pad], or FP16 [B*N, Lk_pad, D]
+    vs: torch.Tensor | None  # [B*N, D] float32 channel max |v| (8-bit P.V only)
     q_pool: torch.Tensor | None = None  # [B*N, n_q_blocks, D] float32 block means
     q_sim: torch.Tensor | None = None  # [B*N, n_q_blocks] mean pairwise cosine similarity inside each block
     k_pool: torch.Tensor | None = None
@@ -292,7 +327,7 @@ def _ceil_to(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfig, pv_fp8: bool,
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfig, pv: str,
              pool: bool = False) -> Quantized:
     """Quantize q, k [B, L, N, D] to int8 per tile, and v for the chosen P.V precision."""
     b, lq, h, d = q.shape
@@ -319,19 +354,20 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfi
                                     lq, lq_pad, h, nq, sm_scale * LOG2E, D=d, BLOCK=bm, SUB_MEAN=False, POOL=pool)
     _quant_int8_kernel[(nk, b * h)](k, k8, ks, k_mean, *k_extra, k.stride(0), k.stride(1), k.stride(2),
                                     lk, lk_pad, h, nk, 1.0, D=d, BLOCK=bn, SUB_MEAN=True, POOL=pool)
-    if pv_fp8:
+    mode = pv_index(pv)
+    if pv != "fp16":
         vs = torch.linalg.vector_norm(v, ord=math.inf, dim=1, dtype=torch.float32).reshape(b * h, d)
         out.vs = vs.clamp_min_(1e-12).contiguous()
-        out.v = torch.empty(b * h, d, lk_pad, dtype=torch.float8_e4m3fn, device=dev)
+        out.v = torch.empty(b * h, d, lk_pad, dtype=torch.float8_e4m3fn if pv == "fp8" else torch.int8, device=dev)
     else:
         out.v = torch.empty(b * h, lk_pad, d, dtype=torch.float16, device=dev)
-    _quant_v_kernel[(nk, b * h)](v, out.v, out.vs if pv_fp8 else qs, v.stride(0), v.stride(1), v.stride(2), lk, lk_pad,
-                                 h, D=d, BLOCK=bn, FP8=pv_fp8)
+    _quant_v_kernel[(nk, b * h)](v, out.v, qs if out.vs is None else out.vs, v.stride(0), v.stride(1), v.stride(2),
+                                 lk, lk_pad, h, D=d, BLOCK=bn, PV=mode)
     return out
 
 
 def attention_forward(quant: Quantized, q_shape: torch.Size, lk: int, out_dtype: torch.dtype, cfg: KernelConfig,
-                      pv_fp8: bool, lut: torch.Tensor | None = None, n_sel: torch.Tensor | None = None,
+                      pv: str, lut: torch.Tensor | None = None, n_sel: torch.Tensor | None = None,
                       pv_threshold: float | None = None, lse: bool = False):
     """Run the forward on quantized inputs -> out [B, Lq, N, D] in out_dtype. lut/n_sel: block-sparse plan.
 
@@ -345,11 +381,11 @@ def attention_forward(quant: Quantized, q_shape: torch.Size, lk: int, out_dtype:
     sparse = lut is not None
     dummy = quant.qs
     _attn_fwd_kernel[(nq, b * h)](
-        quant.q8, quant.k8, quant.v, quant.qs, quant.ks, quant.vs if pv_fp8 else dummy,
+        quant.q8, quant.k8, quant.v, quant.qs, quant.ks, dummy if quant.vs is None else quant.vs,
         lut if sparse else dummy, n_sel if sparse else dummy, out, lse_out,
         out.stride(0), out.stride(1), out.stride(2),
         lq, lk, h, nq, nk, lq_pad, lk_pad, float(pv_threshold or 0.0),
-        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV_FP8=pv_fp8, SPARSE=sparse,
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV=pv_index(pv), SPARSE=sparse,
         PV_SKIP=pv_threshold is not None, HAS_TAIL=lk % cfg.block_n != 0, WRITE_LSE=lse,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -363,15 +399,15 @@ def true_lse(lse: torch.Tensor, quant: Quantized, q: torch.Tensor) -> torch.Tens
     return lse.view(b, h, -1)[:, :, :lq] + shift
 
 
-def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv_fp8: bool = False,
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str = "fp16",
                    cfg: KernelConfig | None = None, lse: bool = False):
     """Dense quantized attention: q [B, Lq, N, D], k/v [B, Lk, N, D] -> [B, Lq, N, D] in q's dtype.
 
     lse=True: returns (out, lse [B, N, Lq] float32), the natural log-sum-exp of the scaled scores.
     """
-    cfg = cfg or default_config(q.device, pv_fp8)
-    quant = quantize(q, k, v, cfg, pv_fp8)
+    cfg = cfg or default_config(q.device, pv)
+    quant = quantize(q, k, v, cfg, pv)
     if not lse:
-        return attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv_fp8)
-    out, lse_k = attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv_fp8, lse=True)
+        return attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv)
+    out, lse_k = attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv, lse=True)
     return out, true_lse(lse_k, quant, q)
