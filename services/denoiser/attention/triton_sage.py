@@ -154,22 +154,24 @@ def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, off
     if keep:
         p = tl.math.exp2(f * sc - bias[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
         if PV == 0:  # FP16 [L_pad, D], zero padded
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + kv_base + (start + offs_n)[:, None].to(tl.int64) * D + offs_d[None, :])
-            acc = tl.dot(p.to(tl.float16), v, acc)
+            acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
         else:  # V^T stored [D, L_pad]: the [BLOCK_N, D] tile is contiguous along keys (K-major)
             v = tl.load(V + kv_base + offs_d[None, :].to(tl.int64) * Lk_pad + (start + offs_n)[:, None])
             if PV == 1:
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = tl.dot(p.to(tl.float8e4nv), v, acc)
-            else:  # 127 p rounded by the magic constant: its bits' low byte is the int8, minus it the value
-                y = p * 127.0 + 12582912.0
+                acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
+            else:  # 127 p rounded by the magic constant: its bits' low byte is the int8
+                p8 = (p * 127.0 + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
                 beta = tl.math.exp2(m_blk - m_new)
-                l_i = l_i * alpha + tl.sum(y - 12582912.0, 1) * beta
-                pv = tl.dot(y.to(tl.int32, bitcast=True).to(tl.int8), v, out_dtype=tl.int32)  # < 2**22
-                acc += ((pv + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * beta[:, None]
+                # int32 products (< 2**22) as 12582912 + x: the row sums from a ones tile, exact and off the ALUs
+                ones = tl.full([BLOCK_N, 16], 1, tl.int8)
+                row = tl.max(tl.dot(p8, ones, out_dtype=tl.int32), 1)
+                l_i = l_i * alpha + ((row + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * beta
+                pv = (tl.dot(p8, v, out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
+                acc = acc * alpha[:, None] + (pv * beta[:, None] - (12582912.0 * beta)[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
