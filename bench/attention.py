@@ -55,12 +55,12 @@ def sweep_rows() -> list[tuple[str, object]]:
             cfg = ts.KernelConfig(*c)
             rows.append((f"sweep {pv} {c}",
                          lambda q, k, v, cfg=cfg, pv=pv: (lambda: ts.sage_attention(q, k, v, pv, cfg)), cfg))
-    for c in [(128, 64, 4, 3), (64, 128, 4, 2)]:
-        def sp(q, k, v, cfg=ts.KernelConfig(*c)):
-            kern = TritonSpargeKernel(A.SpargeParams(topk=0.5), dev)
+    for pv, c in [("fp16", (128, 64, 4, 3)), ("fp16", (64, 128, 4, 2)), ("int8", (64, 128, 4, 3))]:
+        def sp(q, k, v, cfg=ts.KernelConfig(*c), pv=pv):
+            kern = TritonSpargeKernel(A.SpargeParams(topk=0.5), dev, pv)
             kern.cfg = cfg
             return lambda: kern(q, k, v)
-        rows.append((f"sweep sparge0.5 {c}", sp, None))
+        rows.append((f"sweep sparge0.5 {pv} {c}", sp, None))
 
     def plan_only(q, k, v):  # quantization + pooled mask + LUT, no attention
         cfg, params = ts.default_config(dev, "fp16"), A.SpargeParams(topk=0.5).resolved()

@@ -64,12 +64,13 @@ def block_lut(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class TritonSpargeKernel(Kernel):
     name = "sparge"
 
-    def __init__(self, params: SpargeParams, device: torch.device):
+    def __init__(self, params: SpargeParams, device: torch.device, pv: str = "fp16"):
         from . import triton_sage
 
         self.ts = triton_sage
         self.params = params.resolved()
-        self.cfg = triton_sage.default_config(device, "fp16")
+        self.pv = pv  # P.V precision of the kept blocks (triton_sage.PV_MODES); its tiles set the block size
+        self.cfg = triton_sage.default_config(device, pv)
         self.label = "sparge[triton]"
         self.kept: torch.Tensor | None = None  # kept blocks summed over calls (on device: no sync per call)
         self.total = 0
@@ -84,16 +85,16 @@ class TritonSpargeKernel(Kernel):
         return lut, n_sel
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        quant = self.ts.quantize(q, k, v, self.cfg, "fp16", pool=True)
+        quant = self.ts.quantize(q, k, v, self.cfg, self.pv, pool=True)
         lut, n_sel = self.plan(quant)
-        return self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, "fp16", lut, n_sel,
+        return self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, self.pv, lut, n_sel,
                                          self.params.pv_threshold)
 
     def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LSE over the kept blocks only (what the output is normalised by)."""
-        quant = self.ts.quantize(q, k, v, self.cfg, "fp16", pool=True)
+        quant = self.ts.quantize(q, k, v, self.cfg, self.pv, pool=True)
         lut, n_sel = self.plan(quant)
-        out, lse = self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, "fp16", lut, n_sel,
+        out, lse = self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, self.pv, lut, n_sel,
                                              self.params.pv_threshold, lse=True)
         return out, self.ts.true_lse(lse, quant, q)
 
