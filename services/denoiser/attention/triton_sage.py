@@ -131,7 +131,7 @@ def _qk(q, qs, K8, KS, bh, j, Lk_pad, offs_n, offs_d, D: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, offs_n, offs_d, ones,
+def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, offs_n, offs_d,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr, PV_SKIP: tl.constexpr,
                 MASKED: tl.constexpr):
     """Online-softmax update of one query tile with key block j's scores (log2 units once scaled by sc)."""
@@ -160,14 +160,14 @@ def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, off
             acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
         else:  # V^T stored [D, L_pad]: the [BLOCK_N, D] tile is contiguous along keys (K-major)
             v = tl.load(V + kv_base + offs_d[None, :].to(tl.int64) * Lk_pad + (start + offs_n)[:, None])
-            if PV == 1:  # row sums of the rounded P (a ones tile on the tensor cores): rows stay weighted means
-                p8 = p.to(tl.float8e4nv)
-                l_i = l_i * alpha + tl.max(tl.dot(p8, ones), 1)
-                acc = tl.dot(p8, v, acc * alpha[:, None])
+            if PV == 1:
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
             else:  # 127 p rounded by the magic constant: its bits' low byte is the int8
                 p8 = (p * 127.0 + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
                 beta = tl.math.exp2(m_blk - m_new)
                 # int32 products (< 2**22) as 12582912 + x: the row sums from a ones tile, exact and off the ALUs
+                ones = tl.full([BLOCK_N, 16], 1, tl.int8)
                 row = tl.max(tl.dot(p8, ones, out_dtype=tl.int32), 1)
                 l_i = l_i * alpha + ((row + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * beta
                 pv = (tl.dot(p8, v, out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
@@ -196,10 +196,6 @@ def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O, LSE,
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    if PV == 1:  # for the row sums of the rounded P on the tensor cores (8-bit P.V)
-        ones = tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.float8e4nv)
-    else:
-        ones = tl.full([BLOCK_N, 16], 1, tl.int8)
     row = bh * n_q_blocks + pid_m
     if SPARSE:  # kept key blocks in ascending order: a partial last block can only come last
         n_sel = tl.load(NSEL + row)
@@ -216,11 +212,11 @@ def _attn_fwd_kernel(Q8, K8, V, QS, KS, VS, LUT, NSEL, O, LSE,
             j = it
         s_int, sc = _qk(q, qs, K8, KS, bh, j, Lk_pad, offs_n, offs_d, D, BLOCK_N)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, offs_n, offs_d,
-                                    ones, D, BLOCK_N, PV, PV_SKIP, False)
+                                    D, BLOCK_N, PV, PV_SKIP, False)
     if do_tail:
         s_int, sc = _qk(q, qs, K8, KS, bh, n_k_blocks - 1, Lk_pad, offs_n, offs_d, D, BLOCK_N)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, n_k_blocks - 1, Lk, Lk_pad, pv_thr,
-                                    offs_n, offs_d, ones, D, BLOCK_N, PV, PV_SKIP, HAS_TAIL)
+                                    offs_n, offs_d, D, BLOCK_N, PV, PV_SKIP, HAS_TAIL)
     l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]
     if WRITE_LSE:  # natural log-sum-exp of the (smoothed-K) scores; P carried 448 = 2**8.807 (FP8), 127 (INT8)
