@@ -160,9 +160,9 @@ def _softmax_pv(acc, l_i, m_i, s_int, sc, V, kv_base, j, Lk, Lk_pad, pv_thr, off
             acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
         else:  # V^T stored [D, L_pad]: the [BLOCK_N, D] tile is contiguous along keys (K-major)
             v = tl.load(V + kv_base + offs_d[None, :].to(tl.int64) * Lk_pad + (start + offs_n)[:, None])
-            if PV == 1:
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
+            if PV == 1:  # each block's product from a zeroed accumulator, added in float32: Hopper's FP8 MMA
+                l_i = l_i * alpha + tl.sum(p, 1)  # accumulates with fewer mantissa bits than float32
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
             else:  # 127 p rounded by the magic constant: its bits' low byte is the int8
                 p8 = (p * 127.0 + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
                 beta = tl.math.exp2(m_blk - m_new)
