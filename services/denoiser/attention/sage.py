@@ -1,11 +1,12 @@
 """`sage`, `sage_fp8` and `sage_int8`: quantized attention in the SageAttention style (lossy).
 
 INT8 Q.K^T with per-tile scales after subtracting K's mean over tokens (softmax-invariant), then P.V in
-FP16/BF16 (`sage`), FP8 e4m3 with per-channel V scales (`sage_fp8`: faster, ~3.7e-2 relative error on random
-inputs against ~1.2e-2), or INT8 with P scaled per row and key block and V per channel (`sage_int8`: the 8-bit
-tensor-core rate of `sage_fp8` at ~2e-2; see triton_sage). Our Triton kernel runs all three; `sage` uses the
-`sageattention` package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on
-PyPI) is not used: it is slower than cuDNN SDPA on Hopper and than our kernel (bench/attention.py).
+FP16/BF16 (`sage`), FP8 e4m3 with per-channel V scales (`sage_fp8`: fastest; ~4e-2 relative error on random,
+diffuse attention against ~1.3e-2, about the same as `sage` inside a DiT), or INT8 with P scaled per row and key
+block and V per channel (`sage_int8`: between the two in speed, ~2e-2 on diffuse attention; see triton_sage).
+Our Triton kernel runs all three; `sage` uses the `sageattention` package instead when version 2 or later (CUDA
+kernels) is installed. Version 1.x (the one on PyPI) is not used: it is slower than cuDNN SDPA on Hopper and than
+our kernel (bench/attention.py).
 """
 
 from __future__ import annotations
