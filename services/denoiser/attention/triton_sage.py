@@ -44,7 +44,6 @@ class KernelConfig:
     block_n: int = 64  # keys per step; K scale granularity; sparge key-block size
     num_warps: int = 4
     num_stages: int = 3
-    maxnreg: int | None = None  # register cap per thread (more programs per multiprocessor); None: the compiler's
 
 
 # Tuned on an H200 (bench/attention.py --sweep, docs/benchmarks.md): one warpgroup per program and tiles small
@@ -393,7 +392,7 @@ def attention_forward(quant: Quantized, q_shape: torch.Size, lk: int, out_dtype:
         lq, lk, h, nq, nk, lq_pad, lk_pad, float(pv_threshold or 0.0),
         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV=pv_index(pv), SPARSE=sparse,
         PV_SKIP=pv_threshold is not None, HAS_TAIL=lk % cfg.block_n != 0, WRITE_LSE=lse,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse_out) if lse else out
 
