@@ -1,0 +1,89 @@
+"""Instruction counts of our attention kernel's main loop, per P.V precision, without a GPU.
+
+Compiles triton_sage._attn_fwd_kernel for an sm_90 target with the installed Triton (its bundled ptxas), then
+counts the SASS instructions of the longest backward branch (the key-block loop: one thread's instructions per
+key block, and per score of its share of the tile) and reads the register count.
+Use the Triton version of the benchmark machine (the counts move between versions). Example:
+
+    python bench/kernel_sass.py                      # fp16, fp8, int8 at their Hopper tile configs
+    python bench/kernel_sass.py --pv int8 --tile 64 64 4 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from smartdiff.services.denoiser.attention import triton_sage as ts
+
+ARGS = [("Q8", "*i8"), ("K8", "*i8"), ("V", None), ("QS", "*fp32"), ("KS", "*fp32"), ("VS", "*fp32"),
+        ("LUT", "*i32"), ("NSEL", "*i32"), ("O", "*bf16"), ("LSE", "*fp32"), ("stride_ob", "i32"),
+        ("stride_ol", "i32"), ("stride_oh", "i32"), ("Lq", "i32"), ("Lk", "i32"), ("H", "i32"),
+        ("n_q_blocks", "i32"), ("n_k_blocks", "i32"), ("Lq_pad", "i32"), ("Lk_pad", "i32"), ("pv_thr", "fp32")]
+ALIGNED = {"Q8", "K8", "V", "QS", "KS", "VS", "LUT", "NSEL", "O", "LSE", "stride_ob", "stride_ol", "stride_oh",
+           "Lq_pad", "Lk_pad"}  # what the runtime specialises as divisible by 16 in our launches
+V_TYPE = {"fp16": "*fp16", "fp8": "*fp8e4nv", "int8": "*i8"}
+LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;")
+
+
+def compile_sass(pv: str, cfg: ts.KernelConfig) -> tuple[str, int]:
+    sig = {name: (V_TYPE[pv] if name == "V" else ty) for name, ty in ARGS}
+    consts = dict(D=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV=ts.pv_index(pv), SPARSE=False,
+                  PV_SKIP=False, HAS_TAIL=True, WRITE_LSE=False)
+    sig.update({k: "constexpr" for k in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(ARGS) if name in ALIGNED}
+    kernel = triton.compile(ASTSource(ts._attn_fwd_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 128),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    return sass, regs
+
+
+def loop_histogram(sass: str) -> Counter:
+    """Opcodes between the target and the source of the longest backward branch."""
+    ops = {int(m.group(1), 16): (m.group(2), m.group(0)) for m in LINE.finditer(sass)}
+    loops = []
+    for addr, (op, text) in ops.items():
+        target = re.search(r"BRA\s+(?:`?\(?\.L_x_\d+\)?\s*)?0x([0-9a-f]+)", text) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((addr - int(target.group(1), 16), int(target.group(1), 16), addr))
+    if not loops:
+        raise RuntimeError("no backward branch found in the SASS")
+    _, lo, hi = max(loops)
+    return Counter(op.split(".")[0] for addr, (op, _) in ops.items() if lo <= addr <= hi)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pv", nargs="*", default=list(ts.PV_MODES), choices=ts.PV_MODES)
+    p.add_argument("--tile", nargs=4, type=int, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
+                   help="default: the Hopper config of each precision")
+    args = p.parse_args()
+    print(f"triton {triton.__version__}, target sm_90")
+    print(f"{'P.V':<5} {'tile':<18} {'regs':>4} {'loop':>5} {'per score':>9}  top opcodes of the loop")
+    for pv in args.pv:
+        cfg = ts.KernelConfig(*args.tile) if args.tile else ts.HOPPER_CONFIG[pv]
+        sass, regs = compile_sass(pv, cfg)
+        hist = loop_histogram(sass)
+        n = sum(hist.values())
+        per_score = n / (cfg.block_m * cfg.block_n / (32 * cfg.num_warps))  # a thread's share of the tile
+        tile = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+        top = ", ".join(f"{op} {c}" for op, c in hist.most_common(8))
+        print(f"{pv:<5} {tile:<18} {regs:>4} {n:>5} {per_score:>9.2f}  {top}")
+
+
+if __name__ == "__main__":
+    main()
