@@ -57,8 +57,8 @@ def sweep_rows() -> list[tuple[str, object]]:
                          lambda q, k, v, cfg=cfg, pv=pv: (lambda: ts.sage_attention(q, k, v, pv, cfg)), cfg))
     for pv, c in [("fp16", (128, 64, 4, 3)), ("fp16", (64, 128, 4, 2)), ("int8", (64, 128, 4, 3))]:
         def sp(q, k, v, cfg=ts.KernelConfig(*c), pv=pv):
-            kern = TritonSpargeKernel(A.SpargeParams(topk=0.5), dev, pv)
-            kern.cfg = cfg
+            kern = TritonSpargeKernel(A.SpargeParams(topk=0.5), dev)
+            kern.pv, kern.cfg = pv, cfg
             return lambda: kern(q, k, v)
         rows.append((f"sweep sparge0.5 {pv} {c}", sp, None))
 
@@ -199,7 +199,7 @@ def bench_mask(shape_name: str, iters: int) -> list[dict]:
         t = {name: statistics.median(cuda_time(fn, 2, iters)) for name, fn in fns.items()}
         same = torch.equal(ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)[1],
                            block_lut(block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, p))[1])
-        row = dict(shape=shape_name, params=label, seconds={k_: v_ for k_, v_ in t.items()},
+        row = dict(shape=shape_name, params=label, seconds=t,
                    mask_share=t["mask prediction (triton)"] / t["sparge call"], same_counts_as_torch=same)
         rows.append(row)
         print(f"{shape_name:<10} sparge {label}: call {1e3 * t['sparge call']:.2f} ms, mask prediction "

@@ -64,13 +64,13 @@ def block_lut(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class TritonSpargeKernel(Kernel):
     name = "sparge"
 
-    def __init__(self, params: SpargeParams, device: torch.device, pv: str = "fp16"):
+    def __init__(self, params: SpargeParams, device: torch.device):
         from . import triton_sage
 
         self.ts = triton_sage
         self.params = params.resolved()
-        self.pv = pv  # P.V precision of the kept blocks (triton_sage.PV_MODES); its tiles set the block size
-        self.cfg = triton_sage.default_config(device, pv)
+        self.pv = "fp16"  # P.V precision of the kept blocks (INT8 P.V measured slower here: docs/benchmarks.md)
+        self.cfg = triton_sage.default_config(device, self.pv)  # its tiles are the sparse blocks
         self.label = "sparge[triton]"
         self.kept: torch.Tensor | None = None  # kept blocks summed over calls (on device: no sync per call)
         self.total = 0
