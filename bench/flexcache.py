@@ -7,7 +7,8 @@ CPU smoke test:  python bench/flexcache.py --model wan-tiny --width 64 --height 
 
 --config takes `none`, `STRATEGY` (its defaults) or `STRATEGY:key=value,...` (fields of the strategy's params;
 coefficients as c4/c3/c2/c1/c0), repeatable. `--calibrate N` first fits TeaCache polynomials and MagCache ratios
-for this very model from N uncached runs (other seeds and prompts), and both strategies then use them; `--match`
+and measures the budget strategy's reuse errors for this very model from N uncached runs (other seeds and
+prompts), and the three strategies then use them; `--match`
 adds, for every magcache and budget config, a TeaCache config whose threshold computes the same number of block stacks
 (found with `DenoiserEngine.plan_cache`, which predicts a strategy's decisions without running the blocks): the two
 compared at an equal budget. Random weights: speed is representative for a given number of
@@ -140,7 +141,8 @@ def main() -> None:
     ap.add_argument("--compile", choices=["on", "off"], default=None,
                     help="the DiT's compiled elementwise regions (default: on for CUDA, as the denoiser)")
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
-                    help="fit TeaCache / MagCache numbers for this model from N uncached runs before timing")
+                    help="fit TeaCache / MagCache numbers and measure the budget strategy's reuse errors for this "
+                         "model from N uncached runs before timing")
     ap.add_argument("--match", action="store_true",
                     help="add a TeaCache config at the budget of every magcache / budget config (equal computed stacks)")
     ap.add_argument("--out", type=Path, default=Path("bench_results/flexcache.json"))
@@ -216,7 +218,8 @@ def main() -> None:
                   "guidance": args.guidance, "sampler": req.sampler, "shift": req.shift, "batch_cfg": engine.batch_cfg},
         "compiled": compiled,
         "calibration": None if calibration is None else {
-            "runs": args.calibrate, "teacache": calibration.teacache, "magcache": calibration.magcache},
+            "runs": args.calibrate, "teacache": calibration.teacache, "magcache": calibration.magcache,
+            "reuse_error": calibration.reuse_error, "timesteps": calibration.timesteps},
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -231,8 +231,12 @@ class DenoiserEngine:
             return lambda: None
         backend = attn.resolution.backend
         exact_lse = attention_with_lse(self.device)
-        if par.config.ring > 1 and backend != EXACT and not (backend != "auto" and get_backend(backend).info.returns_lse):
-            capable = ", ".join(n for n in backend_names() if n == EXACT or (n != "auto" and get_backend(n).info.returns_lse))
+
+        def ring_ok(name: str) -> bool:
+            return name == EXACT or (name != "auto" and get_backend(name).info.returns_lse)
+
+        if par.config.ring > 1 and not ring_ok(backend):
+            capable = ", ".join(n for n in backend_names() if ring_ok(n))
             raise RequestError("attention.backend", f"{backend!r} cannot run under ring attention (ring degree "
                                                     f"{par.config.ring}): it does not return the log-sum-exp; "
                                                     f"use one of {capable}")

@@ -1,6 +1,6 @@
 """Skip patterns equal the reference algorithms' on a recorded sequence of timesteps.
 
-The references are re-implemented here, independently and literally, from the published code's decision logic:
+The references are re-implemented here, independently, following the published code's decision logic step by step:
 TeaCache4Wan2.1 `teacache_forward` and MagCache4Wan2.1 `magcache_forward` (one call counter `cnt` over the
 interleaved cond / uncond calls, even = cond, odd = uncond, an accumulator per parity) and VideoSys'
 `PABManager.if_broadcast_*` (a counter per attention module). Each is fed the schedule our engine ran (its
@@ -50,7 +50,7 @@ def recorded_timesteps(engine, steps=STEPS) -> list[float]:
     return make_sampler(m.sampler, steps, m.shift, engine.model.num_train_timesteps).timesteps.tolist()
 
 
-# ---- TeaCache4Wan2.1, teacache_forward: the decision part, transcribed ----
+# ---- TeaCache4Wan2.1, teacache_forward: the decision part (its acc_even / acc_odd branches as acc[parity]) ----
 
 def reference_teacache(inputs: list[torch.Tensor], num_steps: int, thresh: float, coefficients, ret_steps: int,
                        cutoff_steps: int) -> list[int]:

@@ -11,9 +11,9 @@ step d steps earlier adds
 to the latents' deviation, where err is the RMS error of the model output when step s reuses that residual
 instead of its own (measured by `smartdiff calibrate-cache` on full runs: the head applied to the step's tokens
 plus the old residual, against its real output) and the sigma difference is the step's share of the flow
-integration. Without a calibration, or when the calibration ran another schedule (step count, sampler, shift),
-err = d: the error grows with the distance, and the plan spaces the computed steps by the schedule's step sizes.
-Requests never fail for want of a matching calibration.
+integration. Without a calibration, when the calibration ran another schedule (step count, sampler, shift), or
+when it measured fewer distances than max_skip_steps, err = d: the error grows with the distance, and the plan
+spaces the computed steps by the schedule's step sizes. Requests never fail for want of a matching calibration.
 
 Each (expert, CFG branch) gets its own plan; an expert's first step always computes. The plan reads only the
 schedule and the calibrated table, so it costs nothing at run time, `plan_cache` predicts it exactly and every
@@ -44,11 +44,6 @@ def resolve(params: BudgetParams | None, ctx: StrategyContext) -> BudgetParams:
     p = params or BudgetParams()
     p = replace(p, compute_fraction=DEFAULT_FRACTION if p.compute_fraction is None else float(p.compute_fraction),
                 max_skip_steps=DEFAULT_MAX_SKIP if p.max_skip_steps is None else p.max_skip_steps)
-    table = reuse_errors(ctx)
-    if table is not None and p.max_skip_steps > len(table[0][0]):
-        raise RequestError("cache.budget.max_skip_steps",
-                           f"the deployment's calibration measured reuse up to {len(table[0][0])} steps back, so at "
-                           f"most {len(table[0][0])} steps in a row can be reused, got {p.max_skip_steps}")
     for k in sorted(set(ctx.schedule.experts)):
         n = ctx.schedule.experts.count(k)
         need = math.ceil(n / (p.max_skip_steps + 1))
@@ -146,6 +141,8 @@ class BudgetCache(ResidualCache):
         self.plans: dict[tuple[int, int], frozenset[int]] = {}  # (expert, branch) -> expert steps that compute
         schedule = ctx.schedule
         table = reuse_errors(ctx)
+        if table is not None and params.max_skip_steps > len(table[0][0]):
+            table = None  # reuse further back than the calibration measured: no table at all, as for a gap
         costs = plan_costs(schedule, table, params.max_skip_steps)
         if table is not None and not all(math.isfinite(c) for rows in costs.values() for row in rows for c in row):
             costs = plan_costs(schedule, None, params.max_skip_steps)  # a step was never measured: no table at all
