@@ -25,14 +25,10 @@ from smartdiff.services.denoiser import attention as A
 from smartdiff.services.denoiser.attention import triton_sage as ts
 from smartdiff.services.denoiser.attention.sparge import TritonSpargeKernel
 
-from common import cuda_time, git_commit
+from common import cuda_time, git_commit, rel_err as rel
 
 SHAPES = {"1.3B-480p": (1, 32760, 12, 128), "14B-720p": (1, 75600, 40, 128)}  # B, L, N, D
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def sdpa_views(q, k, v, backends=None):
@@ -298,7 +294,7 @@ def bench_e2e(label: str, iters: int, only: list[str] | None = None) -> list[dic
         r["speedup_vs_sdpa"] = base / r["seconds"] if base else None
         print(f"e2e {label:<5} {r['name']:<26} {r['seconds']:7.3f} s  {r['speedup_vs_sdpa'] or 0:5.2f}x  "
               f"err {r['rel_err_vs_sdpa'] or 0:.1e}  [{r['selection'][:400]}]", flush=True)
-    del dit
+    dit = None  # frees the weights (the timing lambdas above hold the name, not a copy)
     torch.cuda.empty_cache()
     return rows
 

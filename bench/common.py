@@ -82,3 +82,9 @@ def profile_forward(fn, label: str, top: int = 12) -> dict:
         print(f"    {sec * 1e3:8.1f} ms {calls:5d}x  {name[:110]}")
     return dict(wall_s=wall, kernels_s=busy, busy_s=busy_union, classes_s=classes,
                 top=[dict(seconds=s, calls=c, name=n) for s, c, n in biggest])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error ||out - ref|| / ||ref|| in float32 (ref moved to out's device)."""
+    ref = ref.to(out.device).float()
+    return ((out.float() - ref).norm() / ref.norm()).item()

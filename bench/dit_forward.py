@@ -26,7 +26,7 @@ from smartdiff.services.denoiser.fp8 import check_gemm, quantize_blocks_fp8
 from smartdiff.shared.checkpoint import load_strict, rename_keys
 from smartdiff.shared.config import load_model_config
 
-from common import cuda_time, git_commit, profile_forward
+from common import cuda_time, git_commit, profile_forward, rel_err
 
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
 TEXT_LEN = 512
@@ -57,10 +57,6 @@ def fp8_gemm_ceiling() -> float:
     sa, sb = torch.ones(8192, 1, device="cuda"), torch.ones(1, 8192, device="cuda")
     mm = lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
     return 2 * 8192**3 / statistics.median(cuda_time(mm, 3, 10)) / 1e12
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def diffusers_model(cfg):

@@ -41,7 +41,7 @@ from smartdiff.shared.checkpoint import load_strict, rename_keys
 from smartdiff.shared.config import VAEConfig, load_model_config
 from smartdiff.shared.memory import MemoryPolicy, measure_peak
 
-from common import git_commit
+from common import git_commit, rel_err
 
 TARGETS = dict(dit_peak_gib=5.0, dit_time_ratio=1.05, vae_peak_gib=2.0, vae_time_ratio=1.3)
 
@@ -81,11 +81,6 @@ def free_device() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float().cpu(), b.float().cpu()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,7 +140,7 @@ def bench_dit(args, device: torch.device) -> dict:
     runs["ours level 3"]["offload_stats"] = dict(vars(offloader.stats))
     runs["ours level 3"]["slot_gib"] = offloader.slot_bytes / 2**30
     offloader.close()
-    del ours, offloader
+    ours = offloader = None  # frees them (the timing lambdas above refer to the names)
     free_device()
     if device.type == "cuda":
         ref.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
@@ -155,7 +150,7 @@ def bench_dit(args, device: torch.device) -> dict:
                 lambda: ref(x, t, ctx, return_dict=False)[0], device, w, n)
     else:
         runs["diffusers group offload"] = dict(skipped="use_stream needs CUDA")
-    del ref
+    ref = None
     free_device()
     base = {"diffusers": "diffusers resident", "ours": "ours level 0"}
     for key, row in runs.items():
@@ -204,7 +199,7 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
         outs["diffusers tiled"] = to_uint8_frames(out).cpu()
         del out
     ref.to("cpu")
-    del ref
+    ref = None
     free_device()
 
     model.to(device)

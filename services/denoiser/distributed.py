@@ -66,7 +66,7 @@ class LockstepStop:
         self._pending = False  # a flag was broadcast at the previous call
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
         cuda = device.type == "cuda"
-        self._host = torch.zeros(1, dtype=torch.int32, pin_memory=cuda) if cuda else self._flag
+        self._host = torch.zeros(1, dtype=torch.int32, pin_memory=True) if cuda else self._flag
         self._event = torch.cuda.Event() if cuda else None
 
     def __call__(self) -> bool:

@@ -13,11 +13,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from smartdiff.shared.config import DiTConfig
 
 from . import fused
+from .attention.sdpa import GPU_ORDER
 from .fp8 import Fp8Linear
 from .fused import FusedOps
 from .parallel import ParallelState, pad_rope
@@ -48,8 +49,7 @@ class ForwardHooks:
 
 
 # On Hopper cuDNN's attention is ~1.7x PyTorch's default choice (flash); it goes first where it accepts the call.
-SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
+SDPA_PRIORITY = [backend for _, backend in GPU_ORDER]
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -79,11 +79,12 @@ def rope_angles(head_dim: int, max_len: int = 1024, theta: float = 10000.0) -> l
     return [torch.outer(pos, 1.0 / theta ** (torch.arange(0, s, 2, dtype=torch.float64) / s)) for s in sizes]
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def rope_cos_sin(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [L, 1, D/2] float32 for a (frames, height, width) token grid, row-major order.
 
-    Cached per (head dim, grid, device): computed in float64 on the CPU once, not at every forward."""
+    Cached per (head dim, grid, device): computed in float64 on the CPU once, not at every forward. An entry
+    holds L * D * 4 bytes on its device (39 MB for 720p x 81 frames at D = 128); four shapes stay cached."""
     f, h, w = grid
     tf, th, tw = rope_angles(head_dim)
     angles = torch.cat(
@@ -156,10 +157,12 @@ class WanAttention(nn.Module):
         """x [B, L, C], context [B, T, C] (None for self-attention) -> [B, L, C].
 
         Under FP8 GEMMs x may come quantized by the kernel that computed it (fp8.Fp8Rows): it only feeds q/k/v."""
-        if context is None and hasattr(self.attention_fn, "run_module"):
-            # sequence parallel: it runs the projections too, ordered around its exchanges (parallel.py)
+        if context is None and getattr(self.attention_fn, "runs_module", False):
+            # Ulysses: it runs the projections too, ordered around its exchanges (parallel.py)
             return self.attention_fn.run_module(self, x, rope)
         src = x if context is None else context
+        if context is not None and isinstance(self.k, Fp8Linear):
+            src = self.k.quantize(context)  # k and v share one FP8 quantization of the text context
         q, k = self.project_qk(x, src, rope)
         v = self.v(src).unflatten(-1, (self.num_heads, -1))
         out = self.attention_fn(q, k, v) if context is None else sdpa_attention(q, k, v)
@@ -174,8 +177,7 @@ class WanAttention(nn.Module):
             return self.ops.norm_rope(self.q(x), self.k(src), self.norm_q.weight, self.norm_k.weight, self.eps,
                                       self.num_heads, *rope, groups)  # fused: no float32 temporaries in memory
         if groups > 1:
-            return tuple(t.unflatten(2, (groups, -1)).permute(2, 0, 1, 3, 4).contiguous()
-                         for t in self.project_qk(x, src, rope))
+            return tuple(fused.head_groups(t, groups) for t in self.project_qk(x, src, rope))
         if self.ops.compiled and isinstance(self.norm_q, RMSNorm):  # cross-attention: norms only
             q = self.ops.rms_norm(self.q(x), self.norm_q.weight, self.eps).unflatten(-1, (self.num_heads, -1))
             k = self.ops.rms_norm(self.k(src), self.norm_k.weight, self.eps).unflatten(-1, (self.num_heads, -1))

@@ -11,8 +11,8 @@ design (dit.KEEP_FP32).
 Quantizing is plain elementwise + row-reduction torch (`quantize_rows`), so that under `--compile` Inductor
 fuses it with the work that computes the GEMM's input: the layer norm + modulation before q/k/v and the MLP,
 the cross-attention norm, and the GELU between the two MLP layers (fused.py), which then hand the GEMM an
-Fp8Rows instead of a bf16 activation (self-attention's q, k and v share one quantization of their input; cross-attention quantizes the text
-context for its k and v).
+Fp8Rows instead of a bf16 activation (self-attention's q, k and v share one quantization of their input;
+cross-attention's k and v share one of the text context).
 
 Per-token and per-channel scales leave the error of FP8's 3 mantissa bits on each input (a few 1e-2 relative
 on one GEMM of random data); whole forwards are measured by tests/denoiser/test_fp8.py and, on the GPU at full
@@ -155,7 +155,7 @@ def check_gemm(gemm: str, device: torch.device | str, dtype: torch.dtype, cfg: D
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise GemmConfigError("gemm: fp8 needs CUDA, and torch.cuda.is_available() is False")
+            raise GemmConfigError("gemm: fp8 needs CUDA, and torch.cuda.is_available() is False: use --gemm exact")
         capability = torch.cuda.get_device_capability(device)
         if capability < MIN_CAPABILITY:
             raise GemmConfigError(

@@ -88,8 +88,13 @@ def norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tens
     q = rope(rms_norm(q, wq, eps).unflatten(-1, (heads, -1)), cos, sin)
     k = rope(rms_norm(k, wk, eps).unflatten(-1, (heads, -1)), cos, sin)
     if groups > 1:
-        q, k = (t.unflatten(2, (groups, -1)).permute(2, 0, 1, 3, 4).contiguous() for t in (q, k))
+        q, k = head_groups(q, groups), head_groups(k, groups)
     return q, k
+
+
+def head_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, L, N, D] -> [G, B, L, N/G, D], contiguous: head group g first (what Ulysses rank g receives)."""
+    return x.unflatten(2, (groups, -1)).permute(2, 0, 1, 3, 4).contiguous()
 
 
 def modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> Fp8Rows:

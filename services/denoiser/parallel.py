@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .fp8 import Fp8Linear
+from .fused import head_groups
 
 # (q, k, v) [B, L, N, D] -> (out [B, Lq, N, D], lse [B, N, Lq] float32)
 AttentionWithLse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -148,12 +149,6 @@ def _exchange(send: torch.Tensor, group) -> tuple[torch.Tensor, dist.Work]:
     return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
 
 
-def _heads_to_ranks(x: torch.Tensor, u: int) -> torch.Tensor:
-    """[B, Ls, N, D] -> [U, B, Ls, N/U, D], contiguous: head group u goes to Ulysses rank u (one copy)."""
-    b, length, n, d = x.shape
-    return x.view(b, length, u, n // u, d).permute(2, 0, 1, 3, 4).contiguous()
-
-
 def _sequence_from_ranks(recv: torch.Tensor) -> torch.Tensor:
     """[U, B, Ls, Nh, D] (sequence shard u from rank u) -> [B, U * Ls, Nh, D]: a view when B == 1."""
     u, b, length, n, d = recv.shape
@@ -212,9 +207,9 @@ def attention_with_lse(device: torch.device) -> AttentionWithLse:
 class SequenceParallelAttention:
     """Self-attention over a sequence sharded across U x R ranks: Ulysses all-to-all, then ring over blocks.
 
-    `run_module(attn, x, rope)` runs a whole self-attention module on this rank's tokens (what the DiT calls);
-    calling it with this rank's q/k/v shards [B, L_pad / S, N, D] returns this rank's output shard.
-    `valid` is the unpadded global sequence length.
+    Calling it with this rank's q/k/v shards [B, L_pad / S, N, D] returns this rank's output shard. Under Ulysses
+    (`runs_module`) the DiT calls `run_module(attn, x, rope)` instead, which runs the whole self-attention module
+    on this rank's tokens. `valid` is the unpadded global sequence length.
     """
 
     def __init__(self, state: ParallelState, attention: Callable, attention_lse: AttentionWithLse | None,
@@ -222,12 +217,13 @@ class SequenceParallelAttention:
         if state.config.ring > 1 and attention_lse is None:
             raise ParallelConfigError("ring attention needs a backend that returns the log-sum-exp")
         self.state, self.attention, self.attention_lse, self.valid = state, attention, attention_lse, valid
+        self.runs_module = state.config.ulysses > 1  # ring only: the module projects and calls self(q, k, v)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         u = self.state.config.ulysses
         if u == 1:
             return self._attend(q, k, v)
-        exchanges = [_exchange(_heads_to_ranks(t, u), self.state.ulysses_group) for t in (q, k, v)]
+        exchanges = [_exchange(head_groups(t, u), self.state.ulysses_group) for t in (q, k, v)]
         for _, work in exchanges:
             work.wait()
         recv, work = self._send_back(self._attend(*(_sequence_from_ranks(t) for t, _ in exchanges)))
@@ -235,7 +231,7 @@ class SequenceParallelAttention:
         return recv.permute(1, 2, 0, 3, 4).flatten(2, 3)  # [U, B, Ls, Nh, D] -> [B, Ls, N, D]
 
     def run_module(self, attn, x: torch.Tensor, rope) -> torch.Tensor:
-        """The whole self-attention module `attn` (a dit.WanAttention) on this rank's tokens x [B, L/S, C].
+        """The whole self-attention module `attn` (a dit.WanAttention) on this rank's tokens x [B, L/S, C], U > 1.
 
         The maths of projecting and calling self(q, k, v) (in bf16 the output projection's per-head-group
         partial sums round once more each: ~1e-3 relative), with the exchanges overlapping the compute: v goes
@@ -243,11 +239,8 @@ class SequenceParallelAttention:
         rank's own head group while the others' arrive (it is linear in the head groups: o(y) = b + sum_u y_u
         W_u^T); the received blocks are used where they land (no copy at batch 1)."""
         u = self.state.config.ulysses
-        if u == 1:
-            q, k = attn.project_qk(x, x, rope)
-            return attn.o(self._attend(q, k, attn.v(x).unflatten(-1, (attn.num_heads, -1))).flatten(-2))
         group = self.state.ulysses_group
-        v = _exchange(_heads_to_ranks(attn.v(x).unflatten(-1, (attn.num_heads, -1)), u), group)
+        v = _exchange(head_groups(attn.v(x).unflatten(-1, (attn.num_heads, -1)), u), group)
         q, k = attn.project_qk(x, x, rope, groups=u)  # already [U, B, Ls, N/U, D]
         k = _exchange(k, group)
         q = _exchange(q, group)

@@ -83,6 +83,26 @@ def test_compiled_elementwise_ops_match_eager():
     assert ((compiled - eager).norm() / eager.norm()) < 1e-5
 
 
+def test_compiled_qk_in_ulysses_head_groups_match_eager():
+    """Under Ulysses the compiled q/k norm + RoPE writes each rank's head group contiguously in the same kernel;
+    it must equal the eager projection split into head groups."""
+    from smartdiff.services.denoiser.dit import rope_cos_sin
+
+    ours = ours_from(diffusers_dit(CFG), CFG)
+    attn = ours.blocks[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2 * 3 * 4, CFG.dim, generator=g)
+    rope = rope_cos_sin(CFG.head_dim, (2, 3, 4), x.device)
+    with torch.no_grad():
+        eager = attn.project_qk(x, x, rope, groups=2)
+        ours.set_compiled(True)
+        compiled = attn.project_qk(x, x, rope, groups=2)
+        ours.set_compiled(False)
+    for e, c in zip(eager, compiled):
+        assert c.shape == (2, 1, 24, CFG.num_heads // 2, CFG.head_dim) and c.is_contiguous()
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuBLASLt GELU epilogue is CUDA-only")
 def test_gelu_epilogue_is_the_tanh_gelu():
     from smartdiff.services.denoiser.fused import linear_gelu, linear_gelu_epilogue

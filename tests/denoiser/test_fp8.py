@@ -179,7 +179,8 @@ def test_refusals_name_the_flag_and_the_rule(monkeypatch):
     model = load_model_config("wan-tiny")
     with pytest.raises(GemmConfigError, match=r"gemm: must be one of exact, fp8, got 'int8'"):
         DenoiserEngine.load(model, None, "cpu", torch.float32, gemm="int8")
-    with pytest.raises(GemmConfigError, match="gemm: fp8 needs CUDA"):  # this machine: refused before loading
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
+    with pytest.raises(GemmConfigError, match="gemm: fp8 needs CUDA.*use --gemm exact"):  # refused before loading
         DenoiserEngine.load(model, None, "cuda", torch.bfloat16, gemm="fp8")
     with pytest.raises(GemmConfigError, match="gemm: fp8 runs on CUDA .* or the CPU, got device meta"):
         check_gemm("fp8", "meta", torch.bfloat16, model.dit)
