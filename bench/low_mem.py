@@ -204,7 +204,8 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
 
     model.to(device)
     tilings = {"ours level 1": None}
-    tilings.update({f"ours level 1 {text}": parse_tiling(text) for text in args.vae_alt_tiling})
+    tilings.update({f"ours level 1 {tiling.tile}:{tiling.overlap}:{tiling.frames_per_call}": tiling
+                    for tiling in args.vae_alt_tiling})
     if dry:
         tilings = {"ours level 1": TilingConfig(tile=6, overlap=2), "ours level 1 4:1": TilingConfig(4, 1)}
     engines = {"ours level 0": VaeEngine(model, device, dtype, low_mem_level=0)}
@@ -231,14 +232,6 @@ def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
         row["psnr_vs_untiled_db"] = psnr(outs[key], outs[base])
     runs["ours level 0"]["psnr_vs_diffusers_db"] = psnr(outs["ours level 0"], outs["diffusers untiled"])
     return dict(shape=f"{width}x{height}x{frames}", latent=list(z.shape[1:]), dtype=str(dtype), runs=runs)
-
-
-def parse_tiling(text: str) -> TilingConfig:
-    """TILE:OVERLAP[:FRAMES] in latent px; FRAMES: video frames per decoder call past the temporal upsamplers."""
-    try:
-        return TilingConfig.parse(text)
-    except ValueError as e:
-        raise SystemExit(f"--vae-alt-tiling: {e}") from None
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -294,7 +287,8 @@ def main() -> None:
                    help="the VAE is served in float32; diffusers' published tiling figures match bfloat16")
     p.add_argument("--vae-warmup", type=int, default=1)
     p.add_argument("--vae-iters", type=int, default=2)
-    p.add_argument("--vae-alt-tiling", nargs="*", default=["50:8"], metavar="TILE:OVERLAP[:FRAMES]",
+    p.add_argument("--vae-alt-tiling", nargs="*", type=TilingConfig.flag, default=[TilingConfig(50, 8)],
+                   metavar="TILE:OVERLAP[:FRAMES]",
                    help="more tilings for ours, in latent px, with video frames per decoder call past the "
                         "temporal upsamplers (default 50:8: diffusers' 64 px overlap)")
     p.add_argument("--dry-run", action="store_true", help="tiny models and shapes on the CPU")

@@ -112,12 +112,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Wan2.1-T2V-14B")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--tiling", default=None, metavar="TILE:OVERLAP[:FRAMES]",
+    p.add_argument("--tiling", type=TilingConfig.flag, default=None, metavar="TILE:OVERLAP[:FRAMES]",
                    help="VAE tiles (default: the served ones, TilingConfig.for_dtype)")
     args = p.parse_args()
     rows = [r for b in args.batch for r in dit_rows(args.model, 81, 480, 832, b)]
     for dtype in (torch.bfloat16, torch.float32):
-        tiling = TilingConfig.parse(args.tiling) if args.tiling else TilingConfig.for_dtype(dtype)
+        tiling = args.tiling or TilingConfig.for_dtype(dtype)
         rows += vae_rows(81, 720, 1280, dtype, tiling)
     for name, gib in rows:
         print(f"{name:<62}{gib:>8.2f} GiB")

@@ -48,19 +48,17 @@ def dit_config_from_json(cfg: dict, source: Path) -> DiTConfig:
     )
 
 
-def text_encoder_config_from_json(config_json: dict, text_len: int = 512) -> TextEncoderConfig:
-    """A Diffusers `text_encoder/config.json` (transformers UMT5Config fields) -> TextEncoderConfig."""
-    c = config_json
-    try:
-        return TextEncoderConfig(
-            vocab_size=c["vocab_size"], dim=c["d_model"], dim_attn=c["num_heads"] * c["d_kv"], ffn_dim=c["d_ff"],
-            num_heads=c["num_heads"], num_layers=c["num_layers"],
-            num_buckets=c.get("relative_attention_num_buckets", 32),
-            max_distance=c.get("relative_attention_max_distance", 128), text_len=text_len,
-            eps=c.get("layer_norm_epsilon", 1e-6),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"text encoder config.json lacks field {e}") from None
+def text_encoder_config_from_json(c: dict, source: Path, text_len: int = 512) -> TextEncoderConfig:
+    """A Diffusers `text_encoder/config.json` (transformers UMT5Config fields, read from `source`) ->
+    TextEncoderConfig."""
+    heads = _need(c, "num_heads", source)
+    return TextEncoderConfig(
+        vocab_size=_need(c, "vocab_size", source), dim=_need(c, "d_model", source),
+        dim_attn=heads * _need(c, "d_kv", source), ffn_dim=_need(c, "d_ff", source), num_heads=heads,
+        num_layers=_need(c, "num_layers", source), num_buckets=c.get("relative_attention_num_buckets", 32),
+        max_distance=c.get("relative_attention_max_distance", 128), text_len=text_len,
+        eps=c.get("layer_norm_epsilon", 1e-6),
+    )
 
 
 VAE_DIFFUSERS_FIELDS = {  # Diffusers AutoencoderKLWan config.json name -> VAEConfig field
@@ -76,21 +74,22 @@ VAE_DIFFUSERS_FIELDS = {  # Diffusers AutoencoderKLWan config.json name -> VAECo
 _VAE_UNSUPPORTED = {"is_residual": False, "attn_scales": [], "patch_size": None, "in_channels": 3, "out_channels": 3}
 
 
-def vae_config_from_json(config_json: dict) -> VAEConfig:
-    """A VAEConfig from an AutoencoderKLWan config.json (absent fields take the Wan2.1 defaults)."""
+def vae_config_from_json(config_json: dict, source: Path | str) -> VAEConfig:
+    """A VAEConfig from an AutoencoderKLWan config.json read from `source` (absent fields take the Wan2.1
+    defaults)."""
     for name, supported in _VAE_UNSUPPORTED.items():
         if config_json.get(name, supported) != supported:
-            raise CheckpointError(f"AutoencoderKLWan config: {name}={config_json[name]!r} is not supported "
-                                  f"by the Wan2.1 VAE (expected {supported!r})")
+            raise CheckpointError(f"{source}: {name}={config_json[name]!r} is not supported by the Wan2.1 VAE "
+                                  f"(expected {supported!r})")
     decoder_dim = config_json.get("decoder_base_dim")
     if decoder_dim is not None and decoder_dim != config_json.get("base_dim", VAEConfig.base_dim):
-        raise CheckpointError(f"AutoencoderKLWan config: decoder_base_dim={decoder_dim} is not base_dim")
+        raise CheckpointError(f"{source}: decoder_base_dim={decoder_dim} is not base_dim")
     values = {ours: tuple(config_json[theirs]) if isinstance(config_json[theirs], list) else config_json[theirs]
               for theirs, ours in VAE_DIFFUSERS_FIELDS.items() if theirs in config_json}
     try:
         cfg = VAEConfig(**values)
     except ConfigError as e:
-        raise CheckpointError(f"AutoencoderKLWan config: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
     spatial = 2 ** (len(cfg.dim_mult) - 1)
     return replace(cfg, stride=(2 ** sum(cfg.temporal_downsample), spatial, spatial))
 
@@ -111,8 +110,9 @@ def _matching_preset(dit: DiTConfig, num_experts: int) -> ModelConfig | None:
 def _diffusers_config(layout: CheckpointLayout) -> ModelConfig:
     root = layout.root
     dit = dit_config_from_json(read_json(root / "transformer" / "config.json"), root / "transformer" / "config.json")
-    te = text_encoder_config_from_json(read_json(layout.text_encoder / "config.json"), dit.text_len)
-    vae = vae_config_from_json(read_json(layout.vae / "config.json"))
+    te_json, vae_json = layout.text_encoder / "config.json", layout.vae / "config.json"
+    te = text_encoder_config_from_json(read_json(te_json), te_json, dit.text_len)
+    vae = vae_config_from_json(read_json(vae_json), vae_json)
     preset = _matching_preset(dit, layout.num_experts)
     defaults = preset.defaults if preset else SamplingDefaults()
     sched_path = root / "scheduler" / "scheduler_config.json"

@@ -130,7 +130,7 @@ def check_hf_config(folder: Path, config: TextEncoderConfig) -> None:
     act = data.get("feed_forward_proj", "gated-gelu")
     if act != "gated-gelu":
         raise CheckpointError(f"{path}: feed_forward_proj is {act!r}, expected 'gated-gelu' (umT5)")
-    found = text_encoder_config_from_json(data, config.text_len)
+    found = text_encoder_config_from_json(data, path, config.text_len)
     for name, value in vars(found).items():
         if value != getattr(config, name):
             raise CheckpointError(f"{path}: text_encoder.{name} is {value} in the checkpoint, model config says "

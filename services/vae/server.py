@@ -96,15 +96,14 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         ))
 
 
-async def start(model: ModelConfig, layout, system, address: str, dtype: torch.dtype | None = None,
+async def start(model: ModelConfig, layout, system, address: str, dtype: torch.dtype = torch.float32,
                 tiling: TilingConfig | None = None):
     """Load the VAE, warm up on a tiny latent, serve on `address`. dtype: the compute dtype, float32 unless the
-    deployment asks (`--dtype`): Wan decodes in float32; bfloat16 halves the memory and time. tiling: the tiles
-    of levels >= 1 (default TilingConfig.for_dtype)."""
+    deployment asks (`--dtype`): Wan decodes in float32; bfloat16 halves the untiled memory and the tiled time
+    (docs/benchmarks.md). tiling: the tiles of levels >= 1 (default TilingConfig.for_dtype)."""
     from smartdiff.shared.serving import start_stage
 
     level = system.low_mem_level  # 1 and up: tiled decode
-    dtype = dtype or torch.float32
     if layout is None:
         engine = VaeEngine.random(model.vae, system.device, dtype, seed=0, low_mem_level=level, tiling=tiling)
     else:

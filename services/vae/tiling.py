@@ -13,6 +13,8 @@ the decoder's mid-block attention sees only the tile, so the two differ near til
 
 from __future__ import annotations
 
+import argparse
+
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
@@ -48,6 +50,14 @@ class TilingConfig:
         if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
             raise ValueError(f"tiling: expected TILE:OVERLAP[:FRAMES] with whole numbers, got {text!r}")
         return cls(*(int(p) for p in parts))
+
+    @classmethod
+    def flag(cls, text: str) -> "TilingConfig":
+        """parse() as an argparse type: a bad value is a usage error naming the rule."""
+        try:
+            return cls.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     @classmethod
     def for_dtype(cls, dtype: torch.dtype) -> "TilingConfig":

@@ -51,7 +51,7 @@ def read_vae_state_dict(source: Path, kind: str, config: VAEConfig) -> tuple[dic
 # ------------------------------------------------------------------------------------- Diffusers config
 def check_diffusers_config(config_json: dict, config: VAEConfig, where: str | Path) -> None:
     """Raise CheckpointError naming the first config.json field that disagrees with `config`."""
-    theirs = vae_config_from_json(config_json)
+    theirs = vae_config_from_json(config_json, where)
     for name, field in VAE_DIFFUSERS_FIELDS.items():
         a, b = getattr(theirs, field), getattr(config, field)
         if not _same(a, b):

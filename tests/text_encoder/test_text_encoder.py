@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -139,6 +140,14 @@ def test_missing_key_and_wrong_shape_name_file_and_key(te_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: text_encoder\.num_layers is 2"):
         TextEncoderEngine.from_checkpoint("diffusers", te_dir / "text_encoder", te_dir / "tokenizer",
                                           dataclasses.replace(CONFIG, num_layers=3), "cpu", torch.float32)
+
+    no_field = tmp_path / "no_field"
+    no_field.mkdir()
+    config = json.loads((te_dir / "text_encoder" / "config.json").read_text())
+    del config["d_kv"]
+    (no_field / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"no_field/config\.json: missing field 'd_kv'"):
+        TextEncoderEngine.from_checkpoint("diffusers", no_field, te_dir / "tokenizer", CONFIG, "cpu", torch.float32)
 
     sd["encoder.final_layer_norm.weight"] = torch.ones(CONFIG.dim)
     sd["encoder.embed_tokens.weight"] = sd["shared.weight"] + 1

@@ -102,7 +102,7 @@ def test_builds_on_meta_with_the_official_parameter_count(reference):
 
 
 def test_config_from_diffusers_json(reference):
-    assert vae_config_from_json(dict(reference.config)) == CFG
+    assert vae_config_from_json(dict(reference.config), "config.json") == CFG
 
 
 def _save_both_layouts(reference, engine, root):
@@ -129,6 +129,11 @@ def test_diffusers_config_mismatch_names_the_field(reference, tmp_path):
     config_path.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="num_res_blocks is 2"):
         load_vae(tmp_path / "vae", "diffusers", CFG)
+    data["is_residual"] = True  # a Wan2.2-TI2V feature: refused, naming the file
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as err:
+        load_vae(tmp_path / "vae", "diffusers", CFG)
+    assert str(config_path) in str(err.value) and "is_residual=True is not supported" in str(err.value)
 
 
 @pytest.mark.parametrize("damage", ["missing", "wrong_shape"])

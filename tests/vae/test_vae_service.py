@@ -13,18 +13,26 @@ from smartdiff.shared.config import load_model_config
 from smartdiff.shared.serving import SystemConfig
 
 
-@pytest.mark.parametrize("flag, dtype", [(None, torch.float32), ("bfloat16", torch.bfloat16)])
-def test_dtype_flag_reaches_the_engine_and_picks_its_tiles(monkeypatch, flag, dtype):
-    started = {}
+@pytest.fixture
+def started(monkeypatch):
+    """What the vae service started: its engine (start_stage replaced, nothing listens)."""
+    seen = {}
 
     async def fake_start_stage(name, add, servicer, address, max_queue, warmup=None):
-        started["engine"] = servicer.engine
+        seen["engine"] = servicer.engine
         return None, 0
 
     monkeypatch.setattr(serving, "start_stage", fake_start_stage)
+    return seen
+
+
+@pytest.mark.parametrize("flag, dtype", [(None, torch.float32), ("float32", torch.float32),
+                                         ("bfloat16", torch.bfloat16)])
+def test_dtype_flag_reaches_the_engine_and_picks_its_tiles(monkeypatch, started, flag, dtype):
     monkeypatch.setattr(vae_main, "stage_main", lambda stage, run, argv, extra_flags: started.setdefault("run", run))
     vae_main.main([])
-    system = SystemConfig(torch.device("cpu"), torch.float32, low_mem_level=1)
+    # the system dtype as the shared flags resolve it: --dtype, else bfloat16 as on a GPU deployment
+    system = SystemConfig(torch.device("cpu"), getattr(torch, flag) if flag else torch.bfloat16, low_mem_level=1)
     args = types.SimpleNamespace(dtype=flag, tiling=None)
     asyncio.run(started["run"](load_model_config("wan-tiny"), None, system, "127.0.0.1:0", args))
     engine = started["engine"]
@@ -32,14 +40,7 @@ def test_dtype_flag_reaches_the_engine_and_picks_its_tiles(monkeypatch, flag, dt
     assert engine.tiling == TilingConfig.for_dtype(dtype)
 
 
-def test_tiling_flag_sets_the_tiles_and_is_validated(monkeypatch, capsys):
-    started = {}
-
-    async def fake_start_stage(name, add, servicer, address, max_queue, warmup=None):
-        started["engine"] = servicer.engine
-        return None, 0
-
-    monkeypatch.setattr(serving, "start_stage", fake_start_stage)
+def test_tiling_flag_sets_the_tiles_and_is_validated(monkeypatch, started, capsys):
     monkeypatch.setattr(serving, "run_until_signal", lambda server, drain: asyncio.sleep(0))
     assert vae_main.main(["--low-mem-level", "1", "--tiling", "48:6:4", "--port", "0"]) == 0
     assert started["engine"].tiling == TilingConfig(48, 6, 4)
