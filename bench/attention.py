@@ -88,6 +88,8 @@ def kernel_rows() -> list[tuple[str, object]]:
     ]
     for name in ("sdpa", "flash_attn", "sage", "sage_fp8", "sage_int8"):
         rows.append((name, lambda q, k, v, name=name: _backend_fn(name, A.AttentionChoice(name), q, k, v)))
+    for name, pv in (("sage", "fp16"), ("sage_int8", "int8")):  # beside the Gluon kernels the backends run on Hopper
+        rows.append((f"{name} [triton kernel]", lambda q, k, v, pv=pv: (lambda: ts.sage_attention(q, k, v, pv))))
     for label, params in (("sparge topk 0.5", A.SpargeParams(topk=0.5)),
                           ("sparge topk 0.25", A.SpargeParams(topk=0.25)),
                           ("sparge cdf 0.98 (default)", A.SpargeParams())):
@@ -208,7 +210,12 @@ def bench_mask(shape_name: str, iters: int) -> list[dict]:
 
 
 def check_small() -> list[dict]:
-    """Correctness on small odd shapes against float64, every Triton path (poisoned outputs would show)."""
+    """Correctness on small odd shapes against float64, every Triton and Gluon path (poisoned outputs would show)."""
+    from smartdiff.services.denoiser.attention.sage import gluon_supported
+
+    gluon_sage = None
+    if gluon_supported(torch.device("cuda"), 128):
+        from smartdiff.services.denoiser.attention import gluon_sage
     out = []
     g = torch.Generator(device="cuda").manual_seed(1)
     for (b, l, n, d) in [(2, 1000, 3, 128), (1, 777, 2, 64)]:
@@ -218,6 +225,8 @@ def check_small() -> list[dict]:
         for name, fn in (("sage", lambda: ts.sage_attention(q, k, v, "fp16")),
                          ("sage_fp8", lambda: ts.sage_attention(q, k, v, "fp8")),
                          ("sage_int8", lambda: ts.sage_attention(q, k, v, "int8")),
+                         *(((f"{n}[gluon]", lambda pv=pv: gluon_sage.sage_attention(q, k, v, pv))
+                            for n, pv in (("sage", "fp16"), ("sage_int8", "int8"))) if gluon_sage else ()),
                          ("sparge topk1", lambda: TritonSpargeKernel(A.SpargeParams(topk=1.0), q.device)(q, k, v)),
                          ("sdpa", lambda: A.get_backend("sdpa").build(None, q.device, q.dtype, d)(q, k, v))):
             o = fn()

@@ -4,25 +4,29 @@ INT8 Q.K^T with per-tile scales after subtracting K's mean over tokens (softmax-
 FP16/BF16 (`sage`), FP8 e4m3 with per-channel V scales (`sage_fp8`: fastest; ~4e-2 relative error on random,
 diffuse attention against ~1.3e-2, about the same as `sage` inside a DiT), or INT8 with P scaled per row and key
 block and V per channel (`sage_int8`: between the two in speed, ~2e-2 on diffuse attention; see triton_sage).
-Our Triton kernel runs all three; `sage` uses the `sageattention` package instead when version 2 or later (CUDA
-kernels) is installed. Version 1.x (the one on PyPI) is not used: it is slower than cuDNN SDPA on Hopper and than
-our kernel (bench/attention.py).
+Our Triton kernel runs all three; on Hopper GPUs `sage` and `sage_int8` run our Gluon kernels instead
+(gluon_sage: warp-specialized, asynchronous wgmma, TMA), which are faster there. `sage` uses the `sageattention`
+package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on PyPI) is not used:
+it is slower than cuDNN SDPA on Hopper and than our kernels (bench/attention.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 
 from .base import Backend, BackendInfo, Kernel, package_version, triton_reason
 
+log = logging.getLogger(__name__)
+
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 SAGE_INFO = BackendInfo(
-    name="sage", description="SageAttention-style INT8 Q.K (smoothed K) + FP16 P.V; Triton kernel, or the "
-                             "sageattention package >= 2 when installed (lossy)",
+    name="sage", description="SageAttention-style INT8 Q.K (smoothed K) + FP16 P.V; our Gluon kernel on Hopper, "
+                             "Triton elsewhere, or the sageattention package >= 2 when installed (lossy)",
     lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
 )
 SAGE_FP8_INFO = BackendInfo(
@@ -32,9 +36,9 @@ SAGE_FP8_INFO = BackendInfo(
     lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
 )
 SAGE_INT8_INFO = BackendInfo(
-    name="sage_int8", description="INT8 Q.K (smoothed K) + INT8 P.V (P scaled per row and key block); Triton "
-                                  "kernel, compute capability 8.0+ (lossy; half the error of sage_fp8 on diffuse "
-                                  "attention, slower)",
+    name="sage_int8", description="INT8 Q.K (smoothed K) + INT8 P.V (P scaled per row and key block); our "
+                                  "Gluon kernel on Hopper, Triton elsewhere, compute capability 8.0+ (lossy; half "
+                                  "the error of sage_fp8 on diffuse attention)",
     lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
 )
 
@@ -61,6 +65,61 @@ class TritonSageKernel(Kernel):
 
     def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.run(q, k, v, pv=self.pv, cfg=self.cfg, lse=True)
+
+
+class GluonSageKernel(Kernel):
+    """Our Hopper kernels (gluon_sage) for FP16 or INT8 P.V. If this Triton cannot compile them (Gluon's API
+    moves between versions), the first call says so in the log and the Triton kernel runs from then on."""
+
+    def __init__(self, name: str, device: torch.device, pv: str):
+        from . import gluon_sage
+
+        self.name, self.pv, self.device = name, pv, device
+        self.run = gluon_sage.sage_attention
+        self.label = f"{name}[gluon]"
+        self.fallback: TritonSageKernel | None = None
+        self.compiled = False
+
+    def _call(self, q, k, v, lse: bool):
+        if self.fallback is not None:
+            return self.fallback.run(q, k, v, pv=self.pv, cfg=self.fallback.cfg, lse=lse)
+        if self.compiled:
+            return self.run(q, k, v, pv=self.pv, lse=lse)
+        from triton.compiler.errors import CompilationError
+
+        try:
+            out = self.run(q, k, v, pv=self.pv, lse=lse)
+        except CompilationError as e:
+            log.warning("%s: the Gluon kernel does not compile with this Triton (%s); using the Triton kernel",
+                        self.name, str(e).strip().splitlines()[-1][:200])
+            self.fallback = TritonSageKernel(self.name, self.device, pv=self.pv)
+            self.label = self.fallback.label
+            return self._call(q, k, v, lse)
+        self.compiled = True
+        return out
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._call(q, k, v, lse=False)
+
+    def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._call(q, k, v, lse=True)
+
+
+def gluon_supported(device: torch.device, head_dim: int) -> bool:
+    """Whether our Hopper kernels run here: a Hopper GPU, a head dim they take, and a Triton with Gluon."""
+    if device.type != "cuda":
+        return False
+    try:
+        from . import gluon_sage
+    except (ImportError, AttributeError):  # a Triton without Gluon's Hopper API: the Triton kernel runs instead
+        return False
+    return gluon_sage.supported(device, head_dim)
+
+
+def _our_kernel(name: str, device: torch.device, head_dim: int, pv: str) -> Kernel:
+    if gluon_supported(device, head_dim):
+        return GluonSageKernel(name, device, pv)
+    return TritonSageKernel(name, device, pv=pv)
 
 
 class PackageSageKernel(Kernel):
@@ -95,7 +154,7 @@ def _build_sage(choice, device: torch.device, dtype: torch.dtype, head_dim: int)
     version = sageattention_package() if device.type == "cuda" else None
     if version is not None and dtype != torch.float32:
         return PackageSageKernel(version)
-    return TritonSageKernel("sage", device, pv="fp16")
+    return _our_kernel("sage", device, head_dim, "fp16")
 
 
 def _build_fp8(choice, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
@@ -107,7 +166,7 @@ def _check_int8(device: torch.device, dtype: torch.dtype | None, head_dim: int |
 
 
 def _build_int8(choice, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
-    return TritonSageKernel("sage_int8", device, pv="int8")
+    return _our_kernel("sage_int8", device, head_dim, "int8")
 
 
 SAGE = Backend(SAGE_INFO, _check_sage, _build_sage)

@@ -1,0 +1,422 @@
+"""Hopper (sm_90) kernels of `sage` (FP16 P.V) and `sage_int8` (INT8 P.V), written in Gluon.
+
+Same maths and the same quantized inputs as triton_sage (INT8 Q.K^T of smoothed K; see its docstring): what
+differs is the schedule, which Triton's own compiler does not give on Hopper (there, every MMA waits for itself
+and all warps stop at each barrier):
+- one program takes GROUPS x 64 query rows of one (batch, head): GROUPS compute warpgroups, each a partition of
+  its own with its 64 rows, share every K/V tile, and a loader warp brings Q once, then K and V of each key block,
+  by TMA into a ring of STAGES shared-memory slots (mbarriers `ready`, and `empty` once every warpgroup is done);
+- FP16 P.V (3 warpgroups, 64 keys per step): the P.V of block j - 1 accumulates in acc while the softmax of
+  block j runs, and the Q.K^T of block j is issued just before; two blocks per loop trip, so that the P tile a
+  P.V reads and the one being written are different registers (otherwise ptxas serializes every wgmma);
+- INT8 P.V (2 warpgroups, 128 keys per step, 240 registers): the Q.K^T of block j + 1 runs under the softmax of
+  block j; P.V and the row sums (a ones tile) go to int32 accumulators preset to 0x4B400000 (the bits of
+  12582912.0), so each result x comes out as the bits of 12582912 + x: a float with no conversion instruction;
+  each probability tile is exp2(s * sc - c) with one fused multiply-add, c being the row's block maximum times sc
+  rounded *up* (x (1 + 2**-22)), so the largest value is at most 1 and 127 p never rounds to 128, and the deficit
+  goes back into the row's reference maximum, so the log-sum-exp stays exact; 127 p is rounded in float16 pairs.
+Measured on an H200 against cuDNN SDPA and the Triton kernels: docs/benchmarks.md (bench/attention.py).
+Imported only on a Hopper GPU with a Triton that has Gluon; triton_sage runs everywhere else (and on the CPU in
+the tests). Written for this project.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# the TMA load was renamed after Triton 3.6 (the benchmark machine's version); same arguments
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+GROUPS = {"fp16": 3, "int8": 2}  # compute warpgroups of 64 query rows per program, sharing each K/V tile
+BLOCK_N = {"fp16": 64, "int8": 128}  # keys per step, per P.V precision (FP16 at 128 exceeds the registers)
+STAGES = {"fp16": 3, "int8": 4}  # K/V ring slots per P.V precision (the fastest measured)
+COMPUTE_REGS = gl.constexpr(240)  # registers of the second compute warpgroup of two (setmaxnreg)
+COMPUTE_REGS_3 = gl.constexpr(160)  # of the second and third of three
+LOADER_REGS = gl.constexpr(24)  # registers of the loader warp (setmaxnreg)
+
+
+def supported(device: torch.device, head_dim: int) -> bool:
+    """True where this kernel runs: a Hopper GPU and a head dim the wgmma shapes take."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and head_dim in (64, 128)
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, k_row, v_row, n_k_blocks,
+            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_T: gl.constexpr, GROUPS: gl.constexpr):
+    """Worker partition (one warp): TMA of Q (GROUPS x 64 rows), then of K [BLOCK_N, D] and V (FP16 [BLOCK_N, D],
+    or INT8 V^T [D, BLOCK_N] if V_T) of every key block into the ring, each slot as soon as every compute
+    warpgroup has released it."""
+    mbarrier.expect(q_bar, GROUPS * q_desc.block_type.nbytes)
+    for g in gl.static_range(GROUPS):
+        _tma_load(q_desc, [q_row + g * 64, 0], q_bar, q_smem.index(g))
+    for j in range(n_k_blocks):
+        s = j % STAGES
+        mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)  # released (j // STAGES) times
+        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [k_row + j * BLOCK_N, 0], ready.index(s), k_smem.index(s))
+        if V_T:
+            _tma_load(v_desc, [v_row, j * BLOCK_N], ready.index(s), v_smem.index(s))
+        else:
+            _tma_load(v_desc, [v_row + j * BLOCK_N, 0], ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _exp2_int8(x):
+    """round(127 exp2(x)) as int8, for x <= 0, four at a time: exp2 in float32, packed to float16 pairs, then
+    127 p + 1536 rounded in float16 (ulp 1 in [1024, 2048)), whose low byte is the integer; one byte permute packs
+    four: 9 instructions for 4 values, against 12 with float32 rounding (float16's 11 bits are far finer than the
+    int8 steps they feed)."""
+    return gl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 lo, hi, c127, c1536;
+        .reg .f32 e0, e1, e2, e3;
+        mov.b32 c127, 0x57F057F0;
+        mov.b32 c1536, 0x66006600;
+        ex2.approx.ftz.f32 e0, $1;
+        ex2.approx.ftz.f32 e1, $2;
+        ex2.approx.ftz.f32 e2, $3;
+        ex2.approx.ftz.f32 e3, $4;
+        cvt.rn.f16x2.f32 lo, e1, e0;
+        cvt.rn.f16x2.f32 hi, e3, e2;
+        fma.rn.f16x2 lo, lo, c127, c1536;
+        fma.rn.f16x2 hi, hi, c127, c1536;
+        prmt.b32 $0, lo, hi, 0x6420;
+        }""",
+        constraints="=r,f,f,f,f", args=[x], dtype=gl.int8, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _softmax(s_bits, sc, m_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.constexpr,
+             BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """Scores (bits of 12582912 + int32 Q.K) -> (int8 127 p in the P.V operand layout, new reference max,
+    alpha = exp2(old - new), beta = exp2(block reference - new)), all in log2 units once scaled by sc."""
+    if MASKED:
+        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s_bits = gl.where(cols[None, :] < Lk, s_bits, 0)  # bits of +0.0: below every score, exp2(-big) = 0
+    f = s_bits.to(gl.float32, bitcast=True)
+    f_max = gl.max(s_bits, 1).to(gl.float32, bitcast=True)  # positive floats order as their int32 bits
+    c = f_max * sc * 1.0000002384185791  # 1 + 2**-22: above the exact product f_max * sc whatever the rounding
+    m_blk = (f_max - 12582912.0) * sc + gl.fma(f_max, -sc, c)  # the block's reference: max + the deficit
+    m_new = gl.maximum(m_i, m_blk)
+    p8 = _exp2_int8(gl.fma(f, sc, -c[:, None]))  # exponents <= 0: 127 p rounds to at most 127
+    return gl.convert_layout(p8, p_layout), m_new, gl.exp2(m_i - m_new), gl.exp2(m_blk - m_new)
+
+
+@gluon.jit
+def _softmax_fp16(s_bits, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """Scores (bits of 12582912 + int32 Q.K) -> (FP16 p relative to the new running max in the P.V operand
+    layout, new max, new row sum, alpha = exp2(old - new)), in log2 units once scaled by sc."""
+    if MASKED:
+        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s_bits = gl.where(cols[None, :] < Lk, s_bits, 0)
+    f = s_bits.to(gl.float32, bitcast=True)
+    f_max = gl.max(s_bits, 1).to(gl.float32, bitcast=True)
+    m_new = gl.maximum(m_i, (f_max - 12582912.0) * sc)
+    p = gl.exp2(gl.fma(f, sc, -(m_new + 12582912.0 * sc)[:, None]))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return gl.convert_layout(p.to(gl.float16), p_layout), m_new, l_i, alpha
+
+
+@gluon.jit
+def _qk(q_smem, k_smem, ready, j, s_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr):
+    """Issue Q.K^T of key block j asynchronously once it has landed; accumulator preset to 12582912's bits."""
+    mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
+    return warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)),
+                         gl.full([BLOCK_M, BLOCK_N], 0x4B400000, gl.int32, s_layout), is_async=True)
+
+
+@gluon.jit
+def _pv_fold(acc, l_i, p8, alpha, beta, v_view, ones_view, deps, o_layout: gl.constexpr, r_layout: gl.constexpr,
+             rp_layout: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr):
+    """P.V and the row sums of P (a ones tile), accumulators preset to 12582912's bits; wait for them and for
+    `deps` (the next Q.K^T in flight); then acc and l (old reference) -> new reference, plus this block."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    pv = warpgroup_mma(p8, v_view, gl.full([BLOCK_M, D], 0x4B400000, gl.int32, o_layout), is_async=True)
+    rs = warpgroup_mma(gl.convert_layout(p8, rp_layout), ones_view,
+                       gl.full([BLOCK_M, 16], 0x4B400000, gl.int32, r_layout), is_async=True)
+    pv, rs, deps = warpgroup_mma_wait(num_outstanding=0, deps=(pv, rs, deps))
+    alpha = gl.convert_layout(alpha, row_o)
+    beta = gl.convert_layout(beta, row_o)
+    rsum = gl.convert_layout(gl.max(rs.to(gl.float32, bitcast=True), 1) - 12582912.0, row_o)
+    l_i = l_i * alpha + rsum * beta
+    acc = gl.fma(acc, alpha[:, None], -(12582912.0 * beta)[:, None])
+    acc = gl.fma(pv.to(gl.float32, bitcast=True), beta[:, None], acc)
+    return acc, l_i, deps
+
+
+@gluon.jit
+def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk, n_k_blocks,
+               D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
+    """INT8 P.V over every key block for one warpgroup's 64 rows -> (acc, l, m): the next block's Q.K^T runs
+    under the softmax; P.V and its fold into acc follow it (its int32 result needs registers of its own)."""
+    BLOCK_M: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
+    r_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    rp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=r_layout, k_width=4)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ones_view = ones.permute((1, 0))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_o)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    mbarrier.wait(q_bar, 0)
+    s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, BLOCK_M, BLOCK_N,
+                                                             STAGES),))
+    sc = qs * gl.load(ks_row)
+    for j in range(n_k_blocks - 1):  # block j's softmax while block j + 1's Q.K^T runs
+        slot = j % STAGES
+        s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, BLOCK_M, BLOCK_N, STAGES)
+        sc_next = qs * gl.load(ks_row + j + 1)
+        p8, m_i, alpha, beta = _softmax(s_cur, sc, m_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, False)
+        acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(slot).permute((1, 0)), ones_view, s_next,
+                                   o_layout, r_layout, rp_layout, BLOCK_M, D)
+        mbarrier.arrive(empty.index(slot), count=1)  # block j's K and V are consumed
+        sc = sc_next
+    last = n_k_blocks - 1
+    p8, m_i, alpha, beta = _softmax(s_cur, sc, m_i, last * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, HAS_TAIL)
+    acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(last % STAGES).permute((1, 0)), ones_view,
+                               s_cur, o_layout, r_layout, rp_layout, BLOCK_M, D)
+    return acc, l_i, gl.convert_layout(m_i, row_o)
+
+
+@gluon.jit
+def _step_fp16(acc, p16, m_i, l_i, alpha, j, q_smem, k_smem, v_smem, ready, empty, sc, Lk,
+               s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               MASKED: gl.constexpr):
+    """Issue Q.K^T of block j, then P.V of block j - 1 (acc rescaled first); the softmax of block j runs while
+    that P.V does; both are complete on return, so nothing is in flight across iterations (as in FA3)."""
+    s_next = _qk(q_smem, k_smem, ready, j, s_layout, 64, BLOCK_N, STAGES)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    acc = warpgroup_mma(p16, v_smem.index((j - 1) % STAGES), acc, is_async=True)
+    s_cur = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
+    p16, m_i, l_i, alpha = _softmax_fp16(s_cur, sc, m_i, l_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, MASKED)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)  # block j - 1's K and V are consumed
+    return acc, p16, m_i, l_i, alpha
+
+
+@gluon.jit
+def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_k_blocks,
+               D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
+    """FP16 P.V over every key block for one warpgroup's 64 rows -> (acc, l, m): P.V of block j - 1 accumulates
+    in acc itself while the softmax of block j runs."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([64, D], gl.float32, o_layout)
+    mbarrier.wait(q_bar, 0)
+    s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, 64, BLOCK_N,
+                                                             STAGES),))
+    # block 0 (masked when it is also the last: a no-op otherwise)
+    p16, m_i, l_i, alpha = _softmax_fp16(s_cur, qs * gl.load(ks_row), m_i, l_i, 0, Lk, s_layout, p_layout, BLOCK_N,
+                                         HAS_TAIL)
+    # two blocks per trip: the P tile a P.V reads and the one the softmax writes meanwhile must be distinct
+    # registers, which a loop-carried P of one block per trip is not (ptxas then serializes every wgmma)
+    for jj in range((n_k_blocks - 2) // 2):
+        j = 1 + 2 * jj
+        acc, p_b, m_i, l_i, alpha = _step_fp16(acc, p16, m_i, l_i, alpha, j, q_smem, k_smem, v_smem, ready, empty,
+                                               qs * gl.load(ks_row + j), Lk, s_layout, p_layout, BLOCK_N, STAGES,
+                                               False)
+        acc, p16, m_i, l_i, alpha = _step_fp16(acc, p_b, m_i, l_i, alpha, j + 1, q_smem, k_smem, v_smem, ready,
+                                               empty, qs * gl.load(ks_row + j + 1), Lk, s_layout, p_layout, BLOCK_N,
+                                               STAGES, False)
+    if n_k_blocks > 2 and n_k_blocks % 2 == 1:  # one middle block left
+        acc, p16, m_i, l_i, alpha = _step_fp16(acc, p16, m_i, l_i, alpha, n_k_blocks - 2, q_smem, k_smem, v_smem,
+                                               ready, empty, qs * gl.load(ks_row + n_k_blocks - 2), Lk, s_layout,
+                                               p_layout, BLOCK_N, STAGES, False)
+    if n_k_blocks > 1:
+        acc, p16, m_i, l_i, alpha = _step_fp16(acc, p16, m_i, l_i, alpha, n_k_blocks - 1, q_smem, k_smem, v_smem,
+                                               ready, empty, qs * gl.load(ks_row + n_k_blocks - 1), Lk, s_layout,
+                                               p_layout, BLOCK_N, STAGES, HAS_TAIL)
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    acc = warpgroup_mma(p16, v_smem.index((n_k_blocks - 1) % STAGES), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    return acc, gl.convert_layout(l_i, row_o), gl.convert_layout(m_i, row_o)
+
+
+@gluon.jit
+def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol, stride_oh,
+             pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad,
+             D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr, HAS_TAIL: gl.constexpr,
+             WRITE_LSE: gl.constexpr, GROUP: gl.constexpr, GROUPS: gl.constexpr):
+    """One compute warpgroup (a partition of its own): rows GROUP * 64 .. + 64 of the program's GROUPS x 64-row
+    query tile, the online softmax over every key block, then the output (and log-sum-exp)."""
+    q_blk = pid_m * GROUPS + GROUP  # Q is quantized per 64 rows; the last program's last groups may be padding
+    qs = gl.load(QS + bh * n_q_blocks + q_blk, mask=q_blk < n_q_blocks, other=0.0)
+    ks_row = KS + bh * n_k_blocks
+    if PV == 2:
+        acc, l_i, m_i = _loop_int8(q_smem.index(GROUP), k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk,
+                                   n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL)
+    else:
+        acc, l_i, m_i = _loop_fp16(q_smem.index(GROUP), k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk,
+                                   n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL)
+    o_layout: gl.constexpr = acc.type.layout
+    l_i = gl.where(l_i > 0, l_i, 1.0)
+    offs_m = pid_m * (GROUPS * 64) + GROUP * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    out = acc / l_i[:, None]
+    lse2 = m_i + gl.log2(l_i)
+    if PV == 2:  # P and the row sums carried 127 = 2**6.989; V was scaled to 127 per channel
+        lse2 = lse2 - 6.988684686772166
+        out = out * (gl.load(VS + bh * D + offs_d) / 127.0)[None, :]
+    if WRITE_LSE:  # natural log-sum-exp of the smoothed-K scores
+        gl.store(LSE + bh.to(gl.int64) * Lq_pad + offs_m, lse2 * 0.6931471805599453, mask=offs_m < Lq)
+    o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(gl.int64) * stride_ol + offs_d[None, :]
+    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
+
+
+@gluon.jit
+def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
+                 stride_ob, stride_ol, stride_oh, Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad,
+                 D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr,
+                 HAS_TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, GROUPS: gl.constexpr):
+    """One query tile [GROUPS x 64, D] of one (batch, head) against every key block: GROUPS compute warpgroups
+    of 64 rows sharing each K/V tile, and a loader warp."""
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    ones_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(BLOCK_N, 128), element_bitwidth=8, rank=2)
+    fill_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    q_smem = gl.allocate_shared_memory(gl.int8, [GROUPS, 64, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    ones = gl.allocate_shared_memory(gl.int8, [16, BLOCK_N], ones_layout,
+                                     gl.full([16, BLOCK_N], 1, gl.int8, fill_layout))  # INT8 P.V's row sums
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=GROUPS)  # every compute warpgroup releases each slot
+    fence_async_shared()  # the ones tile and the barriers, before the async proxy (TMA, wgmma) sees them
+    if PV == 2:
+        v_row = bh * D
+    else:
+        v_row = bh * Lk_pad
+    q_row = bh * Lq_pad + pid_m * (GROUPS * 64)
+    b = bh // H
+    h = bh % H
+    if GROUPS == 3:
+        gl.warp_specialize([
+            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
+                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
+                        HAS_TAIL, WRITE_LSE, 0, 3)),
+            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
+                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
+                        HAS_TAIL, WRITE_LSE, 1, 3)),
+            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
+                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
+                        HAS_TAIL, WRITE_LSE, 2, 3)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
+                       n_k_blocks, BLOCK_N, STAGES, PV == 2, 3)),
+        ], [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
+                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
+                        HAS_TAIL, WRITE_LSE, 0, 2)),
+            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
+                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
+                        HAS_TAIL, WRITE_LSE, 1, 2)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
+                       n_k_blocks, BLOCK_N, STAGES, PV == 2, 2)),
+        ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
+
+
+def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    dtype = {torch.int8: gl.int8, torch.float16: gl.float16}[t.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtype, pv: str, lse: bool = False,
+                      stages: int | None = None):
+    """triton_sage.attention_forward on this kernel: quant from triton_sage.quantize with config(pv) tiles and
+    the same pv ("fp16" or "int8")."""
+    b, lq, h, d = q_shape
+    bn = BLOCK_N[pv]
+    nq, nk = quant.qs.shape[1], quant.ks.shape[1]
+    lq_pad, lk_pad = quant.q8.shape[1], quant.k8.shape[1]
+    v_dtype = {"fp16": torch.float16, "int8": torch.int8}[pv]
+    if lq_pad != nq * 64 or lk_pad != nk * bn or quant.v.dtype != v_dtype:
+        raise ValueError(f"gluon_sage needs a {pv} quantization with 64x{bn} tiles")
+    q_desc = _descriptor(quant.q8.view(b * h * lq_pad, d), [64, d])
+    k_desc = _descriptor(quant.k8.view(b * h * lk_pad, d), [bn, d])
+    if pv == "int8":
+        v_desc = _descriptor(quant.v.view(b * h * d, lk_pad), [d, bn])
+    else:
+        v_desc = _descriptor(quant.v.view(b * h * lk_pad, d), [bn, d])
+    out = torch.empty(b, lq, h, d, dtype=out_dtype, device=quant.q8.device)
+    lse_out = torch.empty(b * h, lq_pad, dtype=torch.float32, device=out.device) if lse else quant.qs
+    _attn_kernel[(triton.cdiv(nq, GROUPS[pv]), b * h)](
+        q_desc, k_desc, v_desc, quant.qs, quant.ks, quant.vs if quant.vs is not None else quant.qs, out, lse_out,
+        out.stride(0), out.stride(1), out.stride(2), lq, lk, h, nq, nk, lq_pad, lk_pad,
+        D=d, BLOCK_N=bn, STAGES=stages or STAGES[pv], PV=2 if pv == "int8" else 0, HAS_TAIL=lk % bn != 0,
+        WRITE_LSE=lse, GROUPS=GROUPS[pv], num_warps=4)
+    return (out, lse_out) if lse else out
+
+
+def config(pv: str, stages: int | None = None):
+    """The quantization tiles this kernel reads (triton_sage.KernelConfig)."""
+    from .triton_sage import KernelConfig
+
+    return KernelConfig(64, BLOCK_N[pv], 4, stages or STAGES[pv])
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str = "fp16", lse: bool = False,
+                   stages: int | None = None):
+    """triton_sage.sage_attention(q, k, v, pv) on this kernel: q [B, Lq, N, D], k/v [B, Lk, N, D]."""
+    from . import triton_sage
+
+    quant = triton_sage.quantize(q, k, v, config(pv, stages), pv)
+    if not lse:
+        return attention_forward(quant, q.shape, k.shape[1], q.dtype, pv, stages=stages)
+    out, lse_k = attention_forward(quant, q.shape, k.shape[1], q.dtype, pv, lse=True, stages=stages)
+    return out, triton_sage.true_lse(lse_k, quant, q)
+
+
+def compile_sm90(pv: str, head_dim: int = 128, stages: int | None = None):
+    """Compile the kernel for an sm_90 target without a GPU (Triton's bundled ptxas): the tests' check that it
+    builds with the installed Triton, and bench/kernel_sass.py's source of SASS. Returns Triton's compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bn, d = BLOCK_N[pv], head_dim
+    elt = {"fp16": ("fp16", gl.float16), "int8": ("i8", gl.int8)}
+
+    def desc(block, kind="int8"):
+        name, dtype = elt[kind]
+        return f"tensordesc<{name}[{block[0]}, {block[1]}],{gl.NVMMASharedLayout.get_default_for(block, dtype)!r}>"
+
+    args = [("q_desc", desc([64, d])), ("k_desc", desc([bn, d])),
+            ("v_desc", desc([d, bn]) if pv == "int8" else desc([bn, d], "fp16")),
+            ("QS", "*fp32"), ("KS", "*fp32"), ("VS", "*fp32"), ("O", "*bf16"), ("LSE", "*fp32")]
+    args += [(n, "i32") for n in ("stride_ob", "stride_ol", "stride_oh", "Lq", "Lk", "H", "n_q_blocks", "n_k_blocks",
+                                  "Lq_pad", "Lk_pad")]
+    consts = dict(D=d, BLOCK_N=bn, STAGES=stages or STAGES[pv], PV=2 if pv == "int8" else 0, HAS_TAIL=True,
+                  WRITE_LSE=True, GROUPS=GROUPS[pv])
+    sig = dict(args) | {k: "constexpr" for k in consts}
+    aligned = {"QS", "KS", "VS", "O", "LSE", "stride_ob", "stride_ol", "stride_oh", "Lq_pad", "Lk_pad"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(args) if name in aligned}
+    return triton.compile(GluonASTSource(_attn_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 128),
+                          options=dict(num_warps=4))
