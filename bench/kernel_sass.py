@@ -1,12 +1,15 @@
-"""Instruction counts of our attention kernel's main loop, per P.V precision, without a GPU.
+"""Instruction counts of our attention kernels' main loop, per P.V precision, without a GPU.
 
-Compiles triton_sage._attn_fwd_kernel for an sm_90 target with the installed Triton (its bundled ptxas), then
-counts the SASS instructions of the longest backward branch (the key-block loop: one thread's instructions per
-key block, and per score of its share of the tile) and reads the register count.
+Compiles triton_sage._attn_fwd_kernel (or, with --gluon, gluon_sage's Hopper kernels) for an sm_90 target with
+the installed Triton (its bundled ptxas), then counts the SASS instructions of the longest loop that issues
+tensor-core MMAs and stores nothing (the key-block loop: one thread's instructions per trip, and per score of its
+share of the trip's tiles) and reads the register count (for the Gluon kernels: the launch count; the compute
+warpgroups raise theirs with setmaxnreg).
 Use the Triton version of the benchmark machine (the counts move between versions). Example:
 
     python bench/kernel_sass.py                      # fp16, fp8, int8 at their Hopper tile configs
     python bench/kernel_sass.py --pv int8 --tile 64 64 4 3
+    python bench/kernel_sass.py --gluon              # the Gluon kernels (fp16, int8)
 """
 
 from __future__ import annotations
@@ -34,14 +37,20 @@ V_TYPE = {"fp16": "*fp16", "fp8": "*fp8e4nv", "int8": "*i8"}
 LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;")
 
 
-def compile_sass(pv: str, cfg: ts.KernelConfig) -> tuple[str, int]:
-    sig = {name: (V_TYPE[pv] if name == "V" else ty) for name, ty in ARGS}
-    consts = dict(D=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV=ts.pv_index(pv), SPARSE=False,
-                  PV_SKIP=False, HAS_TAIL=True, WRITE_LSE=False)
-    sig.update({k: "constexpr" for k in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(ARGS) if name in ALIGNED}
-    kernel = triton.compile(ASTSource(ts._attn_fwd_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 128),
-                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+def compile_sass(pv: str, cfg: ts.KernelConfig | None, gluon: bool = False) -> tuple[str, int]:
+    if gluon:
+        from smartdiff.services.denoiser.attention import gluon_sage
+
+        kernel = gluon_sage.compile_sm90(pv)
+    else:
+        sig = {name: (V_TYPE[pv] if name == "V" else ty) for name, ty in ARGS}
+        consts = dict(D=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PV=ts.pv_index(pv), SPARSE=False,
+                      PV_SKIP=False, HAS_TAIL=True, WRITE_LSE=False)
+        sig.update({k: "constexpr" for k in consts})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(ARGS) if name in ALIGNED}
+        kernel = triton.compile(ASTSource(ts._attn_fwd_kernel, sig, consts, attrs),
+                                target=GPUTarget("cuda", 90, 128),
+                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -53,15 +62,18 @@ def compile_sass(pv: str, cfg: ts.KernelConfig) -> tuple[str, int]:
 
 
 def loop_histogram(sass: str) -> Counter:
-    """Opcodes between the target and the source of the longest backward branch."""
+    """Opcodes of the longest loop (backward branch) whose body issues wgmma and stores nothing to global memory."""
     ops = {int(m.group(1), 16): (m.group(2), m.group(0)) for m in LINE.finditer(sass)}
     loops = []
     for addr, (op, text) in ops.items():
         target = re.search(r"BRA\s+(?:`?\(?\.L_x_\d+\)?\s*)?0x([0-9a-f]+)", text) if op == "BRA" else None
         if target and int(target.group(1), 16) < addr:
-            loops.append((addr - int(target.group(1), 16), int(target.group(1), 16), addr))
+            lo = int(target.group(1), 16)
+            body = [o for a, (o, _) in ops.items() if lo <= a <= addr]
+            if any(o.startswith(("IGMMA", "HGMMA", "QGMMA")) for o in body) and not any(o == "STG" for o in body):
+                loops.append((addr - lo, lo, addr))
     if not loops:
-        raise RuntimeError("no backward branch found in the SASS")
+        raise RuntimeError("no MMA loop found in the SASS")
     _, lo, hi = max(loops)
     return Counter(op.split(".")[0] for addr, (op, _) in ops.items() if lo <= addr <= hi)
 
@@ -71,16 +83,28 @@ def main() -> None:
     p.add_argument("--pv", nargs="*", default=list(ts.PV_MODES), choices=ts.PV_MODES)
     p.add_argument("--tile", nargs=4, type=int, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
                    help="default: the Hopper config of each precision")
+    p.add_argument("--gluon", action="store_true", help="gluon_sage's Hopper kernels (fp16, int8) instead")
     args = p.parse_args()
     print(f"triton {triton.__version__}, target sm_90")
     print(f"{'P.V':<5} {'tile':<18} {'regs':>4} {'loop':>5} {'per score':>9}  top opcodes of the loop")
     for pv in args.pv:
-        cfg = ts.KernelConfig(*args.tile) if args.tile else ts.HOPPER_CONFIG[pv]
-        sass, regs = compile_sass(pv, cfg)
+        if args.gluon:
+            from smartdiff.services.denoiser.attention import gluon_sage as gs
+
+            if pv not in gs.BLOCK_N:
+                continue
+            cfg = None
+            # one warpgroup's 64 rows; the FP16 loop takes two key blocks per trip
+            scores = 64 * gs.BLOCK_N[pv] * (2 if pv == "fp16" else 1) / 128
+            tile = f"{gs.GROUPS[pv]}x64x{gs.BLOCK_N[pv]} s{gs.STAGES[pv]}"
+        else:
+            cfg = ts.KernelConfig(*args.tile) if args.tile else ts.HOPPER_CONFIG[pv]
+            scores = cfg.block_m * cfg.block_n / (32 * cfg.num_warps)  # a thread's share of the tile
+            tile = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+        sass, regs = compile_sass(pv, cfg, args.gluon)
         hist = loop_histogram(sass)
         n = sum(hist.values())
-        per_score = n / (cfg.block_m * cfg.block_n / (32 * cfg.num_warps))  # a thread's share of the tile
-        tile = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+        per_score = n / scores
         top = ", ".join(f"{op} {c}" for op, c in hist.most_common(8))
         print(f"{pv:<5} {tile:<18} {regs:>4} {n:>5} {per_score:>9.2f}  {top}")
 
