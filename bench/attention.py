@@ -225,8 +225,8 @@ def check_small() -> list[dict]:
         for name, fn in (("sage", lambda: ts.sage_attention(q, k, v, "fp16")),
                          ("sage_fp8", lambda: ts.sage_attention(q, k, v, "fp8")),
                          ("sage_int8", lambda: ts.sage_attention(q, k, v, "int8")),
-                         *(((f"{n}[gluon]", lambda pv=pv: gluon_sage.sage_attention(q, k, v, pv))
-                            for n, pv in (("sage", "fp16"), ("sage_int8", "int8"))) if gluon_sage else ()),
+                         *(((f"{backend}[gluon]", lambda pv=pv: gluon_sage.sage_attention(q, k, v, pv))
+                            for backend, pv in (("sage", "fp16"), ("sage_int8", "int8"))) if gluon_sage else ()),
                          ("sparge topk1", lambda: TritonSpargeKernel(A.SpargeParams(topk=1.0), q.device)(q, k, v)),
                          ("sdpa", lambda: A.get_backend("sdpa").build(None, q.device, q.dtype, d)(q, k, v))):
             o = fn()

@@ -85,6 +85,8 @@ def main() -> None:
                    help="default: the Hopper config of each precision")
     p.add_argument("--gluon", action="store_true", help="gluon_sage's Hopper kernels (fp16, int8) instead")
     args = p.parse_args()
+    if args.gluon and args.tile:
+        p.error("--tile applies to the Triton kernel; the Gluon kernels' tiles are gluon_sage.GROUPS / BLOCK_N")
     print(f"triton {triton.__version__}, target sm_90")
     print(f"{'P.V':<5} {'tile':<18} {'regs':>4} {'loop':>5} {'per score':>9}  top opcodes of the loop")
     for pv in args.pv:
@@ -92,6 +94,7 @@ def main() -> None:
             from smartdiff.services.denoiser.attention import gluon_sage as gs
 
             if pv not in gs.BLOCK_N:
+                print(f"{pv:<5} (no Gluon kernel: the Triton kernel runs it)")
                 continue
             cfg = None
             # one warpgroup's 64 rows; the FP16 loop takes two key blocks per trip

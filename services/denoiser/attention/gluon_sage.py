@@ -16,8 +16,9 @@ and all warps stop at each barrier):
   rounded *up* (x (1 + 2**-22)), so the largest value is at most 1 and 127 p never rounds to 128, and the deficit
   goes back into the row's reference maximum, so the log-sum-exp stays exact; 127 p is rounded in float16 pairs.
 Measured on an H200 against cuDNN SDPA and the Triton kernels: docs/benchmarks.md (bench/attention.py).
-Imported only on a Hopper GPU with a Triton that has Gluon; triton_sage runs everywhere else (and on the CPU in
-the tests). Written for this project.
+Run only on Hopper GPUs, by backends that found this Triton able to compile it (sage.gluon_supported); the
+module imports anywhere Triton has Gluon (the tests compile it on the CPU). triton_sage runs everywhere else.
+Written for this project.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 GROUPS = {"fp16": 3, "int8": 2}  # compute warpgroups of 64 query rows per program, sharing each K/V tile
 BLOCK_N = {"fp16": 64, "int8": 128}  # keys per step, per P.V precision (FP16 at 128 exceeds the registers)
 STAGES = {"fp16": 3, "int8": 4}  # K/V ring slots per P.V precision (the fastest measured)
-COMPUTE_REGS = gl.constexpr(240)  # registers of the second compute warpgroup of two (setmaxnreg)
-COMPUTE_REGS_3 = gl.constexpr(160)  # of the second and third of three
+WORKER_REGS_2 = gl.constexpr(240)  # registers (setmaxnreg) of the compute warpgroups beyond the first, of two
+WORKER_REGS_3 = gl.constexpr(160)  # ... of three
 LOADER_REGS = gl.constexpr(24)  # registers of the loader warp (setmaxnreg)
 
 
@@ -101,15 +102,17 @@ def _softmax(s_bits, sc, m_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.co
              BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """Scores (bits of 12582912 + int32 Q.K) -> (int8 127 p in the P.V operand layout, new reference max,
     alpha = exp2(old - new), beta = exp2(block reference - new)), all in log2 units once scaled by sc."""
-    if MASKED:
+    if MASKED:  # padded keys: bits of +0.0, below every score for the maximum; their p is zeroed below
         cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s_bits = gl.where(cols[None, :] < Lk, s_bits, 0)  # bits of +0.0: below every score, exp2(-big) = 0
+        s_bits = gl.where(cols[None, :] < Lk, s_bits, 0)
     f = s_bits.to(gl.float32, bitcast=True)
     f_max = gl.max(s_bits, 1).to(gl.float32, bitcast=True)  # positive floats order as their int32 bits
     c = f_max * sc * 1.0000002384185791  # 1 + 2**-22: above the exact product f_max * sc whatever the rounding
     m_blk = (f_max - 12582912.0) * sc + gl.fma(f_max, -sc, c)  # the block's reference: max + the deficit
     m_new = gl.maximum(m_i, m_blk)
     p8 = _exp2_int8(gl.fma(f, sc, -c[:, None]))  # exponents <= 0: 127 p rounds to at most 127
+    if MASKED:  # (a padded key's exponent -c is not far below 0 when sc is tiny: small q and k, or constant k)
+        p8 = gl.where(cols[None, :] < Lk, p8, 0)
     return gl.convert_layout(p8, p_layout), m_new, gl.exp2(m_i - m_new), gl.exp2(m_blk - m_new)
 
 
@@ -118,13 +121,15 @@ def _softmax_fp16(s_bits, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_lay
                   BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """Scores (bits of 12582912 + int32 Q.K) -> (FP16 p relative to the new running max in the P.V operand
     layout, new max, new row sum, alpha = exp2(old - new)), in log2 units once scaled by sc."""
-    if MASKED:
+    if MASKED:  # padded keys: bits of +0.0 for the maximum, p zeroed (as in _softmax)
         cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s_bits = gl.where(cols[None, :] < Lk, s_bits, 0)
     f = s_bits.to(gl.float32, bitcast=True)
     f_max = gl.max(s_bits, 1).to(gl.float32, bitcast=True)
     m_new = gl.maximum(m_i, (f_max - 12582912.0) * sc)
     p = gl.exp2(gl.fma(f, sc, -(m_new + 12582912.0 * sc)[:, None]))
+    if MASKED:
+        p = gl.where(cols[None, :] < Lk, p, 0.0)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return gl.convert_layout(p.to(gl.float16), p_layout), m_new, l_i, alpha
@@ -280,7 +285,7 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
         lse2 = lse2 - 6.988684686772166
         out = out * (gl.load(VS + bh * D + offs_d) / 127.0)[None, :]
     if WRITE_LSE:  # natural log-sum-exp of the smoothed-K scores
-        gl.store(LSE + bh.to(gl.int64) * Lq_pad + offs_m, lse2 * 0.6931471805599453, mask=offs_m < Lq)
+        gl.store(LSE + bh.to(gl.int64) * Lq_pad + offs_m, lse2 * 0.6931471805599453, mask=offs_m < Lq_pad)
     o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(gl.int64) * stride_ol + offs_d[None, :]
     gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
 
@@ -292,6 +297,7 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
                  HAS_TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, GROUPS: gl.constexpr):
     """One query tile [GROUPS x 64, D] of one (batch, head) against every key block: GROUPS compute warpgroups
     of 64 rows sharing each K/V tile, and a loader warp."""
+    gl.static_assert(STAGES >= 2, "the ring needs 2 slots: a block's Q.K^T is issued before the last one is released")
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     ones_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(BLOCK_N, 128), element_bitwidth=8, rank=2)
@@ -316,6 +322,7 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
     q_row = bh * Lq_pad + pid_m * (GROUPS * 64)
     b = bh // H
     h = bh % H
+    # the partitions' arguments are spelled out: a tuple built by concatenation loses its constexpr entries
     if GROUPS == 3:
         gl.warp_specialize([
             (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
@@ -329,7 +336,7 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
                         HAS_TAIL, WRITE_LSE, 2, 3)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
                        n_k_blocks, BLOCK_N, STAGES, PV == 2, 3)),
-        ], [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
+        ], [4, 4, 1], [WORKER_REGS_3, WORKER_REGS_3, LOADER_REGS])
     else:
         gl.warp_specialize([
             (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
@@ -340,7 +347,7 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
                         HAS_TAIL, WRITE_LSE, 1, 2)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
                        n_k_blocks, BLOCK_N, STAGES, PV == 2, 2)),
-        ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
+        ], [4, 1], [WORKER_REGS_2, LOADER_REGS])
 
 
 def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:

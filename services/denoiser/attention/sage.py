@@ -1,17 +1,19 @@
 """`sage`, `sage_fp8` and `sage_int8`: quantized attention in the SageAttention style (lossy).
 
 INT8 Q.K^T with per-tile scales after subtracting K's mean over tokens (softmax-invariant), then P.V in
-FP16/BF16 (`sage`), FP8 e4m3 with per-channel V scales (`sage_fp8`: fastest; ~4e-2 relative error on random,
-diffuse attention against ~1.3e-2, about the same as `sage` inside a DiT), or INT8 with P scaled per row and key
-block and V per channel (`sage_int8`: between the two in speed, ~2e-2 on diffuse attention; see triton_sage).
-Our Triton kernel runs all three; on Hopper GPUs `sage` and `sage_int8` run our Gluon kernels instead
-(gluon_sage: warp-specialized, asynchronous wgmma, TMA), which are faster there. `sage` uses the `sageattention`
+FP16/BF16 (`sage`, ~1.3e-2 relative error on random, diffuse attention), FP8 e4m3 with per-channel V scales
+(`sage_fp8`, ~4e-2 there, about the same as `sage` inside a DiT), or INT8 with P scaled per row and key block and
+V per channel (`sage_int8`, ~2e-2; see triton_sage). Our Triton kernel runs all three; on Hopper GPUs `sage` and
+`sage_int8` run our Gluon kernels instead (gluon_sage: warp-specialized, asynchronous wgmma, TMA), which are
+faster there: on an H200 `sage_int8` is then the fastest of the three, `sage_fp8` close, `sage` behind
+(docs/benchmarks.md). `sage` uses the `sageattention`
 package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on PyPI) is not used:
 it is slower than cuDNN SDPA on Hopper and than our kernels (bench/attention.py).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -31,8 +33,7 @@ SAGE_INFO = BackendInfo(
 )
 SAGE_FP8_INFO = BackendInfo(
     name="sage_fp8", description="SageAttention-style INT8 Q.K (smoothed K) + FP8 P.V; Triton kernel, compute "
-                                 "capability 8.9+ (lossy; fastest of the three, 3x the error of sage on diffuse "
-                                 "attention)",
+                                 "capability 8.9+ (lossy; 3x the error of sage on diffuse attention)",
     lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
 )
 SAGE_INT8_INFO = BackendInfo(
@@ -68,8 +69,8 @@ class TritonSageKernel(Kernel):
 
 
 class GluonSageKernel(Kernel):
-    """Our Hopper kernels (gluon_sage) for FP16 or INT8 P.V. If this Triton cannot compile them (Gluon's API
-    moves between versions), the first call says so in the log and the Triton kernel runs from then on."""
+    """Our Hopper kernels (gluon_sage) for FP16 or INT8 P.V. If a call cannot compile (Triton compiles again for
+    each new specialisation: tail, log-sum-exp, head dim), the log says why and the Triton kernel runs from then on."""
 
     def __init__(self, name: str, device: torch.device, pv: str):
         from . import gluon_sage
@@ -78,25 +79,19 @@ class GluonSageKernel(Kernel):
         self.run = gluon_sage.sage_attention
         self.label = f"{name}[gluon]"
         self.fallback: TritonSageKernel | None = None
-        self.compiled = False
 
     def _call(self, q, k, v, lse: bool):
-        if self.fallback is not None:
-            return self.fallback.run(q, k, v, pv=self.pv, cfg=self.fallback.cfg, lse=lse)
-        if self.compiled:
-            return self.run(q, k, v, pv=self.pv, lse=lse)
-        from triton.compiler.errors import CompilationError
+        if self.fallback is None:
+            from triton.errors import TritonError
 
-        try:
-            out = self.run(q, k, v, pv=self.pv, lse=lse)
-        except CompilationError as e:
-            log.warning("%s: the Gluon kernel does not compile with this Triton (%s); using the Triton kernel",
-                        self.name, str(e).strip().splitlines()[-1][:200])
-            self.fallback = TritonSageKernel(self.name, self.device, pv=self.pv)
-            self.label = self.fallback.label
-            return self._call(q, k, v, lse)
-        self.compiled = True
-        return out
+            try:
+                return self.run(q, k, v, pv=self.pv, lse=lse)
+            except TritonError as e:  # compilation, ptxas, resources: nothing has run on the GPU yet
+                log.warning("%s: the Gluon kernel failed to build (%s); using the Triton kernel", self.name,
+                            _why(e))
+                self.fallback = TritonSageKernel(self.name, self.device, pv=self.pv)
+                self.label = self.fallback.label
+        return self.fallback.with_lse(q, k, v) if lse else self.fallback(q, k, v)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._call(q, k, v, lse=False)
@@ -105,8 +100,28 @@ class GluonSageKernel(Kernel):
         return self._call(q, k, v, lse=True)
 
 
+def _why(e: BaseException) -> str:
+    """A one-line reason from a Triton error (its message's last non-caret line, or the cause)."""
+    lines = [ln.strip() for ln in str(getattr(e, "error_message", None) or e).splitlines()]
+    lines = [ln for ln in lines if ln and set(ln) != {"^"}]
+    return (lines[-1] if lines else repr(e.__cause__ or e))[:200]
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_build_error(pv: str, head_dim: int) -> str | None:
+    """None if this Triton compiles our Gluon kernel (checked once per process, for sm_90: no GPU needed), else
+    why not (Gluon's API moves between Triton versions)."""
+    try:
+        from . import gluon_sage
+
+        gluon_sage.compile_sm90(pv, head_dim)
+    except Exception as e:  # noqa: BLE001 - any failure means: use the Triton kernel, and say why
+        return f"{type(e).__name__}: {_why(e)}"
+    return None
+
+
 def gluon_supported(device: torch.device, head_dim: int) -> bool:
-    """Whether our Hopper kernels run here: a Hopper GPU, a head dim they take, and a Triton with Gluon."""
+    """Whether our Hopper kernels can run here: a Hopper GPU, a head dim they take, and a Triton with Gluon."""
     if device.type != "cuda":
         return False
     try:
@@ -118,7 +133,11 @@ def gluon_supported(device: torch.device, head_dim: int) -> bool:
 
 def _our_kernel(name: str, device: torch.device, head_dim: int, pv: str) -> Kernel:
     if gluon_supported(device, head_dim):
-        return GluonSageKernel(name, device, pv)
+        error = gluon_build_error(pv, head_dim)
+        if error is None:
+            return GluonSageKernel(name, device, pv)
+        log.warning("%s: the Gluon kernel does not build with this Triton (%s); using the Triton kernel", name,
+                    error)
     return TritonSageKernel(name, device, pv=pv)
 
 
