@@ -110,9 +110,10 @@ def _softmax(s_bits, sc, m_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.co
     c = f_max * sc * 1.0000002384185791  # 1 + 2**-22: above the exact product f_max * sc whatever the rounding
     m_blk = (f_max - 12582912.0) * sc + gl.fma(f_max, -sc, c)  # the block's reference: max + the deficit
     m_new = gl.maximum(m_i, m_blk)
-    p8 = _exp2_int8(gl.fma(f, sc, -c[:, None]))  # exponents <= 0: 127 p rounds to at most 127
+    x = gl.fma(f, sc, -c[:, None])  # exponents <= 0: 127 p rounds to at most 127
     if MASKED:  # (a padded key's exponent -c is not far below 0 when sc is tiny: small q and k, or constant k)
-        p8 = gl.where(cols[None, :] < Lk, p8, 0)
+        x = gl.where(cols[None, :] < Lk, x, float("-inf"))
+    p8 = _exp2_int8(x)
     return gl.convert_layout(p8, p_layout), m_new, gl.exp2(m_i - m_new), gl.exp2(m_blk - m_new)
 
 
