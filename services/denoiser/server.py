@@ -277,6 +277,30 @@ def warmup_job(model: ModelConfig, options: DenoiserOptions, compiled: bool) -> 
     return prepare_job(params, model, options)
 
 
+def warm_attention(model: ModelConfig, options: DenoiserOptions, device: torch.device, dtype: torch.dtype) -> None:
+    """Compile the attention kernels of every lossy backend the deployment allows, at the model's default size,
+    before SERVING (CUDA; not under ring attention, whose chunks are other shapes). On this process's GPU only:
+    other ranks of a multi-GPU denoiser compile on their first request. A failure is logged, not fatal."""
+    if device.type != "cuda" or options.ring_degree > 1:
+        return
+    from smartdiff.services.denoiser.attention.handle import warm_kernels
+
+    job = warmup_job(model, options, compiled=True)  # the default size
+    pt, ph, pw = model.dit.patch_size
+    f, h, w = job.request.latent_shape(model)[2:]
+    start = time.perf_counter()
+    try:
+        warmed = warm_kernels(device, dtype, model.dit.head_dim, model.dit.num_heads // options.ulysses_degree,
+                              (f // pt) * (h // ph) * (w // pw), options.attention_backends)
+    except Exception as e:  # noqa: BLE001 - serving goes on; the first request compiles instead
+        log.warning("attention kernels not warmed (%s: %s); the first requests will compile them",
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return
+    finally:
+        torch.cuda.empty_cache()
+    log.info("attention kernels warmed in %.1f s: %s", time.perf_counter() - start, ", ".join(warmed) or "none")
+
+
 async def start(model: ModelConfig, layout, system, address: str, options: DenoiserOptions = DenoiserOptions(),
                 engine: DenoiserEngine | None = None, runner=None):
     """Load the DiT expert(s) (unless `engine` is given), warm up (on every rank with `runner`), serve on `address`."""
@@ -289,6 +313,7 @@ async def start(model: ModelConfig, layout, system, address: str, options: Denoi
     def warmup():
         emb = torch.zeros(4, model.dit.text_dim)
         servicer.runner(warmup_job(model, options, compile_enabled(options, engine.device)), emb, emb)
+        warm_attention(model, options, engine.device, engine.dtype)
 
     return await start_stage(SERVICE_NAME, pb_grpc.add_DenoiserServiceServicer_to_server, servicer, address,
                              system.max_queue, warmup=warmup)

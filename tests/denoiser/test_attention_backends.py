@@ -269,3 +269,48 @@ def test_engine_denoise_reports_the_attention_that_ran():
     with pytest.raises(RequestError, match="attention.backend"):
         engine.denoise(req, emb, emb, attention=A.AttentionChoice("flash_attn"))
     assert all(b.self_attn.attention_fn is sdpa_attention for d in engine.experts for b in d.blocks)
+
+
+def test_warm_kernels_runs_each_allowed_lossy_backend_once(monkeypatch):
+    """Warm-up compiles the JIT kernels of the lossy backends the deployment allows; exact ones and auto are
+    not called, nor what cannot run here."""
+    from smartdiff.services.denoiser.attention import handle
+    from smartdiff.services.denoiser.attention.base import BackendStatus
+
+    calls = []
+
+    class Fake(Kernel):
+        def __init__(self, name):
+            self.name = self.label = name
+
+        def __call__(self, q, k, v):
+            calls.append((self.name, tuple(q.shape)))
+            return q
+
+    statuses = [BackendStatus(A.get_backend(n).info, None if n != "sage_fp8" else "needs compute capability 8.9")
+                for n in A.backend_names()]
+    monkeypatch.setattr(A, "available_backends", lambda device, dtype, head_dim: statuses)
+    monkeypatch.setattr(handle, "get_backend", lambda name: type("B", (), {
+        "build": staticmethod(lambda choice, device, dtype, head_dim: Fake(name))}))
+    assert sorted(handle.warm_kernels(CPU, torch.float32, 16, 3, 50)) == ["sage", "sage_int8", "sparge"]
+    assert sorted(calls) == [(n, (1, 50, 3, 16)) for n in ("sage", "sage_int8", "sparge")]
+    calls.clear()
+    assert handle.warm_kernels(CPU, torch.float32, 16, 3, 50, allowed=("sdpa", "sage_int8", "auto")) == ["sage_int8"]
+    assert handle.warm_kernels(CPU, torch.float32, 16, 3, 50, allowed=("sdpa",)) == []
+
+
+def test_denoiser_warms_attention_only_on_cuda_and_not_under_ring(monkeypatch):
+    from smartdiff.services.denoiser import server
+    from smartdiff.services.denoiser.attention import handle
+
+    seen = []
+    monkeypatch.setattr(handle, "warm_kernels", lambda *args: seen.append(args) or [])
+    model = load_model_config("Wan2.1-T2V-1.3B")
+    server.warm_attention(model, server.DenoiserOptions(), CPU, torch.float32)
+    server.warm_attention(model, server.DenoiserOptions(ring_degree=2), torch.device("cuda"), torch.bfloat16)
+    assert seen == []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    server.warm_attention(model, server.DenoiserOptions(ulysses_degree=2, attention_backends=("sage",)),
+                          torch.device("cuda"), torch.bfloat16)
+    # 480p x 81 frames: 21 x 30 x 52 patches; 12 heads over 2 Ulysses ranks
+    assert seen == [(torch.device("cuda"), torch.bfloat16, 128, 6, 32760, ("sage",))]

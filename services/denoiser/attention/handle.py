@@ -155,3 +155,27 @@ def attach(dits: nn.Module | Sequence[nn.Module], choice: AttentionChoice | None
     device, dtype, head_dim = torch.device(device or probe.device), probe.dtype, dits[0].cfg.head_dim
     res = resolve(choice, device, dtype, head_dim, allowed)
     return AttentionHandle(dits, build_kernel(res, choice, device, dtype, head_dim), res, wrap)
+
+
+def warm_kernels(device: torch.device | str, dtype: torch.dtype, head_dim: int, heads: int, seq_len: int,
+                 allowed: Collection[str] | None = None) -> list[str]:
+    """Run each allowed lossy backend that can run here once on random q = k = v [1, seq_len, heads, head_dim],
+    so that its JIT kernels (ours: Triton, Gluon) are compiled for that shape before a request waits for them.
+
+    Returns what ran (kernel labels). The exact backends run library kernels (nothing to compile) and `auto`
+    runs the others, so neither is called."""
+    from . import available_backends
+
+    device = torch.device(device)
+    warmed = []
+    for status in available_backends(device, dtype, head_dim):
+        name = status.info.name
+        if not status.available or not status.info.lossy or name == "auto":
+            continue
+        if allowed is not None and name not in allowed:
+            continue
+        kern = get_backend(name).build(AttentionChoice(name), device, dtype, head_dim)
+        x = torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype)
+        kern(x, x, x)
+        warmed.append(kern.describe())
+    return warmed
