@@ -1,4 +1,4 @@
-"""Our Hopper (Gluon) kernels of `sage`, `sage_fp8` and `sage_int8`.
+"""Our Hopper (Gluon) kernels of `sage` and `sage_int8`.
 
 On any machine: they compile for sm_90 with the installed Triton, with wgmma pipelined (not serialized by
 ptxas), TMA loads and, with the Triton they were tuned on (3.6, the benchmark machine's; CI has a later one), no
@@ -36,12 +36,12 @@ def sass(kernel) -> list[tuple[str, str]]:
     return SASS_LINE.findall(text)
 
 
-@pytest.mark.parametrize("pv", ["fp16", "fp8", "int8"])
+@pytest.mark.parametrize("pv", ["fp16", "int8"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_compiles_for_hopper_with_pipelined_wgmma(pv, head_dim):
     ops = sass(gs.compile_sm90(pv, head_dim))
     names = [op for op, _ in ops]
-    mma = [(op, rest) for op, rest in ops if op.startswith(("HGMMA", "IGMMA", "QGMMA"))]
+    mma = [(op, rest) for op, rest in ops if op.startswith(("HGMMA", "IGMMA"))]
     assert mma and any(op.startswith("UTMALDG") for op in names), "no wgmma / TMA in the kernel"
     if triton.__version__.startswith(TUNED_ON):  # register use was fitted with this Triton's code generation
         assert not any(op.startswith(("STL", "LDL")) for op in names), "registers spill to local memory"
@@ -58,7 +58,6 @@ def test_backends_pick_gluon_only_where_it_runs_and_builds(monkeypatch):
     monkeypatch.setattr(sage, "gluon_supported", lambda device, head_dim: True)
     assert sage._build_int8(None, cpu, torch.float32, 128).label == "sage_int8[gluon]"
     assert sage._build_sage(None, cpu, torch.float32, 128).label == "sage[gluon]"
-    assert sage._build_fp8(None, cpu, torch.float32, 128).label == "sage_fp8[gluon]"
     monkeypatch.setattr(sage, "gluon_build_error", lambda pv, head_dim: "CompilationError: no such op")
     assert sage._build_int8(None, cpu, torch.float32, 128).label == "sage_int8[triton]"
 
@@ -117,7 +116,7 @@ def qkv(b, lq, lk, h, d, scale=1.0, k_shift=0.5, seed=0):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("pv,tol", [("fp16", 2.5e-2), ("fp8", 6e-2), ("int8", 3e-2)])
+@pytest.mark.parametrize("pv,tol", [("fp16", 2.5e-2), ("int8", 3e-2)])
 @pytest.mark.parametrize("shape", [(1, 200, 333, 2, 128), (2, 130, 128, 3, 128), (1, 64, 1000, 2, 64),
                                    (1, 300, 100, 2, 128), (1, 100, 50, 2, 128), (1, 4100, 4100, 1, 128)])
 def test_matches_float64_and_the_triton_kernel(pv, tol, shape):
@@ -137,14 +136,14 @@ def test_matches_float64_and_the_triton_kernel(pv, tol, shape):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("pv,tol", [("fp16", 3e-2), ("fp8", 6e-2), ("int8", 3e-2)])
+@pytest.mark.parametrize("pv", ["fp16", "int8"])
 @pytest.mark.parametrize("case", ["small scores", "one key"])
-def test_padded_keys_get_no_weight_when_scores_are_tiny(pv, tol, case):
+def test_padded_keys_get_no_weight_when_scores_are_tiny(pv, case):
     """Tiny score scales (small q and k; or one key, whose smoothed K is 0): a padded key's exponent is then not
     far below 0, so the tail block must zero its probability (it held 1/64 of the weight with one key)."""
     q, k, v = qkv(1, 70, 65, 2, 128, scale=0.05) if case == "small scores" else qkv(1, 70, 1, 2, 128)
     ref, _ = reference(q, k, v)
-    assert rel(gs.sage_attention(q, k, v, pv), ref) < tol
+    assert rel(gs.sage_attention(q, k, v, pv), ref) < 3e-2
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
@@ -161,7 +160,7 @@ def test_int8_never_wraps_the_largest_probability():
 def test_backends_run_gluon_on_hopper():
     from smartdiff.services.denoiser import attention as A
 
-    for name in ("sage", "sage_fp8", "sage_int8"):
+    for name in ("sage", "sage_int8"):
         choice = A.AttentionChoice(name)
         res = A.resolve(choice, torch.device("cuda"), torch.bfloat16, 128)
         kern = A.handle.build_kernel(res, choice, torch.device("cuda"), torch.bfloat16, 128)

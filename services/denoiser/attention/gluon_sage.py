@@ -1,4 +1,4 @@
-"""Hopper (sm_90) kernels of `sage` (FP16 P.V), `sage_fp8` (FP8 P.V) and `sage_int8` (INT8 P.V), in Gluon.
+"""Hopper (sm_90) kernels of `sage` (FP16 P.V) and `sage_int8` (INT8 P.V), written in Gluon.
 
 Same maths and the same quantized inputs as triton_sage (INT8 Q.K^T of smoothed K; see its docstring): what
 differs is the schedule, which Triton's own compiler does not give on Hopper (there, every MMA waits for itself
@@ -9,11 +9,9 @@ and all warps stop at each barrier):
 - FP16 P.V (3 warpgroups, 64 keys per step): the P.V of block j - 1 accumulates in acc while the softmax of
   block j runs, and the Q.K^T of block j is issued just before; two blocks per loop trip, so that the P tile a
   P.V reads and the one being written are different registers (otherwise ptxas serializes every wgmma);
-- 8-bit P.V (2 warpgroups, 128 keys per step, 240 registers): the Q.K^T of block j + 1 runs under the softmax
-  of block j; FP8 as triton_sage's (P x 448 against the running max, each block's product from a zeroed
-  accumulator, one FMA to fold it); INT8: P.V and the row sums (a ones tile) go to int32 accumulators preset to
-  0x4B400000 (the bits of 12582912.0), so each result x comes out as the bits of 12582912 + x, a float without a
-  conversion instruction;
+- INT8 P.V (2 warpgroups, 128 keys per step, 240 registers): the Q.K^T of block j + 1 runs under the softmax of
+  block j; P.V and the row sums (a ones tile) go to int32 accumulators preset to 0x4B400000 (the bits of
+  12582912.0), so each result x comes out as the bits of 12582912 + x: a float with no conversion instruction;
   each probability tile is exp2(s * sc - c) with one fused multiply-add, c being the row's block maximum times sc
   rounded *up* (x (1 + 2**-22)), so the largest value is at most 1 and 127 p never rounds to 128, and the deficit
   goes back into the row's reference maximum, so the log-sum-exp stays exact; 127 p is rounded in float16 pairs.
@@ -41,10 +39,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # the TMA load was renamed after Triton 3.6 (the benchmark machine's version); same arguments
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-GROUPS = {"fp16": 3, "fp8": 2, "int8": 2}  # compute warpgroups of 64 query rows per program, sharing each K/V tile
-BLOCK_N = {"fp16": 64, "fp8": 128, "int8": 128}  # keys per step, per P.V precision (FP16 at 128 exceeds the registers)
-STAGES = {"fp16": 3, "fp8": 4, "int8": 4}  # K/V ring slots per P.V precision (the fastest measured)
-PV_INDEX = {"fp16": 0, "fp8": 1, "int8": 2}  # the kernel's PV constexpr (as triton_sage's)
+GROUPS = {"fp16": 3, "int8": 2}  # compute warpgroups of 64 query rows per program, sharing each K/V tile
+BLOCK_N = {"fp16": 64, "int8": 128}  # keys per step, per P.V precision (FP16 at 128 exceeds the registers)
+STAGES = {"fp16": 3, "int8": 4}  # K/V ring slots per P.V precision (the fastest measured)
 WORKER_REGS_2 = gl.constexpr(240)  # registers (setmaxnreg) of the compute warpgroups beyond the first, of two
 WORKER_REGS_3 = gl.constexpr(160)  # ... of three
 LOADER_REGS = gl.constexpr(24)  # registers of the loader warp (setmaxnreg)
@@ -140,37 +137,6 @@ def _softmax_fp16(s_bits, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_lay
 
 
 @gluon.jit
-def _softmax_fp8(s_bits, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.constexpr,
-                 BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
-    """Scores -> (FP8 e4m3 448 p relative to the new running max in the P.V operand layout, new max, new row sum
-    of the float p, alpha = exp2(old - new)): triton_sage's FP8 P.V maths."""
-    if MASKED:
-        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s_bits = gl.where(cols[None, :] < Lk, s_bits, 0)
-    f = s_bits.to(gl.float32, bitcast=True)
-    f_max = gl.max(s_bits, 1).to(gl.float32, bitcast=True)
-    m_new = gl.maximum(m_i, (f_max - 12582912.0) * sc)
-    x = gl.fma(f, sc, -(m_new - 8.807354922057604 + 12582912.0 * sc)[:, None])  # 448 = 2**8.807: e4m3's range
-    if MASKED:
-        x = gl.where(cols[None, :] < Lk, x, float("-inf"))
-    p = gl.exp2(x)
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return gl.convert_layout(p.to(gl.float8e4nv), p_layout), m_new, l_i, alpha
-
-
-@gluon.jit
-def _pv_fold_fp8(acc, p8, alpha, v_view, deps, o_layout: gl.constexpr, D: gl.constexpr):
-    """FP8 P.V of one key block from a zeroed accumulator (Hopper's FP8 MMA accumulates with fewer mantissa bits
-    than float32), waited with `deps`, then acc = alpha acc + it: one FMA per element."""
-    pv = warpgroup_mma(p8, v_view, gl.zeros([64, D], gl.float32, o_layout), use_acc=False, is_async=True,
-                       max_num_imprecise_acc=128)  # one block's K: the MMA's own accumulation, as in triton_sage
-    pv, deps = warpgroup_mma_wait(num_outstanding=0, deps=(pv, deps))
-    acc = gl.fma(acc, gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None], pv)
-    return acc, deps
-
-
-@gluon.jit
 def _qk(q_smem, k_smem, ready, j, s_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr):
     """Issue Q.K^T of key block j asynchronously once it has landed; accumulator preset to 12582912's bits."""
@@ -200,8 +166,7 @@ def _pv_fold(acc, l_i, p8, alpha, beta, v_view, ones_view, deps, o_layout: gl.co
 
 @gluon.jit
 def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk, n_k_blocks,
-               D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
-               FP8: gl.constexpr):
+               D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
     """INT8 P.V over every key block for one warpgroup's 64 rows -> (acc, l, m): the next block's Q.K^T runs
     under the softmax; P.V and its fold into acc follow it (its int32 result needs registers of its own)."""
     BLOCK_M: gl.constexpr = 64
@@ -214,10 +179,7 @@ def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     ones_view = ones.permute((1, 0))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    if FP8:  # FP8's row sums are of the float p, in the score layout
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    else:
-        l_i = gl.zeros([BLOCK_M], gl.float32, row_o)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_o)
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
     mbarrier.wait(q_bar, 0)
     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, BLOCK_M, BLOCK_N,
@@ -227,26 +189,15 @@ def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk
         slot = j % STAGES
         s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, BLOCK_M, BLOCK_N, STAGES)
         sc_next = qs * gl.load(ks_row + j + 1)
-        if FP8:
-            p8, m_i, l_i, alpha = _softmax_fp8(s_cur, sc, m_i, l_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N,
-                                               False)
-            acc, s_cur = _pv_fold_fp8(acc, p8, alpha, v_smem.index(slot).permute((1, 0)), s_next, o_layout, D)
-        else:
-            p8, m_i, alpha, beta = _softmax(s_cur, sc, m_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, False)
-            acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(slot).permute((1, 0)), ones_view,
-                                       s_next, o_layout, r_layout, rp_layout, BLOCK_M, D)
+        p8, m_i, alpha, beta = _softmax(s_cur, sc, m_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, False)
+        acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(slot).permute((1, 0)), ones_view, s_next,
+                                   o_layout, r_layout, rp_layout, BLOCK_M, D)
         mbarrier.arrive(empty.index(slot), count=1)  # block j's K and V are consumed
         sc = sc_next
     last = n_k_blocks - 1
-    if FP8:
-        p8, m_i, l_i, alpha = _softmax_fp8(s_cur, sc, m_i, l_i, last * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N,
-                                           HAS_TAIL)
-        acc, s_cur = _pv_fold_fp8(acc, p8, alpha, v_smem.index(last % STAGES).permute((1, 0)), s_cur, o_layout, D)
-        l_i = gl.convert_layout(l_i, row_o)
-    else:
-        p8, m_i, alpha, beta = _softmax(s_cur, sc, m_i, last * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, HAS_TAIL)
-        acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(last % STAGES).permute((1, 0)),
-                                   ones_view, s_cur, o_layout, r_layout, rp_layout, BLOCK_M, D)
+    p8, m_i, alpha, beta = _softmax(s_cur, sc, m_i, last * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, HAS_TAIL)
+    acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(last % STAGES).permute((1, 0)), ones_view,
+                               s_cur, o_layout, r_layout, rp_layout, BLOCK_M, D)
     return acc, l_i, gl.convert_layout(m_i, row_o)
 
 
@@ -321,10 +272,7 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
     ks_row = KS + bh * n_k_blocks
     if PV == 2:
         acc, l_i, m_i = _loop_int8(q_smem.index(GROUP), k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk,
-                                   n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL, False)
-    elif PV == 1:
-        acc, l_i, m_i = _loop_int8(q_smem.index(GROUP), k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk,
-                                   n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL, True)
+                                   n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL)
     else:
         acc, l_i, m_i = _loop_fp16(q_smem.index(GROUP), k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk,
                                    n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL)
@@ -337,9 +285,6 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
     if PV == 2:  # P and the row sums carried 127 = 2**6.989; V was scaled to 127 per channel
         lse2 = lse2 - 6.988684686772166
         out = out * (gl.load(VS + bh * D + offs_d) / 127.0)[None, :]
-    elif PV == 1:  # 448 = 2**8.807 for P and V
-        lse2 = lse2 - 8.807354922057604
-        out = out * (gl.load(VS + bh * D + offs_d) / 448.0)[None, :]
     if WRITE_LSE:  # natural log-sum-exp of the smoothed-K scores
         gl.store(LSE + bh.to(gl.int64) * Lq_pad + offs_m, lse2 * 0.6931471805599453, mask=offs_m < Lq_pad)
     o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(gl.int64) * stride_ol + offs_d[None, :]
@@ -371,7 +316,7 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=GROUPS)  # every compute warpgroup releases each slot
     fence_async_shared()  # the ones tile and the barriers, before the async proxy (TMA, wgmma) sees them
-    if PV != 0:  # 8-bit V^T
+    if PV == 2:
         v_row = bh * D
     else:
         v_row = bh * Lk_pad
@@ -391,7 +336,7 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
                         stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
                         HAS_TAIL, WRITE_LSE, 2, 3)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
-                       n_k_blocks, BLOCK_N, STAGES, PV != 0, 3)),
+                       n_k_blocks, BLOCK_N, STAGES, PV == 2, 3)),
         ], [4, 4, 1], [WORKER_REGS_3, WORKER_REGS_3, LOADER_REGS])
     else:
         gl.warp_specialize([
@@ -402,12 +347,12 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
                         stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
                         HAS_TAIL, WRITE_LSE, 1, 2)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
-                       n_k_blocks, BLOCK_N, STAGES, PV != 0, 2)),
+                       n_k_blocks, BLOCK_N, STAGES, PV == 2, 2)),
         ], [4, 1], [WORKER_REGS_2, LOADER_REGS])
 
 
 def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    dtype = {torch.int8: gl.int8, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}[t.dtype]
+    dtype = {torch.int8: gl.int8, torch.float16: gl.float16}[t.dtype]
     layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
@@ -420,12 +365,12 @@ def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtyp
     bn = BLOCK_N[pv]
     nq, nk = quant.qs.shape[1], quant.ks.shape[1]
     lq_pad, lk_pad = quant.q8.shape[1], quant.k8.shape[1]
-    v_dtype = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[pv]
+    v_dtype = {"fp16": torch.float16, "int8": torch.int8}[pv]
     if lq_pad != nq * 64 or lk_pad != nk * bn or quant.v.dtype != v_dtype:
         raise ValueError(f"gluon_sage needs a {pv} quantization with 64x{bn} tiles")
     q_desc = _descriptor(quant.q8.view(b * h * lq_pad, d), [64, d])
     k_desc = _descriptor(quant.k8.view(b * h * lk_pad, d), [bn, d])
-    if pv != "fp16":  # 8-bit V^T [D, L_pad]
+    if pv == "int8":
         v_desc = _descriptor(quant.v.view(b * h * d, lk_pad), [d, bn])
     else:
         v_desc = _descriptor(quant.v.view(b * h * lk_pad, d), [bn, d])
@@ -434,7 +379,7 @@ def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtyp
     _attn_kernel[(triton.cdiv(nq, GROUPS[pv]), b * h)](
         q_desc, k_desc, v_desc, quant.qs, quant.ks, quant.vs if quant.vs is not None else quant.qs, out, lse_out,
         out.stride(0), out.stride(1), out.stride(2), lq, lk, h, nq, nk, lq_pad, lk_pad,
-        D=d, BLOCK_N=bn, STAGES=stages or STAGES[pv], PV=PV_INDEX[pv], HAS_TAIL=lk % bn != 0,
+        D=d, BLOCK_N=bn, STAGES=stages or STAGES[pv], PV=2 if pv == "int8" else 0, HAS_TAIL=lk % bn != 0,
         WRITE_LSE=lse, GROUPS=GROUPS[pv], num_warps=4)
     return (out, lse_out) if lse else out
 
@@ -465,18 +410,18 @@ def compile_sm90(pv: str, head_dim: int = 128, stages: int | None = None):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     bn, d = BLOCK_N[pv], head_dim
-    elt = {"fp16": ("fp16", gl.float16), "fp8": ("fp8e4nv", gl.float8e4nv), "int8": ("i8", gl.int8)}
+    elt = {"fp16": ("fp16", gl.float16), "int8": ("i8", gl.int8)}
 
     def desc(block, kind="int8"):
         name, dtype = elt[kind]
         return f"tensordesc<{name}[{block[0]}, {block[1]}],{gl.NVMMASharedLayout.get_default_for(block, dtype)!r}>"
 
     args = [("q_desc", desc([64, d])), ("k_desc", desc([bn, d])),
-            ("v_desc", desc([bn, d], "fp16") if pv == "fp16" else desc([d, bn], pv)),
+            ("v_desc", desc([d, bn]) if pv == "int8" else desc([bn, d], "fp16")),
             ("QS", "*fp32"), ("KS", "*fp32"), ("VS", "*fp32"), ("O", "*bf16"), ("LSE", "*fp32")]
     args += [(n, "i32") for n in ("stride_ob", "stride_ol", "stride_oh", "Lq", "Lk", "H", "n_q_blocks", "n_k_blocks",
                                   "Lq_pad", "Lk_pad")]
-    consts = dict(D=d, BLOCK_N=bn, STAGES=stages or STAGES[pv], PV=PV_INDEX[pv], HAS_TAIL=True,
+    consts = dict(D=d, BLOCK_N=bn, STAGES=stages or STAGES[pv], PV=2 if pv == "int8" else 0, HAS_TAIL=True,
                   WRITE_LSE=True, GROUPS=GROUPS[pv])
     sig = dict(args) | {k: "constexpr" for k in consts}
     aligned = {"QS", "KS", "VS", "O", "LSE", "stride_ob", "stride_ol", "stride_oh", "Lq_pad", "Lk_pad"}

@@ -3,11 +3,12 @@
 INT8 Q.K^T with per-tile scales after subtracting K's mean over tokens (softmax-invariant), then P.V in
 FP16/BF16 (`sage`, ~1.3e-2 relative error on random, diffuse attention), FP8 e4m3 with per-channel V scales
 (`sage_fp8`, ~4e-2 there, about the same as `sage` inside a DiT), or INT8 with P scaled per row and key block and
-V per channel (`sage_int8`, ~2e-2; see triton_sage). Our Triton kernel runs all three; on Hopper GPUs our Gluon
-kernels run them instead (gluon_sage: warp-specialized, asynchronous wgmma, TMA), which are faster there
-(docs/benchmarks.md). `sage` uses the `sageattention` package instead when version 2 or later (CUDA kernels) is
-installed. Version 1.x (the one on PyPI) is not used: it is slower than cuDNN SDPA on Hopper and than our kernels
-(bench/attention.py).
+V per channel (`sage_int8`, ~2e-2; see triton_sage). Our Triton kernel runs all three; on Hopper GPUs `sage` and
+`sage_int8` run our Gluon kernels instead (gluon_sage: warp-specialized, asynchronous wgmma, TMA), which are
+faster there: on an H200 `sage_int8` is then the fastest of the three, `sage_fp8` close, `sage` behind
+(docs/benchmarks.md). `sage` uses the `sageattention`
+package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on PyPI) is not used:
+it is slower than cuDNN SDPA on Hopper and than our kernels (bench/attention.py).
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ SAGE_INFO = BackendInfo(
     lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
 )
 SAGE_FP8_INFO = BackendInfo(
-    name="sage_fp8", description="SageAttention-style INT8 Q.K (smoothed K) + FP8 P.V; our Gluon kernel on "
-                                 "Hopper, Triton elsewhere, compute capability 8.9+ (lossy; 3x the error of sage "
-                                 "on diffuse attention)",
+    name="sage_fp8", description="SageAttention-style INT8 Q.K (smoothed K) + FP8 P.V; Triton kernel, compute "
+                                 "capability 8.9+ (lossy; 3x the error of sage on diffuse attention)",
     lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
 )
 SAGE_INT8_INFO = BackendInfo(
@@ -177,7 +177,7 @@ def _build_sage(choice, device: torch.device, dtype: torch.dtype, head_dim: int)
 
 
 def _build_fp8(choice, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
-    return _our_kernel("sage_fp8", device, head_dim, "fp8")
+    return TritonSageKernel("sage_fp8", device, pv="fp8")
 
 
 def _check_int8(device: torch.device, dtype: torch.dtype | None, head_dim: int | None) -> str | None:
