@@ -49,7 +49,7 @@ def compile_sass(pv: str, cfg: ts.KernelConfig | None, gluon: bool = False) -> t
         sig.update({k: "constexpr" for k in consts})
         attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(ARGS) if name in ALIGNED}
         kernel = triton.compile(ASTSource(ts._attn_fwd_kernel, sig, consts, attrs),
-                                target=GPUTarget("cuda", 90, 128),
+                                target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

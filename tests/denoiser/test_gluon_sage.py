@@ -50,24 +50,27 @@ def test_compiles_for_hopper_with_pipelined_wgmma(pv, head_dim):
     assert waited < len(mma) / 2, f"{waited} of {len(mma)} wgmma wait for themselves: serialized"
 
 
-def test_backends_pick_gluon_only_where_it_runs_and_builds(monkeypatch):
+def test_backends_pick_gluon_only_where_it_runs_and_has_not_failed(monkeypatch):
     cpu = torch.device("cpu")
     assert not sage.gluon_supported(cpu, 128)
     assert sage._build_int8(None, cpu, torch.float32, 128).label == "sage_int8[triton]"
-    assert sage.gluon_build_error("int8", 128) is None  # this Triton compiles it (for sm_90, on the CPU)
     monkeypatch.setattr(sage, "gluon_supported", lambda device, head_dim: True)
+    monkeypatch.setattr(sage, "_GLUON_FAILED", {})
     assert sage._build_int8(None, cpu, torch.float32, 128).label == "sage_int8[gluon]"
     assert sage._build_sage(None, cpu, torch.float32, 128).label == "sage[gluon]"
-    monkeypatch.setattr(sage, "gluon_build_error", lambda pv, head_dim: "CompilationError: no such op")
+    sage._GLUON_FAILED[("int8", 128)] = "CompilationError: no such op"  # an earlier request's build failed
     assert sage._build_int8(None, cpu, torch.float32, 128).label == "sage_int8[triton]"
+    assert sage._build_int8(None, cpu, torch.float32, 64).label == "sage_int8[gluon]"
+    assert sage._build_sage(None, cpu, torch.float32, 128).label == "sage[gluon]"
 
 
 @pytest.mark.parametrize("fail_on_call", [1, 2])
 def test_falls_back_to_triton_when_a_build_fails(monkeypatch, fail_on_call):
-    """Triton compiles again for new specialisations, so a later call can fail to build too."""
+    """Triton compiles again for new specialisations, so a later call can fail to build too; the failure is
+    remembered for the process, so later requests do not try again."""
     from triton.runtime.errors import OutOfResources
 
-    kern = sage.GluonSageKernel("sage_int8", torch.device("cpu"), "int8")
+    monkeypatch.setattr(sage, "_GLUON_FAILED", {})
     calls = []
 
     def gluon(q, k, v, pv, lse=False):
@@ -86,8 +89,9 @@ def test_falls_back_to_triton_when_a_build_fails(monkeypatch, fail_on_call):
         def with_lse(self, q, k, v):
             return ("triton", True)
 
-    monkeypatch.setattr(kern, "run", gluon)
     monkeypatch.setattr(sage, "TritonSageKernel", FakeTriton)
+    kern = sage.GluonSageKernel("sage_int8", torch.device("cpu"), "int8", 64)
+    monkeypatch.setattr(kern, "run", gluon)
     q = torch.zeros(1, 4, 1, 64)
     first = kern(q, q, q)
     assert first == (("triton", False) if fail_on_call == 1 else ("gluon", "int8", False))
@@ -95,6 +99,9 @@ def test_falls_back_to_triton_when_a_build_fails(monkeypatch, fail_on_call):
     assert kern(q, q, q) == ("triton", False)
     assert kern.label == "sage_int8[triton]"
     assert len(calls) == fail_on_call  # no new attempt once it has failed
+    assert "shared memory" in sage._GLUON_FAILED[("int8", 64)]
+    monkeypatch.setattr(sage, "gluon_supported", lambda device, head_dim: True)
+    assert sage._build_int8(None, torch.device("cpu"), torch.float32, 64).label == "sage_int8[triton]"
 
 
 def reference(q, k, v):

@@ -19,7 +19,8 @@ from .base import AttentionFn, Backend, BackendInfo, BackendStatus, Kernel
 
 EXACT = "sdpa"  # the exact reference every lossy backend is checked against
 
-# name -> (module, attribute). Order = preference of `auto` when timings tie (fastest expected first).
+# name -> (module, attribute). Order = preference of `auto` when timings tie (fastest expected first; on Hopper
+# sage_fp8 and sage_int8 are within a few per cent of each other, docs/benchmarks.md).
 _REGISTRY: dict[str, tuple[str, str]] = {
     "sparge": ("sparge", "BACKEND"),
     "sage_fp8": ("sage", "SAGE_FP8"),

@@ -16,8 +16,8 @@ and all warps stop at each barrier):
   rounded *up* (x (1 + 2**-22)), so the largest value is at most 1 and 127 p never rounds to 128, and the deficit
   goes back into the row's reference maximum, so the log-sum-exp stays exact; 127 p is rounded in float16 pairs.
 Measured on an H200 against cuDNN SDPA and the Triton kernels: docs/benchmarks.md (bench/attention.py).
-Run only on Hopper GPUs, by backends that found this Triton able to compile it (sage.gluon_supported); the
-module imports anywhere Triton has Gluon (the tests compile it on the CPU). triton_sage runs everywhere else.
+Run only on Hopper GPUs (sage.gluon_supported), where a failed build falls back to triton_sage; the module
+imports anywhere Triton has Gluon (the tests compile it on the CPU). triton_sage runs everywhere else.
 Written for this project.
 """
 
@@ -36,6 +36,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .triton_sage import KernelConfig, pv_index, quantize, true_lse
+
 # the TMA load was renamed after Triton 3.6 (the benchmark machine's version); same arguments
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -45,11 +47,6 @@ STAGES = {"fp16": 3, "int8": 4}  # K/V ring slots per P.V precision (the fastest
 WORKER_REGS_2 = gl.constexpr(240)  # registers (setmaxnreg) of the compute warpgroups beyond the first, of two
 WORKER_REGS_3 = gl.constexpr(160)  # ... of three
 LOADER_REGS = gl.constexpr(24)  # registers of the loader warp (setmaxnreg)
-
-
-def supported(device: torch.device, head_dim: int) -> bool:
-    """True where this kernel runs: a Hopper GPU and a head dim the wgmma shapes take."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and head_dim in (64, 128)
 
 
 @gluon.jit
@@ -98,7 +95,7 @@ def _exp2_int8(x):
 
 
 @gluon.jit
-def _softmax(s_bits, sc, m_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.constexpr,
+def _softmax_int8(s_bits, sc, m_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.constexpr,
              BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """Scores (bits of 12582912 + int32 Q.K) -> (int8 127 p in the P.V operand layout, new reference max,
     alpha = exp2(old - new), beta = exp2(block reference - new)), all in log2 units once scaled by sc."""
@@ -122,7 +119,7 @@ def _softmax_fp16(s_bits, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_lay
                   BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """Scores (bits of 12582912 + int32 Q.K) -> (FP16 p relative to the new running max in the P.V operand
     layout, new max, new row sum, alpha = exp2(old - new)), in log2 units once scaled by sc."""
-    if MASKED:  # padded keys: bits of +0.0 for the maximum, p zeroed (as in _softmax)
+    if MASKED:  # padded keys: bits of +0.0 for the maximum, p zeroed (as in _softmax_int8)
         cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s_bits = gl.where(cols[None, :] < Lk, s_bits, 0)
     f = s_bits.to(gl.float32, bitcast=True)
@@ -189,13 +186,13 @@ def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk
         slot = j % STAGES
         s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, BLOCK_M, BLOCK_N, STAGES)
         sc_next = qs * gl.load(ks_row + j + 1)
-        p8, m_i, alpha, beta = _softmax(s_cur, sc, m_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, False)
+        p8, m_i, alpha, beta = _softmax_int8(s_cur, sc, m_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, False)
         acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(slot).permute((1, 0)), ones_view, s_next,
                                    o_layout, r_layout, rp_layout, BLOCK_M, D)
         mbarrier.arrive(empty.index(slot), count=1)  # block j's K and V are consumed
         sc = sc_next
     last = n_k_blocks - 1
-    p8, m_i, alpha, beta = _softmax(s_cur, sc, m_i, last * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, HAS_TAIL)
+    p8, m_i, alpha, beta = _softmax_int8(s_cur, sc, m_i, last * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, HAS_TAIL)
     acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(last % STAGES).permute((1, 0)), ones_view,
                                s_cur, o_layout, r_layout, rp_layout, BLOCK_M, D)
     return acc, l_i, gl.convert_layout(m_i, row_o)
@@ -357,8 +354,7 @@ def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtype, pv: str, lse: bool = False,
-                      stages: int | None = None):
+def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtype, pv: str, lse: bool = False):
     """triton_sage.attention_forward on this kernel: quant from triton_sage.quantize with config(pv) tiles and
     the same pv ("fp16" or "int8")."""
     b, lq, h, d = q_shape
@@ -379,31 +375,26 @@ def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtyp
     _attn_kernel[(triton.cdiv(nq, GROUPS[pv]), b * h)](
         q_desc, k_desc, v_desc, quant.qs, quant.ks, quant.vs if quant.vs is not None else quant.qs, out, lse_out,
         out.stride(0), out.stride(1), out.stride(2), lq, lk, h, nq, nk, lq_pad, lk_pad,
-        D=d, BLOCK_N=bn, STAGES=stages or STAGES[pv], PV=2 if pv == "int8" else 0, HAS_TAIL=lk % bn != 0,
+        D=d, BLOCK_N=bn, STAGES=STAGES[pv], PV=pv_index(pv), HAS_TAIL=lk % bn != 0,
         WRITE_LSE=lse, GROUPS=GROUPS[pv], num_warps=4)
     return (out, lse_out) if lse else out
 
 
-def config(pv: str, stages: int | None = None):
-    """The quantization tiles this kernel reads (triton_sage.KernelConfig)."""
-    from .triton_sage import KernelConfig
-
-    return KernelConfig(64, BLOCK_N[pv], 4, stages or STAGES[pv])
+def config(pv: str) -> KernelConfig:
+    """The quantization tiles this kernel reads."""
+    return KernelConfig(64, BLOCK_N[pv], 4, STAGES[pv])
 
 
-def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str = "fp16", lse: bool = False,
-                   stages: int | None = None):
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str = "fp16", lse: bool = False):
     """triton_sage.sage_attention(q, k, v, pv) on this kernel: q [B, Lq, N, D], k/v [B, Lk, N, D]."""
-    from . import triton_sage
-
-    quant = triton_sage.quantize(q, k, v, config(pv, stages), pv)
+    quant = quantize(q, k, v, config(pv), pv)
     if not lse:
-        return attention_forward(quant, q.shape, k.shape[1], q.dtype, pv, stages=stages)
-    out, lse_k = attention_forward(quant, q.shape, k.shape[1], q.dtype, pv, lse=True, stages=stages)
-    return out, triton_sage.true_lse(lse_k, quant, q)
+        return attention_forward(quant, q.shape, k.shape[1], q.dtype, pv)
+    out, lse_k = attention_forward(quant, q.shape, k.shape[1], q.dtype, pv, lse=True)
+    return out, true_lse(lse_k, quant, q)
 
 
-def compile_sm90(pv: str, head_dim: int = 128, stages: int | None = None):
+def compile_sm90(pv: str, head_dim: int = 128):
     """Compile the kernel for an sm_90 target without a GPU (Triton's bundled ptxas): the tests' check that it
     builds with the installed Triton, and bench/kernel_sass.py's source of SASS. Returns Triton's compiled kernel."""
     from triton.backends.compiler import GPUTarget
@@ -421,10 +412,10 @@ def compile_sm90(pv: str, head_dim: int = 128, stages: int | None = None):
             ("QS", "*fp32"), ("KS", "*fp32"), ("VS", "*fp32"), ("O", "*bf16"), ("LSE", "*fp32")]
     args += [(n, "i32") for n in ("stride_ob", "stride_ol", "stride_oh", "Lq", "Lk", "H", "n_q_blocks", "n_k_blocks",
                                   "Lq_pad", "Lk_pad")]
-    consts = dict(D=d, BLOCK_N=bn, STAGES=stages or STAGES[pv], PV=2 if pv == "int8" else 0, HAS_TAIL=True,
+    consts = dict(D=d, BLOCK_N=bn, STAGES=STAGES[pv], PV=pv_index(pv), HAS_TAIL=True,
                   WRITE_LSE=True, GROUPS=GROUPS[pv])
     sig = dict(args) | {k: "constexpr" for k in consts}
     aligned = {"QS", "KS", "VS", "O", "LSE", "stride_ob", "stride_ol", "stride_oh", "Lq_pad", "Lk_pad"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(args) if name in aligned}
-    return triton.compile(GluonASTSource(_attn_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 128),
+    return triton.compile(GluonASTSource(_attn_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4))

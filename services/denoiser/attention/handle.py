@@ -167,6 +167,7 @@ def warm_kernels(device: torch.device | str, dtype: torch.dtype, head_dim: int, 
     from . import available_backends
 
     device = torch.device(device)
+    x = torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype)
     warmed = []
     for status in available_backends(device, dtype, head_dim):
         name = status.info.name
@@ -175,7 +176,6 @@ def warm_kernels(device: torch.device | str, dtype: torch.dtype, head_dim: int, 
         if allowed is not None and name not in allowed:
             continue
         kern = get_backend(name).build(AttentionChoice(name), device, dtype, head_dim)
-        x = torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype)
         kern(x, x, x)
         warmed.append(kern.describe())
     return warmed

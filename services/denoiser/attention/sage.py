@@ -13,7 +13,6 @@ it is slower than cuDNN SDPA on Hopper and than our kernels (bench/attention.py)
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 
@@ -68,29 +67,35 @@ class TritonSageKernel(Kernel):
         return self.run(q, k, v, pv=self.pv, cfg=self.cfg, lse=True)
 
 
-class GluonSageKernel(Kernel):
-    """Our Hopper kernels (gluon_sage) for FP16 or INT8 P.V. If a call cannot compile (Triton compiles again for
-    each new specialisation: tail, log-sum-exp, head dim), the log says why and the Triton kernel runs from then on."""
+# (P.V precision, head dim) -> why our Gluon kernel failed to build in this process; from then on every request
+# with that pair gets the Triton kernel, without trying again
+_GLUON_FAILED: dict[tuple[str, int], str] = {}
 
-    def __init__(self, name: str, device: torch.device, pv: str):
+
+class GluonSageKernel(Kernel):
+    """Our Hopper kernels (gluon_sage) for FP16 or INT8 P.V. A build can fail (Gluon's API moves between Triton
+    versions, and Triton compiles again for each new specialisation: tail, log-sum-exp); the log then says why and
+    the Triton kernel runs, for this call and every later one of this process (_GLUON_FAILED)."""
+
+    def __init__(self, name: str, device: torch.device, pv: str, head_dim: int):
+        from triton.errors import TritonError
+
         from . import gluon_sage
 
-        self.name, self.pv, self.device = name, pv, device
-        self.run = gluon_sage.sage_attention
+        self.name, self.pv, self.key = name, pv, (pv, head_dim)
+        self.run, self.build_errors = gluon_sage.sage_attention, TritonError
+        self.fallback = TritonSageKernel(name, device, pv=pv)
         self.label = f"{name}[gluon]"
-        self.fallback: TritonSageKernel | None = None
 
     def _call(self, q, k, v, lse: bool):
-        if self.fallback is None:
-            from triton.errors import TritonError
-
+        if self.key not in _GLUON_FAILED:
             try:
                 return self.run(q, k, v, pv=self.pv, lse=lse)
-            except TritonError as e:  # compilation, ptxas, resources: nothing has run on the GPU yet
+            except self.build_errors as e:  # compilation, ptxas, resources: raised before the kernel launches
+                _GLUON_FAILED[self.key] = _why(e)
                 log.warning("%s: the Gluon kernel failed to build (%s); using the Triton kernel", self.name,
-                            _why(e))
-                self.fallback = TritonSageKernel(self.name, self.device, pv=self.pv)
-                self.label = self.fallback.label
+                            _GLUON_FAILED[self.key])
+        self.label = self.fallback.label
         return self.fallback.with_lse(q, k, v) if lse else self.fallback(q, k, v)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -107,37 +112,20 @@ def _why(e: BaseException) -> str:
     return (lines[-1] if lines else repr(e.__cause__ or e))[:200]
 
 
-@functools.lru_cache(maxsize=None)
-def gluon_build_error(pv: str, head_dim: int) -> str | None:
-    """None if this Triton compiles our Gluon kernel (checked once per process, for sm_90: no GPU needed), else
-    why not (Gluon's API moves between Triton versions)."""
-    try:
-        from . import gluon_sage
-
-        gluon_sage.compile_sm90(pv, head_dim)
-    except Exception as e:  # noqa: BLE001 - any failure means: use the Triton kernel, and say why
-        return f"{type(e).__name__}: {_why(e)}"
-    return None
-
-
 def gluon_supported(device: torch.device, head_dim: int) -> bool:
     """Whether our Hopper kernels can run here: a Hopper GPU, a head dim they take, and a Triton with Gluon."""
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or head_dim not in (64, 128):
         return False
     try:
-        from . import gluon_sage
+        from . import gluon_sage  # noqa: F401
     except (ImportError, AttributeError):  # a Triton without Gluon's Hopper API: the Triton kernel runs instead
         return False
-    return gluon_sage.supported(device, head_dim)
+    return True
 
 
 def _our_kernel(name: str, device: torch.device, head_dim: int, pv: str) -> Kernel:
-    if gluon_supported(device, head_dim):
-        error = gluon_build_error(pv, head_dim)
-        if error is None:
-            return GluonSageKernel(name, device, pv)
-        log.warning("%s: the Gluon kernel does not build with this Triton (%s); using the Triton kernel", name,
-                    error)
+    if gluon_supported(device, head_dim) and (pv, head_dim) not in _GLUON_FAILED:
+        return GluonSageKernel(name, device, pv, head_dim)
     return TritonSageKernel(name, device, pv=pv)
 
 
