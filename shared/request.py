@@ -55,6 +55,12 @@ class ResolvedRequest:
         st, sh, sw = model.vae.stride
         return (1, model.vae.z_dim, (self.frames - 1) // st + 1, self.height // sh, self.width // sw)
 
+    def tokens(self, model: ModelConfig) -> int:
+        """The DiT's sequence length: latent frames x height x width over the patch size."""
+        pt, ph, pw = model.dit.patch_size
+        f, h, w = self.latent_shape(model)[2:]
+        return (f // pt) * (h // ph) * (w // pw)
+
     @property
     def uses_cfg(self) -> bool:
         return any(g > 1.0 for g in self.guidance)

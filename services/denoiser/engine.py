@@ -240,9 +240,7 @@ class DenoiserEngine:
             raise RequestError("attention.backend", f"{backend!r} cannot run under ring attention (ring degree "
                                                     f"{par.config.ring}): it does not return the log-sum-exp; "
                                                     f"use one of {capable}")
-        pt, ph, pw = self.model.dit.patch_size
-        f, h, w = req.latent_shape(self.model)[2:]
-        valid = (f // pt) * (h // ph) * (w // pw)
+        valid = req.tokens(self.model)
         saved = []
         for dit in self.experts:
             for block in dit.blocks:

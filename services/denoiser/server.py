@@ -280,18 +280,17 @@ def warmup_job(model: ModelConfig, options: DenoiserOptions, compiled: bool) -> 
 def warm_attention(model: ModelConfig, options: DenoiserOptions, device: torch.device, dtype: torch.dtype) -> None:
     """Compile the attention kernels of every lossy backend the deployment allows, at the model's default size,
     before SERVING (CUDA; not under ring attention, whose chunks are other shapes). On this process's GPU only:
-    other ranks of a multi-GPU denoiser compile on their first request. A failure is logged, not fatal."""
+    other ranks of a multi-GPU denoiser compile on their first request, or load what this one compiled from a
+    Triton cache they share (the image's TRITON_CACHE_DIR=/cache/triton). A failure is logged, not fatal."""
     if device.type != "cuda" or options.ring_degree > 1:
         return
     from smartdiff.services.denoiser.attention.handle import warm_kernels
 
-    job = warmup_job(model, options, compiled=True)  # the default size
-    pt, ph, pw = model.dit.patch_size
-    f, h, w = job.request.latent_shape(model)[2:]
+    tokens = warmup_job(model, options, compiled=True).request.tokens(model)  # at the default size
     start = time.perf_counter()
     try:
         warmed = warm_kernels(device, dtype, model.dit.head_dim, model.dit.num_heads // options.ulysses_degree,
-                              (f // pt) * (h // ph) * (w // pw), options.attention_backends)
+                              tokens, options.attention_backends)
     except Exception as e:  # noqa: BLE001 - serving goes on; the first request compiles instead
         log.warning("attention kernels not warmed (%s: %s); the first requests will compile them",
                     type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
