@@ -19,7 +19,7 @@ from smartdiff.shared.config import DiTConfig
 
 from . import fused
 from .attention.sdpa import GPU_ORDER
-from .fp8 import Fp8Linear
+from .fp8 import ROW_CHUNK, Fp8Linear
 from .fused import FusedOps
 from .parallel import ParallelState, pad_rope
 
@@ -100,7 +100,8 @@ def rope_cos_sin(head_dim: int, grid: tuple[int, int, int], device: torch.device
 
 # Tokens per piece for the float32 temporaries of RoPE and the q/k norm: elementwise (and per-token) work, so
 # the pieces give the same values, while at 480p x 81 (32,760 tokens) they are a fraction of the activations.
-TOKEN_CHUNK = 8192
+# The same piece size as the eager FP8 quantization's (fp8.ROW_CHUNK).
+TOKEN_CHUNK = ROW_CHUNK
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

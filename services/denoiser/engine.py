@@ -233,7 +233,7 @@ class DenoiserEngine:
         exact_lse = attention_with_lse(self.device)
 
         def ring_ok(name: str) -> bool:
-            return name == EXACT or (name != "auto" and get_backend(name).info.returns_lse)
+            return name == EXACT or get_backend(name).info.returns_lse  # (auto's info says False)
 
         if par.config.ring > 1 and not ring_ok(backend):
             capable = ", ".join(n for n in backend_names() if ring_ok(n))

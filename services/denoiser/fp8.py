@@ -4,7 +4,9 @@ Every linear of the transformer blocks (self- and cross-attention q, k, v, o; bo
 `Fp8Linear`: its weight is quantized once, at load, to float8_e4m3fn with one float32 scale per output
 channel; each call quantizes its activation per token (one scale per row) and runs `torch._scaled_mm`, which
 multiplies in FP8 with float32 accumulation and applies both scales and the bias in its epilogue. These are
-nearly all of the DiT's GEMM FLOPs and weights (whose memory FP8 halves). The embeddings (patch, text, time),
+nearly all of the DiT's GEMM FLOPs and weights (whose memory FP8 halves once loaded: a model loaded whole onto
+the GPU peaks at its bf16 size plus one layer while it is quantized; with weights kept in host memory, level 3,
+each linear is quantized on the GPU one at a time and only the FP8 weights are streamed). The embeddings (patch, text, time),
 the time projection and the head stay in the model dtype: they are small, and the timestep path is float32 by
 design (dit.KEEP_FP32).
 
@@ -20,6 +22,8 @@ size, by bench/dit_forward.py --fp8 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
+
+import functools
 
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -50,7 +54,8 @@ class Fp8Rows(NamedTuple):
     dtype: torch.dtype
 
 
-ROW_CHUNK = 8192  # eager quantization works on this many rows at a time (float32 temporaries of [rows, K])
+ROW_CHUNK = 8192  # eager quantization works on this many rows at a time (float32 temporaries of [rows, K]);
+# dit.TOKEN_CHUNK, for RoPE and the q/k norm, is the same
 
 
 def quantize_rows(x: torch.Tensor) -> Fp8Rows:
@@ -142,6 +147,19 @@ def quantize_blocks_fp8(dit: "WanDiT", device: torch.device | str | None = None)
     return dit
 
 
+@functools.lru_cache(maxsize=None)
+def _rowwise_gemm_fails(device: torch.device) -> str | None:
+    """Why a 16 x 16 x 16 FP8 GEMM with row-wise scales does not run here, or None: the capability alone does not
+    tell (row-wise scaling came to Ada in later torch releases, and some newer GPUs lack it in cuBLAS)."""
+    try:
+        with torch.no_grad():
+            w = Fp8Linear.from_linear(nn.Linear(16, 16, bias=False, device=device, dtype=torch.bfloat16), device)
+            w(torch.ones(16, 16, device=device, dtype=torch.bfloat16))
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0][:200]
+    return None
+
+
 def check_gemm(gemm: str, device: torch.device | str, dtype: torch.dtype, cfg: DiTConfig) -> str:
     """Refuse, before any weight is read, a --gemm choice this device, dtype or model cannot run.
 
@@ -169,6 +187,10 @@ def check_gemm(gemm: str, device: torch.device | str, dtype: torch.dtype, cfg: D
         if bad:
             raise GemmConfigError(f"gemm: fp8 on CUDA needs the model's dim and ffn_dim to be multiples of 16 "
                                   f"(torch._scaled_mm), got {bad}: use --gemm exact")
+        why = _rowwise_gemm_fails(device)
+        if why:
+            raise GemmConfigError(f"gemm: fp8 needs torch._scaled_mm with row-wise scales, which this torch / GPU "
+                                  f"does not run ({why}): use --gemm exact")
     elif device.type != "cpu":
         raise GemmConfigError(f"gemm: fp8 runs on CUDA (compute capability >= 8.9) or the CPU, got device "
                               f"{device}: use --gemm exact")

@@ -204,6 +204,11 @@ def attention_with_lse(device: torch.device) -> AttentionWithLse:
     return _cuda_attention_with_lse if torch.device(device).type == "cuda" else exact_attention_with_lse
 
 
+def _heads_from_ranks(recv: torch.Tensor) -> torch.Tensor:
+    """The Ulysses exchange's way back, [U, B, Ls, N/U, D] by source rank -> [B, Ls, N * D] (heads in order)."""
+    return recv.permute(1, 2, 0, 3, 4).flatten(2)
+
+
 class SequenceParallelAttention:
     """Self-attention over a sequence sharded across U x R ranks: Ulysses all-to-all, then ring over blocks.
 
@@ -217,7 +222,7 @@ class SequenceParallelAttention:
         if state.config.ring > 1 and attention_lse is None:
             raise ParallelConfigError("ring attention needs a backend that returns the log-sum-exp")
         self.state, self.attention, self.attention_lse, self.valid = state, attention, attention_lse, valid
-        self.runs_module = state.config.ulysses > 1  # ring only: the module projects and calls self(q, k, v)
+        self.runs_module = state.config.ulysses > 1  # else (ring only) the module projects and calls self(q, k, v)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         u = self.state.config.ulysses
@@ -228,7 +233,7 @@ class SequenceParallelAttention:
             work.wait()
         recv, work = self._send_back(self._attend(*(_sequence_from_ranks(t) for t, _ in exchanges)))
         work.wait()
-        return recv.permute(1, 2, 0, 3, 4).flatten(2, 3)  # [U, B, Ls, Nh, D] -> [B, Ls, N, D]
+        return _heads_from_ranks(recv).unflatten(-1, (-1, q.shape[-1]))  # [B, Ls, N, D]
 
     def run_module(self, attn, x: torch.Tensor, rope) -> torch.Tensor:
         """The whole self-attention module `attn` (a dit.WanAttention) on this rank's tokens x [B, L/S, C], U > 1.
@@ -237,7 +242,8 @@ class SequenceParallelAttention:
         partial sums round once more each: ~1e-3 relative), with the exchanges overlapping the compute: v goes
         first and travels while q and k are projected, normed and rotated; the output projection starts on this
         rank's own head group while the others' arrive (it is linear in the head groups: o(y) = b + sum_u y_u
-        W_u^T); the received blocks are used where they land (no copy at batch 1)."""
+        W_u^T); the received blocks are used where they land (no copy at batch 1). An FP8 output projection waits
+        for every group instead: each token's FP8 scale spans all of them."""
         u = self.state.config.ulysses
         group = self.state.ulysses_group
         v = _exchange(head_groups(attn.v(x).unflatten(-1, (attn.num_heads, -1)), u), group)
@@ -250,7 +256,7 @@ class SequenceParallelAttention:
         recv, work = self._send_back(out)
         if isinstance(attn.o, Fp8Linear):  # a token's FP8 scale spans all head groups
             work.wait()
-            return attn.o(recv.permute(1, 2, 0, 3, 4).flatten(2))  # [U, B, Ls, Nh, D] -> [B, Ls, C]
+            return attn.o(_heads_from_ranks(recv))
         mine, width = self.state.ulysses_rank, out.shape[-2] * out.shape[-1]
         weight = attn.o.weight.view(attn.o.weight.shape[0], u, width)  # input columns by head group
         own = out.reshape(out.shape[0], u, -1, width)[:, mine]  # [B, Ls, C / U]: stays on this rank

@@ -14,7 +14,6 @@ the decoder's mid-block attention sees only the tile, so the two differ near til
 from __future__ import annotations
 
 import argparse
-
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol

@@ -313,13 +313,19 @@ def test_proto_round_trip_and_validation():
         assert info.value.field == field
 
 
-def test_calibration_fits_every_expert_and_is_used(tmp_path):
+def test_calibration_fits_every_expert_and_is_used(tmp_path, monkeypatch):
+    from smartdiff.services.denoiser.cache import calibrate as calibration
+
+    held = []  # (expert, branch) keys whose residuals the recorder still holds when a run ends
+    close = calibration._Recorder.close
+    monkeypatch.setattr(calibration._Recorder, "close", lambda self: (held.append(sorted(self.history)), close(self)))
     moe = DenoiserEngine.load(load_model_config("wan-tiny-moe"), None, "cpu", torch.float32, enable_flexcache=True)
     runs = []
     for seed in range(3):
         ctx, neg = embeddings(seed)
         runs.append((request(moe, steps=12, seed=seed), ctx, neg))
     cal = calibrate(moe, runs)
+    assert held and all(keys == [(1, 0), (1, 1)] for keys in held)  # the first expert's residuals were freed
     assert len(cal.teacache) == 2 and all(len(c) == 5 for pair in cal.teacache for c in pair)
     assert len(cal.magcache[0]) == len(cal.magcache[1]) == 12
     assert all(len(table) == 12 and all(len(row) == 5 for row in table) for table in cal.reuse_error)

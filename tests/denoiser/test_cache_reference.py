@@ -1,6 +1,6 @@
 """Skip patterns equal the reference algorithms' on a recorded sequence of timesteps.
 
-The references are re-implemented here, independently, following the published code's decision logic step by step:
+The references are re-implemented here, independently and literally, from the published code's decision logic:
 TeaCache4Wan2.1 `teacache_forward` and MagCache4Wan2.1 `magcache_forward` (one call counter `cnt` over the
 interleaved cond / uncond calls, even = cond, odd = uncond, an accumulator per parity) and VideoSys'
 `PABManager.if_broadcast_*` (a counter per attention module). Each is fed the schedule our engine ran (its
@@ -50,29 +50,37 @@ def recorded_timesteps(engine, steps=STEPS) -> list[float]:
     return make_sampler(m.sampler, steps, m.shift, engine.model.num_train_timesteps).timesteps.tolist()
 
 
-# ---- TeaCache4Wan2.1, teacache_forward: the decision part (its acc_even / acc_odd branches as acc[parity]) ----
+# ---- TeaCache4Wan2.1, teacache_forward: the decision part, transcribed ----
 
 def reference_teacache(inputs: list[torch.Tensor], num_steps: int, thresh: float, coefficients, ret_steps: int,
                        cutoff_steps: int) -> list[int]:
-    """inputs[i]: the modulated input of step i (e, or e0 with use_ret_steps). Returns skipped calls per step.
-
-    The reference alternates cond / uncond calls (even / odd call counter), each parity with its own
-    accumulator and previous input."""
-    cnt, acc, prev = 0, [0.0, 0.0], [None, None]
-    rescale_func = np.poly1d(coefficients)
+    """inputs[i]: the modulated input of step i (e, or e0 with use_ret_steps). Returns skipped calls per step."""
+    cnt, acc_even, acc_odd, prev_even, prev_odd = 0, 0.0, 0.0, None, None
     skipped = [0] * num_steps
     for step in range(num_steps):
         for _ in ("cond", "uncond"):
-            modulated_inp, par = inputs[step], cnt % 2
-            if cnt < ret_steps or cnt >= cutoff_steps:
-                should_calc, acc[par] = True, 0
-            else:
-                acc[par] += rescale_func(((modulated_inp - prev[par]).abs().mean() / prev[par].abs().mean()).item())
-                if acc[par] < thresh:
-                    should_calc = False
+            modulated_inp = inputs[step]
+            rescale_func = np.poly1d(coefficients)
+            if cnt % 2 == 0:
+                if cnt < ret_steps or cnt >= cutoff_steps:
+                    should_calc, acc_even = True, 0
                 else:
-                    should_calc, acc[par] = True, 0
-            prev[par] = modulated_inp.clone()
+                    acc_even += rescale_func(((modulated_inp - prev_even).abs().mean() / prev_even.abs().mean()).item())
+                    if acc_even < thresh:
+                        should_calc = False
+                    else:
+                        should_calc, acc_even = True, 0
+                prev_even = modulated_inp.clone()
+            else:
+                if cnt < ret_steps or cnt >= cutoff_steps:
+                    should_calc, acc_odd = True, 0
+                else:
+                    acc_odd += rescale_func(((modulated_inp - prev_odd).abs().mean() / prev_odd.abs().mean()).item())
+                    if acc_odd < thresh:
+                        should_calc = False
+                    else:
+                        should_calc, acc_odd = True, 0
+                prev_odd = modulated_inp.clone()
             skipped[step] += not should_calc
             cnt += 1
     return skipped

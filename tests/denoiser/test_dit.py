@@ -94,11 +94,14 @@ def test_compiled_qk_in_ulysses_head_groups_match_eager():
     x = torch.randn(1, 2 * 3 * 4, CFG.dim, generator=g)
     rope = rope_cos_sin(CFG.head_dim, (2, 3, 4), x.device)
     with torch.no_grad():
+        whole = attn.project_qk(x, x, rope)  # [B, L, N, D], no groups
         eager = attn.project_qk(x, x, rope, groups=2)
         ours.set_compiled(True)
         compiled = attn.project_qk(x, x, rope, groups=2)
         ours.set_compiled(False)
-    for e, c in zip(eager, compiled):
+    for w, e, c in zip(whole, eager, compiled):
+        by_hand = w.unflatten(2, (2, -1)).permute(2, 0, 1, 3, 4)  # group u = heads u*N/2 .. (u+1)*N/2
+        torch.testing.assert_close(e, by_hand, atol=1e-6, rtol=1e-6)
         assert c.shape == (2, 1, 24, CFG.num_heads // 2, CFG.head_dim) and c.is_contiguous()
         torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
 

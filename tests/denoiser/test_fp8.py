@@ -119,6 +119,9 @@ def test_compiled_fp8_matches_eager_fp8():
     dit.set_compiled(True)
     ops = dit.blocks[0].ops
     assert ops.compiled and ops.fp8 and dit.blocks[0].self_attn.o.quantize is ops.quantize_rows
+    # the regions before the GEMMs hand them quantized rows (one quantization for q, k and v, not one each)
+    x, zero = torch.randn(1, 4, TINY.dim), torch.zeros(1, 1, TINY.dim)
+    assert isinstance(ops.modulate(x, zero, zero, 1e-6), fp8.Fp8Rows)
     compiled = forward(dit)
     dit.set_compiled(False)
     assert rel(compiled, eager) < 1e-4
@@ -198,6 +201,13 @@ def test_refusals_name_the_flag_and_the_rule(monkeypatch):
     odd = DiTConfig(dim=40, ffn_dim=64, num_heads=2, num_layers=1)
     with pytest.raises(GemmConfigError, match=r"multiples of 16 .*\{'dim': 40\}"):
         check_gemm("fp8", "cuda", torch.bfloat16, odd)
+    from smartdiff.services.denoiser import fp8
+
+    # the capability is not enough: a torch / GPU whose _scaled_mm has no row-wise kernel is refused too
+    monkeypatch.setattr(fp8, "_rowwise_gemm_fails", lambda device: "Invalid scaling configuration")
+    with pytest.raises(GemmConfigError, match="row-wise scales, which this torch / GPU does not run .Invalid scaling"):
+        check_gemm("fp8", "cuda", torch.bfloat16, model.dit)
+    monkeypatch.setattr(fp8, "_rowwise_gemm_fails", lambda device: None)
     assert check_gemm("fp8", "cuda", torch.bfloat16, model.dit) == "fp8"
 
 

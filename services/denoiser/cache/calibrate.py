@@ -9,8 +9,8 @@ For every step after an expert's first, per CFG branch, a recording block-stack 
 TeaCache's polynomial is the least-squares fit y ~ poly(x) (degree 4, as published) over all runs, branches and
 steps of each expert; MagCache's ratios and the reuse errors are averaged over runs per step and branch (ratio
 1.0 at an expert's first step, error inf where step i - d belongs to another expert or precedes the run).
-The recorder keeps REUSE_DISTANCES residuals per branch (for Wan 14B at 720p, 0.8 GB each in bf16: 7.7 GB with
-CFG) and evaluates the head on one stale residual at a time.
+The recorder keeps REUSE_DISTANCES residuals per branch of the running expert only (for Wan 14B at 720p, 0.8 GB
+each in bf16: 7.7 GB with CFG) and evaluates the head on one stale residual at a time.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ class _Previous:
     e: torch.Tensor
     e6: torch.Tensor
     out: torch.Tensor
-    residual: torch.Tensor
 
 
 @dataclass
@@ -82,20 +81,25 @@ class _Recorder:
     def _blocks(self, step, branches, run, tokens, e, e6, ctx):
         out = run(tokens, e6, ctx)
         self.stats.count("block_stack", len(branches), 0)
+        if any(k[0] != step.expert for k in self.history):  # a new expert: the last one's steps are over
+            self.previous = {k: v for k, v in self.previous.items() if k[0] == step.expert}
+            self.history = {k: v for k, v in self.history.items() if k[0] == step.expert}
         head = self.ctx.experts[step.expert].head(out, e)  # [B, L, out * patch] model output (before unpatchify)
         residual = out - tokens
         for r, b in enumerate(branches):
             key = (step.expert, b)
-            now = _Previous(e[r].clone(), e6[r].clone(), head[r].clone(), residual[r].clone())
+            now = _Previous(e[r].clone(), e6[r].clone(), head[r].clone())
+            res = residual[r].clone()
             prev = self.previous.get(key)
             if prev is not None:
-                ratio = (now.residual.float().norm(dim=-1) / prev.residual.float().norm(dim=-1)).mean().item()
+                last = self.history[key][0]
+                ratio = (res.float().norm(dim=-1) / last.float().norm(dim=-1)).mean().item()
                 reuse = self._reuse_errors(step.expert, tokens[r], e[r], head[r], self.history[key])
                 self.recording.samples[key].append(Sample(
                     step.index, rel_l1(now.e, prev.e), rel_l1(now.e6, prev.e6), rel_l1(now.out, prev.out), ratio,
                     reuse))
             self.previous[key] = now
-            self.history[key] = [now.residual] + self.history.get(key, [])[:REUSE_DISTANCES - 1]
+            self.history[key] = [res] + self.history.get(key, [])[:REUSE_DISTANCES - 1]
         return out
 
     def _reuse_errors(self, expert: int, tokens: torch.Tensor, e: torch.Tensor, real: torch.Tensor,
