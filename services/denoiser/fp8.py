@@ -148,13 +148,14 @@ def quantize_blocks_fp8(dit: "WanDiT", device: torch.device | str | None = None)
 
 
 @functools.lru_cache(maxsize=None)
-def _rowwise_gemm_fails(device: torch.device) -> str | None:
-    """Why a 16 x 16 x 16 FP8 GEMM with row-wise scales does not run here, or None: the capability alone does not
-    tell (row-wise scaling came to Ada in later torch releases, and some newer GPUs lack it in cuBLAS)."""
+def rowwise_gemm_fails(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a 16 x 16 x 16 FP8 GEMM with row-wise scales writing `dtype` does not run here, or None: the device
+    alone does not tell (row-wise scaling came to Ada and to the CPU in later torch releases; some newer GPUs lack
+    it in cuBLAS)."""
     try:
         with torch.no_grad():
-            w = Fp8Linear.from_linear(nn.Linear(16, 16, bias=False, device=device, dtype=torch.bfloat16), device)
-            w(torch.ones(16, 16, device=device, dtype=torch.bfloat16))
+            w = Fp8Linear.from_linear(nn.Linear(16, 16, bias=False, device=device, dtype=dtype), device)
+            w(torch.ones(16, 16, device=device, dtype=dtype))
     except RuntimeError as e:
         return str(e).strip().splitlines()[0][:200]
     return None
@@ -187,11 +188,11 @@ def check_gemm(gemm: str, device: torch.device | str, dtype: torch.dtype, cfg: D
         if bad:
             raise GemmConfigError(f"gemm: fp8 on CUDA needs the model's dim and ffn_dim to be multiples of 16 "
                                   f"(torch._scaled_mm), got {bad}: use --gemm exact")
-        why = _rowwise_gemm_fails(device)
-        if why:
-            raise GemmConfigError(f"gemm: fp8 needs torch._scaled_mm with row-wise scales, which this torch / GPU "
-                                  f"does not run ({why}): use --gemm exact")
     elif device.type != "cpu":
         raise GemmConfigError(f"gemm: fp8 runs on CUDA (compute capability >= 8.9) or the CPU, got device "
                               f"{device}: use --gemm exact")
+    why = rowwise_gemm_fails(device, dtype)
+    if why:
+        raise GemmConfigError(f"gemm: fp8 needs torch._scaled_mm with row-wise scales, which this torch on "
+                              f"{device.type} does not run ({why}): use --gemm exact")
     return gemm
