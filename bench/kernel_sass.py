@@ -86,20 +86,19 @@ def main() -> None:
     p.add_argument("--gluon", action="store_true", help="gluon_sage's Hopper kernels (fp16, int8) instead")
     args = p.parse_args()
     if args.gluon and args.tile:
-        p.error("--tile applies to the Triton kernel; the Gluon kernels' tiles are gluon_sage.GROUPS / BLOCK_N")
+        p.error("--tile applies to the Triton kernel; the Gluon kernels' tiles are gluon_sage.WARPGROUPS / BLOCK_N")
     print(f"triton {triton.__version__}, target sm_90")
     print(f"{'P.V':<5} {'tile':<18} {'regs':>4} {'loop':>5} {'per score':>9}  top opcodes of the loop")
     for pv in args.pv:
         if args.gluon:
             from smartdiff.services.denoiser.attention import gluon_sage as gs
 
-            if pv not in gs.BLOCK_N:
+            if pv not in gs.STAGES:
                 print(f"{pv:<5} (no Gluon kernel: the Triton kernel runs it)")
                 continue
             cfg = None
-            # one warpgroup's 64 rows; the FP16 loop takes two key blocks per trip
-            scores = 64 * gs.BLOCK_N[pv] * (2 if pv == "fp16" else 1) / 128
-            tile = f"{gs.GROUPS[pv]}x64x{gs.BLOCK_N[pv]} s{gs.STAGES[pv]}"
+            scores = 64 * gs.BLOCK_N / 128  # a thread's share of one warpgroup's 64 rows x BLOCK_N keys
+            tile = f"{gs.WARPGROUPS.value}x64x{gs.BLOCK_N} s{gs.STAGES[pv]}"
         else:
             cfg = ts.KernelConfig(*args.tile) if args.tile else ts.HOPPER_CONFIG[pv]
             scores = cfg.block_m * cfg.block_n / (32 * cfg.num_warps)  # a thread's share of the tile

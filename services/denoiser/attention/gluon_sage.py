@@ -3,18 +3,20 @@
 Same maths and the same quantized inputs as triton_sage (INT8 Q.K^T of smoothed K; see its docstring): what
 differs is the schedule, which Triton's own compiler does not give on Hopper (there, every MMA waits for itself
 and all warps stop at each barrier):
-- one program takes GROUPS x 64 query rows of one (batch, head): GROUPS compute warpgroups, each a partition of
-  its own with its 64 rows, share every K/V tile, and a loader warp brings Q once, then K and V of each key block,
-  by TMA into a ring of STAGES shared-memory slots (mbarriers `ready`, and `empty` once every warpgroup is done);
-- FP16 P.V (3 warpgroups, 64 keys per step): the P.V of block j - 1 accumulates in acc while the softmax of
-  block j runs, and the Q.K^T of block j is issued just before; two blocks per loop trip, so that the P tile a
-  P.V reads and the one being written are different registers (otherwise ptxas serializes every wgmma);
-- INT8 P.V (2 warpgroups, 128 keys per step, 240 registers): the Q.K^T of block j + 1 runs under the softmax of
-  block j; P.V and the row sums (a ones tile) go to int32 accumulators preset to 0x4B400000 (the bits of
-  12582912.0), so each result x comes out as the bits of 12582912 + x: a float with no conversion instruction;
-  each probability tile is exp2(s * sc - c) with one fused multiply-add, c being the row's block maximum times sc
-  rounded *up* (x (1 + 2**-22)), so the largest value is at most 1 and 127 p never rounds to 128, and the deficit
-  goes back into the row's reference maximum, so the log-sum-exp stays exact; 127 p is rounded in float16 pairs.
+- one program takes 2 x 64 query rows of one (batch, head), 128 keys per step: two compute warpgroups, each a
+  partition of its own with its 64 rows and 240 registers, share every K/V tile, and a loader warp brings Q once,
+  then K and V of each key block, by TMA into a ring of STAGES shared-memory slots (mbarriers `ready`, and
+  `empty` once both warpgroups are done);
+- FP16 P.V: the softmax of block j, then the P.V of block j (into the float32 accumulator itself) and the
+  Q.K^T of block j + 1 issued together and waited for; the other warpgroup's softmax runs meanwhile. (Issuing
+  the next Q.K^T before the softmax, or making the two warpgroups take turns at the tensor cores, measured no
+  faster: docs/benchmarks.md);
+- INT8 P.V: the Q.K^T of block j + 1 runs under the softmax of block j; P.V and the row sums (a ones tile) go
+  to int32 accumulators preset to 0x4B400000 (the bits of 12582912.0), so each result x comes out as the bits
+  of 12582912 + x: a float with no conversion instruction; each probability tile is exp2(s * sc - c) with one
+  fused multiply-add, c being the row's block maximum times sc rounded *up* (x (1 + 2**-22)), so the largest
+  value is at most 1 and 127 p never rounds to 128, and the deficit goes back into the row's reference maximum,
+  so the log-sum-exp stays exact; 127 p is rounded in float16 pairs.
 Measured on an H200 against cuDNN SDPA and the Triton kernels: docs/benchmarks.md (bench/attention.py).
 Run only on Hopper GPUs (sage.gluon_supported), where a failed build falls back to triton_sage; the module
 imports anywhere Triton has Gluon (the tests compile it on the CPU). triton_sage runs everywhere else.
@@ -41,22 +43,21 @@ from .triton_sage import KernelConfig, pv_index, quantize, true_lse
 # the TMA load was renamed after Triton 3.6 (the benchmark machine's version); same arguments
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-GROUPS = {"fp16": 3, "int8": 2}  # compute warpgroups of 64 query rows per program, sharing each K/V tile
-BLOCK_N = {"fp16": 64, "int8": 128}  # keys per step, per P.V precision (FP16 at 128 exceeds the registers)
-STAGES = {"fp16": 3, "int8": 4}  # K/V ring slots per P.V precision (the fastest measured)
-WORKER_REGS_2 = gl.constexpr(240)  # registers (setmaxnreg) of the compute warpgroups beyond the first, of two
-WORKER_REGS_3 = gl.constexpr(160)  # ... of three
+WARPGROUPS = gl.constexpr(2)  # compute warpgroups of 64 query rows per program, sharing each K/V tile
+BLOCK_N = 128  # keys per step
+STAGES = {"fp16": 2, "int8": 4}  # K/V ring slots per P.V precision (the fastest measured)
+WORKER_REGS = gl.constexpr(240)  # registers (setmaxnreg) of the second compute warpgroup
 LOADER_REGS = gl.constexpr(24)  # registers of the loader warp (setmaxnreg)
 
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, k_row, v_row, n_k_blocks,
-            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_T: gl.constexpr, GROUPS: gl.constexpr):
-    """Worker partition (one warp): TMA of Q (GROUPS x 64 rows), then of K [BLOCK_N, D] and V (FP16 [BLOCK_N, D],
+            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_T: gl.constexpr):
+    """Worker partition (one warp): TMA of Q (WARPGROUPS x 64 rows), then of K [BLOCK_N, D] and V (FP16 [BLOCK_N, D],
     or INT8 V^T [D, BLOCK_N] if V_T) of every key block into the ring, each slot as soon as every compute
     warpgroup has released it."""
-    mbarrier.expect(q_bar, GROUPS * q_desc.block_type.nbytes)
-    for g in gl.static_range(GROUPS):
+    mbarrier.expect(q_bar, WARPGROUPS * q_desc.block_type.nbytes)
+    for g in gl.static_range(WARPGROUPS):
         _tma_load(q_desc, [q_row + g * 64, 0], q_bar, q_smem.index(g))
     for j in range(n_k_blocks):
         s = j % STAGES
@@ -199,26 +200,10 @@ def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk
 
 
 @gluon.jit
-def _step_fp16(acc, p16, m_i, l_i, alpha, j, q_smem, k_smem, v_smem, ready, empty, sc, Lk,
-               s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-               MASKED: gl.constexpr):
-    """Issue Q.K^T of block j, then P.V of block j - 1 (acc rescaled first); the softmax of block j runs while
-    that P.V does; both are complete on return, so nothing is in flight across iterations (as in FA3)."""
-    s_next = _qk(q_smem, k_smem, ready, j, s_layout, 64, BLOCK_N, STAGES)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-    acc = warpgroup_mma(p16, v_smem.index((j - 1) % STAGES), acc, is_async=True)
-    s_cur = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
-    p16, m_i, l_i, alpha = _softmax_fp16(s_cur, sc, m_i, l_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, MASKED)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)  # block j - 1's K and V are consumed
-    return acc, p16, m_i, l_i, alpha
-
-
-@gluon.jit
 def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_k_blocks,
                D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
-    """FP16 P.V over every key block for one warpgroup's 64 rows -> (acc, l, m): P.V of block j - 1 accumulates
-    in acc itself while the softmax of block j runs."""
+    """FP16 P.V over every key block for one warpgroup's 64 rows -> (acc, l, m): the softmax of block j, then the
+    P.V of block j (into acc itself) and the Q.K^T of block j + 1 issued together and waited for."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
@@ -230,29 +215,20 @@ def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_k_
     mbarrier.wait(q_bar, 0)
     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, 64, BLOCK_N,
                                                              STAGES),))
-    # block 0 (masked when it is also the last: a no-op otherwise)
-    p16, m_i, l_i, alpha = _softmax_fp16(s_cur, qs * gl.load(ks_row), m_i, l_i, 0, Lk, s_layout, p_layout, BLOCK_N,
-                                         HAS_TAIL)
-    # two blocks per trip: the P tile a P.V reads and the one the softmax writes meanwhile must be distinct
-    # registers, which a loop-carried P of one block per trip is not (ptxas then serializes every wgmma)
-    for jj in range((n_k_blocks - 2) // 2):
-        j = 1 + 2 * jj
-        acc, p_b, m_i, l_i, alpha = _step_fp16(acc, p16, m_i, l_i, alpha, j, q_smem, k_smem, v_smem, ready, empty,
-                                               qs * gl.load(ks_row + j), Lk, s_layout, p_layout, BLOCK_N, STAGES,
-                                               False)
-        acc, p16, m_i, l_i, alpha = _step_fp16(acc, p_b, m_i, l_i, alpha, j + 1, q_smem, k_smem, v_smem, ready,
-                                               empty, qs * gl.load(ks_row + j + 1), Lk, s_layout, p_layout, BLOCK_N,
-                                               STAGES, False)
-    if n_k_blocks > 2 and n_k_blocks % 2 == 1:  # one middle block left
-        acc, p16, m_i, l_i, alpha = _step_fp16(acc, p16, m_i, l_i, alpha, n_k_blocks - 2, q_smem, k_smem, v_smem,
-                                               ready, empty, qs * gl.load(ks_row + n_k_blocks - 2), Lk, s_layout,
-                                               p_layout, BLOCK_N, STAGES, False)
-    if n_k_blocks > 1:
-        acc, p16, m_i, l_i, alpha = _step_fp16(acc, p16, m_i, l_i, alpha, n_k_blocks - 1, q_smem, k_smem, v_smem,
-                                               ready, empty, qs * gl.load(ks_row + n_k_blocks - 1), Lk, s_layout,
-                                               p_layout, BLOCK_N, STAGES, HAS_TAIL)
+    for j in range(n_k_blocks - 1):
+        slot = j % STAGES
+        p16, m_i, l_i, alpha = _softmax_fp16(s_cur, qs * gl.load(ks_row + j), m_i, l_i, j * BLOCK_N, Lk, s_layout,
+                                             p_layout, BLOCK_N, False)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+        s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, 64, BLOCK_N, STAGES)
+        acc, s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
+        mbarrier.arrive(empty.index(slot), count=1)  # block j's K and V are consumed
+    last = n_k_blocks - 1
+    p16, m_i, l_i, alpha = _softmax_fp16(s_cur, qs * gl.load(ks_row + last), m_i, l_i, last * BLOCK_N, Lk,
+                                         s_layout, p_layout, BLOCK_N, HAS_TAIL)
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-    acc = warpgroup_mma(p16, v_smem.index((n_k_blocks - 1) % STAGES), acc, is_async=True)
+    acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     return acc, gl.convert_layout(l_i, row_o), gl.convert_layout(m_i, row_o)
 
@@ -261,10 +237,10 @@ def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_k_
 def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol, stride_oh,
              pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad,
              D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr, HAS_TAIL: gl.constexpr,
-             WRITE_LSE: gl.constexpr, GROUP: gl.constexpr, GROUPS: gl.constexpr):
-    """One compute warpgroup (a partition of its own): rows GROUP * 64 .. + 64 of the program's GROUPS x 64-row
+             WRITE_LSE: gl.constexpr, GROUP: gl.constexpr):
+    """One compute warpgroup (a partition of its own): rows GROUP * 64 .. + 64 of the program's WARPGROUPS x 64-row
     query tile, the online softmax over every key block, then the output (and log-sum-exp)."""
-    q_blk = pid_m * GROUPS + GROUP  # Q is quantized per 64 rows; the last program's last groups may be padding
+    q_blk = pid_m * WARPGROUPS + GROUP  # Q is quantized per 64 rows; the last program's last groups may be padding
     qs = gl.load(QS + bh * n_q_blocks + q_blk, mask=q_blk < n_q_blocks, other=0.0)
     ks_row = KS + bh * n_k_blocks
     if PV == 2:
@@ -275,7 +251,7 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
                                    n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL)
     o_layout: gl.constexpr = acc.type.layout
     l_i = gl.where(l_i > 0, l_i, 1.0)
-    offs_m = pid_m * (GROUPS * 64) + GROUP * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+    offs_m = pid_m * (WARPGROUPS * 64) + GROUP * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     out = acc / l_i[:, None]
     lse2 = m_i + gl.log2(l_i)
@@ -292,15 +268,16 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
 def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
                  stride_ob, stride_ol, stride_oh, Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad,
                  D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr,
-                 HAS_TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, GROUPS: gl.constexpr):
-    """One query tile [GROUPS x 64, D] of one (batch, head) against every key block: GROUPS compute warpgroups
-    of 64 rows sharing each K/V tile, and a loader warp."""
+                 HAS_TAIL: gl.constexpr, WRITE_LSE: gl.constexpr):
+    """One query tile [WARPGROUPS x 64, D] of one (batch, head) against every key block: WARPGROUPS compute
+    warpgroups of 64 rows sharing each K/V tile, and a loader warp."""
     gl.static_assert(STAGES >= 2, "the ring needs 2 slots: a block's Q.K^T is issued before the last one is released")
+    gl.static_assert(WARPGROUPS == 2, "the partitions below are written out for two compute warpgroups")
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     ones_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(BLOCK_N, 128), element_bitwidth=8, rank=2)
     fill_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    q_smem = gl.allocate_shared_memory(gl.int8, [GROUPS, 64, D], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(gl.int8, [WARPGROUPS, 64, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     ones = gl.allocate_shared_memory(gl.int8, [16, BLOCK_N], ones_layout,
@@ -311,41 +288,26 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=GROUPS)  # every compute warpgroup releases each slot
+        mbarrier.init(empty.index(i), count=WARPGROUPS)  # every compute warpgroup releases each slot
     fence_async_shared()  # the ones tile and the barriers, before the async proxy (TMA, wgmma) sees them
     if PV == 2:
         v_row = bh * D
     else:
         v_row = bh * Lk_pad
-    q_row = bh * Lq_pad + pid_m * (GROUPS * 64)
+    q_row = bh * Lq_pad + pid_m * (WARPGROUPS * 64)
     b = bh // H
     h = bh % H
     # the partitions' arguments are spelled out: a tuple built by concatenation loses its constexpr entries
-    if GROUPS == 3:
-        gl.warp_specialize([
-            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
-                        HAS_TAIL, WRITE_LSE, 0, 3)),
-            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
-                        HAS_TAIL, WRITE_LSE, 1, 3)),
-            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
-                        HAS_TAIL, WRITE_LSE, 2, 3)),
-            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
-                       n_k_blocks, BLOCK_N, STAGES, PV == 2, 3)),
-        ], [4, 4, 1], [WORKER_REGS_3, WORKER_REGS_3, LOADER_REGS])
-    else:
-        gl.warp_specialize([
-            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
-                        HAS_TAIL, WRITE_LSE, 0, 2)),
-            (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                        stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
-                        HAS_TAIL, WRITE_LSE, 1, 2)),
-            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
-                       n_k_blocks, BLOCK_N, STAGES, PV == 2, 2)),
-        ], [4, 1], [WORKER_REGS_2, LOADER_REGS])
+    gl.warp_specialize([
+        (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
+                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
+                    HAS_TAIL, WRITE_LSE, 0)),
+        (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
+                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
+                    HAS_TAIL, WRITE_LSE, 1)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
+                   n_k_blocks, BLOCK_N, STAGES, PV == 2)),
+    ], [4, 1], [WORKER_REGS, LOADER_REGS])
 
 
 def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
@@ -358,7 +320,7 @@ def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtyp
     """triton_sage.attention_forward on this kernel: quant from triton_sage.quantize with config(pv) tiles and
     the same pv ("fp16" or "int8")."""
     b, lq, h, d = q_shape
-    bn = BLOCK_N[pv]
+    bn = BLOCK_N
     nq, nk = quant.qs.shape[1], quant.ks.shape[1]
     lq_pad, lk_pad = quant.q8.shape[1], quant.k8.shape[1]
     v_dtype = {"fp16": torch.float16, "int8": torch.int8}[pv]
@@ -372,17 +334,17 @@ def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtyp
         v_desc = _descriptor(quant.v.view(b * h * lk_pad, d), [bn, d])
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=quant.q8.device)
     lse_out = torch.empty(b * h, lq_pad, dtype=torch.float32, device=out.device) if lse else quant.qs
-    _attn_kernel[(triton.cdiv(nq, GROUPS[pv]), b * h)](
+    _attn_kernel[(triton.cdiv(nq, WARPGROUPS.value), b * h)](
         q_desc, k_desc, v_desc, quant.qs, quant.ks, quant.vs if quant.vs is not None else quant.qs, out, lse_out,
         out.stride(0), out.stride(1), out.stride(2), lq, lk, h, nq, nk, lq_pad, lk_pad,
         D=d, BLOCK_N=bn, STAGES=STAGES[pv], PV=pv_index(pv), HAS_TAIL=lk % bn != 0,
-        WRITE_LSE=lse, GROUPS=GROUPS[pv], num_warps=4)
+        WRITE_LSE=lse, num_warps=4)
     return (out, lse_out) if lse else out
 
 
 def config(pv: str) -> KernelConfig:
     """The quantization tiles this kernel reads."""
-    return KernelConfig(64, BLOCK_N[pv], 4, STAGES[pv])
+    return KernelConfig(64, BLOCK_N, 4, STAGES[pv])
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str = "fp16", lse: bool = False):
@@ -400,7 +362,7 @@ def compile_sm90(pv: str, head_dim: int = 128):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    bn, d = BLOCK_N[pv], head_dim
+    bn, d = BLOCK_N, head_dim
     elt = {"fp16": ("fp16", gl.float16), "int8": ("i8", gl.int8)}
 
     def desc(block, kind="int8"):
@@ -413,7 +375,7 @@ def compile_sm90(pv: str, head_dim: int = 128):
     args += [(n, "i32") for n in ("stride_ob", "stride_ol", "stride_oh", "Lq", "Lk", "H", "n_q_blocks", "n_k_blocks",
                                   "Lq_pad", "Lk_pad")]
     consts = dict(D=d, BLOCK_N=bn, STAGES=STAGES[pv], PV=pv_index(pv), HAS_TAIL=True,
-                  WRITE_LSE=True, GROUPS=GROUPS[pv])
+                  WRITE_LSE=True)
     sig = dict(args) | {k: "constexpr" for k in consts}
     aligned = {"QS", "KS", "VS", "O", "LSE", "stride_ob", "stride_ol", "stride_oh", "Lq_pad", "Lk_pad"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(args) if name in aligned}
