@@ -5,10 +5,9 @@ FP16/BF16 (`sage`, ~1.3e-2 relative error on random, diffuse attention), FP8 e4m
 (`sage_fp8`, ~4e-2 there, about the same as `sage` inside a DiT), or INT8 with P scaled per row and key block and
 V per channel (`sage_int8`, ~2e-2; see triton_sage). Our Triton kernel runs all three; on Hopper GPUs `sage` and
 `sage_int8` run our Gluon kernels instead (gluon_sage: warp-specialized, asynchronous wgmma, TMA), which are
-faster there: on an H200 `sage_int8` is then the fastest of the three, `sage_fp8` close, `sage` behind
-(docs/benchmarks.md). `sage` uses the `sageattention`
-package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on PyPI) is not used:
-it is slower than cuDNN SDPA on Hopper and than our kernels (bench/attention.py).
+faster there: 1.2-1.4x cuDNN SDPA on Wan shapes, as is `sage_fp8` (docs/benchmarks.md). `sage` uses the
+`sageattention` package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on
+PyPI) is not used: it is slower than cuDNN SDPA on Hopper and than our kernels (bench/attention.py).
 """
 
 from __future__ import annotations
