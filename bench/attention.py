@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smartdiff.services.denoiser import attention as A
 from smartdiff.services.denoiser.attention import triton_sage as ts
-from smartdiff.services.denoiser.attention.sparge import TritonSpargeKernel
+from smartdiff.services.denoiser.attention.sparge import SpargeKernel
 
 from common import cuda_time, git_commit, rel_err as rel
 
@@ -53,7 +53,7 @@ def sweep_rows() -> list[tuple[str, object]]:
                          lambda q, k, v, cfg=cfg, pv=pv: (lambda: ts.sage_attention(q, k, v, pv, cfg)), cfg))
     for pv, c in [("fp16", (128, 64, 4, 3)), ("fp16", (64, 128, 4, 2)), ("int8", (64, 128, 4, 3))]:
         def sp(q, k, v, cfg=ts.KernelConfig(*c), pv=pv):
-            kern = TritonSpargeKernel(A.SpargeParams(topk=0.5), dev)
+            kern = SpargeKernel(A.SpargeParams(topk=0.5), dev)
             kern.pv, kern.cfg = pv, cfg
             return lambda: kern(q, k, v)
         rows.append((f"sweep sparge0.5 {pv} {c}", sp, None))
@@ -95,6 +95,12 @@ def kernel_rows() -> list[tuple[str, object]]:
                           ("sparge cdf 0.98 (default)", A.SpargeParams())):
         rows.append((label, lambda q, k, v, p=params: _backend_fn("sparge", A.AttentionChoice("sparge", sparge=p),
                                                                    q, k, v)))
+
+    def triton_sparge(q, k, v):  # the Triton walk beside the Gluon one the backend runs on Hopper (same plan)
+        kern = SpargeKernel(A.SpargeParams(topk=0.5), dev)  # no head dim given: never the Gluon walk
+        return lambda: kern(q, k, v)
+
+    rows.append(("sparge topk 0.5 [triton kernel]", triton_sparge))
     try:
         from sageattention import sageattn
 
@@ -186,7 +192,7 @@ def bench_mask(shape_name: str, iters: int) -> list[dict]:
     rows = []
     for label, params in (("topk 0.5", A.SpargeParams(topk=0.5)), ("cdf 0.98", A.SpargeParams())):
         p = params.resolved()
-        kern = TritonSpargeKernel(params, dev)
+        kern = SpargeKernel(params, dev, d)  # the walk the backend runs (Gluon on Hopper)
         fns = {
             "sparge call": lambda: kern(q, k, v),
             "mask prediction (triton)": lambda: ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold),
@@ -227,7 +233,7 @@ def check_small() -> list[dict]:
                          ("sage_int8", lambda: ts.sage_attention(q, k, v, "int8")),
                          *(((f"{backend}[gluon]", lambda pv=pv: gluon_sage.sage_attention(q, k, v, pv))
                             for backend, pv in (("sage", "fp16"), ("sage_int8", "int8"))) if gluon_sage else ()),
-                         ("sparge topk1", lambda: TritonSpargeKernel(A.SpargeParams(topk=1.0), q.device)(q, k, v)),
+                         ("sparge topk1", lambda: SpargeKernel(A.SpargeParams(topk=1.0), q.device)(q, k, v)),
                          ("sdpa", lambda: A.get_backend("sdpa").build(None, q.device, q.dtype, d)(q, k, v))):
             o = fn()
             e = rel(o.double(), ref)

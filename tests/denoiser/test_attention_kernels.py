@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="our attention kernels are Triton: pip inst
 from smartdiff.services.denoiser import attention as A  # noqa: E402
 from smartdiff.services.denoiser.attention import triton_sage as ts  # noqa: E402
 from smartdiff.services.denoiser.attention.sage import gluon_supported  # noqa: E402
-from smartdiff.services.denoiser.attention.sparge import TritonSpargeKernel, block_lut, block_mask  # noqa: E402
+from smartdiff.services.denoiser.attention.sparge import SpargeKernel, block_lut, block_mask  # noqa: E402
 from smartdiff.services.denoiser.weights import random_dit  # noqa: E402
 from smartdiff.shared.config import DiTConfig  # noqa: E402
 
@@ -264,7 +264,7 @@ def test_sage_and_sparge_backends_in_a_dit():
 
 def test_sparge_kernel_counts_kept_blocks():
     q, k, v = qkv(b=1, lq=256)
-    kern = TritonSpargeKernel(A.SpargeParams(topk=0.5, sim_threshold=-1.0), DEV)
+    kern = SpargeKernel(A.SpargeParams(topk=0.5, sim_threshold=-1.0), DEV)
     kern.cfg = CFG or kern.cfg
     out = kern(q, k, v)
     assert torch.isfinite(out).all()

@@ -5,7 +5,8 @@ ptxas), TMA loads and, with the Triton they were tuned on (3.6, the benchmark ma
 register spills; the backends pick them only where they run and build, and fall back to the Triton kernel when a
 build fails. On a Hopper GPU: they match float64 attention (and its log-sum-exp) and the Triton kernel on the
 same quantized inputs, on shapes with partial tiles, a single key block, both head dims, several (batch, head)
-pairs, and tiny scores (where padded keys must still get no weight).
+pairs, and tiny scores (where padded keys must still get no weight); the block-sparse walk (sparge's) matches the
+Triton walk and float64 attention under the same block mask.
 """
 
 import re
@@ -36,10 +37,11 @@ def sass(kernel) -> list[tuple[str, str]]:
     return SASS_LINE.findall(text)
 
 
-@pytest.mark.parametrize("pv", ["fp16", "int8"])
+@pytest.mark.parametrize("pv,sparse,block_n", [("fp16", False, 128), ("int8", False, 128), ("fp16", True, 64),
+                                               ("fp16", True, 128)])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_compiles_for_hopper_with_pipelined_wgmma(pv, head_dim):
-    ops = sass(gs.compile_sm90(pv, head_dim))
+def test_compiles_for_hopper_with_pipelined_wgmma(pv, sparse, block_n, head_dim):
+    ops = sass(gs.compile_sm90(pv, head_dim, sparse, block_n))
     names = [op for op, _ in ops]
     mma = [(op, rest) for op, rest in ops if op.startswith(("HGMMA", "IGMMA"))]
     assert mma and any(op.startswith("UTMALDG") for op in names), "no wgmma / TMA in the kernel"
@@ -62,6 +64,52 @@ def test_backends_pick_gluon_only_where_it_runs_and_has_not_failed(monkeypatch):
     assert sage._build_int8(None, cpu, torch.float32, 128).label == "sage_int8[triton]"
     assert sage._build_int8(None, cpu, torch.float32, 64).label == "sage_int8[gluon]"
     assert sage._build_sage(None, cpu, torch.float32, 128).label == "sage[gluon]"
+
+
+def test_sparge_takes_the_gluon_walk_only_where_it_runs(monkeypatch):
+    from smartdiff.services.denoiser.attention import SpargeParams, sparge
+
+    cpu = torch.device("cpu")
+    assert sparge.SpargeKernel(SpargeParams(topk=0.5), cpu, 128).label == "sparge[triton]"
+    monkeypatch.setattr(sparge, "gluon_supported", lambda device, head_dim: True)
+    monkeypatch.setattr(sparge, "_GLUON_FAILED", {})
+    assert sparge.SpargeKernel(SpargeParams(topk=0.5), cpu, 128).label == "sparge[gluon]"
+    assert sparge.build(None, cpu, torch.float32, 64).label == "sparge[gluon]"
+    # the P.V skip is a Triton-kernel option; an earlier build failure is remembered per head dim
+    assert sparge.SpargeKernel(SpargeParams(topk=0.5, pv_threshold=20.0), cpu, 128).label == "sparge[triton]"
+    sparge._GLUON_FAILED[("sparge", 128)] = "CompilationError: no such op"
+    assert sparge.SpargeKernel(SpargeParams(topk=0.5), cpu, 128).label == "sparge[triton]"
+    assert sparge.SpargeKernel(SpargeParams(topk=0.5), cpu, 64).label == "sparge[gluon]"
+
+
+def test_sparge_falls_back_to_the_triton_walk_when_the_gluon_build_fails(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from smartdiff.services.denoiser.attention import SpargeParams, sparge
+
+    failed = {}
+    monkeypatch.setattr(sparge, "gluon_supported", lambda device, head_dim: True)
+    monkeypatch.setattr(sparge, "_GLUON_FAILED", failed)
+    kern = sparge.SpargeKernel(SpargeParams(topk=0.5), torch.device("cpu"), 64)
+    walks = []
+
+    def gluon_walk(*args, **kwargs):
+        walks.append("gluon")
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    def triton_walk(quant, q_shape, lk, dtype, cfg, pv, lut, n_sel, pv_threshold, lse=False):
+        walks.append("triton")
+        return "out"
+
+    monkeypatch.setattr(kern.gluon, "attention_forward", gluon_walk)
+    monkeypatch.setattr(kern.ts, "quantize", lambda *args, **kwargs: "quant")
+    monkeypatch.setattr(kern.ts, "block_plan", lambda quant, *args: (torch.zeros(4, 2), torch.ones(4)))
+    monkeypatch.setattr(kern.ts, "attention_forward", triton_walk)
+    q = torch.zeros(1, 4, 1, 64)
+    assert kern(q, q, q) == "out" and kern(q, q, q) == "out"
+    assert walks == ["gluon", "triton", "triton"]  # no new attempt once it has failed
+    assert kern.label == "sparge[triton]" and "shared memory" in failed[("sparge", 64)]
+    assert sparge.SpargeKernel(SpargeParams(topk=0.5), torch.device("cpu"), 64).label == "sparge[triton]"
 
 
 @pytest.mark.parametrize("fail_on_call", [1, 2])
@@ -140,6 +188,35 @@ def test_matches_float64_and_the_triton_kernel(pv, tol, shape):
     quant = ts.quantize(q, k, v, cfg, pv)
     ours = gs.attention_forward(quant, q.shape, k.shape[1], q.dtype, pv)
     assert rel(ours, ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, cfg, pv)) < 5e-3
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_block_sparse_walk_matches_the_triton_walk_and_masked_float64(block_n):
+    from smartdiff.services.denoiser.attention import triton_sage as ts
+    from smartdiff.services.denoiser.attention.sparge import block_lut
+
+    lq, lk = 300, 700
+    q, k, v = qkv(1, lq, lk, 2, 128)
+    cfg = ts.KernelConfig(128, block_n, 4, 3)  # sparge's plan: 128-row query blocks
+    quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
+    nq, nk = quant.qs.shape[1], quant.ks.shape[1]
+    keep = torch.rand(2, nq, nk, generator=torch.Generator().manual_seed(3)) < 0.5
+    keep[..., 0] |= ~keep.any(-1)  # every query block keeps a block (as sparge's selection does)
+    keep[0, 0] = False
+    keep[0, 0, -1] = True  # a row keeping only the partial last block
+    keep[1, -1] = False
+    keep[1, -1, 1] = True  # a row keeping one middle block
+    keep = keep.cuda()
+    lut, n_sel = block_lut(keep)
+    ours, lse = gs.attention_forward(quant, q.shape, lk, q.dtype, "fp16", lse=True, lut=lut, n_sel=n_sel)
+    theirs, lse_t = ts.attention_forward(quant, q.shape, lk, q.dtype, cfg, "fp16", lut, n_sel, lse=True)
+    assert rel(ours, theirs) < 5e-3
+    assert (lse[:, :lq] - lse_t[:, :lq]).abs().max().item() < 1e-2
+    mask = keep[:, torch.arange(lq, device="cuda") // 128][:, :, torch.arange(lk, device="cuda") // block_n]
+    qd, kd, vd = (x.double().transpose(1, 2) for x in (q, k, v))
+    s = (qd @ kd.transpose(-1, -2) * 128 ** -0.5).masked_fill(~mask[None], float("-inf"))
+    assert rel(ours, (torch.softmax(s, -1) @ vd).transpose(1, 2)) < 2.5e-2
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")

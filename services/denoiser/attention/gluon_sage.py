@@ -51,23 +51,33 @@ LOADER_REGS = gl.constexpr(24)  # registers of the loader warp (setmaxnreg)
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, k_row, v_row, n_k_blocks,
-            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_T: gl.constexpr):
+def _key_block(lut_row, j, SPARSE: gl.constexpr):
+    """Index of the j-th key block walked: j, or the j-th kept one of the block-sparse plan."""
+    blk = j
+    if SPARSE:
+        blk = gl.load(lut_row + j)
+    return blk
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, k_row, v_row, n_iter, lut_row,
+            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_T: gl.constexpr, SPARSE: gl.constexpr):
     """Worker partition (one warp): TMA of Q (WARPGROUPS x 64 rows), then of K [BLOCK_N, D] and V (FP16 [BLOCK_N, D],
     or INT8 V^T [D, BLOCK_N] if V_T) of every key block into the ring, each slot as soon as every compute
     warpgroup has released it."""
     mbarrier.expect(q_bar, WARPGROUPS * q_desc.block_type.nbytes)
     for g in gl.static_range(WARPGROUPS):
         _tma_load(q_desc, [q_row + g * 64, 0], q_bar, q_smem.index(g))
-    for j in range(n_k_blocks):
+    for j in range(n_iter):
         s = j % STAGES
+        blk = _key_block(lut_row, j, SPARSE)
         mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)  # released (j // STAGES) times
         mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [k_row + j * BLOCK_N, 0], ready.index(s), k_smem.index(s))
+        _tma_load(k_desc, [k_row + blk * BLOCK_N, 0], ready.index(s), k_smem.index(s))
         if V_T:
-            _tma_load(v_desc, [v_row, j * BLOCK_N], ready.index(s), v_smem.index(s))
+            _tma_load(v_desc, [v_row, blk * BLOCK_N], ready.index(s), v_smem.index(s))
         else:
-            _tma_load(v_desc, [v_row + j * BLOCK_N, 0], ready.index(s), v_smem.index(s))
+            _tma_load(v_desc, [v_row + blk * BLOCK_N, 0], ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -200,8 +210,9 @@ def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk
 
 
 @gluon.jit
-def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_k_blocks,
-               D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
+def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_iter, lut_row,
+               D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
+               SPARSE: gl.constexpr):
     """FP16 P.V over every key block for one warpgroup's 64 rows -> (acc, l, m): the softmax of block j, then the
     P.V of block j (into acc itself) and the Q.K^T of block j + 1 issued together and waited for."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -215,17 +226,19 @@ def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_k_
     mbarrier.wait(q_bar, 0)
     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, 64, BLOCK_N,
                                                              STAGES),))
-    for j in range(n_k_blocks - 1):
+    for j in range(n_iter - 1):
         slot = j % STAGES
-        p16, m_i, l_i, alpha = _softmax_fp16(s_cur, qs * gl.load(ks_row + j), m_i, l_i, j * BLOCK_N, Lk, s_layout,
-                                             p_layout, BLOCK_N, False)
+        blk = _key_block(lut_row, j, SPARSE)
+        p16, m_i, l_i, alpha = _softmax_fp16(s_cur, qs * gl.load(ks_row + blk), m_i, l_i, blk * BLOCK_N, Lk,
+                                             s_layout, p_layout, BLOCK_N, False)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
         s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, 64, BLOCK_N, STAGES)
         acc, s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
         mbarrier.arrive(empty.index(slot), count=1)  # block j's K and V are consumed
-    last = n_k_blocks - 1
-    p16, m_i, l_i, alpha = _softmax_fp16(s_cur, qs * gl.load(ks_row + last), m_i, l_i, last * BLOCK_N, Lk,
+    last = n_iter - 1  # a partial key block is the last one (kept blocks come in ascending order)
+    blk = _key_block(lut_row, last, SPARSE)
+    p16, m_i, l_i, alpha = _softmax_fp16(s_cur, qs * gl.load(ks_row + blk), m_i, l_i, blk * BLOCK_N, Lk,
                                          s_layout, p_layout, BLOCK_N, HAS_TAIL)
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
@@ -235,12 +248,12 @@ def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_k_
 
 @gluon.jit
 def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol, stride_oh,
-             pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad,
+             pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row,
              D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr, HAS_TAIL: gl.constexpr,
-             WRITE_LSE: gl.constexpr, GROUP: gl.constexpr):
+             WRITE_LSE: gl.constexpr, SPARSE: gl.constexpr, Q_ROWS: gl.constexpr, GROUP: gl.constexpr):
     """One compute warpgroup (a partition of its own): rows GROUP * 64 .. + 64 of the program's WARPGROUPS x 64-row
     query tile, the online softmax over every key block, then the output (and log-sum-exp)."""
-    q_blk = pid_m * WARPGROUPS + GROUP  # Q is quantized per 64 rows; the last program's last groups may be padding
+    q_blk = (pid_m * WARPGROUPS + GROUP) * 64 // Q_ROWS  # Q's scale per Q_ROWS rows; the last groups may be padding
     qs = gl.load(QS + bh * n_q_blocks + q_blk, mask=q_blk < n_q_blocks, other=0.0)
     ks_row = KS + bh * n_k_blocks
     if PV == 2:
@@ -248,7 +261,7 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
                                    n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL)
     else:
         acc, l_i, m_i = _loop_fp16(q_smem.index(GROUP), k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk,
-                                   n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL)
+                                   n_iter, lut_row, D, BLOCK_N, STAGES, HAS_TAIL, SPARSE)
     o_layout: gl.constexpr = acc.type.layout
     l_i = gl.where(l_i > 0, l_i, 1.0)
     offs_m = pid_m * (WARPGROUPS * 64) + GROUP * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
@@ -265,14 +278,16 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
 
 
 @gluon.jit
-def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
+def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, LUT, NSEL, O, LSE,
                  stride_ob, stride_ol, stride_oh, Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad,
                  D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr,
-                 HAS_TAIL: gl.constexpr, WRITE_LSE: gl.constexpr):
-    """One query tile [WARPGROUPS x 64, D] of one (batch, head) against every key block: WARPGROUPS compute
+                 HAS_TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, SPARSE: gl.constexpr, Q_ROWS: gl.constexpr):
+    """One query tile [WARPGROUPS x 64, D] of one (batch, head) against every key block, or (SPARSE) the ones its
+    row of the plan keeps (LUT, NSEL: one row per 128-row query block, Q_ROWS = 128): WARPGROUPS compute
     warpgroups of 64 rows sharing each K/V tile, and a loader warp."""
     gl.static_assert(STAGES >= 2, "the ring needs 2 slots: a block's Q.K^T is issued before the last one is released")
     gl.static_assert(WARPGROUPS == 2, "the partitions below are written out for two compute warpgroups")
+    gl.static_assert(not SPARSE or (PV == 0 and Q_ROWS == 64 * WARPGROUPS), "block-sparse: FP16 P.V, 128-row plan")
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     ones_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(BLOCK_N, 128), element_bitwidth=8, rank=2)
@@ -297,16 +312,23 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, O, LSE,
     q_row = bh * Lq_pad + pid_m * (WARPGROUPS * 64)
     b = bh // H
     h = bh % H
+    if SPARSE:  # the plan keeps at least one key block per query block (triton_sage.block_plan)
+        plan = bh * n_q_blocks + pid_m
+        n_iter = gl.load(NSEL + plan)
+        lut_row = LUT + plan.to(gl.int64) * n_k_blocks
+    else:
+        n_iter = n_k_blocks
+        lut_row = LUT
     # the partitions' arguments are spelled out: a tuple built by concatenation loses its constexpr entries
     gl.warp_specialize([
         (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
-                    HAS_TAIL, WRITE_LSE, 0)),
+                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row, D, BLOCK_N,
+                    STAGES, PV, HAS_TAIL, WRITE_LSE, SPARSE, Q_ROWS, 0)),
         (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, D, BLOCK_N, STAGES, PV,
-                    HAS_TAIL, WRITE_LSE, 1)),
+                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row, D, BLOCK_N,
+                    STAGES, PV, HAS_TAIL, WRITE_LSE, SPARSE, Q_ROWS, 1)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
-                   n_k_blocks, BLOCK_N, STAGES, PV == 2)),
+                   n_iter, lut_row, BLOCK_N, STAGES, PV == 2, SPARSE)),
     ], [4, 1], [WORKER_REGS, LOADER_REGS])
 
 
@@ -316,16 +338,21 @@ def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtype, pv: str, lse: bool = False):
+def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtype, pv: str, lse: bool = False,
+                      lut: torch.Tensor | None = None, n_sel: torch.Tensor | None = None):
     """triton_sage.attention_forward on this kernel: quant from triton_sage.quantize with config(pv) tiles and
-    the same pv ("fp16" or "int8")."""
+    the same pv ("fp16" or "int8"); or, with lut / n_sel (triton_sage.block_plan), FP16 P.V over the kept key
+    blocks of a quantization with 128-row query blocks and 64- or 128-key blocks (sparge's)."""
     b, lq, h, d = q_shape
-    bn = BLOCK_N
     nq, nk = quant.qs.shape[1], quant.ks.shape[1]
     lq_pad, lk_pad = quant.q8.shape[1], quant.k8.shape[1]
+    q_rows, bn = lq_pad // nq, lk_pad // nk
+    sparse = lut is not None
     v_dtype = {"fp16": torch.float16, "int8": torch.int8}[pv]
-    if lq_pad != nq * 64 or lk_pad != nk * bn or quant.v.dtype != v_dtype:
-        raise ValueError(f"gluon_sage needs a {pv} quantization with 64x{bn} tiles")
+    if (quant.v.dtype != v_dtype or q_rows not in (64, 128) or bn not in ((64, BLOCK_N) if pv == "fp16" else (BLOCK_N,))
+            or (sparse and (pv != "fp16" or q_rows != 128))):
+        raise ValueError(f"gluon_sage takes {pv} quantizations with 64x{BLOCK_N} tiles (dense) or, for FP16 P.V, "
+                         f"128x64 / 128x128 block-sparse plans; got {q_rows}x{bn}{' sparse' if sparse else ''}")
     q_desc = _descriptor(quant.q8.view(b * h * lq_pad, d), [64, d])
     k_desc = _descriptor(quant.k8.view(b * h * lk_pad, d), [bn, d])
     if pv == "int8":
@@ -334,11 +361,12 @@ def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtyp
         v_desc = _descriptor(quant.v.view(b * h * lk_pad, d), [bn, d])
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=quant.q8.device)
     lse_out = torch.empty(b * h, lq_pad, dtype=torch.float32, device=out.device) if lse else quant.qs
-    _attn_kernel[(triton.cdiv(nq, WARPGROUPS.value), b * h)](
-        q_desc, k_desc, v_desc, quant.qs, quant.ks, quant.vs if quant.vs is not None else quant.qs, out, lse_out,
+    _attn_kernel[(triton.cdiv(lq_pad, 64 * WARPGROUPS.value), b * h)](
+        q_desc, k_desc, v_desc, quant.qs, quant.ks, quant.vs if quant.vs is not None else quant.qs,
+        lut if sparse else quant.ks, n_sel if sparse else quant.ks, out, lse_out,
         out.stride(0), out.stride(1), out.stride(2), lq, lk, h, nq, nk, lq_pad, lk_pad,
-        D=d, BLOCK_N=bn, STAGES=STAGES[pv], PV=pv_index(pv), HAS_TAIL=lk % bn != 0,
-        WRITE_LSE=lse, num_warps=4)
+        D=d, BLOCK_N=bn, STAGES=STAGES[pv] * BLOCK_N // bn, PV=pv_index(pv), HAS_TAIL=lk % bn != 0,
+        WRITE_LSE=lse, SPARSE=sparse, Q_ROWS=q_rows, num_warps=4)
     return (out, lse_out) if lse else out
 
 
@@ -356,13 +384,13 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str = 
     return out, true_lse(lse_k, quant, q)
 
 
-def compile_sm90(pv: str, head_dim: int = 128):
+def compile_sm90(pv: str, head_dim: int = 128, sparse: bool = False, block_n: int = BLOCK_N):
     """Compile the kernel for an sm_90 target without a GPU (Triton's bundled ptxas): the tests' check that it
     builds with the installed Triton, and bench/kernel_sass.py's source of SASS. Returns Triton's compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    bn, d = BLOCK_N, head_dim
+    bn, d = block_n, head_dim
     elt = {"fp16": ("fp16", gl.float16), "int8": ("i8", gl.int8)}
 
     def desc(block, kind="int8"):
@@ -371,13 +399,14 @@ def compile_sm90(pv: str, head_dim: int = 128):
 
     args = [("q_desc", desc([64, d])), ("k_desc", desc([bn, d])),
             ("v_desc", desc([d, bn]) if pv == "int8" else desc([bn, d], "fp16")),
-            ("QS", "*fp32"), ("KS", "*fp32"), ("VS", "*fp32"), ("O", "*bf16"), ("LSE", "*fp32")]
+            ("QS", "*fp32"), ("KS", "*fp32"), ("VS", "*fp32"), ("LUT", "*i32"), ("NSEL", "*i32"), ("O", "*bf16"),
+            ("LSE", "*fp32")]
     args += [(n, "i32") for n in ("stride_ob", "stride_ol", "stride_oh", "Lq", "Lk", "H", "n_q_blocks", "n_k_blocks",
                                   "Lq_pad", "Lk_pad")]
-    consts = dict(D=d, BLOCK_N=bn, STAGES=STAGES[pv], PV=pv_index(pv), HAS_TAIL=True,
-                  WRITE_LSE=True)
+    consts = dict(D=d, BLOCK_N=bn, STAGES=STAGES[pv] * BLOCK_N // bn, PV=pv_index(pv), HAS_TAIL=True,
+                  WRITE_LSE=True, SPARSE=sparse, Q_ROWS=128 if sparse else 64)
     sig = dict(args) | {k: "constexpr" for k in consts}
-    aligned = {"QS", "KS", "VS", "O", "LSE", "stride_ob", "stride_ol", "stride_oh", "Lq_pad", "Lk_pad"}
+    aligned = {"QS", "KS", "VS", "LUT", "NSEL", "O", "LSE", "stride_ob", "stride_ol", "stride_oh", "Lq_pad", "Lk_pad"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(args) if name in aligned}
     return triton.compile(GluonASTSource(_attn_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4))

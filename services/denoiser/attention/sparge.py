@@ -4,25 +4,29 @@ Per request parameters (SpargeParams): each query block keeps the key blocks tha
 judged on mean-pooled blocks (softmax of pooled q . pooled k), either the top-k fraction or the smallest set
 reaching a cumulative threshold; blocks whose tokens are not self-similar (mean pairwise cosine below
 sim_threshold: their mean does not summarise them) are always kept, as whole rows (query) or columns (key).
-The kept blocks then run through our block-sparse INT8 Triton kernel (the `sage` kernel walking a list of key
-blocks), optionally skipping P.V of blocks negligible in every row (pv_threshold). `spas_sage_attn` (not on
-PyPI) is used instead when installed.
+The kept blocks then run through our block-sparse `sage` kernel (INT8 Q.K, FP16 P.V, walking a list of key
+blocks): the Gluon one on Hopper, the Triton one elsewhere and when P.V of blocks negligible in every row is to be
+skipped (pv_threshold, a Triton-kernel option). `spas_sage_attn` (not on PyPI) is used instead when installed.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 
 import torch
 
 from .base import Backend, BackendInfo, Kernel, package_version, triton_reason
 from .choice import SpargeParams
-from .sage import DTYPES, HEAD_DIMS
+from .sage import _GLUON_FAILED, DTYPES, HEAD_DIMS, _why, gluon_supported
+
+log = logging.getLogger(__name__)
 
 INFO = BackendInfo(
     name="sparge", description="SpargeAttn-style block-sparse attention (pooled-score block mask, top-k or "
-                               "cumulative threshold) on the INT8 sage kernel; spas_sage_attn when installed (lossy)",
+                               "cumulative threshold) on our sage kernel (Gluon on Hopper, Triton elsewhere); "
+                               "spas_sage_attn when installed (lossy)",
     lossy=True, devices=("cuda", "cpu"), dtypes=DTYPES, head_dims=HEAD_DIMS, returns_lse=True,
 )
 
@@ -61,17 +65,30 @@ def block_lut(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lut.reshape(-1, nk).contiguous(), keep.sum(-1, dtype=torch.int32).reshape(-1).contiguous()
 
 
-class TritonSpargeKernel(Kernel):
+class SpargeKernel(Kernel):
+    """Our block-sparse walk: the plan (quantization pass + triton_sage.block_plan, 128-row query blocks x 64-key
+    blocks on Hopper), then the kept blocks through gluon_sage on Hopper (head dim 64 / 128, no pv_threshold) or
+    triton_sage. A Gluon build failure is logged and remembered for the process, as for `sage`."""
+
     name = "sparge"
 
-    def __init__(self, params: SpargeParams, device: torch.device):
+    def __init__(self, params: SpargeParams, device: torch.device, head_dim: int | None = None):
         from . import triton_sage
 
         self.ts = triton_sage
         self.params = params.resolved()
         self.pv = "fp16"  # P.V precision of the kept blocks (INT8 P.V measured slower here: docs/benchmarks.md)
         self.cfg = triton_sage.default_config(device, self.pv)  # its tiles are the sparse blocks
-        self.label = "sparge[triton]"
+        self.key = ("sparge", head_dim)
+        self.gluon = None
+        if (head_dim is not None and self.params.pv_threshold is None and gluon_supported(device, head_dim)
+                and self.key not in _GLUON_FAILED):
+            from triton.errors import TritonError
+
+            from . import gluon_sage
+
+            self.gluon, self.build_errors = gluon_sage, TritonError
+        self.label = "sparge[gluon]" if self.gluon is not None else "sparge[triton]"
         self.kept: torch.Tensor | None = None  # kept blocks summed over calls (on device: no sync per call)
         self.total = 0
 
@@ -84,18 +101,27 @@ class TritonSpargeKernel(Kernel):
         self.total += lut.numel()
         return lut, n_sel
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool):
         quant = self.ts.quantize(q, k, v, self.cfg, self.pv, pool=True)
         lut, n_sel = self.plan(quant)
-        return self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, self.pv, lut, n_sel,
-                                         self.params.pv_threshold)
+        if self.gluon is not None:
+            try:
+                return quant, self.gluon.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.pv, lse=lse,
+                                                           lut=lut, n_sel=n_sel)
+            except self.build_errors as e:  # raised before the kernel launches: the Triton kernel takes this call
+                _GLUON_FAILED[self.key] = _why(e)
+                log.warning("sparge: the Gluon kernel failed to build (%s); using the Triton kernel",
+                            _GLUON_FAILED[self.key])
+                self.gluon, self.label = None, "sparge[triton]"
+        return quant, self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, self.pv, lut, n_sel,
+                                                self.params.pv_threshold, lse=lse)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._run(q, k, v, lse=False)[1]
 
     def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LSE over the kept blocks only (what the output is normalised by)."""
-        quant = self.ts.quantize(q, k, v, self.cfg, self.pv, pool=True)
-        lut, n_sel = self.plan(quant)
-        out, lse = self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, self.pv, lut, n_sel,
-                                             self.params.pv_threshold, lse=True)
+        quant, (out, lse) = self._run(q, k, v, lse=True)
         return out, self.ts.true_lse(lse, quant, q)
 
     def density(self) -> float | None:
@@ -129,7 +155,7 @@ class PackageSpargeKernel(Kernel):
         return self.mod.spas_sage2_attn_meansim_cuda(q, k, v, cdfthreshd=p.cdf_threshold, **common)
 
     def with_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return TritonSpargeKernel(self.params, q.device).with_lse(q, k, v)  # the package has no LSE output
+        return SpargeKernel(self.params, q.device, q.shape[-1]).with_lse(q, k, v)  # the package has no LSE output
 
     def describe(self) -> str:
         return f"{self.label} ({self.params.summary()})"
@@ -149,7 +175,7 @@ def build(choice, device: torch.device, dtype: torch.dtype, head_dim: int) -> Ke
     params = choice.sparge if choice is not None else SpargeParams()
     if device.type == "cuda" and _package() and dtype != torch.float32:
         return PackageSpargeKernel(params, package_version("spas_sage_attn") or package_version("spas-sage-attn"))
-    return TritonSpargeKernel(params, device)
+    return SpargeKernel(params, device, head_dim)
 
 
 BACKEND = Backend(INFO, _check, build)
