@@ -102,13 +102,19 @@ def test_sparge_falls_back_to_the_triton_walk_when_the_gluon_build_fails(monkeyp
         return "out"
 
     monkeypatch.setattr(kern.gluon, "attention_forward", gluon_walk)
-    monkeypatch.setattr(kern.ts, "quantize", lambda *args, **kwargs: "quant")
-    monkeypatch.setattr(kern.ts, "block_plan", lambda quant, *args: (torch.zeros(4, 2), torch.ones(4)))
+    plans = []  # the blocks each call was planned on
+    monkeypatch.setattr(kern.ts, "quantize", lambda q, k, v, cfg, pv, pool: plans.append(cfg) or "quant")
+    # 4 query blocks x 2 key blocks; the Gluon-block plan keeps both, the Triton-block plan one of each row's two
+    monkeypatch.setattr(kern.ts, "block_plan", lambda quant, *args: (torch.zeros(4, 2),
+                                                                     torch.full((4,), 2 if len(plans) == 1 else 1)))
     monkeypatch.setattr(kern.ts, "attention_forward", triton_walk)
     q = torch.zeros(1, 4, 1, 64)
     assert kern(q, q, q) == "out" and kern(q, q, q) == "out"
     assert walks == ["gluon", "triton", "triton"]  # no new attempt once it has failed
     assert kern.label == "sparge[triton]" and "shared memory" in failed[("sparge", 64)]
+    gluon_blocks, triton_blocks = plans[0], plans[1]  # the failed call was planned again on the Triton walk's tiles
+    assert (gluon_blocks.block_m, gluon_blocks.block_n) == sparge.GLUON_BLOCKS and plans[2] == triton_blocks
+    assert kern.density() == 0.5  # the walks that ran (not the failed one's plan, which kept every block)
     assert sparge.SpargeKernel(SpargeParams(topk=0.5), torch.device("cpu"), 64).label == "sparge[triton]"
 
 

@@ -22,6 +22,7 @@ from .choice import SpargeParams
 from .sage import _GLUON_FAILED, DTYPES, HEAD_DIMS, _why, gluon_supported
 
 log = logging.getLogger(__name__)
+GLUON_BLOCKS = (128, 128)  # (query rows, keys) of a sparse block on the Gluon walk (the Triton walk: its tiles)
 
 INFO = BackendInfo(
     name="sparge", description="SpargeAttn-style block-sparse attention (pooled-score block mask, top-k or "
@@ -66,9 +67,9 @@ def block_lut(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SpargeKernel(Kernel):
-    """Our block-sparse walk: the plan (quantization pass + triton_sage.block_plan, 128-row query blocks x 64-key
-    blocks on Hopper), then the kept blocks through gluon_sage on Hopper (head dim 64 / 128, no pv_threshold) or
-    triton_sage. A Gluon build failure is logged and remembered for the process, as for `sage`."""
+    """Our block-sparse walk: the plan (quantization pass + triton_sage.block_plan), then the kept blocks through
+    gluon_sage on Hopper (head dim 64 / 128, no pv_threshold; GLUON_BLOCKS) or triton_sage (its tiles are the
+    blocks). A Gluon build failure is logged and remembered for the process, as for `sage`."""
 
     name = "sparge"
 
@@ -88,33 +89,32 @@ class SpargeKernel(Kernel):
             from . import gluon_sage
 
             self.gluon, self.build_errors = gluon_sage, TritonError
+            self.triton_cfg, self.cfg = self.cfg, triton_sage.KernelConfig(*GLUON_BLOCKS, 4, 2)
         self.label = "sparge[gluon]" if self.gluon is not None else "sparge[triton]"
-        self.kept: torch.Tensor | None = None  # kept blocks summed over calls (on device: no sync per call)
+        self.kept: torch.Tensor | None = None  # kept blocks summed over calls
         self.total = 0
 
-    def plan(self, quant) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lut, n_sel) of the kept blocks (block_mask + block_lut's selection, in one Triton kernel)."""
-        p = self.params
-        lut, n_sel = self.ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)
-        kept = n_sel.sum(dtype=torch.int64)
-        self.kept = kept if self.kept is None else self.kept + kept
-        self.total += lut.numel()
-        return lut, n_sel
-
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool):
+        p = self.params
         quant = self.ts.quantize(q, k, v, self.cfg, self.pv, pool=True)
-        lut, n_sel = self.plan(quant)
+        lut, n_sel = self.ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)  # block_mask + block_lut
         if self.gluon is not None:
             try:
-                return quant, self.gluon.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.pv, lse=lse,
-                                                           lut=lut, n_sel=n_sel)
+                out = self.gluon.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.pv, lse=lse, lut=lut,
+                                                   n_sel=n_sel)
             except self.build_errors as e:  # raised before the kernel launches: the Triton kernel takes this call
                 _GLUON_FAILED[self.key] = _why(e)
                 log.warning("sparge: the Gluon kernel failed to build (%s); using the Triton kernel",
                             _GLUON_FAILED[self.key])
-                self.gluon, self.label = None, "sparge[triton]"
-        return quant, self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, self.pv, lut, n_sel,
-                                                self.params.pv_threshold, lse=lse)
+                self.gluon, self.label, self.cfg = None, "sparge[triton]", self.triton_cfg
+                return self._run(q, k, v, lse)  # planned again on the Triton walk's blocks
+        else:
+            out = self.ts.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.cfg, self.pv, lut, n_sel,
+                                            p.pv_threshold, lse=lse)
+        kept = n_sel.sum(dtype=torch.int64)  # on the device: no sync per call
+        self.kept = kept if self.kept is None else self.kept + kept
+        self.total += lut.numel()
+        return quant, out
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._run(q, k, v, lse=False)[1]
