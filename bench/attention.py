@@ -96,7 +96,7 @@ def kernel_rows() -> list[tuple[str, object]]:
         rows.append((label, lambda q, k, v, p=params: _backend_fn("sparge", A.AttentionChoice("sparge", sparge=p),
                                                                    q, k, v)))
 
-    def triton_sparge(q, k, v):  # the Triton walk beside the Gluon one the backend runs on Hopper (same plan)
+    def triton_sparge(q, k, v):  # the Triton walk beside the Gluon one the backend runs on Hopper (own 128x64 plan)
         kern = SpargeKernel(A.SpargeParams(topk=0.5), dev)  # no head dim given: never the Gluon walk
         return lambda: kern(q, k, v)
 
@@ -187,12 +187,12 @@ def bench_mask(shape_name: str, iters: int) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, l, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     dev = q.device
-    cfg = ts.default_config(dev, "fp16")
-    quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
     rows = []
     for label, params in (("topk 0.5", A.SpargeParams(topk=0.5)), ("cdf 0.98", A.SpargeParams())):
         p = params.resolved()
-        kern = SpargeKernel(params, dev, d)  # the walk the backend runs (Gluon on Hopper)
+        kern = SpargeKernel(params, dev, d)  # the walk the backend runs (Gluon on Hopper), and its plan's blocks
+        cfg = kern.cfg
+        quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
         fns = {
             "sparge call": lambda: kern(q, k, v),
             "mask prediction (triton)": lambda: ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold),
@@ -240,22 +240,30 @@ def check_small() -> list[dict]:
             out.append(dict(shape=[b, l, n, d], name=name, rel_err_vs_fp64=e, finite=bool(torch.isfinite(o).all())))
             print(f"check {str((b, l, n, d)):<20} {name:<14} rel err vs fp64 {e:.2e} finite {out[-1]['finite']}")
         from smartdiff.services.denoiser.attention.sparge import block_lut, block_mask
-        for cfg in (ts.KernelConfig(128, 64, 4, 3), ts.KernelConfig(64, 128, 4, 3)):
+        walks = [("triton", ts.KernelConfig(128, 64, 4, 3)), ("triton", ts.KernelConfig(64, 128, 4, 3))]
+        if gluon_sage:
+            walks += [("gluon", ts.KernelConfig(128, 64, 4, 3)), ("gluon", ts.KernelConfig(128, 128, 4, 3))]
+        for walk, cfg in walks:
             quant = ts.quantize(q, k, v, cfg, "fp16", pool=True)
             keep = block_mask(quant.q_pool, quant.q_sim, quant.k_pool, quant.k_sim, A.SpargeParams(topk=0.5))
-            o = ts.attention_forward(quant, q.shape, l, q.dtype, cfg, "fp16", *block_lut(keep))
+            lut, n_sel = block_lut(keep)
+            if walk == "gluon":
+                o = gluon_sage.attention_forward(quant, q.shape, l, q.dtype, "fp16", lut=lut, n_sel=n_sel)
+            else:
+                o = ts.attention_forward(quant, q.shape, l, q.dtype, cfg, "fp16", lut, n_sel)
             rows = torch.arange(l, device="cuda")
             tok = keep.view(b, n, *keep.shape[1:])[:, :, rows // cfg.block_m][:, :, :, rows // cfg.block_n]
             qd, kd, vd = (x.double().transpose(1, 2) for x in (q, k, v))
             sc = (qd @ kd.transpose(-1, -2) * d ** -0.5).masked_fill(~tok, float("-inf"))
             refm = (torch.softmax(sc, -1) @ vd).transpose(1, 2)
             e = rel(o.double(), refm)
-            out.append(dict(shape=[b, l, n, d], name=f"sparse topk0.5 {cfg}", rel_err_vs_fp64_masked=e,
-                            kept=keep.float().mean().item()))
-            print(f"check {str((b, l, n, d)):<20} sparse {cfg.block_m}x{cfg.block_n} vs fp64 "
+            out.append(dict(shape=[b, l, n, d], name=f"sparse topk0.5 {walk} {cfg}", rel_err_vs_fp64_masked=e,
+                            kept=keep.float().mean().item(), finite=bool(torch.isfinite(o).all())))
+            print(f"check {str((b, l, n, d)):<20} sparse {walk} {cfg.block_m}x{cfg.block_n} vs fp64 "
                   f"masked {e:.2e} (kept {keep.float().mean().item():.2f})")
-            o = ts.sage_attention(q, k, v, "fp16", cfg)
-            print(f"check {str((b, l, n, d)):<20} dense  {cfg} vs fp64 {rel(o.double(), ref):.2e}")
+            if walk == "triton":
+                o = ts.sage_attention(q, k, v, "fp16", cfg)
+                print(f"check {str((b, l, n, d)):<20} dense  {cfg} vs fp64 {rel(o.double(), ref):.2e}")
     return out
 
 

@@ -66,6 +66,27 @@ def test_backends_pick_gluon_only_where_it_runs_and_has_not_failed(monkeypatch):
     assert sage._build_sage(None, cpu, torch.float32, 128).label == "sage[gluon]"
 
 
+def test_attention_forward_refuses_tiles_and_plans_it_does_not_take():
+    from smartdiff.services.denoiser.attention.triton_sage import Quantized
+
+    def quant(q_rows, bn, v_dtype=torch.float16, bh=2, lq=256, lk=512):
+        return Quantized(torch.zeros(bh, lq, 128, dtype=torch.int8), torch.zeros(bh, lq // q_rows),
+                         torch.zeros(bh, lk, 128, dtype=torch.int8), torch.zeros(bh, lk // bn),
+                         torch.zeros(bh, lk, 128, dtype=v_dtype), None)
+
+    shape = torch.Size([1, 256, 2, 128])
+    lut, n_sel = torch.zeros(4, 4, dtype=torch.int32), torch.ones(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="got 128x128$"):  # dense: 64-row query tiles only
+        gs.attention_forward(quant(128, 128), shape, 512, torch.bfloat16, "fp16")
+    with pytest.raises(ValueError, match="got 64x128 block-sparse"):  # a plan needs 128-row query blocks
+        gs.attention_forward(quant(64, 128), shape, 512, torch.bfloat16, "fp16", lut=lut, n_sel=n_sel)
+    with pytest.raises(ValueError, match="FP16 P.V only"):
+        gs.attention_forward(quant(128, 128, torch.int8), shape, 512, torch.bfloat16, "int8", lut=lut, n_sel=n_sel)
+    for bad in (dict(lut=lut), dict(lut=lut.long(), n_sel=n_sel), dict(lut=lut[:2], n_sel=n_sel[:2])):
+        with pytest.raises(ValueError, match="lut int32 \\[4, 4\\] and n_sel int32 \\[4\\]"):
+            gs.attention_forward(quant(128, 128), shape, 512, torch.bfloat16, "fp16", **bad)
+
+
 def test_sparge_takes_the_gluon_walk_only_where_it_runs(monkeypatch):
     from smartdiff.services.denoiser.attention import SpargeParams, sparge
 
@@ -223,6 +244,24 @@ def test_block_sparse_walk_matches_the_triton_walk_and_masked_float64(block_n):
     qd, kd, vd = (x.double().transpose(1, 2) for x in (q, k, v))
     s = (qd @ kd.transpose(-1, -2) * 128 ** -0.5).masked_fill(~mask[None], float("-inf"))
     assert rel(ours, (torch.softmax(s, -1) @ vd).transpose(1, 2)) < 2.5e-2
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+def test_sparge_gluon_walk_on_its_own_plan():
+    """The backend's path: sparge's plan (block_plan on GLUON_BLOCKS, several blocks each way), the Gluon walk
+    against the Triton walk on the same plan, and the kept fraction it reports."""
+    from smartdiff.services.denoiser.attention import SpargeParams, sparge
+    from smartdiff.services.denoiser.attention import triton_sage as ts
+
+    q, k, v = qkv(2, 900, 1100, 3, 128)
+    kern = sparge.SpargeKernel(SpargeParams(topk=0.5, sim_threshold=-1.0), q.device, 128)
+    assert kern.label == "sparge[gluon]" and (kern.cfg.block_m, kern.cfg.block_n) == sparge.GLUON_BLOCKS
+    out = kern(q, k, v)
+    quant = ts.quantize(q, k, v, kern.cfg, "fp16", pool=True)
+    lut, n_sel = ts.block_plan(quant, 0.5, None, -1.0)
+    assert rel(out, ts.attention_forward(quant, q.shape, 1100, q.dtype, kern.cfg, "fp16", lut, n_sel)) < 5e-3
+    nk = quant.ks.shape[1]  # 9 key blocks: each query block keeps int(0.5 * 9) = 4
+    assert kern.density() == pytest.approx(4 / nk) and n_sel.eq(4).all()
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")

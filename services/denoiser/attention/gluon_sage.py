@@ -1,4 +1,5 @@
-"""Hopper (sm_90) kernels of `sage` (FP16 P.V) and `sage_int8` (INT8 P.V), written in Gluon.
+"""Hopper (sm_90) kernels of `sage` (FP16 P.V), `sage_int8` (INT8 P.V) and `sparge` (FP16 P.V over the key blocks
+its plan keeps), written in Gluon.
 
 Same maths and the same quantized inputs as triton_sage (INT8 Q.K^T of smoothed K; see its docstring): what
 differs is the schedule, which Triton's own compiler does not give on Hopper (there, every MMA waits for itself
@@ -16,8 +17,10 @@ and all warps stop at each barrier):
   of 12582912 + x: a float with no conversion instruction; each probability tile is exp2(s * sc - c) with one
   fused multiply-add, c being the row's block maximum times sc rounded *up* (x (1 + 2**-22)), so the largest
   value is at most 1 and 127 p never rounds to 128, and the deficit goes back into the row's reference maximum,
-  so the log-sum-exp stays exact; 127 p is rounded in float16 pairs.
-Measured on an H200 against cuDNN SDPA and the Triton kernels: docs/benchmarks.md (bench/attention.py).
+  so the log-sum-exp stays exact; 127 p is rounded in float16 pairs;
+- block-sparse (SPARSE, FP16 P.V): the loader and both warpgroups walk the kept key blocks of the program's row
+  of a triton_sage.block_plan (128-row query blocks), instead of every key block.
+Measured on H100 and H200 against cuDNN SDPA and the Triton kernels: docs/benchmarks.md (bench/attention.py).
 Run only on Hopper GPUs (sage.gluon_supported), where a failed build falls back to triton_sage; the module
 imports anywhere Triton has Gluon (the tests compile it on the CPU). triton_sage runs everywhere else.
 Written for this project.
@@ -62,9 +65,9 @@ def _key_block(lut_row, j, SPARSE: gl.constexpr):
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, k_row, v_row, n_iter, lut_row,
             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_T: gl.constexpr, SPARSE: gl.constexpr):
-    """Worker partition (one warp): TMA of Q (WARPGROUPS x 64 rows), then of K [BLOCK_N, D] and V (FP16 [BLOCK_N, D],
-    or INT8 V^T [D, BLOCK_N] if V_T) of every key block into the ring, each slot as soon as every compute
-    warpgroup has released it."""
+    """Worker partition (one warp): TMA of Q (WARPGROUPS x 64 rows), then of K [BLOCK_N, D] and V (FP16
+    [BLOCK_N, D], or INT8 V^T [D, BLOCK_N] if V_T) of every key block walked (_key_block) into the ring, each slot
+    as soon as every compute warpgroup has released it."""
     mbarrier.expect(q_bar, WARPGROUPS * q_desc.block_type.nbytes)
     for g in gl.static_range(WARPGROUPS):
         _tma_load(q_desc, [q_row + g * 64, 0], q_bar, q_smem.index(g))
@@ -213,8 +216,9 @@ def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk
 def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_iter, lut_row,
                D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr,
                SPARSE: gl.constexpr):
-    """FP16 P.V over every key block for one warpgroup's 64 rows -> (acc, l, m): the softmax of block j, then the
-    P.V of block j (into acc itself) and the Q.K^T of block j + 1 issued together and waited for."""
+    """FP16 P.V over the key blocks walked (_key_block) for one warpgroup's 64 rows -> (acc, l, m): the softmax of
+    block j, then the P.V of block j (into acc itself) and the Q.K^T of block j + 1 issued together and waited
+    for."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
@@ -252,7 +256,7 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
              D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr, HAS_TAIL: gl.constexpr,
              WRITE_LSE: gl.constexpr, SPARSE: gl.constexpr, Q_ROWS: gl.constexpr, GROUP: gl.constexpr):
     """One compute warpgroup (a partition of its own): rows GROUP * 64 .. + 64 of the program's WARPGROUPS x 64-row
-    query tile, the online softmax over every key block, then the output (and log-sum-exp)."""
+    query tile, the online softmax over the key blocks walked, then the output (and log-sum-exp)."""
     q_blk = (pid_m * WARPGROUPS + GROUP) * 64 // Q_ROWS  # Q's scale per Q_ROWS rows; the last groups may be padding
     qs = gl.load(QS + bh * n_q_blocks + q_blk, mask=q_blk < n_q_blocks, other=0.0)
     ks_row = KS + bh * n_k_blocks
@@ -342,17 +346,26 @@ def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtyp
                       lut: torch.Tensor | None = None, n_sel: torch.Tensor | None = None):
     """triton_sage.attention_forward on this kernel: quant from triton_sage.quantize with config(pv) tiles and
     the same pv ("fp16" or "int8"); or, with lut / n_sel (triton_sage.block_plan), FP16 P.V over the kept key
-    blocks of a quantization with 128-row query blocks and 64- or 128-key blocks (sparge's)."""
+    blocks of a quantization with 128-row query blocks and 64- or 128-key blocks (sparge's). Every query block
+    must keep at least one key block, as block_plan's plans do (with none, the kernel would wait forever)."""
     b, lq, h, d = q_shape
     nq, nk = quant.qs.shape[1], quant.ks.shape[1]
     lq_pad, lk_pad = quant.q8.shape[1], quant.k8.shape[1]
     q_rows, bn = lq_pad // nq, lk_pad // nk
-    sparse = lut is not None
+    sparse = lut is not None or n_sel is not None
     v_dtype = {"fp16": torch.float16, "int8": torch.int8}[pv]
-    if (quant.v.dtype != v_dtype or q_rows not in (64, 128) or bn not in ((64, BLOCK_N) if pv == "fp16" else (BLOCK_N,))
-            or (sparse and (pv != "fp16" or q_rows != 128))):
-        raise ValueError(f"gluon_sage takes {pv} quantizations with 64x{BLOCK_N} tiles (dense) or, for FP16 P.V, "
-                         f"128x64 / 128x128 block-sparse plans; got {q_rows}x{bn}{' sparse' if sparse else ''}")
+    if sparse:
+        tiles = {(128, 64), (128, BLOCK_N)} if pv == "fp16" else set()
+    else:
+        tiles = {(64, BLOCK_N)}
+    if quant.v.dtype != v_dtype or (q_rows, bn) not in tiles:
+        raise ValueError(f"gluon_sage takes {pv} quantizations with 64x{BLOCK_N} tiles, or block-sparse plans "
+                         f"(FP16 P.V only) on 128x64 / 128x{BLOCK_N} blocks; got {q_rows}x{bn}"
+                         + (" block-sparse" if sparse else ""))
+    if sparse and (lut is None or n_sel is None or lut.shape != (b * h * nq, nk) or n_sel.shape != (b * h * nq,)
+                   or lut.dtype != torch.int32 or n_sel.dtype != torch.int32 or lut.device != quant.q8.device):
+        raise ValueError(f"a block-sparse plan is lut int32 [{b * h * nq}, {nk}] and n_sel int32 [{b * h * nq}] on "
+                         f"{quant.q8.device} (triton_sage.block_plan)")
     q_desc = _descriptor(quant.q8.view(b * h * lq_pad, d), [64, d])
     k_desc = _descriptor(quant.k8.view(b * h * lk_pad, d), [bn, d])
     if pv == "int8":

@@ -5,7 +5,7 @@ FP16/BF16 (`sage`, ~1.3e-2 relative error on random, diffuse attention), FP8 e4m
 (`sage_fp8`, ~4e-2 there, about the same as `sage` inside a DiT), or INT8 with P scaled per row and key block and
 V per channel (`sage_int8`, ~2e-2; see triton_sage). Our Triton kernel runs all three; on Hopper GPUs `sage` and
 `sage_int8` run our Gluon kernels instead (gluon_sage: warp-specialized, asynchronous wgmma, TMA), which are
-faster there: 1.2-1.4x cuDNN SDPA on Wan shapes, as is `sage_fp8` (docs/benchmarks.md). `sage` uses the
+faster there: 1.2-1.4x cuDNN SDPA on Wan shapes, about as fast as `sage_fp8` (docs/benchmarks.md). `sage` uses the
 `sageattention` package instead when version 2 or later (CUDA kernels) is installed. Version 1.x (the one on
 PyPI) is not used: it is slower than cuDNN SDPA on Hopper and than our kernels (bench/attention.py).
 """
@@ -66,8 +66,8 @@ class TritonSageKernel(Kernel):
         return self.run(q, k, v, pv=self.pv, cfg=self.cfg, lse=True)
 
 
-# (P.V precision, head dim) -> why our Gluon kernel failed to build in this process; from then on every request
-# with that pair gets the Triton kernel, without trying again
+# (P.V precision or "sparge", head dim) -> why our Gluon kernel failed to build in this process; from then on
+# every request with that pair gets the Triton kernel, without trying again
 _GLUON_FAILED: dict[tuple[str, int], str] = {}
 
 

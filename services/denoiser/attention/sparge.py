@@ -59,7 +59,8 @@ def block_mask(q_pool: torch.Tensor, q_sim: torch.Tensor, k_pool: torch.Tensor, 
 
 
 def block_lut(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [BH, nq, nk] -> (kept key-block indices ascending, padded, int32 [BH*nq, nk]; count int32 [BH*nq])."""
+    """bool [BH, nq, nk] -> (kept key-block indices ascending, padded, int32 [BH*nq, nk]; count int32 [BH*nq]).
+    The kernels need at least one kept block per query block (block_mask and block_plan always keep one)."""
     nk = keep.shape[-1]
     idx = torch.arange(nk, device=keep.device, dtype=torch.int32)
     lut = torch.where(keep, idx, idx + nk).sort(dim=-1).values  # kept first, ascending
@@ -96,6 +97,8 @@ class SpargeKernel(Kernel):
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool):
         p = self.params
+        if self.gluon is not None and self.key in _GLUON_FAILED:  # another instance's build failed meanwhile
+            self.gluon, self.label, self.cfg = None, "sparge[triton]", self.triton_cfg
         quant = self.ts.quantize(q, k, v, self.cfg, self.pv, pool=True)
         lut, n_sel = self.ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)  # block_mask + block_lut
         if self.gluon is not None:
