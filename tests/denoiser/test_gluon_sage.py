@@ -9,10 +9,11 @@ pairs, and tiny scores (where padded keys must still get no weight); the block-s
 Triton walk and float64 attention under the same block mask.
 """
 
+import json
+import os
 import re
 import subprocess
-import tempfile
-from pathlib import Path
+import sys
 
 import pytest
 import torch
@@ -28,20 +29,40 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
 
 
-def sass(kernel) -> list[tuple[str, str]]:
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+VARIANTS = [("fp16", False, 128), ("int8", False, 128), ("fp16", True, 64), ("fp16", True, 128)]  # pv, sparse, keys
+COMPILE = """
+import json, re, subprocess, sys, tempfile
+from pathlib import Path
+import triton
+from smartdiff.services.denoiser.attention import gluon_sage as gs
+tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+out = {}
+for pv, sparse, block_n, head_dim in json.loads(sys.argv[1]):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+        f.write(gs.compile_sm90(pv, head_dim, sparse, block_n).asm["cubin"])
         f.flush()
-        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    return SASS_LINE.findall(text)
+        out[f"{pv} {sparse} {block_n} {head_dim}"] = subprocess.run([tool, "-sass", f.name], capture_output=True,
+                                                                    text=True, check=True).stdout
+print(json.dumps(out))
+"""
 
 
-@pytest.mark.parametrize("pv,sparse,block_n", [("fp16", False, 128), ("int8", False, 128), ("fp16", True, 64),
-                                               ("fp16", True, 128)])
+@pytest.fixture(scope="module")
+def hopper_sass() -> dict[str, list[tuple[str, str]]]:
+    """SASS of every variant, compiled in a fresh process: a process that has imported Triton under
+    TRITON_INTERPRET=1 (the CPU run of test_attention_kernels) has interpreter versions of Triton's own library
+    functions, which a real compilation cannot call."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    todo = [[pv, sparse, block_n, d] for pv, sparse, block_n in VARIANTS for d in (64, 128)]
+    run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(todo)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {key: SASS_LINE.findall(text) for key, text in json.loads(run.stdout.splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize("pv,sparse,block_n", VARIANTS)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_compiles_for_hopper_with_pipelined_wgmma(pv, sparse, block_n, head_dim):
-    ops = sass(gs.compile_sm90(pv, head_dim, sparse, block_n))
+def test_compiles_for_hopper_with_pipelined_wgmma(hopper_sass, pv, sparse, block_n, head_dim):
+    ops = hopper_sass[f"{pv} {sparse} {block_n} {head_dim}"]
     names = [op for op, _ in ops]
     mma = [(op, rest) for op, rest in ops if op.startswith(("HGMMA", "IGMMA"))]
     assert mma and any(op.startswith("UTMALDG") for op in names), "no wgmma / TMA in the kernel"
