@@ -283,6 +283,16 @@ def test_sparge_gluon_walk_on_its_own_plan():
     assert rel(out, ts.attention_forward(quant, q.shape, 1100, q.dtype, kern.cfg, "fp16", lut, n_sel)) < 5e-3
     nk = quant.ks.shape[1]  # 9 key blocks: each query block keeps int(0.5 * 9) = 4
     assert kern.density() == pytest.approx(4 / nk) and n_sel.eq(4).all()
+    # with the log-sum-exp (ring attention's merge): the same output, and float64's LSE over the kept blocks
+    out_lse, lse = kern.with_lse(q, k, v)
+    assert torch.equal(out_lse, out) and lse.shape == (2, 3, 900)
+    keep = torch.zeros(2 * 3 * quant.qs.shape[1], nk, dtype=torch.bool, device=q.device)
+    keep[torch.arange(keep.shape[0], device=q.device)[:, None], lut[:, :4].long()] = True
+    keep = keep.view(2, 3, -1, nk)[:, :, torch.arange(900, device=q.device) // 128]
+    keep = keep[..., torch.arange(1100, device=q.device) // 128]
+    qd, kd = (x.double().transpose(1, 2) for x in (q, k))
+    ref_lse = (qd @ kd.transpose(-1, -2) * 128 ** -0.5).masked_fill(~keep, float("-inf")).logsumexp(-1)
+    assert (lse.double() - ref_lse).abs().max().item() < 3e-2
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
