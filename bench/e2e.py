@@ -5,8 +5,11 @@ written first): the 1.3B DiT, the full Wan VAE (float32 for both), and a ONE-lay
 width (4096) in place of the 24-layer encoder (the T5 is ~0.05 s of a ~60 s generation on this class of GPU;
 both pipelines use the same one). Both return uint8 frames (no mp4: the GPU machine has no ffmpeg).
 Also reports the gRPC overhead: each stage's wall time at the gateway minus the compute time it reports.
+--attention runs our side once per attention choice (one deployment; "default" is the deployment's default,
+the exact `sdpa`; a choice's words after the backend are --attention-param settings).
 
   python bench/e2e.py --out bench_results/e2e.json
+  python bench/e2e.py --attention default sage "sparge sparge.topk=0.5"
 """
 
 from __future__ import annotations
@@ -69,7 +72,20 @@ def run_diffusers(root: Path, kw: dict) -> float:
     return seconds
 
 
-async def run_ours(root: Path, kw: dict) -> tuple[float, dict]:
+def attention_config(choice: str):
+    """"default" -> None; "sparge sparge.topk=0.5" -> AttentionConfig(backend="sparge", sparge.topk=0.5)."""
+    from smartdiff.denoiser.v1 import options_pb2
+    from smartdiff.services.gateway.client import set_fields
+
+    if choice == "default":
+        return None
+    backend, *params = choice.split()
+    config = options_pb2.AttentionConfig(backend=backend)
+    set_fields(config, params, "--attention")
+    return config
+
+
+async def run_ours(root: Path, kw: dict, choices: list[str]) -> tuple[list[dict], float]:
     from smartdiff.gateway.v1 import gateway_pb2_grpc
     from smartdiff.services.denoiser.server import DenoiserOptions
     from smartdiff.services.gateway.client import generate, request_to_proto
@@ -85,21 +101,25 @@ async def run_ours(root: Path, kw: dict) -> tuple[float, dict]:
     d = await EmbeddedDeployment.start(model, layout, SystemConfig(torch.device("cuda"), torch.bfloat16),
                                        denoiser=DenoiserOptions(compile="on"))
     startup = time.perf_counter() - start
+    runs = []
     try:
         async with create_channel(d.address) as ch:
             stub = gateway_pb2_grpc.GatewayServiceStub(ch)
             req = GenerationRequest(prompt=PROMPT, negative_prompt=NEG, guidance=(5.0,), seed=1, **kw)
-            proto = request_to_proto(req, output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)
-            start = time.perf_counter()
-            outcome = await generate(stub, proto)
-            seconds = time.perf_counter() - start
+            for choice in choices:
+                proto = request_to_proto(req, attention=attention_config(choice),
+                                         output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)
+                start = time.perf_counter()
+                outcome = await generate(stub, proto)
+                seconds = time.perf_counter() - start
+                stages = {t.stage: dict(wall=t.seconds, compute=t.compute_seconds,
+                                        peak_gib=t.peak_memory_bytes / 2**30) for t in outcome.summary.stage_timings}
+                runs.append(dict(choice=choice, ours_s=seconds, stages=stages,
+                                 grpc_overhead_s=sum(s["wall"] - s["compute"] for s in stages.values()),
+                                 attention=outcome.summary.settings.attention_selection))
     finally:
         await d.stop()
-    stages = {t.stage: dict(wall=t.seconds, compute=t.compute_seconds, peak_gib=t.peak_memory_bytes / 2**30)
-              for t in outcome.summary.stage_timings}
-    overhead = sum(s["wall"] - s["compute"] for s in stages.values())
-    return seconds, dict(stages=stages, grpc_overhead_s=overhead, startup_s=startup,
-                         attention=outcome.summary.settings.attention_selection)
+    return runs, startup
 
 
 def main() -> None:
@@ -109,23 +129,33 @@ def main() -> None:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--attention", nargs="+", default=["default"], metavar="CHOICE",
+                   help='attention choices, each timed: "default", "sage", "sparge sparge.topk=0.5", ...')
     p.add_argument("--out", type=Path, default=Path("bench_results/e2e.json"))
     args = p.parse_args()
+    for choice in args.attention:
+        attention_config(choice)  # a bad choice fails here, not after the peer's minute
     kw = dict(width=args.width, height=args.height, frames=args.frames, steps=args.steps)
     if not (args.folder / "model_index.json").is_file():
         write_folder(args.folder, shift=5.0)
     peer = run_diffusers(args.folder, kw)
     print(f"diffusers WanPipeline         {peer:8.2f} s", flush=True)
-    ours, info = asyncio.run(run_ours(args.folder, kw))
-    print(f"ours through the gateway      {ours:8.2f} s   ({peer / ours:.2f}x)   startup incl. compile "
-          f"{info['startup_s']:.0f} s, attention {info['attention']}")
-    print(f"gRPC overhead (stage wall - compute): {info['grpc_overhead_s']:.3f} s = "
-          f"{100 * info['grpc_overhead_s'] / ours:.2f} % of the generation")
-    for stage, s in info["stages"].items():
-        print(f"  stage {stage}: wall {s['wall']:.2f} s, compute {s['compute']:.2f} s, peak {s['peak_gib']:.1f} GiB")
+    runs, startup = asyncio.run(run_ours(args.folder, kw, args.attention))
+    print(f"our startup incl. compilation and warm-up: {startup:.0f} s (before SERVING, not timed)")
+    for run in runs:
+        ours = run["ours_s"]
+        run["speedup"] = peer / ours
+        print(f"ours through the gateway      {ours:8.2f} s   ({peer / ours:.2f}x)   attention {run['choice']}: "
+              f"{run['attention']}")
+        print(f"  gRPC overhead (stage wall - compute): {run['grpc_overhead_s']:.3f} s = "
+              f"{100 * run['grpc_overhead_s'] / ours:.2f} % of the generation")
+        for stage, s in run["stages"].items():
+            print(f"  stage {stage}: wall {s['wall']:.2f} s, compute {s['compute']:.2f} s, peak {s['peak_gib']:.1f} GiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    first = runs[0]
     args.out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), shape=kw,
-                                        diffusers_s=peer, ours_s=ours, speedup=peer / ours, **info), indent=1))
+                                        diffusers_s=peer, ours_s=first["ours_s"], speedup=first["speedup"],
+                                        startup_s=startup, runs=runs), indent=1))
 
 
 if __name__ == "__main__":
