@@ -86,7 +86,7 @@ def attention_config(choice: str):
 
 
 async def run_ours(root: Path, kw: dict, choices: list[str]) -> tuple[list[dict], float]:
-    from smartdiff.gateway.v1 import gateway_pb2_grpc
+    from smartdiff.gateway.v1 import gateway_pb2, gateway_pb2_grpc
     from smartdiff.services.denoiser.server import DenoiserOptions
     from smartdiff.services.gateway.client import generate, request_to_proto
     from smartdiff.services.gateway.embedded import EmbeddedDeployment
@@ -112,8 +112,9 @@ async def run_ours(root: Path, kw: dict, choices: list[str]) -> tuple[list[dict]
                 start = time.perf_counter()
                 outcome = await generate(stub, proto)
                 seconds = time.perf_counter() - start
-                stages = {t.stage: dict(wall=t.seconds, compute=t.compute_seconds,
-                                        peak_gib=t.peak_memory_bytes / 2**30) for t in outcome.summary.stage_timings}
+                stages = {gateway_pb2.Stage.Name(t.stage).removeprefix("STAGE_").lower():
+                          dict(wall=t.seconds, compute=t.compute_seconds, peak_gib=t.peak_memory_bytes / 2**30)
+                          for t in outcome.summary.stage_timings}
                 runs.append(dict(choice=choice, ours_s=seconds, stages=stages,
                                  grpc_overhead_s=sum(s["wall"] - s["compute"] for s in stages.values()),
                                  attention=outcome.summary.settings.attention_selection))
