@@ -6,9 +6,9 @@ channel; each call quantizes its activation per token (one scale per row) and ru
 multiplies in FP8 with float32 accumulation and applies both scales and the bias in its epilogue. These are
 nearly all of the DiT's GEMM FLOPs and weights (whose memory FP8 halves once loaded: a model loaded whole onto
 the GPU peaks at its bf16 size plus one layer while it is quantized; with weights kept in host memory, level 3,
-each linear is quantized on the GPU one at a time and only the FP8 weights are streamed). The embeddings (patch, text, time),
-the time projection and the head stay in the model dtype: they are small, and the timestep path is float32 by
-design (dit.KEEP_FP32).
+each linear is quantized on the GPU one at a time and only the FP8 weights are streamed). The embeddings (patch,
+text, time), the time projection and the head stay in the model dtype: they are small, and the timestep path is
+float32 by design (dit.KEEP_FP32).
 
 Quantizing is plain elementwise + row-reduction torch (`quantize_rows`), so that under `--compile` Inductor
 fuses it with the work that computes the GEMM's input: the layer norm + modulation before q/k/v and the MLP,
@@ -24,7 +24,6 @@ size, by bench/dit_forward.py --fp8 (docs/benchmarks.md).
 from __future__ import annotations
 
 import functools
-
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch

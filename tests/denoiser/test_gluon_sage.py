@@ -113,13 +113,13 @@ def test_sparge_takes_the_gluon_walk_only_where_it_runs(monkeypatch):
 
     cpu = torch.device("cpu")
     assert sparge.SpargeKernel(SpargeParams(topk=0.5), cpu, 128).label == "sparge[triton]"
-    monkeypatch.setattr(sparge, "gluon_supported", lambda device, head_dim: True)
-    monkeypatch.setattr(sparge, "_GLUON_FAILED", {})
+    monkeypatch.setattr(sage, "gluon_supported", lambda device, head_dim: True)
+    monkeypatch.setattr(sage, "_GLUON_FAILED", {})
     assert sparge.SpargeKernel(SpargeParams(topk=0.5), cpu, 128).label == "sparge[gluon]"
     assert sparge.build(None, cpu, torch.float32, 64).label == "sparge[gluon]"
     # the P.V skip is a Triton-kernel option; an earlier build failure is remembered per head dim
     assert sparge.SpargeKernel(SpargeParams(topk=0.5, pv_threshold=20.0), cpu, 128).label == "sparge[triton]"
-    sparge._GLUON_FAILED[("sparge", 128)] = "CompilationError: no such op"
+    sage._GLUON_FAILED[("sparge", 128)] = "CompilationError: no such op"
     assert sparge.SpargeKernel(SpargeParams(topk=0.5), cpu, 128).label == "sparge[triton]"
     assert sparge.SpargeKernel(SpargeParams(topk=0.5), cpu, 64).label == "sparge[gluon]"
 
@@ -130,8 +130,8 @@ def test_sparge_falls_back_to_the_triton_walk_when_the_gluon_build_fails(monkeyp
     from smartdiff.services.denoiser.attention import SpargeParams, sparge
 
     failed = {}
-    monkeypatch.setattr(sparge, "gluon_supported", lambda device, head_dim: True)
-    monkeypatch.setattr(sparge, "_GLUON_FAILED", failed)
+    monkeypatch.setattr(sage, "gluon_supported", lambda device, head_dim: True)
+    monkeypatch.setattr(sage, "_GLUON_FAILED", failed)
     kern = sparge.SpargeKernel(SpargeParams(topk=0.5), torch.device("cpu"), 64)
     walks = []
 

@@ -91,9 +91,7 @@ class GluonSageKernel(Kernel):
             try:
                 return self.run(q, k, v, pv=self.pv, lse=lse)
             except self.build_errors as e:  # compilation, ptxas, resources: raised before the kernel launches
-                _GLUON_FAILED[self.key] = _why(e)
-                log.warning("%s: the Gluon kernel failed to build (%s); using the Triton kernel", self.name,
-                            _GLUON_FAILED[self.key])
+                gluon_failed(self.key, self.name, e)
         self.label = self.fallback.label
         return self.fallback.with_lse(q, k, v) if lse else self.fallback(q, k, v)
 
@@ -104,11 +102,18 @@ class GluonSageKernel(Kernel):
         return self._call(q, k, v, lse=True)
 
 
-def _why(e: BaseException) -> str:
-    """A one-line reason from a Triton error (its message's last non-caret line, or the cause)."""
+def gluon_failed(key: tuple[str, int], name: str, e: BaseException) -> None:
+    """Remember for the process, and log, why our Gluon kernel for `key` failed to build (a Triton error: its
+    message's last non-caret line, or the cause)."""
     lines = [ln.strip() for ln in str(getattr(e, "error_message", None) or e).splitlines()]
     lines = [ln for ln in lines if ln and set(ln) != {"^"}]
-    return (lines[-1] if lines else repr(e.__cause__ or e))[:200]
+    _GLUON_FAILED[key] = (lines[-1] if lines else repr(e.__cause__ or e))[:200]
+    log.warning("%s: the Gluon kernel failed to build (%s); using the Triton kernel", name, _GLUON_FAILED[key])
+
+
+def gluon_usable(device: torch.device, head_dim: int, key: tuple[str, int]) -> bool:
+    """Our Hopper kernel for `key` runs here and has not failed to build in this process."""
+    return gluon_supported(device, head_dim) and key not in _GLUON_FAILED
 
 
 def gluon_supported(device: torch.device, head_dim: int) -> bool:
@@ -123,7 +128,7 @@ def gluon_supported(device: torch.device, head_dim: int) -> bool:
 
 
 def _our_kernel(name: str, device: torch.device, head_dim: int, pv: str) -> Kernel:
-    if gluon_supported(device, head_dim) and (pv, head_dim) not in _GLUON_FAILED:
+    if gluon_usable(device, head_dim, (pv, head_dim)):
         return GluonSageKernel(name, device, pv, head_dim)
     return TritonSageKernel(name, device, pv=pv)
 

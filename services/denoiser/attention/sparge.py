@@ -12,16 +12,14 @@ skipped (pv_threshold, a Triton-kernel option). `spas_sage_attn` (not on PyPI) i
 from __future__ import annotations
 
 import importlib.util
-import logging
 import math
 
 import torch
 
 from .base import Backend, BackendInfo, Kernel, package_version, triton_reason
 from .choice import SpargeParams
-from .sage import _GLUON_FAILED, DTYPES, HEAD_DIMS, _why, gluon_supported
-
-log = logging.getLogger(__name__)
+from . import sage
+from .sage import DTYPES, HEAD_DIMS
 GLUON_BLOCKS = (128, 128)  # (query rows, keys) of a sparse block on the Gluon walk (the Triton walk: its tiles)
 
 INFO = BackendInfo(
@@ -83,8 +81,7 @@ class SpargeKernel(Kernel):
         self.cfg = triton_sage.default_config(device, self.pv)  # its tiles are the sparse blocks
         self.key = ("sparge", head_dim)
         self.gluon = None
-        if (head_dim is not None and self.params.pv_threshold is None and gluon_supported(device, head_dim)
-                and self.key not in _GLUON_FAILED):
+        if head_dim is not None and self.params.pv_threshold is None and sage.gluon_usable(device, head_dim, self.key):
             from triton.errors import TritonError
 
             from . import gluon_sage
@@ -97,7 +94,7 @@ class SpargeKernel(Kernel):
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool):
         p = self.params
-        if self.gluon is not None and self.key in _GLUON_FAILED:  # another instance's build failed meanwhile
+        if self.gluon is not None and self.key in sage._GLUON_FAILED:  # another instance's build failed meanwhile
             self.gluon, self.label, self.cfg = None, "sparge[triton]", self.triton_cfg
         quant = self.ts.quantize(q, k, v, self.cfg, self.pv, pool=True)
         lut, n_sel = self.ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)  # block_mask + block_lut
@@ -106,9 +103,7 @@ class SpargeKernel(Kernel):
                 out = self.gluon.attention_forward(quant, q.shape, k.shape[1], q.dtype, self.pv, lse=lse, lut=lut,
                                                    n_sel=n_sel)
             except self.build_errors as e:  # raised before the kernel launches: the Triton kernel takes this call
-                _GLUON_FAILED[self.key] = _why(e)
-                log.warning("sparge: the Gluon kernel failed to build (%s); using the Triton kernel",
-                            _GLUON_FAILED[self.key])
+                sage.gluon_failed(self.key, self.name, e)
                 self.gluon, self.label, self.cfg = None, "sparge[triton]", self.triton_cfg
                 return self._run(q, k, v, lse)  # planned again on the Triton walk's blocks
         else:
