@@ -27,7 +27,8 @@ from smartdiff.services.denoiser.attention.sparge import SpargeKernel
 
 from common import cuda_time, git_commit, rel_err as rel
 
-SHAPES = {"1.3B-480p": (1, 32760, 12, 128), "14B-720p": (1, 75600, 40, 128)}  # B, L, N, D
+SHAPES = {"1.3B-480p": (1, 32760, 12, 128), "14B-480p": (1, 32760, 40, 128),  # B, L, N, D
+          "14B-720p": (1, 75600, 40, 128)}
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
 
 
@@ -90,6 +91,12 @@ def kernel_rows() -> list[tuple[str, object]]:
         rows.append((name, lambda q, k, v, name=name: _backend_fn(name, A.AttentionChoice(name), q, k, v)))
     for name, pv in (("sage", "fp16"), ("sage_int8", "int8")):  # beside the Gluon kernels the backends run on Hopper
         rows.append((f"{name} [triton kernel]", lambda q, k, v, pv=pv: (lambda: ts.sage_attention(q, k, v, pv))))
+    from smartdiff.services.denoiser.attention.sage import gluon_supported
+
+    if gluon_supported(dev, 128):  # our exact Hopper kernel, beside cuDNN
+        from smartdiff.services.denoiser.attention import gluon_sage
+
+        rows.append(("exact [gluon kernel]", lambda q, k, v: (lambda: gluon_sage.exact_attention(q, k, v))))
     for label, params in (("sparge topk 0.5", A.SpargeParams(topk=0.5)),
                           ("sparge topk 0.25", A.SpargeParams(topk=0.25)),
                           ("sparge cdf 0.98 (default)", A.SpargeParams())):
@@ -132,7 +139,8 @@ def adopt_best(rows: list[dict], configs: dict) -> None:
             print(f"adopted for {pv} P.V: {best['label']} {configs[best['label']]}")
 
 
-def bench_kernels(shape_name: str, sweep: bool, iters: int, adopt: bool = False) -> list[dict]:
+def bench_kernels(shape_name: str, sweep: bool, iters: int, adopt: bool = False,
+                  only: list[str] | None = None) -> list[dict]:
     b, l, n, d = SHAPES[shape_name]
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, l, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -143,7 +151,8 @@ def bench_kernels(shape_name: str, sweep: bool, iters: int, adopt: bool = False)
     base_t = None
     out, configs = [], {}
     rows = sweep_rows() + [("adopt", None, None)] if sweep else []
-    rows += [(label, factory, None) for label, factory in kernel_rows()]
+    rows += [(label, factory, None) for label, factory in kernel_rows()
+             if not only or label == "sdpa" or any(o in label for o in only)]
     for label, factory, cfg in rows:
         if label == "adopt":
             if adopt:
@@ -233,6 +242,7 @@ def check_small() -> list[dict]:
                          ("sage_int8", lambda: ts.sage_attention(q, k, v, "int8")),
                          *(((f"{backend}[gluon]", lambda pv=pv: gluon_sage.sage_attention(q, k, v, pv))
                             for backend, pv in (("sage", "fp16"), ("sage_int8", "int8"))) if gluon_sage else ()),
+                         *((("exact[gluon]", lambda: gluon_sage.exact_attention(q, k, v)),) if gluon_sage else ()),
                          ("sparge topk1", lambda: SpargeKernel(A.SpargeParams(topk=1.0), q.device)(q, k, v)),
                          ("sdpa", lambda: A.get_backend("sdpa").build(None, q.device, q.dtype, d)(q, k, v))):
             o = fn()
@@ -329,6 +339,7 @@ def main() -> None:
     p.add_argument("--sweep-only", action="store_true", help="1.3B-480p sweep only (tuning)")
     p.add_argument("--check", action="store_true", help="small-shape correctness against float64 first")
     p.add_argument("--adopt-best", action="store_true", help="use the sweep's fastest configs for the rest")
+    p.add_argument("--kernels", nargs="*", default=None, help="only kernel rows whose label contains one of these")
     p.add_argument("--e2e-choices", nargs="*", default=None, help="only these e2e rows (names as printed)")
     p.add_argument("--e2e", nargs="*", default=[], choices=list(MODELS))
     p.add_argument("--mask", action="store_true", help="time sparge's mask prediction against its whole call")
@@ -343,7 +354,8 @@ def main() -> None:
         res["check"] = check_small()
     for s in args.shapes:
         res["kernels"] += bench_kernels(s, args.sweep and (s == "1.3B-480p" or not args.sweep_only),
-                                        args.iters if s == "1.3B-480p" else max(2, args.iters // 2), args.adopt_best)
+                                        args.iters if s == "1.3B-480p" else max(2, args.iters // 2), args.adopt_best,
+                                        args.kernels)
         if args.mask:
             res["mask"] += bench_mask(s, args.iters)
         res["configs"] = {str(k): repr(v) for k, v in ts.HOPPER_CONFIG.items()}

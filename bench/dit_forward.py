@@ -1,6 +1,8 @@
 """One DiT forward, ours vs diffusers' WanTransformer3DModel, same random bf16 weights, in one run on one GPU.
 
-Prints a table (time, achieved TFLOP/s, ratio to the floor, relative error) and writes JSON results.
+Prints a table (time, achieved TFLOP/s, ratio to the floor, relative error) and writes JSON results. Our model
+runs the deployment's default self-attention (`flash_attn`: our exact kernel on Hopper); "ours compiled sdpa" is
+the same compiled model with PyTorch's SDPA (cuDNN on Hopper), diffusers' attention.
 Run: python bench/dit_forward.py --models 1.3B 14B --out bench_results/dit_forward.json
 `--fp8` also times our compiled DiT with FP8 GEMMs in the blocks (`--gemm fp8`, lossy; needs compute capability
 >= 8.9): its time, TFLOP/s (same FLOP count), ratio to diffusers eager, and relative error against our bf16
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from smartdiff.services.denoiser.weights import build_dit, diffusers_to_wan_key
-from smartdiff.services.denoiser.attention import AttentionChoice, attach
+from smartdiff.services.denoiser.attention import AttentionChoice, attach, default_backend
 from smartdiff.services.denoiser.dit import KEEP_FP32
 from smartdiff.services.denoiser.fp8 import check_gemm, quantize_blocks_fp8
 from smartdiff.shared.checkpoint import load_strict, rename_keys
@@ -84,7 +86,8 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
     # Our model shares the very same weight tensors (no copy): only the float32-kept modules are cast.
     ours = load_strict(build_dit(cfg), rename_keys(ref.state_dict(), diffusers_to_wan_key), "diffusers weights",
                        "cuda", torch.bfloat16, keep_fp32=KEEP_FP32)
-    attach([ours], AttentionChoice())  # the engine's default: exact sdpa, pinned to the fastest kernel (cuDNN)
+    exact = default_backend("cuda", torch.bfloat16, cfg.head_dim)  # the deployment's default: flash_attn (ours)
+    handle = attach([ours], AttentionChoice(exact))
     lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, *lat, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -99,9 +102,10 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
         out_ref = ref(x, t, ctx, return_dict=False)[0]
         out_ours = ours(x, t, ctx)
         rel = rel_err(out_ours, out_ref)
+        rows["attention"] = handle.report().kernel
         runs = [("diffusers eager", lambda: ref(x, t, ctx, return_dict=False)),
                 ("ours eager", lambda: ours(x, t, ctx)),
-                ("diffusers compiled", None), ("ours compiled", None)]
+                ("diffusers compiled", None), ("ours compiled", None), ("ours compiled sdpa", None)]
         for name, fn in runs:
             if name == "diffusers compiled":  # its own recipe: regional compile of the repeated blocks
                 ref.compile_repeated_blocks(fullgraph=True)
@@ -111,12 +115,20 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
                 fn = lambda: ours(x, t, ctx)  # noqa: E731
                 out_c = ours(x, t, ctx)
                 rows["compiled_rel_err_vs_eager"] = rel_err(out_c, out_ours)
+            elif name == "ours compiled sdpa":  # the same compiled model with PyTorch's SDPA (cuDNN on Hopper)
+                handle.detach()
+                handle = attach([ours], AttentionChoice("sdpa"))
+                rows["compiled_sdpa_rel_err_vs_compiled"] = rel_err(ours(x, t, ctx), out_c)
+                rows["attention sdpa"] = handle.report().kernel
+                fn = lambda: ours(x, t, ctx)  # noqa: E731
             times = cuda_time(fn, warmup, iters)
             med = statistics.median(times)
             rows[name] = dict(seconds=med, tflops=(attn_f + gemm_f) / med / 1e12, floor_ratio=med / floor,
                               all_seconds=times)
             if profile and name.endswith("compiled"):
                 rows[name]["profile"] = profile_forward(fn, f"{MODELS[label]} {name}")
+        handle.detach()
+        handle = attach([ours], AttentionChoice(exact))
         if fp8:  # last: the blocks' linears of `ours` become FP8 in place (ref keeps the shared bf16 weights)
             quantize_blocks_fp8(ours)  # stays compiled, as the denoiser serves it (--compile on --gemm fp8)
             fn = lambda: ours(x, t, ctx)  # noqa: E731
@@ -158,7 +170,7 @@ def main() -> None:
     print(f"card: {results['card']}  torch {torch.__version__}  bf16 GEMM {ceilings[0]:.0f} TFLOP/s, "
           f"SDPA attention {ceilings[1]:.0f} TFLOP/s"
           + (f", FP8 GEMM {results['fp8_gemm_tflops']:.0f} TFLOP/s" if args.fp8 else ""))
-    print(f"{'model':<18}{'impl':<18}{'time (s)':>10}{'TFLOP/s':>10}{'x floor':>9}{'rel err':>10}")
+    print(f"{'model':<18}{'impl':<20}{'time (s)':>10}{'TFLOP/s':>10}{'x floor':>9}{'rel err':>10}")
     for label in args.models:
         r = bench_model(label, args.width, args.height, args.frames, args.warmup, args.iters, ceilings,
                         args.profile, args.fp8)
@@ -166,9 +178,10 @@ def main() -> None:
         for impl, row in r["runs"].items():
             if not isinstance(row, dict):
                 continue
-            print(f"{r['model']:<18}{impl:<18}{row['seconds']:>10.3f}{row['tflops']:>10.0f}{row['floor_ratio']:>9.2f}"
+            print(f"{r['model']:<18}{impl:<20}{row['seconds']:>10.3f}{row['tflops']:>10.0f}{row['floor_ratio']:>9.2f}"
                   f"{row.get('rel_err_vs_diffusers', r['rel_err_ours_vs_diffusers']):>10.1e}")
-        print(f"{'':<18}{'floor':<18}{r['floor_s']:>10.3f}")
+        print(f"{'':<18}{'floor':<20}{r['floor_s']:>10.3f}   attention: {r['runs']['attention']}, "
+              f"'sdpa' rows: {r['runs'].get('attention sdpa')}")
         fp8_row = r["runs"].get("ours compiled fp8")
         if fp8_row:
             print(f"{'':<18}fp8: {fp8_row['vs_diffusers_eager']:.2f}x diffusers eager, "

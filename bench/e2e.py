@@ -6,7 +6,8 @@ width (4096) in place of the 24-layer encoder (the T5 is ~0.05 s of a ~60 s gene
 both pipelines use the same one). Both return uint8 frames (no mp4: the GPU machine has no ffmpeg).
 Also reports the gRPC overhead: each stage's wall time at the gateway minus the compute time it reports.
 --attention runs our side once per attention choice (one deployment; "default" is the deployment's default,
-the exact `sdpa`; a choice's words after the backend are --attention-param settings).
+the fastest exact backend: `flash_attn`, our exact kernel on Hopper; a choice's words after the backend are
+--attention-param settings; "sdpa" times PyTorch's exact SDPA, cuDNN on Hopper).
 
   python bench/e2e.py --out bench_results/e2e.json
   python bench/e2e.py --attention default sage "sparge sparge.topk=0.5"

@@ -13,7 +13,8 @@ import torch
 from smartdiff.denoiser.v1 import denoiser_pb2 as pb
 from smartdiff.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
 from smartdiff.denoiser.v1 import options_pb2
-from smartdiff.services.denoiser.attention import EXACT, AttentionChoice, AttentionReport, available_backends
+from smartdiff.services.denoiser.attention import (EXACT, AttentionChoice, AttentionReport, available_backends,
+                                                   default_backend)
 from smartdiff.services.denoiser.attention import resolve as resolve_attention
 from smartdiff.services.denoiser.attention.base import DTYPE_NAMES
 from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_from_proto, cache_config_to_proto
@@ -35,7 +36,7 @@ class DenoiserOptions:
     """System parameters of the denoiser deployment."""
 
     attention_backends: tuple[str, ...] | None = None  # allowed per request; None: every registered backend
-    default_attention: str = EXACT
+    default_attention: str | None = None  # None: the fastest exact backend of the device (default_attention())
     enable_flexcache: bool = False
     cache_calibration: str | None = None  # YAML from `smartdiff calibrate-cache` (Wan2.2 TeaCache needs one)
     compile: str = "auto"  # torch.compile of the DiT's elementwise regions: auto (on CUDA), on, off
@@ -47,7 +48,8 @@ class DenoiserOptions:
 
 def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backends", help="comma-separated backends requests may choose (default: all)")
-    p.add_argument("--default-attention", default=EXACT, help=f"backend of requests that name none (default {EXACT})")
+    p.add_argument("--default-attention", help="backend of requests that name none (default: the fastest exact one "
+                                                "here: flash_attn on CUDA, which runs our kernel on Hopper; else sdpa)")
     p.add_argument("--enable-flexcache", action="store_true", help="allow per-request feature-reuse caches")
     p.add_argument("--cache-calibration", help="cache coefficients fitted by `smartdiff calibrate-cache` (YAML)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -64,7 +66,7 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
     allowed = getattr(args, "attention_backends", None)
     return DenoiserOptions(
         attention_backends=tuple(a.strip() for a in allowed.split(",") if a.strip()) if allowed else None,
-        default_attention=getattr(args, "default_attention", EXACT),
+        default_attention=getattr(args, "default_attention", None),
         enable_flexcache=getattr(args, "enable_flexcache", False),
         cache_calibration=getattr(args, "cache_calibration", None), compile=getattr(args, "compile", "auto"),
         gemm=getattr(args, "gemm", "exact"),
@@ -123,6 +125,16 @@ def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
                              sampler=p.sampler or None, seed=opt("seed"))
 
 
+def default_attention(options: DenoiserOptions, model: ModelConfig, engine: DenoiserEngine | None = None) -> str:
+    """The backend of requests that name none: the deployment's --default-attention, else the fastest exact one on
+    the engine's device (attention.default_backend; the same on every rank of a pod), else (no engine) sdpa."""
+    if options.default_attention:
+        return options.default_attention
+    if engine is None:
+        return EXACT
+    return default_backend(engine.device, engine.dtype, model.dit.head_dim, options.attention_backends)
+
+
 def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserOptions,
                 engine: DenoiserEngine | None = None) -> DenoiseJob:
     """Validate everything of a request (RequestError naming the field) before any work.
@@ -133,7 +145,7 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
         raise RequestError("params.model", f"this deployment serves {model.name!r}, not {params.model!r}")
     req = resolve_request(request_from_params(params), model)
     choice = AttentionChoice.from_proto(params.attention if params.HasField("attention") else None,
-                                        default_backend=options.default_attention)
+                                        default_backend=default_attention(options, model, engine))
     allowed = options.attention_backends
     if allowed is not None:
         if choice.backend not in allowed and choice.backend != EXACT:
@@ -262,19 +274,21 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
                 dtypes=[DTYPE_NAMES.get(d, str(d)) for d in info.dtypes], description=info.description))
         return pb.GetCapabilitiesResponse(
             models=[self.model.name], samplers=list(SAMPLER_NAMES), attention_backends=infos,
-            default_attention_backend=self.options.default_attention,
+            default_attention_backend=default_attention(self.options, self.model, engine),
             cache_strategies=engine.flexcache.strategy_infos(),
             world_size=self.options.cfg_degree * self.options.ulysses_degree * self.options.ring_degree,
         )
 
 
-def warmup_job(model: ModelConfig, options: DenoiserOptions, compiled: bool) -> DenoiseJob:
-    """A one-step request run before SERVING: loads kernels and allocator pools; when compiled, at the model's
-    default size, so that the usual request never waits for compilation."""
+def warmup_job(model: ModelConfig, options: DenoiserOptions, compiled: bool,
+               engine: DenoiserEngine | None = None) -> DenoiseJob:
+    """A one-step request run before SERVING, with the default attention of `engine`'s device: loads kernels and
+    allocator pools; when compiled, at the model's default size, so that the usual request never waits for
+    compilation."""
     d = model.defaults
     size = dict(width=d.width, height=d.height, frames=d.frames) if compiled else dict(width=32, height=32, frames=1)
     params = pb.DenoiseParams(steps=1, guidance=[d.guidance[0]], seed=0, **size)
-    return prepare_job(params, model, options)
+    return prepare_job(params, model, options, engine)
 
 
 def warm_attention(model: ModelConfig, options: DenoiserOptions, device: torch.device, dtype: torch.dtype) -> None:
@@ -311,7 +325,7 @@ async def start(model: ModelConfig, layout, system, address: str, options: Denoi
 
     def warmup():
         emb = torch.zeros(4, model.dit.text_dim)
-        servicer.runner(warmup_job(model, options, compile_enabled(options, engine.device)), emb, emb)
+        servicer.runner(warmup_job(model, options, compile_enabled(options, engine.device), engine), emb, emb)
         warm_attention(model, options, engine.device, engine.dtype)
 
     return await start_stage(SERVICE_NAME, pb_grpc.add_DenoiserServiceServicer_to_server, servicer, address,

@@ -271,9 +271,9 @@ def test_engine_denoise_reports_the_attention_that_ran():
     assert all(b.self_attn.attention_fn is sdpa_attention for d in engine.experts for b in d.blocks)
 
 
-def test_warm_kernels_runs_each_allowed_lossy_backend_once(monkeypatch):
-    """Warm-up compiles the JIT kernels of the lossy backends the deployment allows; exact ones and auto are
-    not called, nor what cannot run here."""
+def test_warm_kernels_runs_each_allowed_backend_once(monkeypatch):
+    """Warm-up compiles the JIT kernels of the backends the deployment allows (flash_attn included: it runs our
+    kernel on Hopper); sdpa (library kernels) and auto are not called, nor what cannot run here."""
     from smartdiff.services.denoiser.attention import handle
     from smartdiff.services.denoiser.attention.base import BackendStatus
 
@@ -292,8 +292,9 @@ def test_warm_kernels_runs_each_allowed_lossy_backend_once(monkeypatch):
     monkeypatch.setattr(A, "available_backends", lambda device, dtype, head_dim: statuses)
     monkeypatch.setattr(handle, "get_backend", lambda name: type("B", (), {
         "build": staticmethod(lambda choice, device, dtype, head_dim: Fake(name))}))
-    assert sorted(handle.warm_kernels(CPU, torch.float32, 16, 3, 50)) == ["sage", "sage_int8", "sparge"]
-    assert sorted(calls) == [(n, (1, 50, 3, 16)) for n in ("sage", "sage_int8", "sparge")]
+    warmed = ["flash_attn", "sage", "sage_int8", "sparge"]
+    assert sorted(handle.warm_kernels(CPU, torch.float32, 16, 3, 50)) == warmed
+    assert sorted(calls) == [(n, (1, 50, 3, 16)) for n in warmed]
     calls.clear()
     assert handle.warm_kernels(CPU, torch.float32, 16, 3, 50, allowed=("sdpa", "sage_int8", "auto")) == ["sage_int8"]
     assert handle.warm_kernels(CPU, torch.float32, 16, 3, 50, allowed=("sdpa",)) == []

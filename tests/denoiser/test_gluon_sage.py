@@ -29,7 +29,8 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
 
 
-VARIANTS = [("fp16", False, 128), ("int8", False, 128), ("fp16", True, 64), ("fp16", True, 128)]  # pv, sparse, keys
+VARIANTS = [("fp16", False, 128), ("int8", False, 128), ("fp16", True, 64), ("fp16", True, 128),  # pv, sparse, keys
+            ("exact", False, 128)]
 COMPILE = """
 import json, re, subprocess, sys, tempfile
 from pathlib import Path
@@ -329,3 +330,100 @@ def test_backends_run_gluon_on_hopper():
         q, k, v = qkv(1, 300, 300, 2, 128)
         kern(q, k, v)  # a build failure would switch the label to [triton] here
         assert kern.label == f"{name}[gluon]"
+
+
+# --- the exact kernel (gluon_sage.exact_attention), run by `flash_attn` on Hopper without a FlashAttention package
+
+
+def test_exact_attention_refuses_what_it_does_not_take():
+    q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        gs.exact_attention(q.float(), q.float(), q.float())
+    with pytest.raises(ValueError, match="one dtype"):
+        gs.exact_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match=r"D in \(64, 128\)"):
+        gs.exact_attention(q[..., :96], q[..., :96], q[..., :96])
+    with pytest.raises(ValueError, match=r"k, v \[B, Lk, N, D\]"):
+        gs.exact_attention(q, q[:, :, :1], q[:, :, :1])
+
+
+def test_flash_attn_runs_our_exact_kernel_only_on_hopper_and_falls_back_when_its_build_fails(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from smartdiff.services.denoiser.attention import default_backend, flash
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(flash, "installed", lambda: None)
+    monkeypatch.setattr(sage, "_GLUON_FAILED", {})
+    assert isinstance(flash.build(None, cpu, torch.bfloat16, 128), flash.FallbackKernel)
+    assert flash._redundant(cpu, 128) is not None  # auto need not time SDPA twice
+    monkeypatch.setattr(sage, "gluon_supported", lambda device, head_dim: True)
+    kern = flash.build(None, cpu, torch.bfloat16, 128)
+    assert kern.label == "flash_attn[gluon]" and flash._redundant(cpu, 128) is None
+    calls = []
+
+    def failing(q, k, v, lse=False):
+        calls.append(lse)
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(kern, "run", failing)
+    q = torch.randn(1, 5, 2, 128)
+    out = kern(q, q, q)  # SDPA on the CPU instead, and the failure is remembered
+    assert torch.allclose(out, torch.softmax(q.transpose(1, 2) @ q.transpose(1, 2).mT / 128 ** 0.5, -1).matmul(
+        q.transpose(1, 2)).transpose(1, 2), atol=1e-5)
+    assert kern(q, q, q).shape == q.shape and calls == [False]
+    assert "shared memory" in sage._GLUON_FAILED[("exact", 128)]
+    assert "no flash-attn package" in kern.describe()
+    assert isinstance(flash.build(None, cpu, torch.bfloat16, 128), flash.FallbackKernel)
+    assert flash.build(None, cpu, torch.bfloat16, 64).label == "flash_attn[gluon]"
+    # requests that name no backend: flash_attn where it runs and is allowed, else sdpa
+    assert default_backend(cpu, torch.float32, 128) == "sdpa"
+    assert default_backend(torch.device("cuda"), torch.bfloat16, 128) == "flash_attn"
+    assert default_backend(torch.device("cuda"), torch.float32, 128) == "sdpa"  # flash_attn is 16-bit only
+    assert default_backend(torch.device("cuda"), torch.bfloat16, 128, allowed=("sage",)) == "sdpa"
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 200, 333, 2, 128), (2, 130, 128, 3, 128), (2, 64, 1000, 2, 64),
+                                   (1, 300, 100, 2, 128), (1, 100, 50, 2, 128), (1, 4100, 4100, 1, 128),
+                                   (3, 777, 513, 2, 64)])
+def test_exact_kernel_matches_float64_and_cudnn(shape, dtype):
+    """Rows past a sequence's end belong to the next one in the [B * L, N * D] view: they must get no weight."""
+    q, k, v = (x.to(dtype) for x in qkv(*shape))
+    ref, ref_lse = reference(q, k, v)
+    out, lse = gs.exact_attention(q, k, v, lse=True)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (shape[0], shape[3], shape[1])
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert rel(out, ref) < 2 * rel(sdpa, ref) + 1e-4  # as exact as PyTorch's own kernel
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-3
+    assert torch.equal(gs.exact_attention(q, k, v), out)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+def test_exact_kernel_reads_strided_views_in_place_and_copies_others():
+    b, l, h, d = 2, 333, 3, 128
+    qkv_out = torch.randn(b, l, 3, h, d, device="cuda", dtype=torch.bfloat16)  # a fused QKV projection's output
+    q, k, v = qkv_out.unbind(2)
+    ref, _ = reference(q, k, v)
+    assert rel(gs.exact_attention(q, k, v), ref) < 1e-2
+    heads_first = torch.randn(b, h, l, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # not a row view
+    assert rel(gs.exact_attention(heads_first, k, v), reference(heads_first, k, v)[0]) < 1e-2
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90)")
+def test_flash_attn_runs_our_exact_kernel_on_hopper():
+    from smartdiff.services.denoiser import attention as A
+    from smartdiff.services.denoiser.attention import flash
+
+    if flash.installed():
+        pytest.skip("a FlashAttention package is installed: flash_attn runs it")
+    choice = A.AttentionChoice("flash_attn")
+    kern = A.handle.build_kernel(A.resolve(choice, "cuda", torch.bfloat16, 128), choice, torch.device("cuda"),
+                                 torch.bfloat16, 128)
+    q, k, v = qkv(1, 300, 300, 2, 128)
+    out, lse = kern.with_lse(q, k, v)
+    assert kern.label == "flash_attn[gluon]" and kern.describe() == "flash_attn[gluon]"
+    assert A.default_backend("cuda", torch.bfloat16, 128) == "flash_attn"
+    ref, ref_lse = reference(q, k, v)
+    assert rel(out, ref) < 1e-2 and (lse.double() - ref_lse).abs().max().item() < 1e-3

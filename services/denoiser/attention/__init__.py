@@ -32,6 +32,17 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 
+def default_backend(device: torch.device | str, dtype: torch.dtype | None = None, head_dim: int | None = None,
+                    allowed: tuple[str, ...] | None = None) -> str:
+    """The backend of requests that name none when the deployment sets no default: the fastest exact one here,
+    `flash_attn` where it can run (CUDA: FlashAttention when installed, our exact kernel on Hopper, else SDPA's
+    fastest kernel) and is allowed, else `sdpa`."""
+    if allowed is not None and "flash_attn" not in allowed:
+        return EXACT
+    return "flash_attn" if get_backend("flash_attn").unavailable_reason(torch.device(device), dtype, head_dim) is None \
+        else EXACT
+
+
 def backend_names() -> tuple[str, ...]:
     """Every registered backend name, `auto` included."""
     return tuple(_REGISTRY)
@@ -59,6 +70,6 @@ from .handle import AttentionHandle, AttentionReport, attach, resolve  # noqa: E
 
 __all__ = [
     "EXACT", "AttentionChoice", "AttentionFn", "AttentionHandle", "AttentionReport", "Backend", "BackendInfo",
-    "BackendStatus", "Kernel", "SpargeParams", "attach", "available_backends", "backend_names", "get_backend",
-    "resolve",
+    "BackendStatus", "Kernel", "SpargeParams", "attach", "available_backends", "backend_names", "default_backend",
+    "get_backend", "resolve",
 ]

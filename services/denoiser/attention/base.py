@@ -70,7 +70,8 @@ class Backend:
     info: BackendInfo
     check: Callable[[torch.device, torch.dtype | None, int | None], str | None]
     build: Callable[..., Kernel]  # (choice, device, dtype, head_dim) -> Kernel
-    redundant: Callable[[], str | None] | None = None  # why `auto` need not try it (it would run the exact kernel)
+    # (device, head_dim) -> why `auto` need not try it here (it would run the exact kernel), or None
+    redundant: Callable[[torch.device, int | None], str | None] | None = None
 
     @property
     def name(self) -> str:

@@ -1,5 +1,5 @@
-"""Hopper (sm_90) kernels of `sage` (FP16 P.V), `sage_int8` (INT8 P.V) and `sparge` (FP16 P.V over the key blocks
-its plan keeps), written in Gluon.
+"""Hopper (sm_90) kernels of `sage` (FP16 P.V), `sage_int8` (INT8 P.V), `sparge` (FP16 P.V over the key blocks
+its plan keeps) and exact attention (`flash_attn` without a FlashAttention package), written in Gluon.
 
 Same maths and the same quantized inputs as triton_sage (INT8 Q.K^T of smoothed K; see its docstring): what
 differs is the schedule, which Triton's own compiler does not give on Hopper (there, every MMA waits for itself
@@ -20,6 +20,10 @@ and all warps stop at each barrier):
   so the log-sum-exp stays exact; 127 p is rounded in float16 pairs;
 - block-sparse (SPARSE, FP16 P.V): the loader and both warpgroups walk the kept key blocks of the program's row
   of a triton_sage.block_plan (128-row query blocks), instead of every key block.
+- exact (EXACT, exact_attention): no quantization; q, k, v read in place; Q.K^T and P.V in q's 16-bit dtype with
+  float32 accumulators, in FlashAttention-3's order within each warpgroup: Q.K^T of block j + 1 and P.V of
+  block j issued, the softmax of block j + 1 as soon as its Q.K^T is done, under the P.V (_loop_exact). The ring
+  has 3 slots (224 KiB with Q): with 2, the loader waits for the P.V to free a slot, and it ran 0.8x cuDNN.
 Measured on H100 and H200 against cuDNN SDPA and the Triton kernels: docs/benchmarks.md (bench/attention.py).
 Run only on Hopper GPUs (sage.gluon_supported), where a failed build falls back to triton_sage; the module
 imports anywhere Triton has Gluon (the tests compile it on the CPU). triton_sage runs everywhere else.
@@ -63,24 +67,25 @@ def _key_block(lut_row, j, SPARSE: gl.constexpr):
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, k_row, v_row, n_iter, lut_row,
-            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_T: gl.constexpr, SPARSE: gl.constexpr):
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, k_row, v_row, col, n_iter,
+            lut_row, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_T: gl.constexpr, SPARSE: gl.constexpr):
     """Worker partition (one warp): TMA of Q (WARPGROUPS x 64 rows), then of K [BLOCK_N, D] and V (FP16
     [BLOCK_N, D], or INT8 V^T [D, BLOCK_N] if V_T) of every key block walked (_key_block) into the ring, each slot
-    as soon as every compute warpgroup has released it."""
+    as soon as every compute warpgroup has released it. `col`: the head's first column (exact: [B * L, N * D]
+    views of q, k, v; 0 for the quantized copies, one head per row block)."""
     mbarrier.expect(q_bar, WARPGROUPS * q_desc.block_type.nbytes)
     for g in gl.static_range(WARPGROUPS):
-        _tma_load(q_desc, [q_row + g * 64, 0], q_bar, q_smem.index(g))
+        _tma_load(q_desc, [q_row + g * 64, col], q_bar, q_smem.index(g))
     for j in range(n_iter):
         s = j % STAGES
         blk = _key_block(lut_row, j, SPARSE)
         mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)  # released (j // STAGES) times
         mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [k_row + blk * BLOCK_N, 0], ready.index(s), k_smem.index(s))
+        _tma_load(k_desc, [k_row + blk * BLOCK_N, col], ready.index(s), k_smem.index(s))
         if V_T:
             _tma_load(v_desc, [v_row, blk * BLOCK_N], ready.index(s), v_smem.index(s))
         else:
-            _tma_load(v_desc, [v_row + blk * BLOCK_N, 0], ready.index(s), v_smem.index(s))
+            _tma_load(v_desc, [v_row + blk * BLOCK_N, col], ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -148,12 +153,31 @@ def _softmax_fp16(s_bits, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_lay
 
 
 @gluon.jit
+def _softmax_exact(s, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.constexpr,
+                   p_dtype: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """Float32 scores of bf16 / fp16 Q.K^T -> (p relative to the new running max in V's dtype, in the P.V operand
+    layout, new max, new row sum, alpha = exp2(old - new)), in log2 units once scaled by sc."""
+    if MASKED:  # padded keys (or the next sequence's): -inf, p = 0
+        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(cols[None, :] < Lk, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * sc)
+    p = gl.exp2(gl.fma(s, sc, -m_new[:, None]))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return gl.convert_layout(p.to(p_dtype), p_layout), m_new, l_i, alpha
+
+
+@gluon.jit
 def _qk(q_smem, k_smem, ready, j, s_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr):
-    """Issue Q.K^T of key block j asynchronously once it has landed; accumulator preset to 12582912's bits."""
+        STAGES: gl.constexpr, EXACT: gl.constexpr):
+    """Issue Q.K^T of key block j asynchronously once it has landed; accumulator preset to 12582912's bits (INT8),
+    or 0.0 (EXACT)."""
     mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
-    return warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)),
-                         gl.full([BLOCK_M, BLOCK_N], 0x4B400000, gl.int32, s_layout), is_async=True)
+    if EXACT:
+        init = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    else:
+        init = gl.full([BLOCK_M, BLOCK_N], 0x4B400000, gl.int32, s_layout)
+    return warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)), init, is_async=True)
 
 
 @gluon.jit
@@ -194,11 +218,11 @@ def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
     mbarrier.wait(q_bar, 0)
     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, BLOCK_M, BLOCK_N,
-                                                             STAGES),))
+                                                             STAGES, False),))
     sc = qs * gl.load(ks_row)
     for j in range(n_k_blocks - 1):  # block j's softmax while block j + 1's Q.K^T runs
         slot = j % STAGES
-        s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, BLOCK_M, BLOCK_N, STAGES)
+        s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, BLOCK_M, BLOCK_N, STAGES, False)
         sc_next = qs * gl.load(ks_row + j + 1)
         p8, m_i, alpha, beta = _softmax_int8(s_cur, sc, m_i, j * BLOCK_N, Lk, s_layout, p_layout, BLOCK_N, False)
         acc, l_i, s_cur = _pv_fold(acc, l_i, p8, alpha, beta, v_smem.index(slot).permute((1, 0)), ones_view, s_next,
@@ -229,7 +253,7 @@ def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_it
     acc = gl.zeros([64, D], gl.float32, o_layout)
     mbarrier.wait(q_bar, 0)
     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, 64, BLOCK_N,
-                                                             STAGES),))
+                                                             STAGES, False),))
     for j in range(n_iter - 1):
         slot = j % STAGES
         blk = _key_block(lut_row, j, SPARSE)
@@ -237,7 +261,7 @@ def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_it
                                              s_layout, p_layout, BLOCK_N, False)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
-        s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, 64, BLOCK_N, STAGES)
+        s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, 64, BLOCK_N, STAGES, False)
         acc, s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
         mbarrier.arrive(empty.index(slot), count=1)  # block j's K and V are consumed
     last = n_iter - 1  # a partial key block is the last one (kept blocks come in ascending order)
@@ -251,18 +275,72 @@ def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_it
 
 
 @gluon.jit
+def _exact_step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qs, Lk, s_layout: gl.constexpr,
+                p_layout: gl.constexpr, row_o: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                MASKED: gl.constexpr):
+    """Block j's P.V runs under block j + 1's softmax: issue Q.K^T(j + 1), then P(j).V(j); wait for the Q.K^T only
+    (wgmma groups retire in order), softmax of block j + 1, wait for the P.V, rescale acc to the new maximum."""
+    slot = j % STAGES
+    s_next = _qk(q_smem, k_smem, ready, j + 1, s_layout, 64, BLOCK_N, STAGES, True)
+    acc = warpgroup_mma(p, v_smem.index(slot), acc, is_async=True)
+    s_next = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
+    p_next, m_i, l_i, alpha = _softmax_exact(s_next, qs, m_i, l_i, (j + 1) * BLOCK_N, Lk, s_layout, p_layout,
+                                             v_smem.dtype, BLOCK_N, MASKED)
+    acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
+    mbarrier.arrive(empty.index(slot), count=1)  # block j's K and V are consumed
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    return p_next, acc, m_i, l_i
+
+
+@gluon.jit
+def _loop_exact(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, Lk, n_iter,
+                D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
+    """Exact 16-bit attention for one warpgroup's 64 rows -> (acc, l, m), FlashAttention-3's order within the
+    warpgroup: the P.V of block j runs under the softmax of block j + 1 (_exact_step)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([64, D], gl.float32, o_layout)
+    mbarrier.wait(q_bar, 0)
+    s0 = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, 64, BLOCK_N, STAGES,
+                                                          True),))
+    # block 0's mask is a no-op unless it is the only block (then it is the tail)
+    p, m_i, l_i, alpha = _softmax_exact(s0, qs, m_i, l_i, 0, Lk, s_layout, p_layout, v_smem.dtype, BLOCK_N, HAS_TAIL)
+    for j in range(n_iter - 2):  # steps into full blocks
+        p, acc, m_i, l_i = _exact_step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qs, Lk, s_layout,
+                                       p_layout, row_o, BLOCK_N, STAGES, False)
+    for j in range(gl.maximum(n_iter - 2, 0), n_iter - 1):  # the step into the last block, if there are two or more
+        p, acc, m_i, l_i = _exact_step(j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qs, Lk, s_layout,
+                                       p_layout, row_o, BLOCK_N, STAGES, HAS_TAIL)
+    acc = warpgroup_mma(p, v_smem.index((n_iter - 1) % STAGES), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    return acc, gl.convert_layout(l_i, row_o), gl.convert_layout(m_i, row_o)
+
+
+@gluon.jit
 def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol, stride_oh,
-             pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row,
+             pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row, scale,
              D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr, HAS_TAIL: gl.constexpr,
-             WRITE_LSE: gl.constexpr, SPARSE: gl.constexpr, Q_ROWS: gl.constexpr, GROUP: gl.constexpr):
+             WRITE_LSE: gl.constexpr, SPARSE: gl.constexpr, Q_ROWS: gl.constexpr, EXACT: gl.constexpr,
+             GROUP: gl.constexpr):
     """One compute warpgroup (a partition of its own): rows GROUP * 64 .. + 64 of the program's WARPGROUPS x 64-row
     query tile, the online softmax over the key blocks walked, then the output (and log-sum-exp)."""
-    q_blk = (pid_m * WARPGROUPS + GROUP) * 64 // Q_ROWS  # Q's scale per Q_ROWS rows; the last groups may be padding
-    qs = gl.load(QS + bh * n_q_blocks + q_blk, mask=q_blk < n_q_blocks, other=0.0)
+    if EXACT:
+        qs = scale  # the softmax scale in log2 units
+    else:
+        q_blk = (pid_m * WARPGROUPS + GROUP) * 64 // Q_ROWS  # Q's scale per Q_ROWS rows; the last groups: padding
+        qs = gl.load(QS + bh * n_q_blocks + q_blk, mask=q_blk < n_q_blocks, other=0.0)
     ks_row = KS + bh * n_k_blocks
     if PV == 2:
         acc, l_i, m_i = _loop_int8(q_smem.index(GROUP), k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk,
                                    n_k_blocks, D, BLOCK_N, STAGES, HAS_TAIL)
+    elif EXACT:
+        acc, l_i, m_i = _loop_exact(q_smem.index(GROUP), k_smem, v_smem, q_bar, ready, empty, qs, Lk, n_iter, D,
+                                    BLOCK_N, STAGES, HAS_TAIL)
     else:
         acc, l_i, m_i = _loop_fp16(q_smem.index(GROUP), k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk,
                                    n_iter, lut_row, D, BLOCK_N, STAGES, HAS_TAIL, SPARSE)
@@ -283,21 +361,25 @@ def _compute(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, L
 
 @gluon.jit
 def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, LUT, NSEL, O, LSE,
-                 stride_ob, stride_ol, stride_oh, Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad,
+                 stride_ob, stride_ol, stride_oh, Lq, Lk, H, n_q_blocks, n_k_blocks, Lq_pad, Lk_pad, scale,
                  D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV: gl.constexpr,
-                 HAS_TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, SPARSE: gl.constexpr, Q_ROWS: gl.constexpr):
+                 HAS_TAIL: gl.constexpr, WRITE_LSE: gl.constexpr, SPARSE: gl.constexpr, Q_ROWS: gl.constexpr,
+                 EXACT: gl.constexpr):
     """One query tile [WARPGROUPS x 64, D] of one (batch, head) against every key block, or (SPARSE) the ones its
     row of the plan keeps (LUT, NSEL: one row per 128-row query block, Q_ROWS = 128): WARPGROUPS compute
-    warpgroups of 64 rows sharing each K/V tile, and a loader warp."""
+    warpgroups of 64 rows sharing each K/V tile, and a loader warp. EXACT: q, k, v unquantized, 16-bit, read in
+    place through [B * L, N * D] descriptors (rows past a sequence's end are masked or not stored); `scale` is
+    the softmax scale times log2(e)."""
     gl.static_assert(STAGES >= 2, "the ring needs 2 slots: a block's Q.K^T is issued before the last one is released")
     gl.static_assert(WARPGROUPS == 2, "the partitions below are written out for two compute warpgroups")
     gl.static_assert(not SPARSE or (PV == 0 and Q_ROWS == 64 * WARPGROUPS), "block-sparse: FP16 P.V, 128-row plan")
+    gl.static_assert(not EXACT or (PV == 0 and not SPARSE), "exact: 16-bit P.V over every key block")
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     ones_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(BLOCK_N, 128), element_bitwidth=8, rank=2)
     fill_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    q_smem = gl.allocate_shared_memory(gl.int8, [WARPGROUPS, 64, D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], k_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [WARPGROUPS, 64, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     ones = gl.allocate_shared_memory(gl.int8, [16, BLOCK_N], ones_layout,
                                      gl.full([16, BLOCK_N], 1, gl.int8, fill_layout))  # INT8 P.V's row sums
@@ -309,13 +391,18 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, LUT, NSEL, O, LSE,
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=WARPGROUPS)  # every compute warpgroup releases each slot
     fence_async_shared()  # the ones tile and the barriers, before the async proxy (TMA, wgmma) sees them
-    if PV == 2:
-        v_row = bh * D
-    else:
-        v_row = bh * Lk_pad
-    q_row = bh * Lq_pad + pid_m * (WARPGROUPS * 64)
     b = bh // H
     h = bh % H
+    if EXACT:  # [B * L, N * D] views: the sequence's rows, the head's columns
+        q_row = b * Lq + pid_m * (WARPGROUPS * 64)
+        k_row = b * Lk
+        v_row = k_row
+        col = h * D
+    else:  # quantized copies [B * N * L_pad, D] (INT8 V^T: [B * N * D, Lk_pad])
+        q_row = bh * Lq_pad + pid_m * (WARPGROUPS * 64)
+        k_row = bh * Lk_pad
+        v_row = bh * D if PV == 2 else k_row
+        col = 0
     if SPARSE:  # the plan keeps at least one key block per query block (triton_sage.block_plan)
         plan = bh * n_q_blocks + pid_m
         n_iter = gl.load(NSEL + plan)
@@ -326,18 +413,18 @@ def _attn_kernel(q_desc, k_desc, v_desc, QS, KS, VS, LUT, NSEL, O, LSE,
     # the partitions' arguments are spelled out: a tuple built by concatenation loses its constexpr entries
     gl.warp_specialize([
         (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row, D, BLOCK_N,
-                    STAGES, PV, HAS_TAIL, WRITE_LSE, SPARSE, Q_ROWS, 0)),
+                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row, scale, D,
+                    BLOCK_N, STAGES, PV, HAS_TAIL, WRITE_LSE, SPARSE, Q_ROWS, EXACT, 0)),
         (_compute, (q_smem, k_smem, v_smem, ones, q_bar, ready, empty, QS, KS, VS, O, LSE, stride_ob, stride_ol,
-                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row, D, BLOCK_N,
-                    STAGES, PV, HAS_TAIL, WRITE_LSE, SPARSE, Q_ROWS, 1)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, bh * Lk_pad, v_row,
+                    stride_oh, pid_m, bh, b, h, Lq, Lk, n_q_blocks, n_k_blocks, Lq_pad, n_iter, lut_row, scale, D,
+                    BLOCK_N, STAGES, PV, HAS_TAIL, WRITE_LSE, SPARSE, Q_ROWS, EXACT, 1)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, q_row, k_row, v_row, col,
                    n_iter, lut_row, BLOCK_N, STAGES, PV == 2, SPARSE)),
     ], [4, 1], [WORKER_REGS, LOADER_REGS])
 
 
 def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    dtype = {torch.int8: gl.int8, torch.float16: gl.float16}[t.dtype]
+    dtype = {torch.int8: gl.int8, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[t.dtype]
     layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
@@ -377,10 +464,55 @@ def attention_forward(quant, q_shape: torch.Size, lk: int, out_dtype: torch.dtyp
     _attn_kernel[(triton.cdiv(lq_pad, 64 * WARPGROUPS.value), b * h)](
         q_desc, k_desc, v_desc, quant.qs, quant.ks, quant.vs if quant.vs is not None else quant.qs,
         lut if sparse else quant.ks, n_sel if sparse else quant.ks, out, lse_out,
-        out.stride(0), out.stride(1), out.stride(2), lq, lk, h, nq, nk, lq_pad, lk_pad,
+        out.stride(0), out.stride(1), out.stride(2), lq, lk, h, nq, nk, lq_pad, lk_pad, 1.0,
         D=d, BLOCK_N=bn, STAGES=STAGES[pv] * BLOCK_N // bn, PV=pv_index(pv), HAS_TAIL=lk % bn != 0,
-        WRITE_LSE=lse, SPARSE=sparse, Q_ROWS=q_rows, num_warps=4)
+        WRITE_LSE=lse, SPARSE=sparse, Q_ROWS=q_rows, EXACT=False, num_warps=4)
     return (out, lse_out) if lse else out
+
+
+EXACT_DTYPES = (torch.bfloat16, torch.float16)
+EXACT_HEAD_DIMS = (64, 128)
+EXACT_STAGES = 3  # K/V ring slots of the exact kernel (16-bit K and V: 64 KiB per slot at head dim 128)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, L, N, D] as a [B * L, N * D] view TMA can read (a copy only when its strides do not allow one)."""
+    b, l, n, d = x.shape
+    s = x.stride()
+    if not (s[3] == 1 and s[2] == d and s[0] == l * s[1] and s[1] % 8 == 0 and x.data_ptr() % 16 == 0):
+        x = x.contiguous()
+        s = x.stride()
+    return x.as_strided((b * l, n * d), (s[1], 1))
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool = False):
+    """Exact attention softmax(q k^T / sqrt(D)) v on this kernel, with no quantization: q [B, Lq, N, D], k / v
+    [B, Lk, N, D], bfloat16 or float16, head dim 64 or 128, read in place (no padded copies). Q.K^T and P.V in
+    q's dtype with float32 accumulation, P rounded to that dtype, as FlashAttention does. -> out [B, Lq, N, D]
+    in q's dtype, and with lse the natural log-sum-exp of the scaled scores [B, N, Lq] float32."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    if q.dtype not in EXACT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"exact_attention takes bfloat16 or float16 q, k, v of one dtype; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if d not in EXACT_HEAD_DIMS or k.shape != (b, lk, h, d) or v.shape != k.shape:
+        raise ValueError(f"exact_attention takes q [B, Lq, N, D] and k, v [B, Lk, N, D] with D in "
+                         f"{EXACT_HEAD_DIMS}; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    q_desc = _descriptor(_rows(q), [64, d])
+    k_desc = _descriptor(_rows(k), [BLOCK_N, d])
+    v_desc = _descriptor(_rows(v), [BLOCK_N, d])
+    n_m = triton.cdiv(lq, 64 * WARPGROUPS.value)
+    lq_pad = n_m * 64 * WARPGROUPS.value
+    out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
+    lse_out = torch.empty(b * h, lq_pad, dtype=torch.float32, device=q.device)  # also the unused pointers' stand-in
+    idx = torch.empty(1, dtype=torch.int32, device=q.device)
+    _attn_kernel[(n_m, b * h)](
+        q_desc, k_desc, v_desc, lse_out, lse_out, lse_out, idx, idx, out, lse_out,
+        out.stride(0), out.stride(1), out.stride(2), lq, lk, h, 1, triton.cdiv(lk, BLOCK_N), lq_pad, lk,
+        d ** -0.5 * 1.4426950408889634,
+        D=d, BLOCK_N=BLOCK_N, STAGES=EXACT_STAGES, PV=0, HAS_TAIL=lk % BLOCK_N != 0, WRITE_LSE=lse, SPARSE=False,
+        Q_ROWS=64, EXACT=True, num_warps=4)
+    return (out, lse_out.view(b, h, lq_pad)[..., :lq]) if lse else out
 
 
 def config(pv: str) -> KernelConfig:
@@ -399,15 +531,17 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str = 
 
 def compile_sm90(pv: str, head_dim: int = 128, sparse: bool = False, block_n: int = BLOCK_N):
     """Compile the kernel for an sm_90 target without a GPU (Triton's bundled ptxas): the tests' check that it
-    builds with the installed Triton, and bench/kernel_sass.py's source of SASS. Returns Triton's compiled kernel."""
+    builds with the installed Triton, and bench/kernel_sass.py's source of SASS. pv: "fp16" or "int8" (sage), or
+    "exact" (exact_attention's bfloat16 kernel). Returns Triton's compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     bn, d = block_n, head_dim
-    elt = {"fp16": ("fp16", gl.float16), "int8": ("i8", gl.int8)}
+    exact = pv == "exact"
+    elt = {"fp16": ("fp16", gl.float16), "int8": ("i8", gl.int8), "bf16": ("bf16", gl.bfloat16)}
 
     def desc(block, kind="int8"):
-        name, dtype = elt[kind]
+        name, dtype = elt["bf16" if exact else kind]
         return f"tensordesc<{name}[{block[0]}, {block[1]}],{gl.NVMMASharedLayout.get_default_for(block, dtype)!r}>"
 
     args = [("q_desc", desc([64, d])), ("k_desc", desc([bn, d])),
@@ -416,8 +550,10 @@ def compile_sm90(pv: str, head_dim: int = 128, sparse: bool = False, block_n: in
             ("LSE", "*fp32")]
     args += [(n, "i32") for n in ("stride_ob", "stride_ol", "stride_oh", "Lq", "Lk", "H", "n_q_blocks", "n_k_blocks",
                                   "Lq_pad", "Lk_pad")]
-    consts = dict(D=d, BLOCK_N=bn, STAGES=STAGES[pv] * BLOCK_N // bn, PV=pv_index(pv), HAS_TAIL=True,
-                  WRITE_LSE=True, SPARSE=sparse, Q_ROWS=128 if sparse else 64)
+    args += [("scale", "fp32")]
+    stages = EXACT_STAGES if exact else STAGES[pv] * BLOCK_N // bn
+    consts = dict(D=d, BLOCK_N=bn, STAGES=stages, PV=0 if exact else pv_index(pv), HAS_TAIL=True,
+                  WRITE_LSE=True, SPARSE=sparse, Q_ROWS=128 if sparse else 64, EXACT=exact)
     sig = dict(args) | {k: "constexpr" for k in consts}
     aligned = {"QS", "KS", "VS", "LUT", "NSEL", "O", "LSE", "stride_ob", "stride_ol", "stride_oh", "Lq_pad", "Lk_pad"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(args) if name in aligned}

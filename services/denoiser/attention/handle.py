@@ -50,7 +50,7 @@ def resolve(choice: AttentionChoice, device: torch.device | str, dtype: torch.dt
 
     def auto_reason(name: str) -> str | None:
         backend = get_backend(name)
-        return reason(name) or (backend.redundant() if backend.redundant is not None else None)
+        return reason(name) or (backend.redundant(device, head_dim) if backend.redundant is not None else None)
 
     if choice.backend == "auto":
         names = choice.candidates or tuple(n for n in backend_names() if n not in ("auto", EXACT))
@@ -159,11 +159,12 @@ def attach(dits: nn.Module | Sequence[nn.Module], choice: AttentionChoice | None
 
 def warm_kernels(device: torch.device | str, dtype: torch.dtype, head_dim: int, heads: int, seq_len: int,
                  allowed: Collection[str] | None = None) -> list[str]:
-    """Run each allowed lossy backend that can run here once on random q = k = v [1, seq_len, heads, head_dim],
-    so that its JIT kernels (ours: Triton, Gluon) are compiled for that shape before a request waits for them.
+    """Run each allowed backend that can run here once on random q = k = v [1, seq_len, heads, head_dim], so
+    that its JIT kernels (ours: Triton, Gluon; `flash_attn` runs ours on Hopper) are compiled for that shape
+    before a request waits for them.
 
-    Returns what ran (kernel labels). The exact backends run library kernels (nothing to compile) and `auto`
-    runs the others, so neither is called."""
+    Returns what ran (kernel labels). `sdpa` runs library kernels (nothing to compile) and `auto` runs the
+    others, so neither is called."""
     from . import available_backends
 
     device = torch.device(device)
@@ -171,7 +172,7 @@ def warm_kernels(device: torch.device | str, dtype: torch.dtype, head_dim: int, 
     warmed = []
     for status in available_backends(device, dtype, head_dim):
         name = status.info.name
-        if not status.available or not status.info.lossy or name == "auto":
+        if not status.available or name in (EXACT, "auto"):
             continue
         if allowed is not None and name not in allowed:
             continue

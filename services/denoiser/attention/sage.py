@@ -66,8 +66,8 @@ class TritonSageKernel(Kernel):
         return self.run(q, k, v, pv=self.pv, cfg=self.cfg, lse=True)
 
 
-# (P.V precision or "sparge", head dim) -> why our Gluon kernel failed to build in this process; from then on
-# every request with that pair gets the Triton kernel, without trying again
+# (P.V precision, "sparge" or "exact", head dim) -> why our Gluon kernel failed to build in this process; from then
+# on every request with that pair gets the Triton kernel (SDPA for "exact"), without trying again
 _GLUON_FAILED: dict[tuple[str, int], str] = {}
 
 
@@ -102,13 +102,13 @@ class GluonSageKernel(Kernel):
         return self._call(q, k, v, lse=True)
 
 
-def gluon_failed(key: tuple[str, int], name: str, e: BaseException) -> None:
+def gluon_failed(key: tuple[str, int], name: str, e: BaseException, instead: str = "the Triton kernel") -> None:
     """Remember for the process, and log, why our Gluon kernel for `key` failed to build (a Triton error: its
     message's last non-caret line, or the cause)."""
     lines = [ln.strip() for ln in str(getattr(e, "error_message", None) or e).splitlines()]
     lines = [ln for ln in lines if ln and set(ln) != {"^"}]
     _GLUON_FAILED[key] = (lines[-1] if lines else repr(e.__cause__ or e))[:200]
-    log.warning("%s: the Gluon kernel failed to build (%s); using the Triton kernel", name, _GLUON_FAILED[key])
+    log.warning("%s: the Gluon kernel failed to build (%s); using %s", name, _GLUON_FAILED[key], instead)
 
 
 def gluon_usable(device: torch.device, head_dim: int, key: tuple[str, int]) -> bool:
