@@ -224,7 +224,8 @@ class DenoiserEngine:
 
         Returns the function that puts the request's attention back. Ring attention merges partial results
         with their log-sum-exp: the exact backend gets it from the fused SDPA kernels, `sage` / `sparge` from
-        their kernels (`with_lse`); backends that cannot return it (`flash_attn`, `auto`) are refused for ring.
+        their kernels (`with_lse`: `flash_attn`'s from our kernel on Hopper, else PyTorch's fused ones); `auto`,
+        which cannot return it, is refused for ring.
         """
         par = self.parallel
         if par is None or par.config.sp == 1:
