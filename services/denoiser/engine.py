@@ -104,8 +104,9 @@ class DenoiserEngine:
         step; when it returns True the loop stops and raises Cancelled. `cache`: the request's FlexCache
         choice (refused with RequestError before any work when this deployment cannot run it); `cache_stats`,
         when given, is filled with what the cache computed and reused (and the parameters it applied).
-        `attention`: the request's self-attention backend (default exact sdpa; RequestError when it cannot run
-        here); `on_attention`, when given, receives the AttentionReport of what ran once the loop is done.
+        `attention`: the request's self-attention backend (default here: exact sdpa; the denoiser service
+        passes its deployment default, flash_attn on CUDA; RequestError when it cannot run here);
+        `on_attention`, when given, receives the AttentionReport of what ran once the loop is done.
         """
         if req.uses_cfg and negative is None:
             raise ValueError("guidance > 1 needs the negative prompt embedding")

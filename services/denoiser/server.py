@@ -292,7 +292,7 @@ def warmup_job(model: ModelConfig, options: DenoiserOptions, compiled: bool,
 
 
 def warm_attention(model: ModelConfig, options: DenoiserOptions, device: torch.device, dtype: torch.dtype) -> None:
-    """Compile the attention kernels of every lossy backend the deployment allows, at the model's default size,
+    """Compile the attention kernels of every backend the deployment allows, at the model's default size,
     before SERVING (CUDA; not under ring attention, whose chunks are other shapes). On this process's GPU only:
     other ranks of a multi-GPU denoiser compile on their first request, or load what this one compiled from a
     Triton cache they share (the image's TRITON_CACHE_DIR=/cache/triton). A failure is logged, not fatal."""

@@ -315,3 +315,37 @@ def test_denoiser_warms_attention_only_on_cuda_and_not_under_ring(monkeypatch):
                           torch.device("cuda"), torch.bfloat16)
     # 480p x 81 frames: 21 x 30 x 52 patches; 12 heads over 2 Ulysses ranks
     assert seen == [(torch.device("cuda"), torch.bfloat16, 128, 6, 32760, ("sage",))]
+
+
+def test_requests_that_name_no_backend_get_the_fastest_exact_one_of_the_deployment():
+    """flash_attn on a CUDA engine in a 16-bit dtype where it is allowed (it runs our Hopper kernel there), sdpa
+    on the CPU, in float32, without an engine, or when the deployment does not allow flash_attn; an explicit
+    --default-attention wins. Every rank computes the same (same device type, dtype and options)."""
+    from types import SimpleNamespace
+
+    from smartdiff.services.denoiser import server
+
+    model = load_model_config("Wan2.1-T2V-1.3B")
+    gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    opts = server.DenoiserOptions()
+    assert server.default_attention(opts, model, gpu) == "flash_attn"
+    assert server.default_attention(opts, model, SimpleNamespace(device=CPU, dtype=torch.bfloat16)) == "sdpa"
+    assert server.default_attention(opts, model, SimpleNamespace(device=gpu.device, dtype=torch.float32)) == "sdpa"
+    assert server.default_attention(opts, model) == "sdpa"
+    assert server.default_attention(server.DenoiserOptions(attention_backends=("sage",)), model, gpu) == "sdpa"
+    assert server.default_attention(server.DenoiserOptions(default_attention="sage"), model, gpu) == "sage"
+    args = server.argparse.ArgumentParser()
+    server.add_denoiser_flags(args)
+    assert server.options_from_args(args.parse_args([])).default_attention is None
+
+
+def test_flash_attn_without_our_kernel_gives_the_exact_log_sum_exp_for_ring_attention():
+    from smartdiff.services.denoiser.attention import flash
+
+    assert flash.INFO.returns_lse
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 3, 16, generator=g) for _ in range(3))
+    out, lse = flash.FallbackKernel(CPU).with_lse(q, k, v)
+    scores = q.transpose(1, 2) @ k.transpose(1, 2).mT / 4
+    assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-5)
+    assert torch.allclose(out, (torch.softmax(scores, -1) @ v.transpose(1, 2)).transpose(1, 2), atol=1e-5)

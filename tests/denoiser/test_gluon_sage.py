@@ -335,6 +335,17 @@ def test_backends_run_gluon_on_hopper():
 # --- the exact kernel (gluon_sage.exact_attention), run by `flash_attn` on Hopper without a FlashAttention package
 
 
+def test_exact_attention_reads_row_views_in_place_and_copies_only_what_tma_cannot_read():
+    qkv_out = torch.randn(2, 33, 3, 4, 128, dtype=torch.bfloat16)  # a fused QKV projection's output
+    for x in qkv_out.unbind(2):
+        assert gs._rows(x).data_ptr() == x.data_ptr() and torch.equal(gs._rows(x), x.reshape(66, 512))
+    one = torch.randn(1, 33, 4, 128, dtype=torch.bfloat16)[:, :20]  # batch 1: a prefix of the sequence
+    assert gs._rows(one).data_ptr() == one.data_ptr() and torch.equal(gs._rows(one), one.reshape(20, 512))
+    for x in (qkv_out[:, :20, 0], torch.randn(2, 4, 33, 128, dtype=torch.bfloat16).transpose(1, 2)):
+        rows = gs._rows(x)  # sequences not one stride apart / heads first: copied
+        assert rows.data_ptr() != x.data_ptr() and torch.equal(rows, x.reshape(-1, 512))
+
+
 def test_exact_attention_refuses_what_it_does_not_take():
     q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
@@ -345,6 +356,8 @@ def test_exact_attention_refuses_what_it_does_not_take():
         gs.exact_attention(q[..., :96], q[..., :96], q[..., :96])
     with pytest.raises(ValueError, match=r"k, v \[B, Lk, N, D\]"):
         gs.exact_attention(q, q[:, :, :1], q[:, :, :1])
+    with pytest.raises(ValueError, match="Lk >= 1"):  # no key block: the kernel would wait forever
+        gs.exact_attention(q, q[:, :0], q[:, :0])
 
 
 def test_flash_attn_runs_our_exact_kernel_only_on_hopper_and_falls_back_when_its_build_fails(monkeypatch):
@@ -373,7 +386,7 @@ def test_flash_attn_runs_our_exact_kernel_only_on_hopper_and_falls_back_when_its
         q.transpose(1, 2)).transpose(1, 2), atol=1e-5)
     assert kern(q, q, q).shape == q.shape and calls == [False]
     assert "shared memory" in sage._GLUON_FAILED[("exact", 128)]
-    assert "no flash-attn package" in kern.describe()
+    assert "no flash-attn package" in kern.describe() and "failed to build: out of resource" in kern.describe()
     assert isinstance(flash.build(None, cpu, torch.bfloat16, 128), flash.FallbackKernel)
     assert flash.build(None, cpu, torch.bfloat16, 64).label == "flash_attn[gluon]"
     # requests that name no backend: flash_attn where it runs and is allowed, else sdpa
@@ -387,7 +400,7 @@ def test_flash_attn_runs_our_exact_kernel_only_on_hopper_and_falls_back_when_its
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 200, 333, 2, 128), (2, 130, 128, 3, 128), (2, 64, 1000, 2, 64),
                                    (1, 300, 100, 2, 128), (1, 100, 50, 2, 128), (1, 4100, 4100, 1, 128),
-                                   (3, 777, 513, 2, 64)])
+                                   (3, 777, 513, 2, 64), (2, 300, 129, 3, 128), (2, 512, 384, 2, 128)])
 def test_exact_kernel_matches_float64_and_cudnn(shape, dtype):
     """Rows past a sequence's end belong to the next one in the [B * L, N * D] view: they must get no weight."""
     q, k, v = (x.to(dtype) for x in qkv(*shape))

@@ -103,7 +103,16 @@ class GluonFlashKernel(Kernel):
         return self._call(q, k, v, lse=True)
 
     def describe(self) -> str:
-        return self.fallback.describe() if self.label != "flash_attn[gluon]" else self.label
+        if self.key in _failed():
+            return (f"{self.fallback.label} (flash_attn: no flash-attn package installed, and our Hopper kernel "
+                    f"failed to build: {_failed()[self.key]})")
+        return self.label
+
+
+def _failed() -> dict[tuple[str, int], str]:
+    from .sage import _GLUON_FAILED
+
+    return _GLUON_FAILED
 
 
 def _check(device: torch.device, dtype: torch.dtype | None, head_dim: int | None) -> str | None:

@@ -479,7 +479,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [B, L, N, D] as a [B * L, N * D] view TMA can read (a copy only when its strides do not allow one)."""
     b, l, n, d = x.shape
     s = x.stride()
-    if not (s[3] == 1 and s[2] == d and s[0] == l * s[1] and s[1] % 8 == 0 and x.data_ptr() % 16 == 0):
+    if not (s[3] == 1 and s[2] == d and (b == 1 or s[0] == l * s[1]) and s[1] % 8 == 0 and x.data_ptr() % 16 == 0):
         x = x.contiguous()
         s = x.stride()
     return x.as_strided((b * l, n * d), (s[1], 1))
@@ -495,16 +495,18 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool
     if q.dtype not in EXACT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"exact_attention takes bfloat16 or float16 q, k, v of one dtype; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
-    if d not in EXACT_HEAD_DIMS or k.shape != (b, lk, h, d) or v.shape != k.shape:
+    if d not in EXACT_HEAD_DIMS or k.shape != (b, lk, h, d) or v.shape != k.shape or lk == 0:
         raise ValueError(f"exact_attention takes q [B, Lq, N, D] and k, v [B, Lk, N, D] with D in "
-                         f"{EXACT_HEAD_DIMS}; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+                         f"{EXACT_HEAD_DIMS} and Lk >= 1; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     q_desc = _descriptor(_rows(q), [64, d])
     k_desc = _descriptor(_rows(k), [BLOCK_N, d])
     v_desc = _descriptor(_rows(v), [BLOCK_N, d])
     n_m = triton.cdiv(lq, 64 * WARPGROUPS.value)
     lq_pad = n_m * 64 * WARPGROUPS.value
     out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
-    lse_out = torch.empty(b * h, lq_pad, dtype=torch.float32, device=q.device)  # also the unused pointers' stand-in
+    # the log-sum-exp when asked for; else one float, the unused pointers' stand-in (never written)
+    lse_out = torch.empty(b * h, lq_pad, dtype=torch.float32, device=q.device) if lse else \
+        torch.empty(1, dtype=torch.float32, device=q.device)
     idx = torch.empty(1, dtype=torch.int32, device=q.device)
     _attn_kernel[(n_m, b * h)](
         q_desc, k_desc, v_desc, lse_out, lse_out, lse_out, idx, idx, out, lse_out,
