@@ -16,6 +16,8 @@ from torch import nn
 
 from smartdiff.shared.config import VAEConfig
 
+from . import fused
+
 
 class FeatureCache:
     """State carried between the chunks of one encode or decode call.
@@ -167,6 +169,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        if fused.applies(x):  # the same two norm -> SiLU -> conv steps, each norm + SiLU as one kernel
+            h = fused.norm_silu_conv(self.residual[0], self.residual[2], x, cache)
+            return fused.norm_silu_conv(self.residual[3], self.residual[6], h, cache).add_(self.shortcut(x))
         return _run(self.residual, x, cache).add_(self.shortcut(x))
 
 
@@ -269,6 +274,8 @@ class Decoder3d(nn.Module):
     def forward_high(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """`forward_low` features of some consecutive output frames -> those RGB frames [B, 3, T, 8h, 8w]."""
         x = _run(self.upsamples[self.time_split:], x, cache)
+        if fused.applies(x):
+            return fused.norm_silu_conv(self.head[0], self.head[2], x, cache)
         return _run(self.head, x, cache)
 
 

@@ -96,9 +96,18 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         ))
 
 
+def warmup_latents(model: ModelConfig, device: torch.device | str) -> torch.Tensor:
+    """What the VAE decodes before SERVING: on CUDA two latent frames at the model's default size (its fused
+    kernels are built for the usual request's shapes: fused.py), elsewhere a tiny latent."""
+    if torch.device(device).type != "cuda":
+        return torch.zeros(1, model.vae.z_dim, 1, 2, 2)
+    d, (_, sh, sw) = model.defaults, model.vae.stride
+    return torch.zeros(1, model.vae.z_dim, 2, d.height // sh, d.width // sw)
+
+
 async def start(model: ModelConfig, layout, system, address: str, dtype: torch.dtype = torch.float32,
                 tiling: TilingConfig | None = None):
-    """Load the VAE, warm up on a tiny latent, serve on `address`. dtype: the compute dtype, float32 unless the
+    """Load the VAE, warm up (warmup_latents), serve on `address`. dtype: the compute dtype, float32 unless the
     deployment asks (`--dtype`): Wan decodes in float32; bfloat16 halves the untiled memory and the tiled time
     (docs/benchmarks.md). tiling: the tiles of levels >= 1 (default TilingConfig.for_dtype)."""
     from smartdiff.shared.serving import start_stage
@@ -110,6 +119,6 @@ async def start(model: ModelConfig, layout, system, address: str, dtype: torch.d
         engine = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, system.device, dtype,
                                            low_mem_level=level, tiling=tiling)
     servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue), tiled=engine.tiling is not None)
-    warm = torch.zeros(1, model.vae.z_dim, 1, 2, 2)
+    warm = warmup_latents(model, engine.device)
     return await start_stage(SERVICE_NAME, pb_grpc.add_VaeServiceServicer_to_server, servicer, address,
                              system.max_queue, warmup=lambda: engine.decode(warm.to(engine.device)))

@@ -1,0 +1,59 @@
+"""RMSNorm + SiLU written straight into a causal conv's padded input: one Triton kernel for the decoder on CUDA.
+
+Each residual block (and the decoder head) runs RMSNorm over channels, SiLU, then a 3x3x3 causal conv whose
+input is padded in time (the previous chunk's frames, or zeros) and in space (zeros). Unfused, that is ~8 passes
+over the activation (norm reduction, divide, two scalings, SiLU, zero fill, copy into the padded buffer); here
+one kernel reads x twice (sum of squares, then normalise, scale, SiLU) and writes the padded buffer's interior
+once; only its borders and time-padding frames are set apart. Same arithmetic in float32 (one rounding to the
+output dtype). Measured: docs/benchmarks.md (bench/vae_decode.py). Written for this project.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .model import CausalConv3d, FeatureCache, RMSNorm
+
+ENABLED = True  # set False to run the unfused ops (bench/vae_decode.py times both)
+
+
+def applies(x: torch.Tensor) -> bool:
+    """The fused kernel runs here: a CUDA tensor, with Triton installed (and ENABLED)."""
+    return ENABLED and x.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+def norm_silu_conv(norm: "RMSNorm", conv: "CausalConv3d", x: torch.Tensor,
+                   cache: "FeatureCache | None") -> torch.Tensor:
+    """conv(silu(norm(x))) with the causal cache handled as CausalConv3d.forward does; x [B, C, T, H, W]."""
+    from .triton_norm import norm_silu_into
+
+    x = x.contiguous()
+    b, c, t, h, w = x.shape
+    tp = conv.time_pad
+    pw0, pw1, ph0, ph1 = conv.space_pad
+    buf = x.new_empty(b, c, tp + t, h + ph0 + ph1, w + pw0 + pw1)
+    if ph0:
+        buf[:, :, :, :ph0] = 0
+    if ph1:
+        buf[:, :, :, ph0 + h:] = 0
+    if pw0:
+        buf[..., :pw0] = 0
+    if pw1:
+        buf[..., pw0 + w:] = 0
+    inner = buf[:, :, :, ph0:ph0 + h, pw0:pw0 + w]
+    act = inner[:, :, tp:]
+    norm_silu_into(x, norm.gamma.reshape(-1), norm.scale, act)
+    prev = cache.frames.get(conv) if cache is not None and tp else None
+    kept = prev.shape[2] if prev is not None else 0
+    if tp - kept:
+        inner[:, :, :tp - kept] = 0
+    if prev is not None:
+        inner[:, :, tp - kept:tp] = prev
+    if cache is not None and tp:
+        cache.frames[conv] = conv._last_frames(prev, act)
+    return nn.Conv3d.forward(conv, buf)

@@ -1,0 +1,118 @@
+"""The decoder's fused RMSNorm + SiLU kernel (services/vae/fused.py, triton_norm.py) against the unfused ops.
+
+On a CPU-only machine the kernel runs through Triton's interpreter (TRITON_INTERPRET=1, set here before it is
+imported); with a GPU, on the GPU. The fused path is forced on here (in production it runs on CUDA only).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by triton.jit when the kernel module is imported
+pytest.importorskip("triton", reason="the fused kernel is Triton (CPU tests run it through TRITON_INTERPRET=1)")
+
+from smartdiff.services.vae import fused  # noqa: E402
+from smartdiff.services.vae.engine import VaeEngine  # noqa: E402
+from smartdiff.services.vae.model import FeatureCache, ResidualBlock  # noqa: E402
+from smartdiff.services.vae.triton_norm import norm_silu_into  # noqa: E402
+from smartdiff.shared.config import load_model_config  # noqa: E402
+
+DEV = torch.device("cuda" if GPU else "cpu")
+# on a GPU the convolutions run in TF32 (PyTorch's default for cuDNN): a last-bit difference in a conv's input
+# can move its TF32 rounding, so the whole decoder agrees to ~1e-3 there (as it does with diffusers')
+DECODER_TOL = 2e-3 if GPU else 1e-5
+
+
+def unfused_reference(x, gamma, scale):
+    y = F.normalize(x.float(), dim=1) * scale * gamma.float().view(1, -1, 1, 1, 1)
+    return F.silu(y).to(x.dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 3, 5, 9), (1, 7, 1, 3, 130)])  # channel tail / position tail
+def test_kernel_writes_the_normalised_activation_into_the_interior_only(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(DEV)
+    x[0, :, 0, 0, 0] = 0  # an all-zero position: F.normalize's eps, no NaN
+    gamma = torch.randn(shape[1], generator=g).to(DEV)
+    b, c, t, h, w = shape
+    buf = torch.full((b, c, t + 2, h + 2, w + 2), float("nan"), device=DEV)
+    norm_silu_into(x, gamma, c ** 0.5, buf[:, :, 2:, 1:-1, 1:-1])
+    assert torch.allclose(buf[:, :, 2:, 1:-1, 1:-1], unfused_reference(x, gamma, c ** 0.5), atol=1e-5, rtol=1e-5)
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    outside[:, :, 2:, 1:-1, 1:-1] = False
+    assert buf[outside].isnan().all()  # borders and time padding are left to the caller
+    with pytest.raises(ValueError, match="contiguous"):
+        norm_silu_into(x.transpose(3, 4), gamma, 1.0, buf[:, :, 2:, 1:-1, 1:-1])
+
+
+def test_residual_block_fused_equals_unfused_across_chunks(monkeypatch):
+    """Three chunks through one cache (1, then 4, then 2 frames): the causal frames carried between chunks are
+    the same as the unfused block's."""
+    torch.manual_seed(0)
+    block = ResidualBlock(8, 12).to(DEV).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    chunks = [torch.randn(1, 8, t, 6, 5, device=DEV) for t in (1, 4, 2)]
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(fused, "applies", lambda x, on=on: on)
+        cache = FeatureCache()
+        with torch.no_grad():
+            outs[on] = [block(x, cache) for x in chunks]
+    for a, b in zip(outs[True], outs[False]):
+        assert ((a - b).norm() / b.norm()).item() < DECODER_TOL
+
+
+def test_decoder_fused_equals_unfused(monkeypatch):
+    eng = VaeEngine.random(load_model_config("wan-tiny").vae, DEV, torch.float32)
+    z = torch.randn(1, load_model_config("wan-tiny").vae.z_dim, 3, 4, 6, device=DEV)
+    videos = {}
+    for on in (False, True):
+        monkeypatch.setattr(fused, "applies", lambda x, on=on: on)
+        videos[on] = eng.decode_float(z)
+    assert ((videos[True] - videos[False]).norm() / videos[False].norm()).item() < DECODER_TOL
+
+
+def test_runs_only_on_cuda_and_can_be_switched_off(monkeypatch):
+    assert not fused.applies(torch.zeros(1))
+    if GPU:
+        assert fused.applies(torch.zeros(1, device="cuda"))
+        monkeypatch.setattr(fused, "ENABLED", False)
+        assert not fused.applies(torch.zeros(1, device="cuda"))
+
+
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from smartdiff.services.vae import triton_norm as tn
+sig = dict(X="*fp32", G="*fp32", O="*bf16", C="i32", T="i32", HW="i32", W="i32", x_sb="i32", x_sc="i32", o_sb="i32",
+           o_sc="i32", o_st="i32", o_sh="i32", scale="fp32", BLOCK_C="constexpr", BLOCK_P="constexpr")
+for consts in (dict(BLOCK_C=32, BLOCK_P=128), dict(T=1, BLOCK_C=32, BLOCK_P=128)):
+    s = dict(sig) | {k: "constexpr" for k in consts}
+    triton.compile(ASTSource(tn._norm_silu_kernel, s, consts), target=GPUTarget("cuda", 90, 32))
+print("ok")
+"""
+
+
+def test_kernel_compiles_for_the_gpu_including_one_frame_chunks():
+    """Triton passes a size of 1 as a constant: the kernel must build with T = 1 (the first chunk's frame) as
+    well, which the interpreter does not show. Compiled for sm_90 in a fresh process (no TRITON_INTERPRET)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_the_vae_service_warms_up_at_the_default_size_on_cuda_only():
+    from smartdiff.services.vae.server import warmup_latents
+
+    model = load_model_config("Wan2.1-T2V-1.3B")
+    assert warmup_latents(model, "cpu").shape == (1, 16, 1, 2, 2)
+    assert warmup_latents(model, "cuda").shape == (1, 16, 2, 60, 104)  # 832x480: the usual request's frames
