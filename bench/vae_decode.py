@@ -58,7 +58,8 @@ def main() -> None:
         for name, fn in runs.items():
             fused.ENABLED = name == "ours (fused norm + SiLU)"
             torch.cuda.reset_peak_memory_stats()
-            outs[name] = fn().float().clamp(-1, 1)  # diffusers clamps its output; ours is compared the same way
+            # diffusers clamps its output; ours is compared the same way (on the host: no run's peak includes it)
+            outs[name] = fn().float().clamp(-1, 1).cpu()
             times = cuda_time(fn, 0, args.iters)
             rows[name] = dict(seconds=statistics.median(times), all_seconds=times,
                               peak_gib=torch.cuda.max_memory_allocated() / 2**30)

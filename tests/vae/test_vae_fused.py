@@ -45,8 +45,11 @@ def test_kernel_writes_the_normalised_activation_into_the_interior_only(shape):
     outside = torch.ones_like(buf, dtype=torch.bool)
     outside[:, :, 2:, 1:-1, 1:-1] = False
     assert buf[outside].isnan().all()  # borders and time padding are left to the caller
+    strided = torch.randn(b, c, t, w, h).to(DEV).transpose(3, 4)  # x's shape, not contiguous
     with pytest.raises(ValueError, match="contiguous"):
-        norm_silu_into(x.transpose(3, 4), gamma, 1.0, buf[:, :, 2:, 1:-1, 1:-1])
+        norm_silu_into(strided, gamma, 1.0, buf[:, :, 2:, 1:-1, 1:-1])
+    with pytest.raises(ValueError, match="gamma"):
+        norm_silu_into(x, gamma[:-1], 1.0, buf[:, :, 2:, 1:-1, 1:-1])
 
 
 def test_residual_block_fused_equals_unfused_across_chunks(monkeypatch):
@@ -77,12 +80,45 @@ def test_decoder_fused_equals_unfused(monkeypatch):
     assert ((videos[True] - videos[False]).norm() / videos[False].norm()).item() < DECODER_TOL
 
 
-def test_runs_only_on_cuda_and_can_be_switched_off(monkeypatch):
-    assert not fused.applies(torch.zeros(1))
-    if GPU:
-        assert fused.applies(torch.zeros(1, device="cuda"))
+def test_runs_only_for_inference_on_gpus_it_builds_for_and_can_be_switched_off(monkeypatch):
+    from types import SimpleNamespace
+
+    assert not fused.applies(torch.zeros(1))  # CPU tensors: the unfused ops
+    gpu_tensor = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    monkeypatch.setattr(fused, "_kernel_ok", lambda device: True)
+    with torch.no_grad():
+        assert fused.applies(gpu_tensor)
         monkeypatch.setattr(fused, "ENABLED", False)
-        assert not fused.applies(torch.zeros(1, device="cuda"))
+        assert not fused.applies(gpu_tensor)
+        monkeypatch.setattr(fused, "ENABLED", True)
+        monkeypatch.setattr(fused, "_kernel_ok", lambda device: False)  # e.g. compute capability < 8.0
+        assert not fused.applies(gpu_tensor)
+        monkeypatch.setattr(fused, "_kernel_ok", lambda device: True)
+    with torch.enable_grad():
+        assert not fused.applies(gpu_tensor)  # no autograd through the kernel
+
+
+def test_a_failed_build_runs_the_unfused_ops_from_then_on(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from smartdiff.services.vae import triton_norm
+
+    torch.manual_seed(0)
+    block = ResidualBlock(8, 8).to(DEV).eval()
+    x = torch.randn(1, 8, 2, 4, 5, device=DEV)
+    with torch.no_grad():
+        want = block(x, FeatureCache())  # unfused (or, on a GPU, fused: equal within DECODER_TOL)
+
+        def failing(*args, **kwargs):
+            raise OutOfResources(300000, 232448, "shared memory")
+
+        monkeypatch.setattr(triton_norm, "norm_silu_into", failing)
+        monkeypatch.setattr(fused, "_failed", None)
+        monkeypatch.setattr(fused, "_kernel_ok", lambda device: True)
+        monkeypatch.setattr(fused, "applies", lambda t: fused._failed is None)
+        got = block(x, FeatureCache())
+    assert "shared memory" in fused._failed and not fused.applies(x)
+    assert ((got - want).norm() / want.norm()).item() < DECODER_TOL
 
 
 COMPILE = """
