@@ -88,3 +88,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative L2 error ||out - ref|| / ||ref|| in float32 (ref moved to out's device)."""
     ref = ref.to(out.device).float()
     return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def same_weight_vaes(cfg, device, dtype):
+    """(diffusers' AutoencoderKLWan with seed-0 random weights on the CPU, our WanVAE with the same weights on
+    `device` in `dtype`), both in eval mode without gradients."""
+    from diffusers import AutoencoderKLWan
+
+    from smartdiff.services.vae.model import WanVAE
+    from smartdiff.services.vae.weights import convert_diffusers_state_dict
+    from smartdiff.shared.checkpoint import load_strict
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, num_res_blocks=cfg.num_res_blocks).eval()
+    ref.requires_grad_(False)
+    with torch.device("meta"):
+        ours = WanVAE(cfg)
+    ours = load_strict(ours, convert_diffusers_state_dict(ref.state_dict(), cfg.num_res_blocks),
+                       "diffusers reference", device, dtype)
+    return ref, ours.eval()

@@ -34,14 +34,12 @@ from smartdiff.services.denoiser.dit import KEEP_FP32
 from smartdiff.services.denoiser.offload import BlockOffloader
 from smartdiff.services.denoiser.weights import build_dit, diffusers_to_wan_key
 from smartdiff.services.vae.engine import VaeEngine, to_uint8_frames
-from smartdiff.services.vae.model import WanVAE
 from smartdiff.services.vae.tiling import TilingConfig, tile_spans
-from smartdiff.services.vae.weights import convert_diffusers_state_dict
 from smartdiff.shared.checkpoint import load_strict, rename_keys
 from smartdiff.shared.config import VAEConfig, load_model_config
 from smartdiff.shared.memory import MemoryPolicy, measure_peak
 
-from common import git_commit, rel_err
+from common import git_commit, rel_err, same_weight_vaes
 
 TARGETS = dict(dit_peak_gib=5.0, dit_time_ratio=1.05, vae_peak_gib=2.0, vae_time_ratio=1.3)
 
@@ -166,18 +164,10 @@ def bench_dit(args, device: torch.device) -> dict:
 # -- VAE decode ------------------------------------------------------------------------------
 
 def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
-    from diffusers import AutoencoderKLWan
-
     dry = args.dry_run
     cfg = load_model_config("wan-tiny").vae if dry else VAEConfig()
     frames, height, width = (9, 64, 96) if dry else (args.vae_frames, args.vae_height, args.vae_width)
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, num_res_blocks=cfg.num_res_blocks).eval()
-    ref.requires_grad_(False)
-    with torch.device("meta"):
-        model = WanVAE(cfg)
-    model = load_strict(model, convert_diffusers_state_dict(ref.state_dict(), cfg.num_res_blocks),
-                        "diffusers reference", "cpu", dtype)
+    ref, model = same_weight_vaes(cfg, "cpu", dtype)
     st, sh, sw = cfg.stride
     z_norm = torch.randn(1, cfg.z_dim, (frames - 1) // st + 1, height // sh, width // sw,
                          generator=torch.Generator().manual_seed(1))

@@ -18,12 +18,9 @@ from pathlib import Path
 import torch
 
 from smartdiff.services.vae import fused
-from smartdiff.services.vae.model import WanVAE
-from smartdiff.services.vae.weights import convert_diffusers_state_dict
-from smartdiff.shared.checkpoint import load_strict
 from smartdiff.shared.config import VAEConfig
 
-from common import cuda_time, git_commit, rel_err
+from common import cuda_time, git_commit, rel_err, same_weight_vaes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -37,16 +34,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench_results/vae_decode.json"))
     args = p.parse_args()
-    from diffusers import AutoencoderKLWan
-
     dtype, cfg = DTYPES[args.dtype], VAEConfig()
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=cfg.z_dim, num_res_blocks=cfg.num_res_blocks).eval()
-    ref.requires_grad_(False)
-    with torch.device("meta"):
-        ours = WanVAE(cfg)
-    ours = load_strict(ours, convert_diffusers_state_dict(ref.state_dict(), cfg.num_res_blocks),
-                       "diffusers reference", "cuda", dtype).eval()
+    ref, ours = same_weight_vaes(cfg, "cuda", dtype)
     ref.to("cuda", dtype)
     st, sh, sw = cfg.stride
     z = torch.randn(1, cfg.z_dim, (args.frames - 1) // st + 1, args.height // sh, args.width // sw, device="cuda",
