@@ -51,32 +51,14 @@ def norm_silu_conv(norm: "RMSNorm", conv: "CausalConv3d", x: torch.Tensor,
     from .triton_norm import norm_silu_into
 
     x = x.contiguous()
-    b, c, t, h, w = x.shape
-    tp = conv.time_pad
-    pw0, pw1, ph0, ph1 = conv.space_pad
-    buf = x.new_empty(b, c, tp + t, h + ph0 + ph1, w + pw0 + pw1)
-    inner = buf[:, :, :, ph0:ph0 + h, pw0:pw0 + w]
-    act = inner[:, :, tp:]
+    prev = cache.frames.get(conv) if cache is not None and conv.time_pad else None
+    buf, act = conv.padded_buffer(x, prev)
     try:
         norm_silu_into(x, norm.gamma.reshape(-1), norm.scale, act)
     except TritonError as e:  # raised before the kernel launches: nothing written, the cache untouched
         _failed = str(e).strip().splitlines()[-1][:200] if str(e).strip() else repr(e)
         log.warning("VAE: the fused norm + SiLU kernel failed to build (%s); using the unfused ops", _failed)
         return conv(F.silu(norm(x)), cache)
-    if ph0:
-        buf[:, :, :, :ph0] = 0
-    if ph1:
-        buf[:, :, :, ph0 + h:] = 0
-    if pw0:
-        buf[..., :pw0] = 0
-    if pw1:
-        buf[..., pw0 + w:] = 0
-    prev = cache.frames.get(conv) if cache is not None and tp else None
-    kept = prev.shape[2] if prev is not None else 0
-    if tp - kept:
-        inner[:, :, :tp - kept] = 0
-    if prev is not None:
-        inner[:, :, tp - kept:tp] = prev
-    if cache is not None and tp:
+    if cache is not None and conv.time_pad:  # what CausalConv3d.forward keeps: the last frames of its input
         cache.frames[conv] = conv._last_frames(prev, act)
     return nn.Conv3d.forward(conv, buf)

@@ -63,16 +63,29 @@ class CausalConv3d(nn.Conv3d):
 
     def _padded(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """[zeros; prev; x] in time (time_pad frames before x) with the spatial zero border, in one buffer."""
-        pw0, pw1, ph0, ph1 = self.space_pad
         if self.time_pad == 0 and not any(self.space_pad):
             return x
-        b, c, t, h, w = x.shape
-        out = x.new_zeros(b, c, self.time_pad + t, h + ph0 + ph1, w + pw0 + pw1)
-        inner = out[:, :, :, ph0:ph0 + h, pw0:pw0 + w]
-        if prev is not None:
-            inner[:, :, self.time_pad - prev.shape[2]:self.time_pad] = prev
-        inner[:, :, self.time_pad:] = x
+        out, slot = self.padded_buffer(x, prev)
+        slot.copy_(x)
         return out
+
+    def padded_buffer(self, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this conv's padded input for an input shaped as x, with its padding set: zeros, or `prev`'s frames
+        last in the time padding; the view of it where x's values go, left unset for the caller to fill)."""
+        pw0, pw1, ph0, ph1 = self.space_pad
+        b, c, t, h, w = x.shape
+        tp = self.time_pad
+        out = x.new_empty(b, c, tp + t, h + ph0 + ph1, w + pw0 + pw1)
+        out[:, :, :, :ph0] = 0  # spatial borders (empty slices where there is none)
+        out[:, :, :, ph0 + h:] = 0
+        out[..., :pw0] = 0
+        out[..., pw0 + w:] = 0
+        inner = out[:, :, :, ph0:ph0 + h, pw0:pw0 + w]
+        kept = prev.shape[2] if prev is not None else 0
+        inner[:, :, :tp - kept] = 0
+        if prev is not None:
+            inner[:, :, tp - kept:tp] = prev
+        return out, inner[:, :, tp:]
 
 
 class RMSNorm(nn.Module):

@@ -39,8 +39,8 @@ def default_backend(device: torch.device | str, dtype: torch.dtype | None = None
     fastest kernel) and is allowed, else `sdpa`."""
     if allowed is not None and "flash_attn" not in allowed:
         return EXACT
-    return "flash_attn" if get_backend("flash_attn").unavailable_reason(torch.device(device), dtype, head_dim) is None \
-        else EXACT
+    why_not = get_backend("flash_attn").unavailable_reason(torch.device(device), dtype, head_dim)
+    return EXACT if why_not else "flash_attn"
 
 
 def backend_names() -> tuple[str, ...]:

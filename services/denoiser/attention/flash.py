@@ -23,7 +23,7 @@ INFO = BackendInfo(
     lossy=False, devices=("cuda",), dtypes=(torch.bfloat16, torch.float16), returns_lse=True,
 )
 PACKAGES = (("flash_attn_interface", "fa3", "flash-attn-3"), ("flash_attn", "fa2", "flash-attn"))
-GLUON_KEY = "exact"  # sage._GLUON_FAILED's key (with the head dim) for our exact kernel
+GLUON_KEY = "exact"  # sage.gluon_failed's key (with the head dim) for our exact kernel
 
 
 def installed() -> tuple[str, str, str] | None:
@@ -85,9 +85,9 @@ class GluonFlashKernel(Kernel):
         self.label = "flash_attn[gluon]"
 
     def _call(self, q, k, v, lse: bool):
-        from .sage import _GLUON_FAILED, gluon_failed
+        from .sage import gluon_failed, gluon_failure
 
-        if self.key not in _GLUON_FAILED:
+        if not gluon_failure(self.key):
             try:
                 return self.run(q, k, v, lse=lse)
             except self.build_errors as e:  # compilation, ptxas, resources: raised before the kernel launches
@@ -103,16 +103,13 @@ class GluonFlashKernel(Kernel):
         return self._call(q, k, v, lse=True)
 
     def describe(self) -> str:
-        if self.key in _failed():
+        from .sage import gluon_failure
+
+        why = gluon_failure(self.key)
+        if why:
             return (f"{self.fallback.label} (flash_attn: no flash-attn package installed, and our Hopper kernel "
-                    f"failed to build: {_failed()[self.key]})")
+                    f"failed to build: {why})")
         return self.label
-
-
-def _failed() -> dict[tuple[str, int], str]:
-    from .sage import _GLUON_FAILED
-
-    return _GLUON_FAILED
 
 
 def _check(device: torch.device, dtype: torch.dtype | None, head_dim: int | None) -> str | None:

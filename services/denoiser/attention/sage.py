@@ -111,6 +111,11 @@ def gluon_failed(key: tuple[str, int], name: str, e: BaseException, instead: str
     log.warning("%s: the Gluon kernel failed to build (%s); using %s", name, _GLUON_FAILED[key], instead)
 
 
+def gluon_failure(key: tuple[str, int]) -> str | None:
+    """Why our Gluon kernel for `key` failed to build in this process, or None (not failed, or not tried)."""
+    return _GLUON_FAILED.get(key)
+
+
 def gluon_usable(device: torch.device, head_dim: int, key: tuple[str, int]) -> bool:
     """Our Hopper kernel for `key` runs here and has not failed to build in this process."""
     return gluon_supported(device, head_dim) and key not in _GLUON_FAILED

@@ -94,7 +94,7 @@ class SpargeKernel(Kernel):
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool):
         p = self.params
-        if self.gluon is not None and self.key in sage._GLUON_FAILED:  # another instance's build failed meanwhile
+        if self.gluon is not None and sage.gluon_failure(self.key):  # another instance's build failed meanwhile
             self.gluon, self.label, self.cfg = None, "sparge[triton]", self.triton_cfg
         quant = self.ts.quantize(q, k, v, self.cfg, self.pv, pool=True)
         lut, n_sel = self.ts.block_plan(quant, p.topk, p.cdf_threshold, p.sim_threshold)  # block_mask + block_lut
