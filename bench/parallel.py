@@ -7,6 +7,8 @@ denoising step with CFG (both branches). Prints a table, writes JSON (rank 0).
 
   torchrun --nproc-per-node 4 bench/parallel.py --layouts 1 cfg2xu2 u4 u2xr2 --peer 1 4 --out r4.json
   torchrun --nproc-per-node 2 bench/parallel.py --layouts cfg2 u2 r2 --peer 2 --out r2.json
+  torchrun --nproc-per-node 2 bench/parallel.py --model 1.3B --width 832 --height 480 --layouts 1 u2 r2 \
+      --attention flash_attn sdpa   (each layout once per backend; errors against 1 GPU with the same backend)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from smartdiff.services.denoiser.dit import KEEP_FP32
+from smartdiff.services.denoiser.attention import AttentionChoice
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.services.denoiser.parallel import ParallelConfig, ParallelState
 from smartdiff.services.denoiser.weights import build_dit
@@ -67,7 +70,7 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_dit, profile=False):
+def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_dit, attention, profile=False):
     state = ParallelState(layout, rank, ranks=list(range(layout.world_size)))
     out = None
     if state.member:
@@ -75,13 +78,15 @@ def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_d
         dit.set_compiled(compile_dit)  # the denoiser's default on CUDA (--compile auto); compiled in the warm-up
         engine = DenoiserEngine(model, [dit], device, torch.bfloat16, parallel=state)
         warm = resolve_request(GenerationRequest(prompt="x", **{**req_kw, "steps": 1}), model)
-        engine.denoise(warm, ctx, neg)
+        choice = AttentionChoice(attention)
+        engine.denoise(warm, ctx, neg, attention=choice)
         req = resolve_request(GenerationRequest(prompt="x", **{**req_kw, "steps": steps}), model)
-        latents = []
-        seconds = timed(lambda: latents.append(engine.denoise(req, ctx, neg)), steps)
-        out = (seconds, latents[0].float().cpu())
+        latents, ran = [], []
+        seconds = timed(lambda: latents.append(engine.denoise(req, ctx, neg, attention=choice,
+                                                              on_attention=ran.append)), steps)
+        out = (seconds, latents[0].float().cpu(), ran[0].kernel if ran else attention)
         if profile and layout.world_size > 1:  # one more step (twice: warm, then profiled on rank 0)
-            step = lambda: engine.denoise(warm, ctx, neg)  # noqa: E731
+            step = lambda: engine.denoise(warm, ctx, neg, attention=choice)  # noqa: E731
             if state.rank == 0:
                 profile_forward(step, f"ours {layout} (rank 0, one CFG step)")
             else:
@@ -147,6 +152,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per layout (after one warm-up step)")
     p.add_argument("--layouts", nargs="+", default=["1", "cfg2", "u2", "r2", "cfg2xu2", "u4", "u2xr2"])
     p.add_argument("--peer", nargs="*", type=int, default=[], help="diffusers ulysses degrees to time (1 or world)")
+    p.add_argument("--attention", nargs="+", default=["sdpa"], metavar="BACKEND",
+                   help="self-attention backends to run every layout with (flash_attn: the CUDA default)")
     p.add_argument("--compile", choices=["on", "off"], default="on",
                    help="our DiT's compiled elementwise regions (the denoiser's default on CUDA)")
     p.add_argument("--profile", action="store_true", help="profile one step of each multi-GPU layout (rank 0)")
@@ -163,23 +170,26 @@ def main() -> None:
     ctx, neg = torch.randn(120, 4096, generator=g).to(device), torch.randn(40, 4096, generator=g).to(device)
     req_kw = dict(width=args.width, height=args.height, frames=args.frames, guidance=(5.0,), seed=3)
     sd = random_state(model, device, seed=0)
-    rows, reference = [], None
-    for text in args.layouts:
-        layout = parse_layout(text)
-        if layout.world_size > world:
-            continue
-        layout.validate(layout.world_size, model.dit.num_heads)
-        res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg, args.compile == "on",
-                       args.profile)
-        if rank == 0:
-            seconds, latents = res
-            if layout.world_size == 1:
-                reference = (seconds, latents)
-            err = ((latents - reference[1]).norm() / reference[1].norm()).item() if reference else float("nan")
-            rows.append(dict(impl="ours", layout=str(layout), gpus=layout.world_size, seconds_per_step=seconds,
-                             rel_err_vs_1gpu=err))
-            print(f"ours {str(layout):<28} {layout.world_size} GPU  {seconds:8.3f} s/step  rel err vs 1 GPU {err:.1e}",
-                  flush=True)
+    rows, reference, base = [], {}, None
+    for attention in args.attention:
+        for text in args.layouts:
+            layout = parse_layout(text)
+            if layout.world_size > world:
+                continue
+            layout.validate(layout.world_size, model.dit.num_heads)
+            res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg, args.compile == "on",
+                           attention, args.profile)
+            if rank == 0:
+                seconds, latents, ran = res
+                if layout.world_size == 1:
+                    reference[attention] = latents
+                    base = base or seconds
+                ref = reference.get(attention)
+                err = ((latents - ref).norm() / ref.norm()).item() if ref is not None else float("nan")
+                rows.append(dict(impl="ours", layout=f"{layout} {ran}", gpus=layout.world_size,
+                                 seconds_per_step=seconds, attention=ran, rel_err_vs_1gpu=err))
+                print(f"ours {str(layout):<28} {ran:<18} {layout.world_size} GPU  {seconds:8.3f} s/step  "
+                      f"rel err vs 1 GPU {err:.1e}", flush=True)
     del sd
     torch.cuda.empty_cache()
     for degree in args.peer:
@@ -189,7 +199,6 @@ def main() -> None:
                              seconds_per_step=res[0]))
             print(f"diffusers ulysses{degree:<19} {degree} GPU  {res[0]:8.3f} s/step  attention {res[1]}", flush=True)
     if rank == 0:
-        base = reference[0] if reference else None
         print(f"\n{MODELS[args.model]} {args.width}x{args.height}x{args.frames}, one CFG step (2 forwards), "
               f"{torch.cuda.get_device_name()}, world {world}, our DiT compiled: {args.compile}")
         print(f"{'impl':<10}{'layout':<44}{'GPUs':>5}{'s/step':>10}{'vs our 1 GPU':>14}")
@@ -199,6 +208,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                                             world=world, model=MODELS[args.model], compile=args.compile,
+                                            attention=args.attention,
                                             shape=[args.width, args.height, args.frames], rows=rows), indent=1))
     dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
-"""VAE decode, ours (fused RMSNorm + SiLU kernel, and the unfused ops) vs diffusers' AutoencoderKLWan, same random
-weights, one run on one GPU: time, peak memory and the relative error of each against diffusers.
+"""VAE decode, ours (fused RMSNorm + SiLU kernel, and the unfused ops; channels-last, the engine's layout on CUDA,
+and NCDHW) vs diffusers' AutoencoderKLWan, same random weights, one run on one GPU: time, peak memory and the
+relative error of each against diffusers.
 
 Wan2.1 VAE, latents of 832x480 x 81 frames by default (what a 1.3B / 14B 480p generation decodes), float32 as in
 the end-to-end benchmark (--dtype for bfloat16). Needs a CUDA GPU and the `diffusers` package (the peer).
@@ -40,12 +41,18 @@ def main() -> None:
     st, sh, sw = cfg.stride
     z = torch.randn(1, cfg.z_dim, (args.frames - 1) // st + 1, args.height // sh, args.width // sw, device="cuda",
                     generator=torch.Generator(device="cuda").manual_seed(1), dtype=dtype)
-    runs = {"diffusers AutoencoderKLWan": lambda: ref.decode(z).sample,
-            "ours, unfused ops": lambda: ours.decode(z), "ours (fused norm + SiLU)": lambda: ours.decode(z)}
+    # (name, fused kernel on, channels-last weights): the last is what the VAE engine runs on CUDA
+    runs = {"diffusers AutoencoderKLWan": None, "ours, unfused ops": (False, True),
+            "ours fused, NCDHW": (True, False), "ours (fused, channels-last)": (True, True)}
     rows, outs = {}, {}
     with torch.inference_mode():
-        for name, fn in runs.items():
-            fused.ENABLED = name == "ours (fused norm + SiLU)"
+        for name, setting in runs.items():
+            if setting is None:
+                fn = lambda: ref.decode(z).sample  # noqa: E731
+            else:
+                fused.ENABLED = setting[0]
+                ours.use_channels_last(setting[1])
+                fn = lambda: ours.decode(z)  # noqa: E731
             torch.cuda.reset_peak_memory_stats()
             # diffusers clamps its output; ours is compared the same way (on the host: no run's peak includes it)
             outs[name] = fn().float().clamp(-1, 1).cpu()

@@ -33,6 +33,8 @@ class VaeEngine:
         self.model = model.eval().requires_grad_(False)
         self.config: VAEConfig = model.config
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # the layout cuDNN's convolutions read: no conversion around each one
+            model.use_channels_last()
         self.dtype = dtype
         self.memory = MemoryPolicy.resolve(low_mem_level, self.device, "vae")
         if tiling is None and self.memory.vae_tiling:

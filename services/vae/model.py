@@ -4,6 +4,11 @@ Shapes: video [B, 3, F, H, W] in [-1, 1] with F = 4n + 1  <->  latents [B, z_dim
 Time is processed causally in chunks (encode: 1 frame, then 4 at a time; decode: 1 latent frame at a
 time). A `FeatureCache` carries, for every temporal convolution, the last input frames of the previous
 chunk, so chunked processing equals one causal pass over the whole clip while memory stays per-chunk.
+
+Every layer works in either memory layout, NCDHW or channels-last (NDHWC), and keeps its input's: with the
+convolution weights in channels-last (`WanVAE.use_channels_last`, what the VAE engine does on CUDA) the
+activations are channels-last from the first convolution on, which is the layout cuDNN's convolution kernels
+read, so no layout conversion runs around each convolution.
 """
 
 from __future__ import annotations
@@ -17,6 +22,41 @@ from torch import nn
 from smartdiff.shared.config import VAEConfig
 
 from . import fused
+
+
+def dense_layout(x: torch.Tensor) -> torch.memory_format | None:
+    """The memory format x [B, C, T, H, W] is dense in: NCDHW (contiguous) or channels-last 3D; None if neither."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
+def empty_like_layout(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An uninitialised tensor of `shape` with x's dtype, device and layout (channels-last 3D if x is, else NCDHW)."""
+    fmt = torch.channels_last_3d if dense_layout(x) is torch.channels_last_3d else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def cat_frames(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of [B, C, T_i, H, W] along time, in the last part's layout (torch.cat may not keep channels-last)."""
+    last = parts[-1]
+    out = empty_like_layout(last, *last.shape[:2], sum(p.shape[2] for p in parts), *last.shape[3:])
+    start = 0
+    for p in parts:
+        out[:, :, start:start + p.shape[2]] = p
+        start += p.shape[2]
+    return out
+
+
+def per_frame(x: torch.Tensor) -> torch.Tensor:
+    """x [B, C, T, H, W] as frames [B * T, C, H, W], a view in x's layout. A channels-last x gets the canonical
+    channels-last strides, which PyTorch's layout checks want even on dims of size 1 (else the next op copies)."""
+    b, c, t, h, w = x.shape
+    if dense_layout(x) is torch.channels_last_3d:
+        return x.as_strided((b * t, c, h, w), (h * w * c, 1, w * c, c))
+    return x.transpose(1, 2).flatten(0, 1)
 
 
 class FeatureCache:
@@ -59,7 +99,7 @@ class CausalConv3d(nn.Conv3d):
         need = self.time_pad - x.shape[2]
         if need <= 0 or prev is None:
             return x[:, :, -self.time_pad:].clone()
-        return torch.cat([prev[:, :, -need:], x], dim=2)
+        return cat_frames([prev[:, :, -need:], x])
 
     def _padded(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """[zeros; prev; x] in time (time_pad frames before x) with the spatial zero border, in one buffer."""
@@ -75,7 +115,7 @@ class CausalConv3d(nn.Conv3d):
         pw0, pw1, ph0, ph1 = self.space_pad
         b, c, t, h, w = x.shape
         tp = self.time_pad
-        out = x.new_empty(b, c, tp + t, h + ph0 + ph1, w + pw0 + pw1)
+        out = empty_like_layout(x, b, c, tp + t, h + ph0 + ph1, w + pw0 + pw1)
         out[:, :, :, :ph0] = 0  # spatial borders (empty slices where there is none)
         out[:, :, :, ph0 + h:] = 0
         out[..., :pw0] = 0
@@ -111,6 +151,15 @@ class Upsample2x(nn.Module):
         return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
 
 
+class PadRightBottom(nn.Module):
+    """Zero padding of [N, C, H, W] by one column on the right and one row at the bottom, in x's layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.pad(x, (0, 1, 0, 1))
+        nhwc = x.stride(1) == 1 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+        return y.contiguous(memory_format=torch.channels_last) if nhwc else y
+
+
 class Resample(nn.Module):
     """Halve or double H and W (per frame); the "3d" modes also halve or double time.
 
@@ -125,7 +174,7 @@ class Resample(nn.Module):
         if mode.startswith("upsample"):
             self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
         else:  # pad right/bottom only, then a strided 3x3 conv
-            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            self.resample = nn.Sequential(PadRightBottom(), nn.Conv2d(dim, dim, 3, stride=2))
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode == "downsample3d":
@@ -144,12 +193,12 @@ class Resample(nn.Module):
         if t > 1 and self.mode.startswith("upsample"):
             # One frame at a time: the 2x-upsampled conv input is the largest tensor of a decoder step.
             first = self._per_frame(x[:, :, :1])
-            out = first.new_empty(b, first.shape[1], t, *first.shape[3:])
+            out = empty_like_layout(first, b, first.shape[1], t, *first.shape[3:])
             out[:, :, :1] = first
             for i in range(1, t):
                 out[:, :, i:i + 1] = self._per_frame(x[:, :, i:i + 1])
             return out
-        y = self.resample(x.transpose(1, 2).flatten(0, 1))  # [B*T, C', H', W']
+        y = self.resample(per_frame(x))  # [B*T, C', H', W']
         return y.unflatten(0, (b, t)).transpose(1, 2)
 
     def _double_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
@@ -158,14 +207,16 @@ class Resample(nn.Module):
             return x
         b, c, t, h, w = x.shape
         y = self.time_conv(x, cache).view(b, 2, c, t, h, w)  # two output frames per input frame
-        return y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        out = empty_like_layout(x, b, c, 2 * t, h, w)  # frames interleaved: (t, 0), (t, 1), in x's layout
+        out.unflatten(2, (t, 2)).copy_(y.permute(0, 2, 3, 1, 4, 5))
+        return out
 
     def _halve_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         prev = cache.frames.get(self)
         cache.frames[self] = x[:, :, -1:].clone()
         if prev is None:  # first chunk (one frame) passes through
             return x
-        return self.time_conv(torch.cat([prev, x], dim=2))
+        return self.time_conv(cat_frames([prev, x]))
 
 
 class ResidualBlock(nn.Module):
@@ -200,7 +251,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, T, H, W] -> same shape."""
         b, c, t, h, w = x.shape
-        y = self.norm(x.transpose(1, 2).flatten(0, 1))  # [B*T, C, H, W]
+        y = self.norm(per_frame(x))  # [B*T, C, H, W]
         qkv = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1)  # [B*T, 1, H*W, 3C]
         q, k, v = qkv.chunk(3, dim=-1)
         y = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, H*W, C]
@@ -305,14 +356,31 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg)
+        self.channels_last = False  # the convolution weights' layout (use_channels_last)
+
+    def use_channels_last(self, on: bool = True) -> "WanVAE":
+        """Convolution weights in channels-last memory format (NDHWC, NHWC), or back to NCDHW with on=False: same
+        values; channels-last activations then follow from the first convolution on (see the module docstring).
+        Returns self."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.Conv2d)):
+                fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt if on else torch.contiguous_format)
+        self.channels_last = on
+        return self
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """An input in the weights' layout (the convolutions keep it from there)."""
+        return x.contiguous(memory_format=torch.channels_last_3d if self.channels_last else torch.contiguous_format)
 
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """video [B, 3, 1 + 4n, H, W] -> posterior (mean, log_var), each [B, z_dim, 1 + n, H/8, W/8]."""
         if (video.shape[2] - 1) % 4:
             raise ValueError(f"encode needs 4n + 1 frames, got {video.shape[2]}")
         cache = FeatureCache()
+        video = self._layout(video)
         chunks = [video[:, :, :1]] + list(video[:, :, 1:].split(4, dim=2))
-        out = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+        out = cat_frames([self.encoder(chunk, cache) for chunk in chunks])
         mean, log_var = self.conv1(out).chunk(2, dim=1)
         return mean, log_var
 
@@ -321,7 +389,7 @@ class WanVAE(nn.Module):
 
         One latent frame per step; `progress(i, F')` is called after frame i (1-based) is decoded.
         """
-        return torch.cat([video for _, video in self.decode_chunks(z, progress=progress)], dim=2)
+        return cat_frames([video for _, video in self.decode_chunks(z, progress=progress)])
 
     def decode_chunks(self, z: torch.Tensor, frames_per_call: int | None = None,
                       progress: Callable[[int, int], None] | None = None
@@ -332,7 +400,7 @@ class WanVAE(nn.Module):
         part into runs of that many video frames, which lowers peak memory and gives the same video.
         """
         cache = FeatureCache()
-        x = self.conv2(z)
+        x = self.conv2(self._layout(z))
         start = 0
         for i in range(z.shape[2]):
             features = self.decoder.forward_low(x[:, :, i:i + 1], cache)

@@ -32,20 +32,21 @@ def unfused_reference(x, gamma, scale):
     return F.silu(y).to(x.dtype)
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 3, 5, 9), (1, 7, 1, 3, 130)])  # channel tail / position tail
-def test_kernel_writes_the_normalised_activation_into_the_interior_only(shape):
+@pytest.mark.parametrize("shape", [(2, 40, 3, 5, 9), (1, 7, 1, 3, 130), (1, 70, 2, 3, 5)])  # channel / position tails
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_kernel_writes_the_normalised_activation_into_the_interior_only(shape, layout):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g).to(DEV)
+    x = torch.randn(*shape, generator=g).to(DEV).contiguous(memory_format=layout)
     x[0, :, 0, 0, 0] = 0  # an all-zero position: F.normalize's eps, no NaN
     gamma = torch.randn(shape[1], generator=g).to(DEV)
     b, c, t, h, w = shape
-    buf = torch.full((b, c, t + 2, h + 2, w + 2), float("nan"), device=DEV)
+    buf = torch.full((b, c, t + 2, h + 2, w + 2), float("nan"), device=DEV).contiguous(memory_format=layout)
     norm_silu_into(x, gamma, c ** 0.5, buf[:, :, 2:, 1:-1, 1:-1])
     assert torch.allclose(buf[:, :, 2:, 1:-1, 1:-1], unfused_reference(x, gamma, c ** 0.5), atol=1e-5, rtol=1e-5)
     outside = torch.ones_like(buf, dtype=torch.bool)
     outside[:, :, 2:, 1:-1, 1:-1] = False
     assert buf[outside].isnan().all()  # borders and time padding are left to the caller
-    strided = torch.randn(b, c, t, w, h).to(DEV).transpose(3, 4)  # x's shape, not contiguous
+    strided = torch.randn(b, c, t, w, h).to(DEV).transpose(3, 4)  # x's shape, dense in neither layout
     with pytest.raises(ValueError, match="contiguous"):
         norm_silu_into(strided, gamma, 1.0, buf[:, :, 2:, 1:-1, 1:-1])
     with pytest.raises(ValueError, match="gamma"):
@@ -70,8 +71,10 @@ def test_residual_block_fused_equals_unfused_across_chunks(monkeypatch):
         assert ((a - b).norm() / b.norm()).item() < DECODER_TOL
 
 
-def test_decoder_fused_equals_unfused(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_fused_equals_unfused(monkeypatch, cudnn_layouts, channels_last):
     eng = VaeEngine.random(load_model_config("wan-tiny").vae, DEV, torch.float32)
+    eng.model.use_channels_last(channels_last)
     z = torch.randn(1, load_model_config("wan-tiny").vae.z_dim, 3, 4, 6, device=DEV)
     videos = {}
     for on in (False, True):
@@ -126,9 +129,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from smartdiff.services.vae import triton_norm as tn
-sig = dict(X="*fp32", G="*fp32", O="*bf16", C="i32", T="i32", HW="i32", W="i32", x_sb="i32", x_sc="i32", o_sb="i32",
-           o_sc="i32", o_st="i32", o_sh="i32", scale="fp32", BLOCK_C="constexpr", BLOCK_P="constexpr")
-for consts in (dict(BLOCK_C=32, BLOCK_P=128), dict(T=1, BLOCK_C=32, BLOCK_P=128)):
+sig = dict(X="*fp32", G="*fp32", O="*bf16", C="i32", T="i32", HW="i32", W="i32", x_sb="i32", x_sc="i32", x_st="i32",
+           x_sp="i32", o_sb="i32", o_sc="i32", o_st="i32", o_sh="i32", o_sw="i32", scale="fp32", BLOCK_C="constexpr",
+           BLOCK_P="constexpr")
+for consts in (dict(x_sp=1, o_sw=1, BLOCK_C=32, BLOCK_P=128), dict(T=1, x_sp=1, o_sw=1, BLOCK_C=32, BLOCK_P=128),
+               dict(x_sc=1, o_sc=1, BLOCK_C=64, BLOCK_P=64), dict(T=1, x_sc=1, o_sc=1, BLOCK_C=64, BLOCK_P=64)):
     s = dict(sig) | {k: "constexpr" for k in consts}
     triton.compile(ASTSource(tn._norm_silu_kernel, s, consts), target=GPUTarget("cuda", 90, 32))
 print("ok")
@@ -137,7 +142,8 @@ print("ok")
 
 def test_kernel_compiles_for_the_gpu_including_one_frame_chunks():
     """Triton passes a size of 1 as a constant: the kernel must build with T = 1 (the first chunk's frame) as
-    well, which the interpreter does not show. Compiled for sm_90 in a fresh process (no TRITON_INTERPRET)."""
+    well, which the interpreter does not show, in both layouts (unit position stride: NCDHW; unit channel
+    stride: channels-last). Compiled for sm_90 in a fresh process (no TRITON_INTERPRET)."""
     import subprocess
     import sys
 
