@@ -42,7 +42,7 @@ def main() -> None:
     z = torch.randn(1, cfg.z_dim, (args.frames - 1) // st + 1, args.height // sh, args.width // sw, device="cuda",
                     generator=torch.Generator(device="cuda").manual_seed(1), dtype=dtype)
     # (name, fused kernel on, channels-last weights): the last is what the VAE engine runs on CUDA
-    runs = {"diffusers AutoencoderKLWan": None, "ours, unfused ops": (False, True),
+    runs = {"diffusers AutoencoderKLWan": None, "ours unfused, channels-last": (False, True),
             "ours fused, NCDHW": (True, False), "ours (fused, channels-last)": (True, True)}
     rows, outs = {}, {}
     with torch.inference_mode():

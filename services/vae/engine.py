@@ -68,7 +68,12 @@ class VaeEngine:
 
     @torch.inference_mode()
     def decode_float(self, latents: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        """latents [B, z_dim, F', h, w] (normalised) -> video float32 [B, 3, 4(F'-1)+1, 8h, 8w] in [-1, 1]."""
+        """latents [B, z_dim, F', h, w] (normalised) -> video float32 [B, 3, 4(F'-1)+1, 8h, 8w] in [-1, 1],
+        contiguous."""
+        return self._decode_float(latents, progress).contiguous()
+
+    def _decode_float(self, latents: torch.Tensor, progress: Progress | None) -> torch.Tensor:
+        """decode_float in the model's layout (channels-last on CUDA)."""
         z = self._unnormalise(latents)
         if self.tiling is not None:
             sink = FloatSink(self._video_shape(z), self.device)
@@ -82,7 +87,7 @@ class VaeEngine:
         """latents [B, z_dim, F', h, w] (normalised) -> frames uint8 [B, F, H, W, 3] (RGB), on `frames_device`
         (the CPU when tiled)."""
         if self.tiling is None:
-            return to_uint8_frames(self.decode_float(latents, progress))
+            return to_uint8_frames(self._decode_float(latents, progress))  # channels-last: no transpose
         z = self._unnormalise(latents)
         sink = Uint8Sink(self._video_shape(z), self.device, self.frames_device)
         decode_tiled(self.model, z, self.tiling, sink, progress)
@@ -117,7 +122,7 @@ class VaeEngine:
     @torch.inference_mode()
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
         mean, _ = self.model.encode(video.to(self.device, self.dtype))
-        return (mean.float() - self.mean) * self.inv_std
+        return ((mean.float() - self.mean) * self.inv_std).contiguous()
 
     def _check_latents(self, latents: torch.Tensor) -> None:
         if latents.dim() != 5 or latents.shape[1] != self.config.z_dim:

@@ -48,10 +48,10 @@ def norm_silu_conv(norm: "RMSNorm", conv: "CausalConv3d", x: torch.Tensor,
         return conv(F.silu(norm(x)), cache)
     from triton.errors import TritonError
 
-    from .model import dense_layout
+    from .model import layout_of
     from .triton_norm import norm_silu_into
 
-    x = x.contiguous(memory_format=dense_layout(x) or torch.contiguous_format)  # a channels-last x stays so
+    x = x.contiguous(memory_format=layout_of(x))  # dense, in its layout family (no copy if it already is)
     prev = cache.frames.get(conv) if cache is not None and conv.time_pad else None
     buf, act = conv.padded_buffer(x, prev)
     try:

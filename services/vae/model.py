@@ -33,14 +33,21 @@ def dense_layout(x: torch.Tensor) -> torch.memory_format | None:
     return None
 
 
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """The layout family of x [B, C, T, H, W], dense or a view (a frame, a padded buffer's interior): channels-last
+    3D when its channels are the unit-stride dim, else NCDHW."""
+    cl = x.dim() == 5 and x.shape[1] > 1 and x.stride(1) == 1
+    return torch.channels_last_3d if cl else torch.contiguous_format
+
+
 def empty_like_layout(x: torch.Tensor, *shape: int) -> torch.Tensor:
-    """An uninitialised tensor of `shape` with x's dtype, device and layout (channels-last 3D if x is, else NCDHW)."""
-    fmt = torch.channels_last_3d if dense_layout(x) is torch.channels_last_3d else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    """An uninitialised tensor of `shape` with x's dtype, device and layout family (layout_of)."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
 
 
 def cat_frames(parts: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat of [B, C, T_i, H, W] along time, in the last part's layout (torch.cat may not keep channels-last)."""
+    """torch.cat of [B, C, T_i, H, W] along time into a buffer of the last part's layout family (torch.cat picks
+    NCDHW when the parts are views or mixed)."""
     last = parts[-1]
     out = empty_like_layout(last, *last.shape[:2], sum(p.shape[2] for p in parts), *last.shape[3:])
     start = 0
@@ -51,10 +58,13 @@ def cat_frames(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def per_frame(x: torch.Tensor) -> torch.Tensor:
-    """x [B, C, T, H, W] as frames [B * T, C, H, W], a view in x's layout. A channels-last x gets the canonical
-    channels-last strides, which PyTorch's layout checks want even on dims of size 1 (else the next op copies)."""
+    """x [B, C, T, H, W] as frames [B * T, C, H, W] in x's layout family: a view when x is dense, with canonical
+    channels-last strides for a channels-last x (PyTorch's layout checks look at the strides of size-1 dims too,
+    and odd ones make the next op copy to NCHW); a channels-last view that is not dense (a frame of a batch) is
+    copied into one that is."""
     b, c, t, h, w = x.shape
-    if dense_layout(x) is torch.channels_last_3d:
+    if layout_of(x) is torch.channels_last_3d:
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # no copy when already dense
         return x.as_strided((b * t, c, h, w), (h * w * c, 1, w * c, c))
     return x.transpose(1, 2).flatten(0, 1)
 
@@ -151,15 +161,6 @@ class Upsample2x(nn.Module):
         return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
 
 
-class PadRightBottom(nn.Module):
-    """Zero padding of [N, C, H, W] by one column on the right and one row at the bottom, in x's layout."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.pad(x, (0, 1, 0, 1))
-        nhwc = x.stride(1) == 1 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
-        return y.contiguous(memory_format=torch.channels_last) if nhwc else y
-
-
 class Resample(nn.Module):
     """Halve or double H and W (per frame); the "3d" modes also halve or double time.
 
@@ -174,7 +175,7 @@ class Resample(nn.Module):
         if mode.startswith("upsample"):
             self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
         else:  # pad right/bottom only, then a strided 3x3 conv
-            self.resample = nn.Sequential(PadRightBottom(), nn.Conv2d(dim, dim, 3, stride=2))
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode == "downsample3d":
@@ -378,9 +379,8 @@ class WanVAE(nn.Module):
         if (video.shape[2] - 1) % 4:
             raise ValueError(f"encode needs 4n + 1 frames, got {video.shape[2]}")
         cache = FeatureCache()
-        video = self._layout(video)
         chunks = [video[:, :, :1]] + list(video[:, :, 1:].split(4, dim=2))
-        out = cat_frames([self.encoder(chunk, cache) for chunk in chunks])
+        out = cat_frames([self.encoder(self._layout(chunk), cache) for chunk in chunks])
         mean, log_var = self.conv1(out).chunk(2, dim=1)
         return mean, log_var
 

@@ -46,21 +46,23 @@ def _norm_silu_kernel(X, G, O, C, T, HW, W, x_sb, x_sc, x_st, x_sp, o_sb, o_sc, 
 
 
 def norm_silu_into(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor,
-                   block_p: int = 128, block_c: int = 32) -> None:
-    """out[...] = silu(rms_norm(x) * gamma): x [B, C, T, H, W] contiguous (NCDHW or channels-last 3D), gamma
-    [C], out any view of x's shape (the interior of a padded buffer)."""
+                   block_p: int | None = None, block_c: int | None = None) -> None:
+    """out[...] = silu(rms_norm(x) * gamma): x [B, C, T, H, W] dense (NCDHW or channels-last 3D), gamma [C], out
+    any view of x's shape (the interior of a padded buffer). Tiles per step: block_c channels x block_p positions,
+    by default 32 x 128 for NCDHW and 64 x 64 for channels-last (where the channels are the contiguous dim)."""
     b, c, t, h, w = x.shape
-    if dense_layout(x) is None or out.shape != x.shape or gamma.shape != (c,):
+    layout = dense_layout(x)
+    if layout is None or out.shape != x.shape or gamma.shape != (c,):
         raise ValueError(f"norm_silu_into: x [B, C, T, H, W] contiguous (NCDHW or channels-last), out of its "
                          f"shape, gamma [C]; got {tuple(x.shape)} {x.stride()}, {tuple(out.shape)}, "
                          f"{tuple(gamma.shape)}")
     if x.numel() == 0:
         return
-    if dense_layout(x) is torch.contiguous_format:
-        x_st, x_sp = h * w, 1
+    if layout is torch.contiguous_format:
+        x_st, x_sp, default = h * w, 1, (128, 32)
     else:
-        x_st, x_sp = h * w * c, c
-        block_c, block_p = 64, 64  # channels are the contiguous dim: wider along them
+        x_st, x_sp, default = h * w * c, c, (64, 64)
+    block_p, block_c = block_p or default[0], block_c or default[1]
     grid = (triton.cdiv(h * w, block_p), b * t)
     _norm_silu_kernel[grid](x, gamma, out, c, t, h * w, w, x.stride(0), x.stride(1), x_st, x_sp, out.stride(0),
                             out.stride(1), out.stride(2), out.stride(3), out.stride(4), float(scale),

@@ -158,3 +158,30 @@ def test_the_vae_service_warms_up_at_the_default_size_on_cuda_only():
     model = load_model_config("Wan2.1-T2V-1.3B")
     assert warmup_latents(model, "cpu").shape == (1, 16, 1, 2, 2)
     assert warmup_latents(model, "cuda").shape == (1, 16, 2, 60, 104)  # 832x480: the usual request's frames
+
+
+def test_fused_path_keeps_the_causal_cache_and_every_conv_input_channels_last(monkeypatch, cudnn_layouts):
+    """With one video frame per call past the temporal upsamplers (the tiled default), a conv's cache is built
+    from the previous frame and the padded buffer's interior (a view): it stays channels-last, so carrying it
+    into the next chunk's buffer is a plain copy, not a transpose."""
+    from smartdiff.services.vae import model as vae_model
+
+    eng = VaeEngine.random(load_model_config("wan-tiny").vae, DEV, torch.float32)
+    eng.model.use_channels_last()
+    caches = []
+
+    def new_cache():
+        caches.append(FeatureCache())
+        return caches[-1]
+
+    monkeypatch.setattr(vae_model, "FeatureCache", new_cache)
+    monkeypatch.setattr(fused, "applies", lambda x: True)
+    z = torch.randn(1, load_model_config("wan-tiny").vae.z_dim, 3, 4, 6, device=DEV)
+    with torch.no_grad():
+        got = torch.cat([v for _, v in eng.model.decode_chunks(z, frames_per_call=1)], dim=2)
+        monkeypatch.setattr(fused, "applies", lambda x: False)
+        want = torch.cat([v for _, v in eng.model.decode_chunks(z)], dim=2)
+    assert ((got - want).norm() / want.norm()).item() < DECODER_TOL
+    frames = [t for t in caches[0].frames.values() if t.shape[1] > 1]
+    assert len(frames) > 10 and all(t.is_contiguous(memory_format=torch.channels_last_3d) for t in frames)
+    assert set(cudnn_layouts) == {"channels_last", "nhwc"}, sorted(set(cudnn_layouts))

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 
 from smartdiff.services.vae.engine import VaeEngine
-from smartdiff.services.vae.model import WanVAE, dense_layout
+from smartdiff.services.vae.model import WanVAE
 from smartdiff.services.vae.weights import convert_diffusers_state_dict, load_vae
 from smartdiff.shared.model_source import vae_config_from_json
 from smartdiff.shared.checkpoint import WAN_VAE_FILE, CheckpointError, load_strict
@@ -162,53 +162,66 @@ def test_random_preset_is_deterministic(latents):
     assert torch.equal(a, b) and a.shape == (1, 9, 32, 32, 3)
 
 
-def conv_input_layouts(model: torch.nn.Module) -> tuple[list[str], list]:
-    """Record the layout of every convolution's input while the returned hook handles stay registered:
-    'channels_last' / 'ncdhw' (5D), 'nhwc' / 'nchw' (4D), or 'strided'."""
-    seen: list[str] = []
-
-    def hook(module, args):
-        x = args[0]
-        if x.dim() == 5:
-            fmt = dense_layout(x)
-            seen.append({torch.channels_last_3d: "channels_last", torch.contiguous_format: "ncdhw"}.get(fmt,
-                                                                                                       "strided"))
-        else:
-            cl = x.is_contiguous(memory_format=torch.channels_last) and (x.stride(1) == 1 or x.shape[1] == 1)
-            seen.append("nhwc" if cl else "nchw" if x.is_contiguous() else "strided")
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d))]
-    return seen, handles
-
-
-def test_channels_last_gives_the_same_video_and_keeps_every_convolution_channels_last(reference, latents,
-                                                                                       reference_video,
-                                                                                       cudnn_layouts):
+def test_channels_last_gives_the_same_video_and_every_convolution_reads_channels_last(reference, latents,
+                                                                                     reference_video, cudnn_layouts):
     """use_channels_last (the engine's layout on CUDA): same numbers as diffusers, and every convolution of the
-    decoder and encoder reads a channels-last input, so cuDNN converts no layout around any of them. The tiny
-    preset has every layer type: residual blocks, the mid attention, 2D and 3D upsamplers, the causal cache."""
+    decoder and encoder reads a dense channels-last input (padded buffers included), so cuDNN converts no layout
+    around any of them. The tiny preset has every layer type: residual blocks, the mid attention, 2D and 3D
+    upsamplers and downsamplers, the causal cache."""
     with torch.device("meta"):
         model = WanVAE(CFG)
     sd = convert_diffusers_state_dict(reference.state_dict(), CFG.num_res_blocks)
     engine = VaeEngine(load_strict(model, sd, "diffusers reference", "cpu", torch.float32).use_channels_last())
-    seen, handles = conv_input_layouts(engine.model)
-    try:
-        video = engine.decode_float(latents)
-        assert rel_err(video, reference_video) <= 1e-4
-        mean = engine.encode(torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1)
-    finally:
-        for h in handles:
-            h.remove()
+    video = engine.decode_float(latents)
+    assert rel_err(video, reference_video) <= 1e-4 and video.is_contiguous()  # the public result stays NCDHW
+    mean = engine.encode(torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1)
     assert mean.shape == (1, CFG.z_dim, 2, 4, 4) and mean.isfinite().all()
-    assert len(seen) > 100 and set(seen) == {"channels_last", "nhwc"}, sorted(set(seen))
+    assert len(cudnn_layouts) > 100 and set(cudnn_layouts) == {"channels_last", "nhwc"}, sorted(set(cudnn_layouts))
     engine.model.use_channels_last(False)
     assert rel_err(engine.decode_float(latents), video) <= 1e-5
 
 
-def test_the_engine_uses_channels_last_on_cuda_only():
+@pytest.mark.parametrize("batch, frames_per_call, tiled", [(2, None, False), (1, 1, False), (2, 2, False),
+                                                           (1, None, True)])
+def test_channels_last_batches_frame_splits_and_tiles(engine, batch, frames_per_call, tiled, cudnn_layouts):
+    """The paths where the decoder sees views rather than dense tensors (a batch's frame, a split of a call's
+    frames, a tile) stay channels-last too, and give the NCDHW numbers."""
+    from smartdiff.services.vae.tiling import TilingConfig
+
+    z = torch.randn(batch, CFG.z_dim, 3, 4, 6, generator=torch.Generator().manual_seed(4))
+    model = engine.model
+    decode = (lambda: VaeEngine(model, tiling=TilingConfig(3, 1, 1)).decode_float(z)) if tiled else (
+        lambda: torch.cat([v for _, v in model.decode_chunks(z, frames_per_call)], dim=2))
+    want = decode()
+    try:
+        model.use_channels_last()
+        cudnn_layouts.clear()
+        got = decode()
+    finally:
+        model.use_channels_last(False)
+    assert rel_err(got, want) <= 1e-5
+    assert set(cudnn_layouts) == {"channels_last", "nhwc"}, sorted(set(cudnn_layouts))
+
+
+def test_use_channels_last_converts_every_convolution_weight_and_back():
+    model = WanVAE(CFG).use_channels_last()
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d))]
+    assert model.channels_last and len(convs) > 50
+    fmt = {5: torch.channels_last_3d, 4: torch.channels_last}
+    assert all(m.weight.is_contiguous(memory_format=fmt[m.weight.dim()]) for m in convs)
+    assert all(m.weight.stride(1) == 1 for m in convs if m.weight.shape[2:].numel() > 1)  # not merely ambiguous
+    model.use_channels_last(False)
+    assert not model.channels_last and all(m.weight.is_contiguous() for m in convs)
+
+
+def test_the_engine_keeps_ncdhw_on_the_cpu():
     assert not VaeEngine.random(CFG, "cpu").model.channels_last
-    if torch.cuda.is_available():
-        engine = VaeEngine.random(CFG, "cuda")
-        assert engine.model.channels_last
-        assert engine.model.decoder.head[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_engine_uses_channels_last_on_cuda():
+    engine = VaeEngine.random(CFG, "cuda")
+    assert engine.model.channels_last
+    assert engine.model.decoder.head[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    video = engine.decode_float(torch.randn(1, CFG.z_dim, 2, 4, 4, device="cuda"))
+    assert video.is_contiguous()
