@@ -33,14 +33,16 @@ def unfused_reference(x, gamma, scale):
 
 
 @pytest.mark.parametrize("shape", [(2, 40, 3, 5, 9), (1, 7, 1, 3, 130), (1, 70, 2, 3, 5)])  # channel / position tails
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
-def test_kernel_writes_the_normalised_activation_into_the_interior_only(shape, layout):
+@pytest.mark.parametrize("layout, out_layout", [(torch.contiguous_format,) * 2, (torch.channels_last_3d,) * 2,
+                                                (torch.channels_last_3d, torch.contiguous_format),
+                                                (torch.contiguous_format, torch.channels_last_3d)])
+def test_kernel_writes_the_normalised_activation_into_the_interior_only(shape, layout, out_layout):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g).to(DEV).contiguous(memory_format=layout)
     x[0, :, 0, 0, 0] = 0  # an all-zero position: F.normalize's eps, no NaN
     gamma = torch.randn(shape[1], generator=g).to(DEV)
     b, c, t, h, w = shape
-    buf = torch.full((b, c, t + 2, h + 2, w + 2), float("nan"), device=DEV).contiguous(memory_format=layout)
+    buf = torch.full((b, c, t + 2, h + 2, w + 2), float("nan"), device=DEV).contiguous(memory_format=out_layout)
     norm_silu_into(x, gamma, c ** 0.5, buf[:, :, 2:, 1:-1, 1:-1])
     assert torch.allclose(buf[:, :, 2:, 1:-1, 1:-1], unfused_reference(x, gamma, c ** 0.5), atol=1e-5, rtol=1e-5)
     outside = torch.ones_like(buf, dtype=torch.bool)
