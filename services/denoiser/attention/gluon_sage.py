@@ -199,16 +199,31 @@ def _pv_fold(acc, l_i, p8, alpha, beta, v_view, ones_view, deps, o_layout: gl.co
     return acc, l_i, deps
 
 
+@gluon.constexpr_function
+def _mma_layout(n, k):
+    """The register layout of a 64-row wgmma result [64, n] over k-deep steps on one warpgroup (4 warps)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, k])
+
+
+@gluon.jit
+def _start_rows(q_bar, D: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """A 16-bit P.V loop's start for one warpgroup's 64 rows: (running max -inf, row sum 0, acc 0), once Q landed."""
+    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([64, D], gl.float32, o_layout)
+    mbarrier.wait(q_bar, 0)
+    return m_i, l_i, acc
+
+
 @gluon.jit
 def _loop_int8(q_smem, k_smem, v_smem, ones, q_bar, ready, empty, qs, ks_row, Lk, n_k_blocks,
                D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
     """INT8 P.V over every key block for one warpgroup's 64 rows -> (acc, l, m): the next block's Q.K^T runs
     under the softmax; P.V and its fold into acc follow it (its int32 result needs registers of its own)."""
     BLOCK_M: gl.constexpr = 64
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
-    r_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 32])
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N, 32)
+    o_layout: gl.constexpr = _mma_layout(D, 32)
+    r_layout: gl.constexpr = _mma_layout(16, 32)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     rp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=r_layout, k_width=4)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -243,15 +258,11 @@ def _loop_fp16(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, ks_row, Lk, n_it
     """FP16 P.V over the key blocks walked (_key_block) for one warpgroup's 64 rows -> (acc, l, m): the softmax of
     block j, then the P.V of block j (into acc itself) and the Q.K^T of block j + 1 issued together and waited
     for."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N, 32)  # INT8 Q.K^T
+    o_layout: gl.constexpr = _mma_layout(D, 16)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([64, D], gl.float32, o_layout)
-    mbarrier.wait(q_bar, 0)
+    m_i, l_i, acc = _start_rows(q_bar, D, s_layout, o_layout)
     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, 64, BLOCK_N,
                                                              STAGES, False),))
     for j in range(n_iter - 1):
@@ -297,15 +308,11 @@ def _loop_exact(q_smem, k_smem, v_smem, q_bar, ready, empty, qs, Lk, n_iter,
                 D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TAIL: gl.constexpr):
     """Exact 16-bit attention for one warpgroup's 64 rows -> (acc, l, m), FlashAttention-3's order within the
     warpgroup: the P.V of block j runs under the softmax of block j + 1 (_exact_step)."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N, 16)  # 16-bit Q.K^T
+    o_layout: gl.constexpr = _mma_layout(D, 16)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([64, D], gl.float32, o_layout)
-    mbarrier.wait(q_bar, 0)
+    m_i, l_i, acc = _start_rows(q_bar, D, s_layout, o_layout)
     s0 = warpgroup_mma_wait(num_outstanding=0, deps=(_qk(q_smem, k_smem, ready, 0, s_layout, 64, BLOCK_N, STAGES,
                                                           True),))
     # block 0's mask is a no-op unless it is the only block (then it is the tail)
