@@ -37,6 +37,7 @@ def cuda_time(fn, warmup: int, iters: int) -> list[float]:
 OP_CLASSES = [
     ("communication (nccl)", ("nccl",)),
     ("compiled elementwise (triton)", ("triton_",)),  # Inductor's kernels (their names list the fused ops)
+    ("q/k norm + RoPE (our triton kernel)", ("_rms_rope",)),
     ("attention", ("fmha", "flash", "attention", "sdpa", "_attn", "sage", "sparge")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "matmul", "splitk")),
     ("copies", ("copy", "memcpy", "memset", "catarraybatched", "fill")),

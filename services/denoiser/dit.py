@@ -180,9 +180,8 @@ class WanAttention(nn.Module):
         if groups > 1:
             return tuple(fused.head_groups(t, groups) for t in self.project_qk(x, src, rope))
         if self.ops.compiled and isinstance(self.norm_q, RMSNorm):  # cross-attention: norms only
-            q = self.ops.rms_norm(self.q(x), self.norm_q.weight, self.eps).unflatten(-1, (self.num_heads, -1))
-            k = self.ops.rms_norm(self.k(src), self.norm_k.weight, self.eps).unflatten(-1, (self.num_heads, -1))
-            return q, k
+            return (self.ops.norm_heads(self.q(x), self.norm_q.weight, self.eps, self.num_heads),
+                    self.ops.norm_heads(self.k(src), self.norm_k.weight, self.eps, self.num_heads))
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(src)).unflatten(-1, (self.num_heads, -1))
         if rope is not None:

@@ -1,0 +1,173 @@
+"""The q/k RMS norm (+ RoPE) Triton kernel (services/denoiser/triton_norms.py) against the reference functions
+of fused.py, and FusedOps' use of it.
+
+On a CPU-only machine the kernel runs through Triton's interpreter (TRITON_INTERPRET=1, set here before it is
+imported); with a GPU, on the GPU. The interpreter rounds float32 -> bfloat16 differently from the GPU (not to
+nearest even), so bfloat16 results are checked to a few bfloat16 steps here, and bit for bit only on a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by triton.jit when the kernel module is imported
+pytest.importorskip("triton", reason="the kernel is Triton (CPU tests run it through TRITON_INTERPRET=1)")
+
+from smartdiff.services.denoiser import fused  # noqa: E402
+from smartdiff.services.denoiser.dit import rope_cos_sin  # noqa: E402
+from smartdiff.services.denoiser.fused import FusedOps  # noqa: E402
+from smartdiff.services.denoiser.triton_norms import rms_rope  # noqa: E402
+
+DEV = torch.device("cuda" if GPU else "cpu")
+
+
+def reference(x, w, heads, rope=None, groups=1):
+    y = fused.rms_norm(x, w, 1e-6).unflatten(-1, (heads, -1))
+    if rope is not None:
+        y = fused.rope(y, *rope)
+    return fused.head_groups(y, groups) if groups > 1 else y
+
+
+@pytest.mark.parametrize("batch, grid, heads, d, groups, use_rope", [
+    (2, (2, 3, 5), 4, 16, 1, True),   # 4 heads: a power of 2
+    (1, (3, 2, 2), 6, 8, 2, True),    # 6 heads padded to 8 in the tile, two head groups (Ulysses)
+    (2, (1, 3, 3), 3, 32, 3, True),   # 3 heads, three groups of one
+    (1, (1, 1, 1), 5, 4, 1, True),    # one token
+    (2, (2, 3, 5), 4, 16, 1, False),  # the cross-attention norm: no RoPE
+    (1, (3, 2, 2), 6, 8, 1, False),
+])
+def test_kernel_matches_the_reference_in_float32(batch, grid, heads, d, groups, use_rope):
+    g = torch.Generator().manual_seed(0)
+    length, c = grid[0] * grid[1] * grid[2], heads * d
+    qkv = (3 * torch.randn(batch, length, 3 * c, generator=g)).to(DEV)
+    x = qkv[..., c:2 * c]  # a column slice of a fused projection: row stride 3C
+    w = (torch.rand(c, generator=g) + 0.5).to(DEV)
+    rope = rope_cos_sin(d, grid, DEV) if use_rope else None
+    want = reference(x, w, heads, rope, groups)
+    got = rms_rope(x, w, 1e-6, heads, rope, groups)
+    assert got.shape == want.shape and got.is_contiguous() and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_kernel_in_bfloat16():
+    g = torch.Generator().manual_seed(1)
+    heads, d, grid = 4, 32, (2, 4, 5)
+    x = (3 * torch.randn(2, 40, heads * d, generator=g)).to(DEV, torch.bfloat16)
+    w = (torch.rand(heads * d, generator=g) + 0.5).to(DEV, torch.bfloat16)
+    rope = rope_cos_sin(d, grid, DEV)
+    want = reference(x, w, heads, rope)
+    got = rms_rope(x, w, 1e-6, heads, rope)
+    assert got.dtype == torch.bfloat16
+    if GPU:  # the same roundings in the same order: equal but for the odd last-bit flip of rsqrt
+        assert (got != want).float().mean().item() < 1e-3
+    # the interpreter truncates: each of the three roundings may lose one bfloat16 step (2^-8 relative), and
+    # RoPE's differences turn that into absolute errors of a few steps of the largest values
+    err = (got.float() - want.float()).abs()
+    assert err.max() <= 4 * 2**-8 * want.float().abs().max()
+    assert (err.norm() / want.float().norm()).item() < 1.5e-2  # a wrong rotation or norm errs ~1
+
+
+def test_kernel_rejects_what_it_cannot_read():
+    x = torch.randn(1, 6, 24, device=DEV)
+    w = torch.ones(24, device=DEV)
+    with pytest.raises(ValueError, match="head dim must be a power of 2"):
+        rms_rope(x, w, 1e-6, heads=2)  # D = 12
+    with pytest.raises(ValueError, match="heads must divide C"):
+        rms_rope(x, w, 1e-6, heads=5)
+    with pytest.raises(ValueError, match="unit channel stride"):
+        rms_rope(x.transpose(1, 2).contiguous().transpose(1, 2), w, 1e-6, heads=3)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        rms_rope(x, w, 1e-6, 3, rope_cos_sin(8, (1, 2, 2), DEV))  # tables for 4 tokens, x has 6
+
+
+def test_fused_ops_run_the_kernel_when_asked_and_fall_back_after_a_failed_build(monkeypatch):
+    from smartdiff.services.denoiser import triton_norms
+
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 12, 64, generator=g).to(DEV) for _ in range(2))
+    wq, wk = (torch.rand(64, generator=g).to(DEV) + 0.5 for _ in range(2))
+    cos, sin = rope_cos_sin(16, (1, 3, 4), DEV)
+    ops = FusedOps(compile=False, kernels=True)
+    calls = []
+    real = triton_norms.rms_rope
+    monkeypatch.setattr(triton_norms, "rms_rope", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = ops.norm_rope(q, k, wq, wk, 1e-6, 4, cos, sin)
+    assert len(calls) == 2
+    want = fused.norm_rope(q, k, wq, wk, 1e-6, 4, cos, sin)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(ops.norm_heads(q, wq, 1e-6, 4), reference(q, wq, 4), atol=2e-6, rtol=2e-6)
+    assert len(calls) == 3
+    assert not FusedOps(compile=False, kernels=True)._kernel(torch.zeros(1, 2, 24), 2, lambda tn: True,
+                                                              lambda: False)  # head dim 12: reference path
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_42")
+
+    monkeypatch.setattr(triton_norms, "rms_rope", failing)
+    got = ops.norm_rope(q, k, wq, wk, 1e-6, 4, cos, sin)  # logged, then the reference ops
+    assert ops.kernels is False
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    monkeypatch.setattr(triton_norms, "rms_rope", lambda *a, **kw: pytest.fail("tried again after a failure"))
+    ops.norm_heads(q, wq, 1e-6, 4)
+
+
+def test_a_compiled_dit_with_the_kernel_matches_eager(monkeypatch):
+    """The whole DiT, compiled with the q/k kernels forced on (as on CUDA), against its eager forward."""
+    from smartdiff.services.denoiser import triton_norms
+    from smartdiff.services.denoiser.weights import random_dit
+    from smartdiff.shared.config import DiTConfig
+
+    cfg = DiTConfig(dim=64, ffn_dim=96, num_heads=4, num_layers=2, freq_dim=32, text_dim=24)
+    dit = random_dit(cfg, DEV, torch.float32, seed=5).eval()
+    g = torch.Generator().manual_seed(6)
+    x, ctx = torch.randn(2, 16, 2, 4, 6, generator=g).to(DEV), torch.randn(2, 512, 24, generator=g).to(DEV)
+    t = torch.tensor([999.0, 10.0], device=DEV)
+    with torch.no_grad():
+        eager = dit(x, t, ctx)
+        dit.set_compiled(True)
+        ops = dit.blocks[0].ops
+        assert ops.kernels and not ops._kernels_on_cpu  # on by default when compiled, for CUDA tensors
+        ops._kernels_on_cpu = True  # what CUDA does, here through the interpreter
+        calls, real = [], triton_norms.rms_rope
+
+        def counted(x, weight, eps, heads, rope=None, groups=1):
+            calls.append(rope is not None)
+            return real(x, weight, eps, heads, rope, groups)
+
+        monkeypatch.setattr(triton_norms, "rms_rope", counted)
+        got = dit(x, t, ctx)
+    assert ops.kernels  # no fallback happened
+    assert calls == [True, True, False, False] * cfg.num_layers  # self-attention q, k with RoPE; cross q, k
+    assert ((got - eager).norm() / eager.norm()).item() < 1e-5
+
+
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from smartdiff.services.denoiser import triton_norms as tn
+sig = dict(X="*bf16", Wt="*bf16", COS="*fp32", SIN="*fp32", O="*bf16", rows="i32", L="i32", N="i32", x_row="i32",
+           cos_row="i32", group_n="i32", o_group="i32", eps="fp32", ROPE="constexpr", BLOCK_T="constexpr",
+           BLOCK_N="constexpr", D="constexpr")
+for consts in (dict(ROPE=True, BLOCK_T=2, BLOCK_N=16, D=128), dict(ROPE=False, BLOCK_T=2, BLOCK_N=16, D=128),
+               dict(ROPE=True, BLOCK_T=1, BLOCK_N=64, D=128)):
+    s = dict(sig) | {k: "constexpr" for k in consts}
+    triton.compile(ASTSource(tn._rms_rope_kernel, s, consts), target=GPUTarget("cuda", 90, 32))
+print("ok")
+"""
+
+
+def test_kernel_compiles_for_the_gpu():
+    """The interpreter does not check layouts (tl.split / tl.join of the RoPE pairs): build it for sm_90 at
+    Wan-1.3B's and Wan-14B's widths in a fresh process (no TRITON_INTERPRET)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
