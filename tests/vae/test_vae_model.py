@@ -225,3 +225,17 @@ def test_the_engine_uses_channels_last_on_cuda():
     assert engine.model.decoder.head[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
     video = engine.decode_float(torch.randn(1, CFG.z_dim, 2, 4, 4, device="cuda"))
     assert video.is_contiguous()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_upsampling_in_bfloat16_equals_the_float32_round_trip_and_keeps_the_layout(fmt):
+    """Upsample2x runs in the activation's dtype: nearest upsampling only copies values, so it must equal the
+    float32 round trip diffusers takes, bit for bit, in either layout."""
+    from smartdiff.services.vae.model import Upsample2x
+
+    x = torch.randn(2, 5, 7, 9, generator=torch.Generator().manual_seed(0)).bfloat16().contiguous(memory_format=fmt)
+    got = Upsample2x()(x)
+    want = torch.nn.functional.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 14, 18)
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=fmt)
