@@ -1,6 +1,8 @@
 """One DiT forward, ours vs diffusers' WanTransformer3DModel, same random bf16 weights, in one run on one GPU.
 
-Prints a table (time, achieved TFLOP/s, ratio to the floor, relative error) and writes JSON results. Our model
+Prints a table (time, achieved TFLOP/s, ratio to the floor, relative error) and writes JSON results. The
+variants are timed round-robin (one forward of each in turn), so that the card's clock drift under its power
+cap falls on all of them alike. Our model
 runs the deployment's default self-attention (`flash_attn`: our exact kernel on Hopper); "ours compiled sdpa" is
 the same compiled model with PyTorch's SDPA (cuDNN on Hopper), diffusers' attention.
 Run: python bench/dit_forward.py --models 1.3B 14B --out bench_results/dit_forward.json
@@ -13,6 +15,7 @@ Needs a CUDA GPU and the `diffusers` package (the peer).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -77,8 +80,17 @@ def diffusers_model(cfg):
     return model
 
 
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module object on the very same parameter tensors (buffers copied): compiling it, attaching an
+    attention backend to it or swapping its linears leaves the original as it was, at no weight memory."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
 def bench_model(label: str, width: int, height: int, frames: int, warmup: int, iters: int, ceilings,
                 profile: bool = False, fp8: bool = False) -> dict:
+    """Every variant is its own module object on the same weights, so all are timed round-robin: one forward
+    of each in turn, `iters` rounds. The card's clock under its power cap drifts as it heats; timing the
+    variants one after the other would hand that drift to whichever runs last."""
     cfg = load_model_config(MODELS[label]).dit
     if fp8:
         check_gemm("fp8", "cuda", torch.bfloat16, cfg)  # this card can run it (before any work)
@@ -86,8 +98,19 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
     # Our model shares the very same weight tensors (no copy): only the float32-kept modules are cast.
     ours = load_strict(build_dit(cfg), rename_keys(ref.state_dict(), diffusers_to_wan_key), "diffusers weights",
                        "cuda", torch.bfloat16, keep_fp32=KEEP_FP32)
+    ref_c, ours_c, ours_s = shared_copy(ref), shared_copy(ours), shared_copy(ours)
+    ours_f = shared_copy(ours) if fp8 else None
     exact = default_backend("cuda", torch.bfloat16, cfg.head_dim)  # the deployment's default: flash_attn (ours)
-    handle = attach([ours], AttentionChoice(exact))
+    handles = {"ours": attach([ours], AttentionChoice(exact)), "sdpa": attach([ours_s], AttentionChoice("sdpa"))}
+    for m in (ours_c, ours_f):
+        if m is not None:
+            attach([m], AttentionChoice(exact))
+    ref_c.compile_repeated_blocks(fullgraph=True)  # diffusers' own recipe: regional compile of the repeated blocks
+    for m in (ours_c, ours_s, ours_f):
+        if m is not None:
+            m.set_compiled(True)
+    if fp8:
+        quantize_blocks_fp8(ours_f)  # the blocks' linears of this copy become FP8 (stays compiled, as served)
     lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, *lat, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -97,51 +120,41 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
     attn_f, gemm_f = forward_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, tokens)
     gemm_peak, attn_peak = ceilings
     floor = attn_f / (attn_peak * 1e12) + gemm_f / (gemm_peak * 1e12)
+    variants = {"diffusers eager": lambda: ref(x, t, ctx, return_dict=False),
+                "ours eager": lambda: ours(x, t, ctx),
+                "diffusers compiled": lambda: ref_c(x, t, ctx, return_dict=False),
+                "ours compiled": lambda: ours_c(x, t, ctx),
+                "ours compiled sdpa": lambda: ours_s(x, t, ctx)}  # the same compiled model on cuDNN SDPA
+    if fp8:
+        variants["ours compiled fp8"] = lambda: ours_f(x, t, ctx)
     rows = {}
     with torch.inference_mode():
-        out_ref = ref(x, t, ctx, return_dict=False)[0]
-        out_ours = ours(x, t, ctx)
-        rel = rel_err(out_ours, out_ref)
-        rows["attention"] = handle.report().kernel
-        runs = [("diffusers eager", lambda: ref(x, t, ctx, return_dict=False)),
-                ("ours eager", lambda: ours(x, t, ctx)),
-                ("diffusers compiled", None), ("ours compiled", None), ("ours compiled sdpa", None)]
-        for name, fn in runs:
-            if name == "diffusers compiled":  # its own recipe: regional compile of the repeated blocks
-                ref.compile_repeated_blocks(fullgraph=True)
-                fn = lambda: ref(x, t, ctx, return_dict=False)  # noqa: E731
-            elif name == "ours compiled":
-                ours.set_compiled(True)
-                fn = lambda: ours(x, t, ctx)  # noqa: E731
-                out_c = ours(x, t, ctx)
-                rows["compiled_rel_err_vs_eager"] = rel_err(out_c, out_ours)
-            elif name == "ours compiled sdpa":  # the same compiled model with PyTorch's SDPA (cuDNN on Hopper)
-                handle.detach()
-                handle = attach([ours], AttentionChoice("sdpa"))
-                rows["compiled_sdpa_rel_err_vs_compiled"] = rel_err(ours(x, t, ctx), out_c)
-                rows["attention sdpa"] = handle.report().kernel
-                fn = lambda: ours(x, t, ctx)  # noqa: E731
-            times = cuda_time(fn, warmup, iters)
-            med = statistics.median(times)
+        out = {name: fn() for name, fn in variants.items()}  # also the first (compiling) call of each
+        out = {name: o[0] if isinstance(o, tuple) else o for name, o in out.items()}
+        rel = rel_err(out["ours eager"], out["diffusers eager"])
+        rows["attention"] = handles["ours"].report().kernel
+        rows["attention sdpa"] = handles["sdpa"].report().kernel
+        rows["compiled_rel_err_vs_eager"] = rel_err(out["ours compiled"], out["ours eager"])
+        rows["compiled_sdpa_rel_err_vs_compiled"] = rel_err(out["ours compiled sdpa"], out["ours compiled"])
+        for fn in variants.values():
+            cuda_time(fn, warmup, 0)
+        times = {name: [] for name in variants}
+        for _ in range(iters):
+            for name, fn in variants.items():
+                times[name] += cuda_time(fn, 0, 1)
+        for name, ts in times.items():
+            med = statistics.median(ts)
             rows[name] = dict(seconds=med, tflops=(attn_f + gemm_f) / med / 1e12, floor_ratio=med / floor,
-                              all_seconds=times)
-            if profile and name.endswith("compiled"):
-                rows[name]["profile"] = profile_forward(fn, f"{MODELS[label]} {name}")
-        handle.detach()
-        handle = attach([ours], AttentionChoice(exact))
-        if fp8:  # last: the blocks' linears of `ours` become FP8 in place (ref keeps the shared bf16 weights)
-            quantize_blocks_fp8(ours)  # stays compiled, as the denoiser serves it (--compile on --gemm fp8)
-            fn = lambda: ours(x, t, ctx)  # noqa: E731
-            out_fp8 = ours(x, t, ctx)
-            times = cuda_time(fn, warmup, iters)
-            med = statistics.median(times)
-            row = rows["ours compiled fp8"] = dict(
-                seconds=med, tflops=(attn_f + gemm_f) / med / 1e12, floor_ratio=med / floor, all_seconds=times,
-                vs_diffusers_eager=rows["diffusers eager"]["seconds"] / med,
-                rel_err_vs_ours_bf16=rel_err(out_fp8, out_c), rel_err_vs_diffusers=rel_err(out_fp8, out_ref))
-            if profile:
-                row["profile"] = profile_forward(fn, f"{MODELS[label]} ours compiled fp8")
-    ref = ours = None  # frees the weights before the next model (the lambdas above share these names)
+                              all_seconds=ts)
+        if fp8:
+            rows["ours compiled fp8"].update(
+                vs_diffusers_eager=rows["diffusers eager"]["seconds"] / rows["ours compiled fp8"]["seconds"],
+                rel_err_vs_ours_bf16=rel_err(out["ours compiled fp8"], out["ours compiled"]),
+                rel_err_vs_diffusers=rel_err(out["ours compiled fp8"], out["diffusers eager"]))
+        if profile:
+            for name in [n for n in variants if "compiled" in n and n != "ours compiled sdpa"]:
+                rows[name]["profile"] = profile_forward(variants[name], f"{MODELS[label]} {name}")
+    ref = ref_c = ours = ours_c = ours_s = ours_f = variants = out = None  # frees the weights before the next model
     torch.cuda.empty_cache()
     return dict(model=MODELS[label], shape=f"{width}x{height}x{frames}", tokens=tokens, floor_s=floor,
                 attention_tflop=attn_f / 1e12, gemm_tflop=gemm_f / 1e12, rel_err_ours_vs_diffusers=rel, runs=rows)
