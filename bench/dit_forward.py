@@ -89,7 +89,7 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 def bench_model(label: str, width: int, height: int, frames: int, warmup: int, iters: int, ceilings,
                 profile: bool = False, fp8: bool = False) -> dict:
     """Every variant is its own module object on the same weights, so all are timed round-robin: one forward
-    of each in turn, `iters` rounds. The card's clock under its power cap drifts as it heats; timing the
+    of each in turn, `iters` rounds, each round starting one variant later. The card's clock under its power cap drifts as it heats; timing the
     variants one after the other would hand that drift to whichever runs last."""
     cfg = load_model_config(MODELS[label]).dit
     if fp8:
@@ -139,9 +139,10 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
         for fn in variants.values():
             cuda_time(fn, warmup, 0)
         times = {name: [] for name in variants}
-        for _ in range(iters):
-            for name, fn in variants.items():
-                times[name] += cuda_time(fn, 0, 1)
+        names = list(variants)
+        for i in range(iters):  # each round starts one variant later: none always follows the same one
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                times[name] += cuda_time(variants[name], 0, 1)
         for name, ts in times.items():
             med = statistics.median(ts)
             rows[name] = dict(seconds=med, tflops=(attn_f + gemm_f) / med / 1e12, floor_ratio=med / floor,
@@ -154,7 +155,9 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
         if profile:
             for name in [n for n in variants if "compiled" in n and n != "ours compiled sdpa"]:
                 rows[name]["profile"] = profile_forward(variants[name], f"{MODELS[label]} {name}")
-    ref = ref_c = ours = ours_c = ours_s = ours_f = variants = out = None  # frees the weights before the next model
+    for handle in handles.values():
+        handle.detach()
+    ref = ref_c = ours = ours_c = ours_s = ours_f = variants = out = handles = None  # frees the weights
     torch.cuda.empty_cache()
     return dict(model=MODELS[label], shape=f"{width}x{height}x{frames}", tokens=tokens, floor_s=floor,
                 attention_tflop=attn_f / 1e12, gemm_tflop=gemm_f / 1e12, rel_err_ours_vs_diffusers=rel, runs=rows)

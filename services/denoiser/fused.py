@@ -159,19 +159,21 @@ class FusedOps:
 
     def _kernel(self, x: torch.Tensor, heads: int, run, fallback):
         """run() (the Triton kernel, given the module) where it applies: compiled, on CUDA (or forced), a power-of-2
-        head dim; else fallback(). A kernel that fails to build here (Triton raises at the first launch of each
-        specialisation: the warm-up's) is logged and never tried again by this instance; bad arguments raise."""
+        head dim, no autograd; else fallback(). A kernel that fails to build here (Triton builds each new
+        specialisation at its first launch: the warm-up's, and a later request's whose sizes divide by 16 where the
+        warm-up's did not) is logged and not tried again by this instance; any other error propagates."""
         d = x.shape[-1] // heads
-        if self.kernels and (x.is_cuda or self._kernels_on_cpu) and d >= 2 and d & (d - 1) == 0:
+        if (self.kernels and (x.is_cuda or self._kernels_on_cpu) and d >= 2 and d & (d - 1) == 0
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            from triton.errors import TritonError
+
             from . import triton_norms
 
             try:
                 return run(triton_norms)
-            except ValueError:
-                raise
-            except Exception as err:  # noqa: BLE001 - any build failure: the compiled ops are always there
-                log.warning("q/k norm kernel failed (%s: %s); using the compiled ops from now on",
-                            type(err).__name__, err)
+            except TritonError as err:  # raised before the launch: nothing written
+                log.warning("q/k norm kernel failed to build (%s: %s); using the compiled ops from now on",
+                            type(err).__name__, str(err).strip()[-200:])
                 self.kernels = False
         return fallback()
 

@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# rows and L only bound masks and index the RoPE table: no variant per divisibility of them (a new resolution
+# would otherwise build again); the strides and o_group stay specialised, which keeps the loads and stores wide.
+@triton.jit(do_not_specialize=["rows", "L"])
 def _rms_rope_kernel(X, Wt, COS, SIN, O, rows, L, N, x_row, cos_row, group_n, o_group, eps,
                      ROPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     """Rows r = b * L + l of x [rows, N * D] (row stride x_row, unit channel stride), as [BLOCK_T, heads, D] tiles.
@@ -53,17 +55,27 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int,
     """RMS norm of x [B, L, C] over C with gain `weight` [C], then (if `rope`: cos / sin [L, 1, D/2] float32)
     RoPE per head -> [B, L, N, D], or [G, B, L, N / G, D] for `groups` > 1 (head group g contiguous).
 
-    x may have a row stride (a column slice of a fused projection) but unit channel stride. Same values as
-    fused.rope(fused.rms_norm(...)) (and fused.head_groups)."""
+    x is read in place when its rows have one stride and its channels unit stride (a column slice of a fused
+    projection, say), else from a contiguous copy. Same values as fused.rope(fused.rms_norm(...)) (and
+    fused.head_groups). Raises ValueError for arguments it cannot compute from."""
     b, length, c = x.shape
-    if x.stride(2) != 1 or (b > 1 and x.stride(0) != length * x.stride(1)) or weight.shape != (c,):
-        raise ValueError(f"rms_rope: x [B, L, C] with unit channel stride and uniform row stride, weight [C]; "
-                         f"got {tuple(x.shape)} {x.stride()}, {tuple(weight.shape)}")
+    if weight.shape != (c,) or weight.device != x.device:
+        raise ValueError(f"rms_rope: weight must be [C] = [{c}] on {x.device}; got {tuple(weight.shape)} on "
+                         f"{weight.device}")
     if c % heads or heads % groups:
         raise ValueError(f"rms_rope: {heads} heads must divide C = {c}, and {groups} groups the heads")
     d = c // heads
     if d < 2 or d & (d - 1):
         raise ValueError(f"rms_rope: the head dim must be a power of 2 (>= 2); got C = {c} over {heads} heads")
+    if length == 1:
+        x_row = x.stride(0)
+    elif b == 1 or x.stride(0) == length * x.stride(1):
+        x_row = x.stride(1)
+    else:
+        x, x_row = x.contiguous(), c
+    if x.stride(2) != 1:
+        x, x_row = x.contiguous(), c
+    weight = weight.contiguous()
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     out = x.new_empty((groups, b, length, heads // groups, d) if groups > 1 else (b, length, heads, d),
                       dtype=out_dtype)
@@ -75,14 +87,17 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int,
         cos_row = 0
     else:
         cos, sin = (t.reshape(t.shape[0], -1) for t in rope)
-        if cos.shape != (length, d // 2) or cos.stride(1) != 1 or sin.stride() != cos.stride():
-            raise ValueError(f"rms_rope: RoPE tables [L, 1, D/2] = [{length}, 1, {d // 2}] with unit last stride; "
-                             f"got {tuple(rope[0].shape)}")
+        if (cos.shape != (length, d // 2) or sin.shape != cos.shape or cos.stride(1) != 1
+                or sin.stride() != cos.stride() or cos.device != x.device or sin.device != x.device
+                or cos.dtype != torch.float32 or sin.dtype != torch.float32):
+            raise ValueError(f"rms_rope: RoPE tables must be float32 [L, 1, D/2] = [{length}, 1, {d // 2}] on "
+                             f"{x.device}, with the same unit-last strides; got {tuple(rope[0].shape)} "
+                             f"{rope[0].dtype} and {tuple(rope[1].shape)} {rope[1].dtype}")
         cos_row = cos.stride(0)
     block_n = triton.next_power_of_2(heads)
     block_t = max(1, min(16, 4096 // (block_n * d)))
     _rms_rope_kernel[(triton.cdiv(rows, block_t),)](
-        x, weight, cos, sin, out, rows, length, heads, x.stride(1), cos_row, heads // groups,
+        x, weight, cos, sin, out, rows, length, heads, x_row, cos_row, heads // groups,
         rows * (c // groups), eps, ROPE=rope is not None, BLOCK_T=block_t, BLOCK_N=block_n, D=d,
         num_warps=4 if block_n * d <= 2048 else 8)
     return out

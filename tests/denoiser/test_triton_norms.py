@@ -70,6 +70,41 @@ def test_kernel_in_bfloat16():
     assert (err.norm() / want.float().norm()).item() < 1.5e-2  # a wrong rotation or norm errs ~1
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_kernel_in_float16_is_bit_exact_including_a_float32_gain(w_dtype, groups):
+    """float16 rounds to nearest in the interpreter too, so every rounding step of the reference (normalised in
+    float32 -> x's dtype, times the gain -> the promoted dtype, rotated in float32 -> that dtype) must be the
+    kernel's: dropping one of them changes about a quarter of the values."""
+    g = torch.Generator().manual_seed(3)
+    heads, d, grid = 4, 16, (2, 3, 4)
+    qkv = (3 * torch.randn(2, 24, 3 * heads * d, generator=g)).to(DEV, torch.float16)
+    x = qkv[..., :heads * d]
+    w = (torch.rand(heads * d, generator=g) + 0.5).to(DEV, w_dtype)
+    rope = rope_cos_sin(d, grid, DEV)
+    want = reference(x, w, heads, rope, groups)
+    got = rms_rope(x, w, 1e-6, heads, rope, groups)
+    assert got.dtype == want.dtype == torch.promote_types(torch.float16, w_dtype)
+    if GPU and w_dtype == torch.float32:  # float32 output: the GPU's rsqrt / FMA may move the last bit
+        torch.testing.assert_close(got, want, atol=0, rtol=2e-6)
+    else:
+        assert torch.equal(got, want)
+
+
+def test_kernel_reads_any_layout_of_x_and_a_strided_gain():
+    """One token per row of a batch (the batch stride is then the row stride), [L, B, C] transposed (no single row
+    stride: read from a copy), and a non-contiguous gain."""
+    g = torch.Generator().manual_seed(4)
+    heads, d = 2, 8
+    big = torch.randn(3, 5, heads * d, generator=g).to(DEV)
+    wide = torch.rand(2 * heads * d, generator=g).to(DEV) + 0.5
+    w = wide[::2]
+    for x in (big[:, :1], torch.randn(5, 3, heads * d, generator=g).to(DEV).transpose(0, 1)):
+        rope = rope_cos_sin(d, (1, 1, x.shape[1]), DEV)
+        torch.testing.assert_close(rms_rope(x, w, 1e-6, heads, rope), reference(x, w, heads, rope),
+                                   atol=2e-6, rtol=2e-6)
+
+
 def test_kernel_rejects_what_it_cannot_read():
     x = torch.randn(1, 6, 24, device=DEV)
     w = torch.ones(24, device=DEV)
@@ -77,13 +112,20 @@ def test_kernel_rejects_what_it_cannot_read():
         rms_rope(x, w, 1e-6, heads=2)  # D = 12
     with pytest.raises(ValueError, match="heads must divide C"):
         rms_rope(x, w, 1e-6, heads=5)
-    with pytest.raises(ValueError, match="unit channel stride"):
-        rms_rope(x.transpose(1, 2).contiguous().transpose(1, 2), w, 1e-6, heads=3)
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_rope(x, torch.ones(12, device=DEV), 1e-6, heads=3)
     with pytest.raises(ValueError, match="RoPE tables"):
         rms_rope(x, w, 1e-6, 3, rope_cos_sin(8, (1, 2, 2), DEV))  # tables for 4 tokens, x has 6
+    cos, sin = rope_cos_sin(8, (1, 2, 3), DEV)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        rms_rope(x, w, 1e-6, 3, (cos, sin[:4]))  # a short sin table
+    with pytest.raises(ValueError, match="RoPE tables"):
+        rms_rope(x, w, 1e-6, 3, (cos.double(), sin.double()))
 
 
 def test_fused_ops_run_the_kernel_when_asked_and_fall_back_after_a_failed_build(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
     from smartdiff.services.denoiser import triton_norms
 
     g = torch.Generator().manual_seed(2)
@@ -104,8 +146,16 @@ def test_fused_ops_run_the_kernel_when_asked_and_fall_back_after_a_failed_build(
     assert not FusedOps(compile=False, kernels=True)._kernel(torch.zeros(1, 2, 24), 2, lambda tn: True,
                                                               lambda: False)  # head dim 12: reference path
 
+    def not_a_build_failure(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(triton_norms, "rms_rope", not_a_build_failure)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # a real error is not hidden
+        ops.norm_rope(q, k, wq, wk, 1e-6, 4, cos, sin)
+    assert ops.kernels is True
+
     def failing(*args, **kwargs):
-        raise RuntimeError("PTX .version 9.9 does not support .target sm_42")
+        raise OutOfResources(300000, 232448, "shared memory")
 
     monkeypatch.setattr(triton_norms, "rms_rope", failing)
     got = ops.norm_rope(q, k, wq, wk, 1e-6, 4, cos, sin)  # logged, then the reference ops
@@ -154,10 +204,16 @@ from smartdiff.services.denoiser import triton_norms as tn
 sig = dict(X="*bf16", Wt="*bf16", COS="*fp32", SIN="*fp32", O="*bf16", rows="i32", L="i32", N="i32", x_row="i32",
            cos_row="i32", group_n="i32", o_group="i32", eps="fp32", ROPE="constexpr", BLOCK_T="constexpr",
            BLOCK_N="constexpr", D="constexpr")
-for consts in (dict(ROPE=True, BLOCK_T=2, BLOCK_N=16, D=128), dict(ROPE=False, BLOCK_T=2, BLOCK_N=16, D=128),
-               dict(ROPE=True, BLOCK_T=1, BLOCK_N=64, D=128)):
+# what rms_rope launches at Wan-1.3B's width (4 warps) and Wan-14B's (8 warps); without RoPE the tables are `out`
+for consts, warps in ((dict(ROPE=True, BLOCK_T=2, BLOCK_N=16, D=128), 4),
+                      (dict(ROPE=False, BLOCK_T=2, BLOCK_N=16, D=128), 4),
+                      (dict(ROPE=True, BLOCK_T=1, BLOCK_N=64, D=128), 8),
+                      (dict(ROPE=False, BLOCK_T=1, BLOCK_N=64, D=128), 8)):
     s = dict(sig) | {k: "constexpr" for k in consts}
-    triton.compile(ASTSource(tn._rms_rope_kernel, s, consts), target=GPUTarget("cuda", 90, 32))
+    if not consts["ROPE"]:
+        s |= dict(COS="*bf16", SIN="*bf16")
+    triton.compile(ASTSource(tn._rms_rope_kernel, s, consts), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=warps))
 print("ok")
 """
 
