@@ -86,7 +86,9 @@ def test_kernel_in_float16_is_bit_exact_including_a_float32_gain(w_dtype, groups
     want = reference(x, w, heads, rope, groups)
     got = rms_rope(x, w, 1e-6, heads, rope, groups)
     assert got.dtype == want.dtype == torch.promote_types(torch.float16, w_dtype)
-    if GPU:  # the GPU's approximate rsqrt (and FMAs) may flip a last bit before a rounding step
+    if GPU and w_dtype == torch.float32:  # float32 output: FMAs in the rotation move the last bits of 1 in 7
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    elif GPU:  # the GPU's approximate rsqrt may flip a last bit before a rounding step
         diff = (got.float() - want.float()).abs()
         flipped = (got != want).float().mean().item()
         assert flipped < 1e-2 and diff.max() <= 2 * 2**-10 * want.float().abs().max(), (flipped, diff.max())
