@@ -2,9 +2,10 @@
 fused.norm_rope in one pass over memory.
 
 Inductor compiles those two functions into a reduction that reads each row twice and a second kernel for the
-other output (~1.1 TB/s on an H100 at Wan-1.3B 480p). Here one program reads BLOCK_T whole rows once, takes
-their inverse RMS, and writes the normed, rotated rows in the layout attention reads: 400 MB per layer at
-memory speed. The rounding steps are the reference's (fused.rms_norm, then fused.rope).
+other output (0.9 TB/s on an H100 at Wan-1.3B 480p, 0.3 TB/s at Wan-14B's width). Here one program reads BLOCK_T
+whole rows once, takes their inverse RMS, and writes the normed, rotated rows in the layout attention reads:
+2.0-2.3 TB/s on that card (docs/benchmarks.md). The rounding steps are the reference's (fused.rms_norm, then
+fused.rope).
 
 Used by FusedOps on CUDA when compiled (the deployment default), or by its tests under TRITON_INTERPRET=1.
 """
