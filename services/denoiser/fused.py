@@ -8,8 +8,8 @@ Compilation happens once per process and shape family (dynamo marks the token di
 shape it sees), at the denoiser's warm-up.
 
 The q/k RMS norms (with RoPE for self-attention) run a Triton kernel of our own on CUDA instead
-(triton_norms.py): Inductor's code for them reads each row twice and reaches ~1/3 of memory speed at Wan-1.3B and
-~1/10 at Wan-14B's width.
+(triton_norms.py): Inductor's code for them reads each row twice and reaches about a quarter of memory speed at
+Wan-1.3B and a tenth at Wan-14B's width (H100).
 
 Under FP8 GEMMs (`--gemm fp8`, fp8.py) the regions whose output only feeds a GEMM (the modulated norms before
 attention and the MLP, the cross-attention norm, the GELU) also quantize that output per row, in the same kernel
