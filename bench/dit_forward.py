@@ -94,6 +94,9 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
     cfg = load_model_config(MODELS[label]).dit
     if fp8:
         check_gemm("fp8", "cuda", torch.bfloat16, cfg)  # this card can run it (before any work)
+    # Each model as in its own process (a denoiser serves one): compiled code from the model before would make
+    # dynamo recompile both compiled variants with dynamic shapes, which runs slower than their own static code.
+    torch._dynamo.reset()
     ref = diffusers_model(cfg)
     # Our model shares the very same weight tensors (no copy): only the float32-kept modules are cast.
     ours = load_strict(build_dit(cfg), rename_keys(ref.state_dict(), diffusers_to_wan_key), "diffusers weights",

@@ -215,8 +215,14 @@ class WanAttentionBlock(nn.Module):
         hook = attention_hook or (lambda kind, compute: compute())
         ops = self.ops
         y = hook("self", lambda: self.self_attn(ops.modulate(x, shift1, scale1, self.eps), rope=rope))
-        x = ops.gated_residual(x, y, gate1)
-        y = hook("cross", lambda: self.cross_attn(self.cross_norm(x), context=context))
+        if ops.compiled and not ops.fp8 and attention_hook is None and isinstance(self.norm3, nn.LayerNorm):
+            # the residual and the cross-attention norm in one kernel (a cache may skip the norm's consumer)
+            x, c = ops.gated_affine_norm(x, y, gate1, self.norm3.weight, self.norm3.bias, self.eps)
+            del y
+            y = self.cross_attn(c, context=context)
+        else:
+            x = ops.gated_residual(x, y, gate1)
+            y = hook("cross", lambda: self.cross_attn(self.cross_norm(x), context=context))
         if ops.compiled:  # the residual add and the MLP's norm + modulation in one kernel
             x, h = ops.add_modulate(x, y, shift2, scale2, self.eps)
             del y

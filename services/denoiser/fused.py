@@ -7,9 +7,9 @@ residuals. Attention and GEMMs stay outside (cuDNN / cuBLAS, or the request's at
 Compilation happens once per process and shape family (dynamo marks the token dim dynamic on the second
 shape it sees), at the denoiser's warm-up.
 
-The q/k RMS norms (with RoPE for self-attention) run a Triton kernel of our own on CUDA instead
-(triton_norms.py): Inductor's code for them reads each row twice and reaches about a quarter of memory speed at
-Wan-1.3B and a tenth at Wan-14B's width (H100).
+The q/k RMS norms (with RoPE for self-attention) and the layer norms run Triton kernels of our own on CUDA instead
+(triton_norms.py): Inductor's code for the q/k norms reads each row twice and reaches about a quarter of memory
+speed at Wan-1.3B and a tenth at Wan-14B's width, and its layer norms about half at Wan-14B's width (H100).
 
 Under FP8 GEMMs (`--gemm fp8`, fp8.py) the regions whose output only feeds a GEMM (the modulated norms before
 attention and the MLP, the cross-attention norm, the GELU) also quantize that output per row, in the same kernel
@@ -52,6 +52,14 @@ def add_modulate(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: t
     """The cross-attention residual then the MLP's modulated norm in one pass: (x + y, modulate(x + y))."""
     x = x + y
     return x, modulate(x, shift, scale, eps)
+
+
+def gated_affine_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The self-attention's gated residual then the cross-attention norm in one pass:
+    (s, affine_norm(s)) with s = gated_residual(x, y, gate)."""
+    x = gated_residual(x, y, gate)
+    return x, affine_norm(x, weight, bias, eps)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -131,15 +139,17 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 class FusedOps:
     """The functions above, eager or compiled; one instance per DiT (a deployment setting, not per request).
 
-    Compiled, the MLP's first GEMM also takes its GELU as a cuBLASLt epilogue on CUDA (linear_gelu_epilogue).
-    With `fp8` (the blocks' linears are fp8.Fp8Linear) `modulate`, `add_modulate`'s second output and
-    `affine_norm` are the `*_fp8` variants, and `quantize_rows` quantizes the GEMM inputs no region computes
-    (the attention outputs, the text context)."""
+    Compiled, on CUDA: the layer norms (with the adaLN modulation, the affine weights, or a residual add before
+    them) and the q/k RMS norms run our Triton kernels (triton_norms.py), where Inductor's code for them falls
+    short of memory speed; the rest runs Inductor's code, and the MLP's first GEMM takes its GELU as a cuBLASLt
+    epilogue (linear_gelu_epilogue). With `fp8` (the blocks' linears are fp8.Fp8Linear) `modulate`,
+    `add_modulate`'s second output and `affine_norm` are the `*_fp8` variants (compiled, no Triton layer norm),
+    and `quantize_rows` quantizes the GEMM inputs no region computes (the attention outputs, the text context)."""
 
-    NAMES = ("modulate", "add_modulate", "affine_norm", "gated_residual")
+    NAMES = ("modulate", "add_modulate", "affine_norm", "gated_residual", "gated_affine_norm")
 
     def __init__(self, compile: bool = False, fp8: bool = False, kernels: bool | None = None):
-        """kernels: run the q/k norms through triton_norms (None: when compiled, on CUDA; True: also on the CPU,
+        """kernels: run the norms through triton_norms (None: when compiled, on CUDA; True: also on the CPU,
         for tests under TRITON_INTERPRET=1; False: never)."""
         self.compiled, self.fp8 = compile, fp8
         self.kernels = compile if kernels is None else kernels
@@ -148,8 +158,8 @@ class FusedOps:
         def wrap(fn):
             return torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS) if compile else fn
 
-        for name in self.NAMES:
-            setattr(self, name, wrap(globals()[name]))
+        self._ref = {name: wrap(globals()[name]) for name in self.NAMES}
+        self.gated_residual = self._ref["gated_residual"]
         self._norm_rope, self._rms_norm = wrap(norm_rope), wrap(rms_norm)
         self._linear_gelu = linear_gelu_epilogue if compile else linear_gelu
         self.gelu_fp8 = self.quantize_rows = None
@@ -157,13 +167,14 @@ class FusedOps:
             self.modulate, self.add_modulate, self.affine_norm, self.gelu_fp8, self.quantize_rows = (
                 wrap(fn) for fn in (modulate_fp8, add_modulate_fp8, affine_norm_fp8, gelu_fp8, quantize_rows))
 
-    def _kernel(self, x: torch.Tensor, heads: int, run, fallback):
-        """run() (the Triton kernel, given the module) where it applies: compiled, on CUDA (or forced), a power-of-2
-        head dim, no autograd; else fallback(). A kernel that fails to build here (Triton builds each new
-        specialisation at its first launch: the warm-up's, and a later request's whose sizes divide by 16 where the
-        warm-up's did not) is logged and not tried again by this instance; any other error propagates."""
+    def _kernel(self, x: torch.Tensor, run, fallback, heads: int = 1):
+        """run() (a Triton kernel, given the module triton_norms) where it applies: compiled, on CUDA (or forced),
+        a power-of-2 head dim, no autograd; else fallback(). A kernel that fails to build here (Triton builds each
+        new specialisation at its first launch: the warm-up's, and a later request's whose sizes divide by 16 where
+        the warm-up's did not) is logged and no kernel is tried again by this instance; any other error
+        propagates."""
         d = x.shape[-1] // heads
-        if (self.kernels and (x.is_cuda or self._kernels_on_cpu) and d >= 2 and d & (d - 1) == 0
+        if (self.kernels and (x.is_cuda or self._kernels_on_cpu) and (heads == 1 or d >= 2 and d & (d - 1) == 0)
                 and not (torch.is_grad_enabled() and x.requires_grad)):
             from triton.errors import TritonError
 
@@ -172,10 +183,30 @@ class FusedOps:
             try:
                 return run(triton_norms)
             except TritonError as err:  # raised before the launch: nothing written
-                log.warning("q/k norm kernel failed to build (%s: %s); using the compiled ops from now on",
+                log.warning("norm kernel failed to build (%s: %s); using the compiled ops from now on",
                             type(err).__name__, str(err).strip()[-200:])
                 self.kernels = False
         return fallback()
+
+    # The layer norms. Under FP8 __init__ replaces the first three with their quantizing variants.
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._kernel(x, lambda tn: tn.layer_norm(x, eps, shift=shift, scale=scale),
+                            lambda: self._ref["modulate"](x, shift, scale, eps))
+
+    def add_modulate(self, x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kernel(x, lambda tn: tn.layer_norm(x, eps, residual=y, shift=shift, scale=scale),
+                            lambda: self._ref["add_modulate"](x, y, shift, scale, eps))
+
+    def affine_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._kernel(x, lambda tn: tn.layer_norm(x, eps, weight=weight, bias=bias),
+                            lambda: self._ref["affine_norm"](x, weight, bias, eps))
+
+    def gated_affine_norm(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """gated_affine_norm above (not under FP8, whose norm output is quantized)."""
+        return self._kernel(x, lambda tn: tn.layer_norm(x, eps, residual=y, gate=gate, weight=weight, bias=bias),
+                            lambda: self._ref["gated_affine_norm"](x, y, gate, weight, bias, eps))
 
     def norm_rope(self, q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
                   heads: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -183,14 +214,14 @@ class FusedOps:
         """norm_rope above (self-attention q / k, [B, L, C] -> [B, L, N, D] or Ulysses' [G, B, L, N / G, D])."""
         rope = (cos, sin)
         return self._kernel(
-            q, heads,
+            q,
             lambda tn: (tn.rms_rope(q, wq, eps, heads, rope, groups), tn.rms_rope(k, wk, eps, heads, rope, groups)),
-            lambda: self._norm_rope(q, k, wq, wk, eps, heads, cos, sin, groups))
+            lambda: self._norm_rope(q, k, wq, wk, eps, heads, cos, sin, groups), heads)
 
     def norm_heads(self, x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int) -> torch.Tensor:
         """rms_norm above over all heads, split into heads: [B, L, C] -> [B, L, N, D] (cross-attention q / k)."""
-        return self._kernel(x, heads, lambda tn: tn.rms_rope(x, weight, eps, heads),
-                            lambda: self._rms_norm(x, weight, eps).unflatten(-1, (heads, -1)))
+        return self._kernel(x, lambda tn: tn.rms_rope(x, weight, eps, heads),
+                            lambda: self._rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), heads)
 
     def linear_gelu(self, x: torch.Tensor | Fp8Rows, linear) -> torch.Tensor | Fp8Rows:
         """gelu(linear(x)), the MLP's first layer (an nn.Linear, or an fp8.Fp8Linear under FP8). Scaled FP8 GEMMs

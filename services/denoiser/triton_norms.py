@@ -1,11 +1,14 @@
-"""Triton kernel of the DiT's q/k RMS norm (over all heads), with or without RoPE: fused.rms_norm and
-fused.norm_rope in one pass over memory.
+"""Triton kernels of the DiT's norms, each one pass over memory: the q/k RMS norm (over all heads), with or
+without RoPE (fused.rms_norm and fused.norm_rope), and the layer norms with their adaLN modulation or affine
+weights, after a residual add where the block has one (fused.modulate, affine_norm, add_modulate,
+gated_affine_norm).
 
-Inductor compiles those two functions into a reduction that reads each row twice and a second kernel for the
+Inductor compiles the q/k functions into a reduction that reads each row twice and a second kernel for the
 other output (0.9 TB/s on an H100 at Wan-1.3B 480p, 0.3 TB/s at Wan-14B's width). Here one program reads BLOCK_T
 whole rows once, takes their inverse RMS, and writes the normed, rotated rows in the layout attention reads:
 2.0-2.3 TB/s on that card (docs/benchmarks.md). The rounding steps are the reference's (fused.rms_norm, then
-fused.rope).
+fused.rope). Inductor's layer norms reach ~1.5 TB/s at Wan-14B's width on that card, and ~2.1 TB/s at batch 2;
+the layer-norm kernel here keeps whole rows in registers (mean, then the centred variance) and reaches 2.2-2.8.
 
 Used by FusedOps on CUDA when compiled (the deployment default), or by its tests under TRITON_INTERPRET=1.
 """
@@ -102,3 +105,125 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int,
         rows * (c // groups), eps, ROPE=rope is not None, BLOCK_T=block_t, BLOCK_N=block_n, D=d,
         num_warps=4 if block_n * d <= 2048 else 8)
     return out
+
+
+# L only bounds masks: no variant per divisibility of it (a new resolution would otherwise build again).
+@triton.jit(do_not_specialize=["L"])
+def _layer_norm_kernel(X, Y, GATE, SHIFT, SCALE, Wt, Bs, S, H, L, C, x_b, x_l, y_b, y_l, gate_b, shift_b, scale_b,
+                       eps, RESIDUAL: tl.constexpr, MODULATE: tl.constexpr, AFFINE: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """ROWS rows of batch element b = program_id(1) of x [B, L, C] (strides x_b, x_l, 1), BLOCK_T at a time.
+
+    RESIDUAL 1: s = x + y rounded to x's dtype; 2: s = x + y * gate[b] summed in float32; s is stored to S
+    [B, L, C] and normed instead of x. The layer norm (float32, no affine) is followed by the affine weight / bias
+    (AFFINE) or the adaLN modulation z * (1 + scale[b]) + shift[b] (MODULATE), all [C] or [B, C] vectors taken
+    to float32, loaded once per program; the result is rounded to H's dtype."""
+    b = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    if RESIDUAL == 2:
+        gate = tl.load(GATE + b * gate_b + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if MODULATE:
+        shift = tl.load(SHIFT + b * shift_b + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        scale1 = 1.0 + tl.load(SCALE + b * scale_b + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if AFFINE:
+        w = tl.load(Wt + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(Bs + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    for t in range(0, ROWS, BLOCK_T):
+        l = (tl.program_id(0) * ROWS + t + tl.arange(0, BLOCK_T)).to(tl.int64)
+        m = (l < L)[:, None] & cm[None, :]
+        x = tl.load(X + b.to(tl.int64) * x_b + l[:, None] * x_l + c[None, :], mask=m, other=0.0)
+        out = (b.to(tl.int64) * L + l)[:, None] * C + c[None, :]
+        if RESIDUAL != 0:
+            y = tl.load(Y + b.to(tl.int64) * y_b + l[:, None] * y_l + c[None, :], mask=m, other=0.0)
+            if RESIDUAL == 1:
+                x = (x.to(tl.float32) + y.to(tl.float32)).to(X.dtype.element_ty)
+            else:
+                x = (x.to(tl.float32) + y.to(tl.float32) * gate).to(X.dtype.element_ty)
+            tl.store(S + out, x, mask=m)
+        xf = x.to(tl.float32)
+        mean = tl.sum(xf, axis=1)[:, None] / C
+        xc = tl.where(m, xf - mean, 0.0)
+        z = xc * tl.rsqrt(tl.sum(xc * xc, axis=1)[:, None] / C + eps)
+        if AFFINE:
+            z = z * w + bias
+        if MODULATE:
+            z = z * scale1 + shift
+        tl.store(H + out, z.to(H.dtype.element_ty), mask=m)
+
+
+def _rows(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
+    """t [B, L, C] with unit channel stride (else a contiguous copy) -> (t, batch stride, row stride)."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"layer_norm: {name} must be {list(shape)}; got {list(t.shape)}")
+    if t.stride(2) != 1 or (t.shape[1] > 1 and t.stride(1) < t.shape[2]):
+        t = t.contiguous()
+    return t, t.stride(0), t.stride(1)
+
+
+def _vector(v: torch.Tensor | None, name: str, c: int, device: torch.device,
+            batch: int | None = None) -> tuple[torch.Tensor | None, int]:
+    """A floating [C] (or [batch, C] where batch is given) vector with unit channel stride -> (v, batch stride:
+    0 for [C])."""
+    if v is None:
+        return None, 0
+    shapes = ((c,),) if batch is None else ((c,), (batch, c))
+    if not v.is_floating_point() or v.device != device or tuple(v.shape) not in shapes:
+        raise ValueError(f"layer_norm: {name} must be a floating {' or '.join(str(list(t)) for t in shapes)} "
+                         f"vector on {device}; got {v.dtype} {list(v.shape)} on {v.device}")
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return v, (v.stride(0) if v.dim() == 2 else 0)
+
+
+def layer_norm(x: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Layer norm over C of x [B, L, C] in float32, returned in x's dtype, in one pass over memory:
+
+    - with `shift` / `scale` [B, C]: adaLN, norm(x) * (1 + scale) + shift (fused.modulate);
+    - with `weight` / `bias` [C]: the affine layer norm (fused.affine_norm);
+    - with `residual` y [B, L, C]: first s = x + y (in x's dtype), or with `gate` [B, C] s = x + y * gate summed
+      in float32 (fused.gated_residual); returns (s, norm(s)) (fused.add_modulate's two outputs).
+
+    Vectors are taken to float32 (as the reference does). Raises ValueError for arguments it cannot compute
+    from."""
+    b, length, c = x.shape
+    if (shift is None) != (scale is None) or (weight is None) != (bias is None) or (
+            shift is not None and weight is not None):
+        raise ValueError("layer_norm: give shift and scale (adaLN), or weight and bias (affine), or neither")
+    if gate is not None and residual is None:
+        raise ValueError("layer_norm: a gate needs a residual")
+    x, x_b, x_l = _rows(x, "x", (b, length, c))
+    y, y_b, y_l = (x, 0, 0) if residual is None else _rows(residual, "residual", (b, length, c))
+    if residual is not None and (residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"layer_norm: residual must be {x.dtype} on {x.device}; got {residual.dtype} on "
+                         f"{residual.device}")
+    gate, gate_b = _vector(gate, "gate", c, x.device, b)
+    shift, shift_b = _vector(shift, "shift", c, x.device, b)
+    scale, scale_b = _vector(scale, "scale", c, x.device, b)
+    weight, _ = _vector(weight, "weight", c, x.device)
+    bias, _ = _vector(bias, "bias", c, x.device)
+    h = torch.empty((b, length, c), dtype=x.dtype, device=x.device)
+    s = torch.empty_like(h) if residual is not None else h
+    if h.numel() == 0:
+        return h if residual is None else (s, h)
+    block_c = triton.next_power_of_2(c)
+    block_t, tiles, warps = layer_norm_config(block_c)
+    rows = min(triton.cdiv(length, block_t), tiles) * block_t  # per program, which loads the vectors once
+    unused = x  # pointer arguments a variant does not read
+    _layer_norm_kernel[(triton.cdiv(length, rows), b)](
+        x, y, unused if gate is None else gate, unused if shift is None else shift,
+        unused if scale is None else scale, unused if weight is None else weight, unused if bias is None else bias,
+        s, h, length, c, x_b, x_l, y_b, y_l, gate_b, shift_b, scale_b, eps,
+        RESIDUAL=0 if residual is None else (2 if gate is not None else 1), MODULATE=shift is not None,
+        AFFINE=weight is not None, ROWS=rows, BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=warps)
+    return h if residual is None else (s, h)
+
+
+def layer_norm_config(block_c: int) -> tuple[int, int, int]:
+    """(rows per tile, tiles per program, warps) of _layer_norm_kernel for rows padded to block_c channels: the
+    best of a sweep on an H100 at Wan-1.3B and 14B widths (docs/benchmarks.md)."""
+    return 4, 2, 4 if block_c <= 2048 else 8

@@ -1,5 +1,6 @@
-"""The q/k RMS norm (+ RoPE) Triton kernel (services/denoiser/triton_norms.py) against the reference functions
-of fused.py, and FusedOps' use of it.
+"""The Triton norm kernels (services/denoiser/triton_norms.py: q/k RMS norm + RoPE, and the layer norms with
+modulation / affine weights / a residual add) against the reference functions of fused.py, and FusedOps' use of
+them.
 
 On a CPU-only machine the kernel runs through Triton's interpreter (TRITON_INTERPRET=1, set here before it is
 imported); with a GPU, on the GPU. The interpreter rounds float32 -> bfloat16 differently from the GPU (not to
@@ -19,7 +20,7 @@ pytest.importorskip("triton", reason="the kernel is Triton (CPU tests run it thr
 from smartdiff.services.denoiser import fused  # noqa: E402
 from smartdiff.services.denoiser.dit import rope_cos_sin  # noqa: E402
 from smartdiff.services.denoiser.fused import FusedOps  # noqa: E402
-from smartdiff.services.denoiser.triton_norms import rms_rope  # noqa: E402
+from smartdiff.services.denoiser.triton_norms import layer_norm, rms_rope  # noqa: E402
 
 DEV = torch.device("cuda" if GPU else "cpu")
 
@@ -148,8 +149,8 @@ def test_fused_ops_run_the_kernel_when_asked_and_fall_back_after_a_failed_build(
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(ops.norm_heads(q, wq, 1e-6, 4), reference(q, wq, 4), atol=2e-6, rtol=2e-6)
     assert len(calls) == 3
-    assert not FusedOps(compile=False, kernels=True)._kernel(torch.zeros(1, 2, 24), 2, lambda tn: True,
-                                                              lambda: False)  # head dim 12: reference path
+    assert not FusedOps(compile=False, kernels=True)._kernel(torch.zeros(1, 2, 24), lambda tn: True,
+                                                              lambda: False, heads=2)  # head dim 12: reference
 
     def not_a_build_failure(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -188,16 +189,23 @@ def test_a_compiled_dit_with_the_kernel_matches_eager(monkeypatch):
         ops = dit.blocks[0].ops
         assert ops.kernels and not ops._kernels_on_cpu  # on by default when compiled, for CUDA tensors
         ops._kernels_on_cpu = True  # what CUDA does, here through the interpreter
-        calls, real = [], triton_norms.rms_rope
+        calls, real, real_ln = [], triton_norms.rms_rope, triton_norms.layer_norm
 
         def counted(x, weight, eps, heads, rope=None, groups=1):
-            calls.append(rope is not None)
+            calls.append("rope" if rope is not None else "rms")
             return real(x, weight, eps, heads, rope, groups)
 
+        def counted_ln(x, eps, **kw):
+            calls.append("ln " + " ".join(sorted(k for k, v in kw.items() if v is not None)))
+            return real_ln(x, eps, **kw)
+
         monkeypatch.setattr(triton_norms, "rms_rope", counted)
+        monkeypatch.setattr(triton_norms, "layer_norm", counted_ln)
         got = dit(x, t, ctx)
     assert ops.kernels  # no fallback happened
-    assert calls == [True, True, False, False] * cfg.num_layers  # self-attention q, k with RoPE; cross q, k
+    assert calls == ["ln scale shift", "rope", "rope",  # self-attention: modulated norm, q, k with RoPE
+                     "ln bias gate residual weight", "rms", "rms",  # gated residual + cross norm; cross q, k
+                     "ln residual scale shift"] * cfg.num_layers  # residual + the MLP's modulated norm
     assert ((got - eager).norm() / eager.norm()).item() < 1e-5
 
 
@@ -219,16 +227,156 @@ for consts, warps in ((dict(ROPE=True, BLOCK_T=2, BLOCK_N=16, D=128), 4),
         s |= dict(COS="*bf16", SIN="*bf16")
     triton.compile(ASTSource(tn._rms_rope_kernel, s, consts), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=warps))
+# the layer norms as launched at both widths, each variant (vectors: the fp32 modulation, bf16 affine weights)
+sig = dict(X="*bf16", Y="*bf16", GATE="*fp32", SHIFT="*fp32", SCALE="*fp32", Wt="*bf16", Bs="*bf16", S="*bf16",
+           H="*bf16", L="i32", C="i32", x_b="i32", x_l="i32", y_b="i32", y_l="i32", gate_b="i32", shift_b="i32",
+           scale_b="i32", eps="fp32")
+for c in (1536, 5120):
+    block_c = triton.next_power_of_2(c)
+    block_t, tiles, warps = tn.layer_norm_config(block_c)
+    for residual, modulate, affine in ((0, True, False), (1, True, False), (0, False, True), (2, False, True)):
+        consts = dict(RESIDUAL=residual, MODULATE=modulate, AFFINE=affine, ROWS=block_t * tiles, BLOCK_T=block_t,
+                      BLOCK_C=block_c)
+        triton.compile(ASTSource(tn._layer_norm_kernel, dict(sig) | {k: "constexpr" for k in consts}, consts),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 print("ok")
 """
 
 
 def test_kernel_compiles_for_the_gpu():
-    """The interpreter does not check layouts (tl.split / tl.join of the RoPE pairs): build it for sm_90 at
-    Wan-1.3B's and Wan-14B's widths in a fresh process (no TRITON_INTERPRET)."""
+    """The interpreter does not check layouts (tl.split / tl.join of the RoPE pairs) or registers: build the
+    kernels for sm_90 at Wan-1.3B's and Wan-14B's widths in a fresh process (no TRITON_INTERPRET)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+# ---- the layer norms ----
+
+def ln_reference(mode, x, y, e, w, b):
+    """fused.py's function for each layer_norm mode -> (residual sum or None, normed)."""
+    shift, scale, gate = e[:, 0], e[:, 1], e[:, 2]
+    if mode == "modulate":
+        return None, fused.modulate(x, shift, scale, 1e-6)
+    if mode == "affine":
+        return None, fused.affine_norm(x, w, b, 1e-6)
+    if mode == "add_modulate":
+        return fused.add_modulate(x, y, shift, scale, 1e-6)
+    return fused.gated_affine_norm(x, y, gate, w, b, 1e-6)
+
+
+def ln_kernel(mode, x, y, e, w, b):
+    shift, scale, gate = e[:, 0], e[:, 1], e[:, 2]  # strided views of e, as the DiT passes them
+    if mode == "modulate":
+        return None, layer_norm(x, 1e-6, shift=shift, scale=scale)
+    if mode == "affine":
+        return None, layer_norm(x, 1e-6, weight=w, bias=b)
+    if mode == "add_modulate":
+        return layer_norm(x, 1e-6, residual=y, shift=shift, scale=scale)
+    return layer_norm(x, 1e-6, residual=y, gate=gate, weight=w, bias=b)
+
+
+def ln_inputs(batch, length, c, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, length, c, generator=g) * 2 + 0.5).to(DEV, dtype)  # a mean away from 0
+    y = torch.randn(batch, length, c, generator=g).to(DEV, dtype)
+    e = (torch.randn(batch, 6, c, generator=g) * 0.5).to(DEV)  # float32, as the timestep projection
+    w, b = (torch.randn(c, generator=g).to(DEV) for _ in range(2))
+    return x, y, e, w, b
+
+
+MODES = ("modulate", "affine", "add_modulate", "gated_affine")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch, length, c", [
+    (2, 37, 40),  # 40 channels padded to 64 in the tile; rows not a multiple of the tile; two batch elements
+    (1, 1, 16),   # one token
+    (1, 9, 256),
+])
+def test_layer_norm_matches_the_reference_in_float32(mode, batch, length, c):
+    x, y, e, w, b = ln_inputs(batch, length, c, torch.float32)
+    (s, h), (rs, rh) = ln_kernel(mode, x, y, e, w, b), ln_reference(mode, x, y, e, w, b)
+    assert h.dtype == x.dtype and h.shape == x.shape
+    torch.testing.assert_close(h, rh, atol=2e-5, rtol=2e-5)
+    if rs is not None:
+        torch.testing.assert_close(s, rs, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_norm_rounds_the_residual_as_the_reference(mode):
+    """float16 (the interpreter rounds it to nearest, as the GPU): the residual sum is the reference's bit for
+    bit, with its rounding step (x + y in float16; x + y * gate in float32, then rounded); the norm to one step."""
+    x, y, e, w, b = ln_inputs(2, 21, 48, torch.float16)
+    (s, h), (rs, rh) = ln_kernel(mode, x, y, e, w, b), ln_reference(mode, x, y, e, w, b)
+    if rs is not None:
+        assert torch.equal(s, rs)
+    torch.testing.assert_close(h, rh, atol=4e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_norm_in_bfloat16(mode):
+    x, y, e, w, b = ln_inputs(2, 21, 48, torch.bfloat16)
+    (s, h), (rs, rh) = ln_kernel(mode, x, y, e, w, b), ln_reference(mode, x, y, e, w, b)
+    steps = 1 if GPU else 2  # the interpreter truncates to bfloat16
+    if rs is not None:
+        torch.testing.assert_close(s.float(), rs.float(), atol=0, rtol=steps * 2 ** -7)
+    torch.testing.assert_close(h.float(), rh.float(), atol=steps * 2e-2, rtol=steps * 2 ** -7)
+
+
+def test_layer_norm_reads_strided_inputs_and_low_precision_weights():
+    """x a column slice of a wider tensor (read in place), y transposed (copied); bfloat16 affine weights are
+    taken to float32 as the reference's weight.float()."""
+    g = torch.Generator().manual_seed(4)
+    wide = torch.randn(2, 11, 80, generator=g).to(DEV)
+    x = wide[..., 16:56]
+    y = torch.randn(2, 40, 11, generator=g).to(DEV).transpose(1, 2)
+    e = torch.randn(2, 6, 40, generator=g).to(DEV)
+    w, b = (torch.randn(40, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+    s, h = layer_norm(x, 1e-6, residual=y, gate=e[:, 2], weight=w, bias=b)
+    rs, rh = fused.gated_affine_norm(x, y, e[:, 2], w, b, 1e-6)
+    torch.testing.assert_close(s, rs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(h, rh, atol=2e-5, rtol=2e-5)
+    assert layer_norm(x[:, :0], 1e-6, shift=e[:, 0], scale=e[:, 1]).shape == (2, 0, 40)
+
+
+def test_layer_norm_refuses_what_it_cannot_compute():
+    x, y, e, w, b = ln_inputs(2, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match="shift and scale"):
+        layer_norm(x, 1e-6, shift=e[:, 0])
+    with pytest.raises(ValueError, match="shift and scale"):
+        layer_norm(x, 1e-6, shift=e[:, 0], scale=e[:, 1], weight=w, bias=b)
+    with pytest.raises(ValueError, match="a gate needs a residual"):
+        layer_norm(x, 1e-6, gate=e[:, 2], weight=w, bias=b)
+    with pytest.raises(ValueError, match=r"residual must be \[2, 5, 16\]"):
+        layer_norm(x, 1e-6, residual=y[:, :4], shift=e[:, 0], scale=e[:, 1])
+    with pytest.raises(ValueError, match="residual must be torch.float32"):
+        layer_norm(x, 1e-6, residual=y.double(), shift=e[:, 0], scale=e[:, 1])
+    with pytest.raises(ValueError, match=r"shift must be a floating \[16\] or \[2, 16\]"):
+        layer_norm(x, 1e-6, shift=e[:1, 0, :8], scale=e[:, 1])
+    with pytest.raises(ValueError, match=r"weight must be a floating \[16\] vector"):
+        layer_norm(x, 1e-6, weight=e[:, 0], bias=e[:, 1])
+
+
+def test_fused_ops_run_the_layer_norm_kernel_when_asked(monkeypatch):
+    from smartdiff.services.denoiser import triton_norms
+
+    x, y, e, w, b = ln_inputs(2, 7, 32, torch.float32)
+    ops = FusedOps(compile=False, kernels=True)
+    calls, real = [], triton_norms.layer_norm
+    monkeypatch.setattr(triton_norms, "layer_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    shift, scale, gate = e[:, 0], e[:, 1], e[:, 2]
+    torch.testing.assert_close(ops.modulate(x, shift, scale, 1e-6), fused.modulate(x, shift, scale, 1e-6),
+                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ops.affine_norm(x, w, b, 1e-6), fused.affine_norm(x, w, b, 1e-6), atol=2e-5, rtol=2e-5)
+    for got, want in ((ops.add_modulate(x, y, shift, scale, 1e-6), fused.add_modulate(x, y, shift, scale, 1e-6)),
+                      (ops.gated_affine_norm(x, y, gate, w, b, 1e-6), fused.gated_affine_norm(x, y, gate, w, b, 1e-6))):
+        for a, r in zip(got, want):
+            torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
+    assert len(calls) == 4
+    plain = FusedOps(compile=False)  # no kernels: the reference functions
+    plain.modulate(x, shift, scale, 1e-6)
+    assert len(calls) == 4
