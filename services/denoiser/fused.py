@@ -167,15 +167,15 @@ class FusedOps:
             self.modulate, self.add_modulate, self.affine_norm, self.gelu_fp8, self.quantize_rows = (
                 wrap(fn) for fn in (modulate_fp8, add_modulate_fp8, affine_norm_fp8, gelu_fp8, quantize_rows))
 
-    def _kernel(self, x: torch.Tensor, run, fallback, heads: int = 1):
+    def _kernel(self, x: torch.Tensor, run, fallback, heads: int = 1, others: tuple = ()):
         """run() (a Triton kernel, given the module triton_norms) where it applies: compiled, on CUDA (or forced),
-        a power-of-2 head dim, no autograd; else fallback(). A kernel that fails to build here (Triton builds each
+        a power-of-2 head dim, no autograd through x or the `others` tensors; else fallback(). A kernel that fails to build here (Triton builds each
         new specialisation at its first launch: the warm-up's, and a later request's whose sizes divide by 16 where
         the warm-up's did not) is logged and no kernel is tried again by this instance; any other error
         propagates."""
         d = x.shape[-1] // heads
         if (self.kernels and (x.is_cuda or self._kernels_on_cpu) and (heads == 1 or d >= 2 and d & (d - 1) == 0)
-                and not (torch.is_grad_enabled() and x.requires_grad)):
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))):
             from triton.errors import TritonError
 
             from . import triton_norms
@@ -191,22 +191,23 @@ class FusedOps:
     # The layer norms. Under FP8 __init__ replaces the first three with their quantizing variants.
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         return self._kernel(x, lambda tn: tn.layer_norm(x, eps, shift=shift, scale=scale),
-                            lambda: self._ref["modulate"](x, shift, scale, eps))
+                            lambda: self._ref["modulate"](x, shift, scale, eps), others=(shift, scale))
 
     def add_modulate(self, x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self._kernel(x, lambda tn: tn.layer_norm(x, eps, residual=y, shift=shift, scale=scale),
-                            lambda: self._ref["add_modulate"](x, y, shift, scale, eps))
+                            lambda: self._ref["add_modulate"](x, y, shift, scale, eps), others=(y, shift, scale))
 
     def affine_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
         return self._kernel(x, lambda tn: tn.layer_norm(x, eps, weight=weight, bias=bias),
-                            lambda: self._ref["affine_norm"](x, weight, bias, eps))
+                            lambda: self._ref["affine_norm"](x, weight, bias, eps), others=(weight, bias))
 
     def gated_affine_norm(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """gated_affine_norm above (not under FP8, whose norm output is quantized)."""
         return self._kernel(x, lambda tn: tn.layer_norm(x, eps, residual=y, gate=gate, weight=weight, bias=bias),
-                            lambda: self._ref["gated_affine_norm"](x, y, gate, weight, bias, eps))
+                            lambda: self._ref["gated_affine_norm"](x, y, gate, weight, bias, eps),
+                            others=(y, gate, weight, bias))
 
     def norm_rope(self, q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
                   heads: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -216,12 +217,12 @@ class FusedOps:
         return self._kernel(
             q,
             lambda tn: (tn.rms_rope(q, wq, eps, heads, rope, groups), tn.rms_rope(k, wk, eps, heads, rope, groups)),
-            lambda: self._norm_rope(q, k, wq, wk, eps, heads, cos, sin, groups), heads)
+            lambda: self._norm_rope(q, k, wq, wk, eps, heads, cos, sin, groups), heads, (k, wq, wk))
 
     def norm_heads(self, x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int) -> torch.Tensor:
         """rms_norm above over all heads, split into heads: [B, L, C] -> [B, L, N, D] (cross-attention q / k)."""
         return self._kernel(x, lambda tn: tn.rms_rope(x, weight, eps, heads),
-                            lambda: self._rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), heads)
+                            lambda: self._rms_norm(x, weight, eps).unflatten(-1, (heads, -1)), heads, (weight,))
 
     def linear_gelu(self, x: torch.Tensor | Fp8Rows, linear) -> torch.Tensor | Fp8Rows:
         """gelu(linear(x)), the MLP's first layer (an nn.Linear, or an fp8.Fp8Linear under FP8). Scaled FP8 GEMMs

@@ -116,8 +116,9 @@ def _layer_norm_kernel(X, Y, GATE, SHIFT, SCALE, Wt, Bs, S, H, L, C, x_b, x_l, y
 
     RESIDUAL 1: s = x + y rounded to x's dtype; 2: s = x + y * gate[b] summed in float32; s is stored to S
     [B, L, C] and normed instead of x. The layer norm (float32, no affine) is followed by the affine weight / bias
-    (AFFINE) or the adaLN modulation z * (1 + scale[b]) + shift[b] (MODULATE), all [C] or [B, C] vectors taken
-    to float32, loaded once per program; the result is rounded to H's dtype."""
+    (AFFINE, [C] vectors in any float dtype, taken to float32) or the adaLN modulation z * (1 + scale[b]) +
+    shift[b] (MODULATE; float32 [B, C], batch stride 0 for one row shared by the batch), loaded once per program;
+    the result is rounded to H's dtype."""
     b = tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
     cm = c < C
@@ -163,17 +164,20 @@ def _rows(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> tuple[torch.Ten
 
 def _vector(v: torch.Tensor | None, name: str, c: int, device: torch.device,
             batch: int | None = None) -> tuple[torch.Tensor | None, int]:
-    """A floating [C] (or [batch, C] where batch is given) vector with unit channel stride -> (v, batch stride:
-    0 for [C])."""
+    """A [C] float vector (affine weights, any float dtype), or with `batch` a float32 [batch, C] or [1, C] one
+    (the adaLN shift / scale / gate, as the DiT's float32 modulation), unit channel stride -> (v, batch stride)."""
     if v is None:
         return None, 0
-    shapes = ((c,),) if batch is None else ((c,), (batch, c))
-    if not v.is_floating_point() or v.device != device or tuple(v.shape) not in shapes:
-        raise ValueError(f"layer_norm: {name} must be a floating {' or '.join(str(list(t)) for t in shapes)} "
-                         f"vector on {device}; got {v.dtype} {list(v.shape)} on {v.device}")
+    if batch is None:
+        ok, want = v.is_floating_point() and tuple(v.shape) == (c,), f"a floating [{c}] vector"
+    else:
+        ok, want = v.dtype == torch.float32 and v.shape in ((batch, c), (1, c)), f"float32 [{batch}, {c}] or [1, {c}]"
+    if not ok or v.device != device:
+        raise ValueError(f"layer_norm: {name} must be {want} on {device}; got {v.dtype} {list(v.shape)} on "
+                         f"{v.device}")
     if v.stride(-1) != 1:
         v = v.contiguous()
-    return v, (v.stride(0) if v.dim() == 2 else 0)
+    return v, (v.stride(0) if v.dim() == 2 and v.shape[0] > 1 else 0)
 
 
 def layer_norm(x: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
@@ -182,13 +186,13 @@ def layer_norm(x: torch.Tensor, eps: float, *, residual: torch.Tensor | None = N
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Layer norm over C of x [B, L, C] in float32, returned in x's dtype, in one pass over memory:
 
-    - with `shift` / `scale` [B, C]: adaLN, norm(x) * (1 + scale) + shift (fused.modulate);
-    - with `weight` / `bias` [C]: the affine layer norm (fused.affine_norm);
-    - with `residual` y [B, L, C]: first s = x + y (in x's dtype), or with `gate` [B, C] s = x + y * gate summed
-      in float32 (fused.gated_residual); returns (s, norm(s)) (fused.add_modulate's two outputs).
+    - with `shift` / `scale` float32 [B, C] (or [1, C]): adaLN, norm(x) * (1 + scale) + shift (fused.modulate);
+    - with `weight` / `bias` [C], any float dtype, taken to float32: the affine layer norm (fused.affine_norm);
+    - with `residual` y [B, L, C]: first s = x + y (in x's dtype), or with `gate` float32 [B, C] (or [1, C])
+      s = x + y * gate summed in float32 (fused.gated_residual); returns (s, norm(s)) (fused.add_modulate's two
+      outputs).
 
-    Vectors are taken to float32 (as the reference does). Raises ValueError for arguments it cannot compute
-    from."""
+    Raises ValueError for arguments it cannot compute from."""
     b, length, c = x.shape
     if (shift is None) != (scale is None) or (weight is None) != (bias is None) or (
             shift is not None and weight is not None):

@@ -18,7 +18,7 @@ if not GPU:
 pytest.importorskip("triton", reason="the kernel is Triton (CPU tests run it through TRITON_INTERPRET=1)")
 
 from smartdiff.services.denoiser import fused  # noqa: E402
-from smartdiff.services.denoiser.dit import rope_cos_sin  # noqa: E402
+from smartdiff.services.denoiser.dit import ForwardHooks, rope_cos_sin  # noqa: E402
 from smartdiff.services.denoiser.fused import FusedOps  # noqa: E402
 from smartdiff.services.denoiser.triton_norms import layer_norm, rms_rope  # noqa: E402
 
@@ -207,6 +207,13 @@ def test_a_compiled_dit_with_the_kernel_matches_eager(monkeypatch):
                      "ln bias gate residual weight", "rms", "rms",  # gated residual + cross norm; cross q, k
                      "ln residual scale shift"] * cfg.num_layers  # residual + the MLP's modulated norm
     assert ((got - eager).norm() / eager.norm()).item() < 1e-5
+    calls.clear()  # with a cache's attention hook (which may skip the cross-attention): the norm on its own
+    with torch.no_grad():
+        hooked = dit(x, t, ctx, hooks=ForwardHooks(attention=lambda i, kind, compute: compute()))
+    assert calls == ["ln scale shift", "rope", "rope", "ln bias weight", "rms", "rms",
+                     "ln residual scale shift"] * cfg.num_layers
+    assert ((hooked - eager).norm() / eager.norm()).item() < 1e-5
+    assert ((got - eager).norm() / eager.norm()).item() < 1e-5
 
 
 COMPILE = """
@@ -309,11 +316,17 @@ def test_layer_norm_matches_the_reference_in_float32(mode, batch, length, c):
 @pytest.mark.parametrize("mode", MODES)
 def test_layer_norm_rounds_the_residual_as_the_reference(mode):
     """float16 (the interpreter rounds it to nearest, as the GPU): the residual sum is the reference's bit for
-    bit, with its rounding step (x + y in float16; x + y * gate in float32, then rounded); the norm to one step."""
+    bit, with its rounding step (x + y in float16; x + y * gate in float32, then rounded); the norm to one step.
+    On the GPU x + y * gate is one fused multiply-add (as in Inductor's code), which rounds the product once
+    less than eager PyTorch: rare one-step differences there."""
     x, y, e, w, b = ln_inputs(2, 21, 48, torch.float16)
     (s, h), (rs, rh) = ln_kernel(mode, x, y, e, w, b), ln_reference(mode, x, y, e, w, b)
     if rs is not None:
-        assert torch.equal(s, rs)
+        if GPU and mode == "gated_affine":
+            torch.testing.assert_close(s, rs, atol=0, rtol=2 ** -10)
+            assert (s != rs).float().mean() < 0.01
+        else:
+            assert torch.equal(s, rs)
     torch.testing.assert_close(h, rh, atol=4e-3, rtol=1e-3)
 
 
@@ -343,6 +356,18 @@ def test_layer_norm_reads_strided_inputs_and_low_precision_weights():
     assert layer_norm(x[:, :0], 1e-6, shift=e[:, 0], scale=e[:, 1]).shape == (2, 0, 40)
 
 
+def test_layer_norm_shares_one_row_of_vectors_across_the_batch():
+    """[1, C] modulation / gate (one timestep for the whole batch) broadcast as in the reference."""
+    x, y, e, w, b = ln_inputs(3, 10, 24, torch.float32)
+    one = e[:1]
+    torch.testing.assert_close(layer_norm(x, 1e-6, shift=one[:, 0], scale=one[:, 1]),
+                               fused.modulate(x, one[:, 0], one[:, 1], 1e-6), atol=2e-5, rtol=2e-5)
+    s, h = layer_norm(x, 1e-6, residual=y, gate=one[:, 2], weight=w, bias=b)
+    rs, rh = fused.gated_affine_norm(x, y, one[:, 2], w, b, 1e-6)
+    torch.testing.assert_close(s, rs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(h, rh, atol=2e-5, rtol=2e-5)
+
+
 def test_layer_norm_refuses_what_it_cannot_compute():
     x, y, e, w, b = ln_inputs(2, 5, 16, torch.float32)
     with pytest.raises(ValueError, match="shift and scale"):
@@ -355,8 +380,12 @@ def test_layer_norm_refuses_what_it_cannot_compute():
         layer_norm(x, 1e-6, residual=y[:, :4], shift=e[:, 0], scale=e[:, 1])
     with pytest.raises(ValueError, match="residual must be torch.float32"):
         layer_norm(x, 1e-6, residual=y.double(), shift=e[:, 0], scale=e[:, 1])
-    with pytest.raises(ValueError, match=r"shift must be a floating \[16\] or \[2, 16\]"):
+    with pytest.raises(ValueError, match=r"shift must be float32 \[2, 16\] or \[1, 16\]"):
         layer_norm(x, 1e-6, shift=e[:1, 0, :8], scale=e[:, 1])
+    with pytest.raises(ValueError, match=r"scale must be float32 \[2, 16\] or \[1, 16\]"):  # as the reference's
+        layer_norm(x, 1e-6, shift=e[:, 0], scale=e[:, 1].bfloat16())  # float32 modulation: 1 + scale in float32
+    with pytest.raises(ValueError, match=r"gate must be float32 \[2, 16\] or \[1, 16\]"):
+        layer_norm(x, 1e-6, residual=y, gate=e[0, 2], weight=w, bias=b)
     with pytest.raises(ValueError, match=r"weight must be a floating \[16\] vector"):
         layer_norm(x, 1e-6, weight=e[:, 0], bias=e[:, 1])
 
@@ -380,3 +409,22 @@ def test_fused_ops_run_the_layer_norm_kernel_when_asked(monkeypatch):
     plain = FusedOps(compile=False)  # no kernels: the reference functions
     plain.modulate(x, shift, scale, 1e-6)
     assert len(calls) == 4
+    with torch.enable_grad():  # autograd through any argument (here the affine weight): the reference path
+        wg = w.clone().requires_grad_()
+        out = ops.affine_norm(x, wg, b, 1e-6)
+        assert out.requires_grad and len(calls) == 4
+        out.sum().backward()
+        assert wg.grad is not None
+    fp8_ops = FusedOps(compile=False, fp8=True, kernels=True)  # FP8: the norms quantize, on the compiled path
+    assert isinstance(fp8_ops.modulate(x, shift, scale, 1e-6), fused.Fp8Rows) and len(calls) == 4
+
+    from triton.runtime.errors import OutOfResources
+
+    def failing(*args, **kwargs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(triton_norms, "layer_norm", failing)  # a build failure: logged, the reference from now on
+    got = ops.add_modulate(x, y, shift, scale, 1e-6)
+    assert ops.kernels is False
+    for a, r in zip(got, fused.add_modulate(x, y, shift, scale, 1e-6)):
+        torch.testing.assert_close(a, r)
