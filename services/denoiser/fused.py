@@ -9,7 +9,8 @@ shape it sees), at the denoiser's warm-up.
 
 The q/k RMS norms (with RoPE for self-attention) and the layer norms run Triton kernels of our own on CUDA instead
 (triton_norms.py): Inductor's code for the q/k norms reads each row twice and reaches about a quarter of memory
-speed at Wan-1.3B and a tenth at Wan-14B's width, and its layer norms about half at Wan-14B's width (H100).
+speed at Wan-1.3B and a tenth at Wan-14B's width (H100), and its layer norms slow down by up to 1.6x once dynamo
+recompiles them with dynamic sizes (any request shape unlike the warm-up's); ours build once per width.
 
 Under FP8 GEMMs (`--gemm fp8`, fp8.py) the regions whose output only feeds a GEMM (the modulated norms before
 attention and the MLP, the cross-attention norm, the GELU) also quantize that output per row, in the same kernel
@@ -140,11 +141,11 @@ class FusedOps:
     """The functions above, eager or compiled; one instance per DiT (a deployment setting, not per request).
 
     Compiled, on CUDA: the layer norms (with the adaLN modulation, the affine weights, or a residual add before
-    them) and the q/k RMS norms run our Triton kernels (triton_norms.py), where Inductor's code for them falls
-    short of memory speed; the rest runs Inductor's code, and the MLP's first GEMM takes its GELU as a cuBLASLt
-    epilogue (linear_gelu_epilogue). With `fp8` (the blocks' linears are fp8.Fp8Linear) `modulate`,
-    `add_modulate`'s second output and `affine_norm` are the `*_fp8` variants (compiled, no Triton layer norm),
-    and `quantize_rows` quantizes the GEMM inputs no region computes (the attention outputs, the text context)."""
+    them) and the q/k RMS norms run our Triton kernels (triton_norms.py; see the module docstring for why); the
+    rest runs Inductor's code, and the MLP's first GEMM takes its GELU as a cuBLASLt epilogue
+    (linear_gelu_epilogue). With `fp8` (the blocks' linears are fp8.Fp8Linear) `modulate`, `add_modulate`'s
+    second output and `affine_norm` are the `*_fp8` variants (compiled, no Triton layer norm), and `quantize_rows`
+    quantizes the GEMM inputs no region computes (the attention outputs, the text context)."""
 
     NAMES = ("modulate", "add_modulate", "affine_norm", "gated_residual", "gated_affine_norm")
 
@@ -169,10 +170,10 @@ class FusedOps:
 
     def _kernel(self, x: torch.Tensor, run, fallback, heads: int = 1, others: tuple = ()):
         """run() (a Triton kernel, given the module triton_norms) where it applies: compiled, on CUDA (or forced),
-        a power-of-2 head dim, no autograd through x or the `others` tensors; else fallback(). A kernel that fails to build here (Triton builds each
-        new specialisation at its first launch: the warm-up's, and a later request's whose sizes divide by 16 where
-        the warm-up's did not) is logged and no kernel is tried again by this instance; any other error
-        propagates."""
+        a power-of-2 head dim, no autograd through x or the `others` tensors; else fallback(). A kernel that fails
+        to build here (Triton builds each new specialisation at its first launch: the warm-up's, and a later
+        request's whose sizes divide by 16 where the warm-up's did not) is logged and no kernel is tried again by
+        this instance; any other error propagates."""
         d = x.shape[-1] // heads
         if (self.kernels and (x.is_cuda or self._kernels_on_cpu) and (heads == 1 or d >= 2 and d & (d - 1) == 0)
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))):

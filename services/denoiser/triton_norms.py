@@ -7,8 +7,10 @@ Inductor compiles the q/k functions into a reduction that reads each row twice a
 other output (0.9 TB/s on an H100 at Wan-1.3B 480p, 0.3 TB/s at Wan-14B's width). Here one program reads BLOCK_T
 whole rows once, takes their inverse RMS, and writes the normed, rotated rows in the layout attention reads:
 2.0-2.3 TB/s on that card (docs/benchmarks.md). The rounding steps are the reference's (fused.rms_norm, then
-fused.rope). Inductor's layer norms reach ~1.5 TB/s at Wan-14B's width on that card, and ~2.1 TB/s at batch 2;
-the layer-norm kernel here keeps whole rows in registers (mean, then the centred variance) and reaches 2.2-2.8.
+fused.rope). Inductor's layer norms run near memory speed while dynamo keeps their shapes static, and at ~1.5-2.6
+TB/s on that card once it has recompiled them with dynamic sizes (a second batch size, length or width); the
+layer-norm kernel here keeps whole rows in registers (mean, then the centred variance), builds once per width,
+and reaches 2.4-2.8 TB/s at any batch size and length.
 
 Used by FusedOps on CUDA when compiled (the deployment default), or by its tests under TRITON_INTERPRET=1.
 """
@@ -215,7 +217,7 @@ def layer_norm(x: torch.Tensor, eps: float, *, residual: torch.Tensor | None = N
         return h if residual is None else (s, h)
     block_c = triton.next_power_of_2(c)
     block_t, tiles, warps = layer_norm_config(block_c)
-    rows = min(triton.cdiv(length, block_t), tiles) * block_t  # per program, which loads the vectors once
+    rows = tiles * block_t  # per program, which loads the vectors once
     unused = x  # pointer arguments a variant does not read
     _layer_norm_kernel[(triton.cdiv(length, rows), b)](
         x, y, unused if gate is None else gate, unused if shift is None else shift,
@@ -228,6 +230,6 @@ def layer_norm(x: torch.Tensor, eps: float, *, residual: torch.Tensor | None = N
 
 
 def layer_norm_config(block_c: int) -> tuple[int, int, int]:
-    """(rows per tile, tiles per program, warps) of _layer_norm_kernel for rows padded to block_c channels: the
-    best of a sweep on an H100 at Wan-1.3B and 14B widths (docs/benchmarks.md)."""
+    """(rows per tile, tiles per program, warps) of _layer_norm_kernel for rows padded to block_c channels, as
+    chosen by a sweep on an H100 at Wan-1.3B and 14B widths (docs/benchmarks.md)."""
     return 4, 2, 4 if block_c <= 2048 else 8
