@@ -153,6 +153,19 @@ def _softmax_fp16(s_bits, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_lay
 
 
 @gluon.jit
+def _pack16(p, p_dtype: gl.constexpr):
+    """p (float32) rounded to p_dtype two at a time: one cvt per pair, low half first, as the wgmma operand wants.
+    Triton's own p.to(bfloat16) packs each pair swapped and fixes it with a byte permute: 32 more instructions per
+    key block (bench/kernel_sass.py), 1-3% of the exact kernel's time on an H100 (docs/benchmarks.md)."""
+    if p_dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise(asm="cvt.rn.bf16x2.f32 $0, $2, $1;", constraints="=r,f,f", args=[p],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise(asm="cvt.rn.f16x2.f32 $0, $2, $1;", constraints="=r,f,f", args=[p],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+
+
+@gluon.jit
 def _softmax_exact(s, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_layout: gl.constexpr,
                    p_dtype: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """Float32 scores of bf16 / fp16 Q.K^T -> (p relative to the new running max in V's dtype, in the P.V operand
@@ -164,7 +177,7 @@ def _softmax_exact(s, sc, m_i, l_i, start, Lk, s_layout: gl.constexpr, p_layout:
     p = gl.exp2(gl.fma(s, sc, -m_new[:, None]))
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
-    return gl.convert_layout(p.to(p_dtype), p_layout), m_new, l_i, alpha
+    return gl.convert_layout(_pack16(p, p_dtype), p_layout), m_new, l_i, alpha
 
 
 @gluon.jit
