@@ -10,6 +10,7 @@ Use the Triton version of the benchmark machine (the counts move between version
     python bench/kernel_sass.py                      # fp16, fp8, int8 at their Hopper tile configs
     python bench/kernel_sass.py --pv int8 --tile 64 64 4 3
     python bench/kernel_sass.py --gluon              # the Gluon kernels (fp16, int8)
+    python bench/kernel_sass.py --gluon --pv exact   # the Gluon kernel of exact attention
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def compile_sass(pv: str, cfg: ts.KernelConfig | None, gluon: bool = False) -> t
 
 
 def loop_histogram(sass: str) -> Counter:
-    """Opcodes of the longest loop (backward branch) whose body issues wgmma and stores nothing to global memory."""
+    """Opcodes of the longest loop (backward branch) whose body issues wgmma, stores nothing to global memory and,
+    where there is such a loop, masks no tail (the exact kernel runs its last key block in a loop of its own)."""
     ops = {int(m.group(1), 16): (m.group(2), m.group(0)) for m in LINE.finditer(sass)}
     loops = []
     for addr, (op, text) in ops.items():
@@ -71,16 +73,17 @@ def loop_histogram(sass: str) -> Counter:
             lo = int(target.group(1), 16)
             body = [o for a, (o, _) in ops.items() if lo <= a <= addr]
             if any(o.startswith(("IGMMA", "HGMMA", "QGMMA")) for o in body) and not any(o == "STG" for o in body):
-                loops.append((addr - lo, lo, addr))
+                loops.append((not any(o.startswith("FSEL") for o in body), addr - lo, lo, addr))
     if not loops:
         raise RuntimeError("no MMA loop found in the SASS")
-    _, lo, hi = max(loops)
+    _, _, lo, hi = max(loops)  # a loop with no tail mask (FSEL: the exact kernel's last block) first
     return Counter(op.split(".")[0] for addr, (op, _) in ops.items() if lo <= addr <= hi)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pv", nargs="*", default=list(ts.PV_MODES), choices=ts.PV_MODES)
+    p.add_argument("--pv", nargs="*", default=list(ts.PV_MODES), choices=[*ts.PV_MODES, "exact"],
+                   help="P.V precisions; 'exact' is the Gluon kernel of exact bfloat16 attention (with --gluon)")
     p.add_argument("--tile", nargs=4, type=int, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
                    help="default: the Hopper config of each precision")
     p.add_argument("--gluon", action="store_true", help="gluon_sage's Hopper kernels (fp16, int8) instead")
@@ -93,12 +96,16 @@ def main() -> None:
         if args.gluon:
             from smartdiff.services.denoiser.attention import gluon_sage as gs
 
-            if pv not in gs.STAGES:
+            if pv not in gs.STAGES and pv != "exact":
                 print(f"{pv:<5} (no Gluon kernel: the Triton kernel runs it)")
                 continue
             cfg = None
             scores = 64 * gs.BLOCK_N / 128  # a thread's share of one warpgroup's 64 rows x BLOCK_N keys
-            tile = f"{gs.WARPGROUPS.value}x64x{gs.BLOCK_N} s{gs.STAGES[pv]}"
+            stages = gs.EXACT_STAGES if pv == "exact" else gs.STAGES[pv]
+            tile = f"{gs.WARPGROUPS.value}x64x{gs.BLOCK_N} s{stages}"
+        elif pv == "exact":
+            print(f"{pv:<5} (Gluon only: add --gluon)")
+            continue
         else:
             cfg = ts.KernelConfig(*args.tile) if args.tile else ts.HOPPER_CONFIG[pv]
             scores = cfg.block_m * cfg.block_n / (32 * cfg.num_warps)  # a thread's share of the tile
