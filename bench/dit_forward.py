@@ -156,7 +156,7 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
                 rel_err_vs_ours_bf16=rel_err(out["ours compiled fp8"], out["ours compiled"]),
                 rel_err_vs_diffusers=rel_err(out["ours compiled fp8"], out["diffusers eager"]))
         if profile:
-            for name in [n for n in variants if "compiled" in n and n != "ours compiled sdpa"]:
+            for name in [n for n in variants if "compiled" in n]:
                 rows[name]["profile"] = profile_forward(variants[name], f"{MODELS[label]} {name}")
     for handle in handles.values():
         handle.detach()
