@@ -115,8 +115,8 @@ def stage_error(stage: str, err: grpc.RpcError) -> ServiceError:
     details = (err.details() if hasattr(err, "details") else "") or code.name.lower()
     if code == grpc.StatusCode.UNAVAILABLE:
         return StageUnavailable(stage, details)
-    if code in _STAGE_CODES_PASSED_ON:
-        return ServiceError(f"{stage}: {details}", code)
+    if code in _STAGE_CODES_PASSED_ON:  # named once: the stage's own messages may already start with its name
+        return ServiceError(details if details.startswith(f"{stage}:") else f"{stage}: {details}", code)
     log.error("stage %s failed with %s: %s", stage, code, details)
     return ServiceError(f"stage {stage} failed ({code.name})", grpc.StatusCode.INTERNAL)
 

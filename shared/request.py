@@ -14,6 +14,8 @@ MAX_SIDE = 2048  # pixels; 16 * 128 latent patches per side
 MAX_FRAMES = 241  # 4 * 60 + 1
 MAX_STEPS = 200
 MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 20_000
+MIN_SHIFT = 0.1  # smaller shifts squeeze the whole schedule against sigma = 0 (1e-12 gives NaN latents)
 
 
 @dataclass(frozen=True)
@@ -74,32 +76,68 @@ def _int(name: str, value, lo: int, hi: int, rule: str = "") -> int:
     return value
 
 
-def _float(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+def _float(name: str, value, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RequestError(name, f"must be a finite number, got {value!r}")
-    if (value <= lo if lo_open else value < lo) or value > hi:
-        bound = f"> {lo}" if lo_open else f">= {lo}"
-        raise RequestError(name, f"must be {bound} and <= {hi}, got {value}")
+    if not lo <= value <= hi:
+        raise RequestError(name, f"must be >= {lo} and <= {hi}, got {value}")
     return float(value)
+
+
+def _size(name: str, v) -> int:
+    v = _int(name, v, 16, MAX_SIDE)
+    if v % 16:
+        raise RequestError(name, f"must be a multiple of 16 (VAE stride 8 x patch 2), got {v}")
+    return v
+
+
+def _frames(v) -> int:
+    v = _int("frames", v, 1, MAX_FRAMES)
+    if (v - 1) % 4:
+        raise RequestError("frames", f"must be 4n+1 (1, 5, 9, ..., 81, ...), got {v}")
+    return v
+
+
+def _text(name: str, v, empty_ok: bool) -> str:
+    if not isinstance(v, str) or (not empty_ok and not v.strip()):
+        raise RequestError(name, "must be a string" if empty_ok else "must be a non-empty string")
+    if len(v) > MAX_PROMPT_CHARS:
+        raise RequestError(name, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
+    return v
+
+
+def _sampler(v) -> str:
+    if v not in SAMPLER_NAMES:
+        raise RequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}; got {v!r}")
+    return v
+
+
+# each field's rule, whatever the model: (name, check); guidance is checked per value
+RULES = (("width", lambda v: _size("width", v)), ("height", lambda v: _size("height", v)), ("frames", _frames),
+         ("steps", lambda v: _int("steps", v, 1, MAX_STEPS)),
+         ("shift", lambda v: _float("shift", v, MIN_SHIFT, 100.0)), ("sampler", _sampler),
+         ("seed", lambda v: _int("seed", v, 0, MAX_SEED)), ("fps", lambda v: _int("fps", v, 1, 120)))
+
+
+def check_request(req: GenerationRequest) -> None:
+    """The rules every model shares, on the fields `req` sets (a client's check before it sends a request to a
+    gateway whose model it does not know; resolve_request applies the same rules and the model's own)."""
+    _text("prompt", req.prompt, empty_ok=False)
+    if req.negative_prompt is not None:
+        _text("negative_prompt", req.negative_prompt, empty_ok=True)
+    for g in req.guidance or ():
+        _float("guidance", g, 0.0, 50.0)
+    for name, check in RULES:
+        if getattr(req, name) is not None:
+            check(getattr(req, name))
 
 
 def resolve_request(req: GenerationRequest, model: ModelConfig) -> ResolvedRequest:
     """Validate `req` against `model`, fill the model's defaults; raise RequestError(field, rule) on the first fault."""
+    check_request(req)
     d = model.defaults
-    if not isinstance(req.prompt, str) or not req.prompt.strip():
-        raise RequestError("prompt", "must be a non-empty string")
-    negative = d.negative_prompt if req.negative_prompt is None else req.negative_prompt
-    if not isinstance(negative, str):
-        raise RequestError("negative_prompt", "must be a string")
-    width = _int("width", d.width if req.width is None else req.width, 16, MAX_SIDE)
-    height = _int("height", d.height if req.height is None else req.height, 16, MAX_SIDE)
-    for name, v in (("width", width), ("height", height)):
-        if v % 16:
-            raise RequestError(name, f"must be a multiple of 16 (VAE stride 8 x patch 2), got {v}")
-    frames = _int("frames", d.frames if req.frames is None else req.frames, 1, MAX_FRAMES)
-    if (frames - 1) % 4:
-        raise RequestError("frames", f"must be 4n+1 (1, 5, 9, ..., 81, ...), got {frames}")
-    steps = _int("steps", d.steps if req.steps is None else req.steps, 1, MAX_STEPS)
+    negative = _text("negative_prompt", d.negative_prompt if req.negative_prompt is None else req.negative_prompt,
+                     empty_ok=True)
     guidance = tuple(d.guidance if req.guidance is None else req.guidance)
     if len(guidance) not in (1, model.num_experts):
         rule = "one value" if model.num_experts == 1 else "one value, or two (high-noise expert, low-noise expert)"
@@ -107,10 +145,8 @@ def resolve_request(req: GenerationRequest, model: ModelConfig) -> ResolvedReque
     guidance = tuple(_float("guidance", g, 0.0, 50.0) for g in guidance)
     if len(guidance) < model.num_experts:
         guidance = guidance * model.num_experts
-    shift = _float("shift", d.shift if req.shift is None else req.shift, 0.0, 100.0, lo_open=True)
-    sampler = d.sampler if req.sampler is None else req.sampler
-    if sampler not in SAMPLER_NAMES:
-        raise RequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}; got {sampler!r}")
-    seed = secrets.randbelow(2**31) if req.seed is None else _int("seed", req.seed, 0, MAX_SEED)
-    fps = _int("fps", d.fps if req.fps is None else req.fps, 1, 120)
-    return ResolvedRequest(req.prompt, negative, width, height, frames, steps, guidance, shift, sampler, seed, fps)
+    values = {name: check(getattr(d, name) if getattr(req, name) is None else getattr(req, name))
+              for name, check in RULES if name != "seed"}
+    seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+    return ResolvedRequest(req.prompt, negative, values["width"], values["height"], values["frames"],
+                           values["steps"], guidance, values["shift"], values["sampler"], seed, values["fps"])

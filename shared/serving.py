@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from smartdiff.shared.checkpoint import CheckpointLayout
-from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.config import ConfigError, ModelConfig
 from smartdiff.shared.grpc_server import StageServer
 from smartdiff.shared.model_source import resolve_model
 
@@ -34,19 +35,44 @@ class SystemConfig:
     max_queue: int = 8  # requests admitted at once (running + waiting); more -> RESOURCE_EXHAUSTED
 
 
+def _ranged(lo: int, hi: int):
+    """argparse type: an integer in [lo, hi] (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {value}")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    """argparse type: a cpu or cuda torch device (whether this machine has it: system_from_args)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: the services run on cpu or cuda")
+    return text
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="shipped model preset; default wan-tiny (random weights) without --checkpoint")
     p.add_argument("--checkpoint", type=Path, default=os.environ.get(MODEL_DIR_ENV) or None,
                    help=f"model folder, official Wan or Diffusers layout (default: ${MODEL_DIR_ENV})")
     p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bfloat16 on GPU, float32 on CPU; "
                                                    "the vae service computes in float32 unless given)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=_device, help="torch device (default: cuda if available, else cpu)")
 
 
 def add_serve_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORTS[stage], help=f"default {DEFAULT_PORTS[stage]}")
-    p.add_argument("--max-queue", type=int, default=8, help="requests admitted at once; more are refused")
+    p.add_argument("--port", type=_ranged(0, 65535), default=DEFAULT_PORTS[stage],
+                   help=f"default {DEFAULT_PORTS[stage]}; 0 picks a free one (printed)")
+    p.add_argument("--max-queue", type=_ranged(1, 4096), default=8, help="requests admitted at once; more are refused")
     p.add_argument("--drain-seconds", type=float, default=25.0, help="on SIGTERM, time given to in-flight requests")
     p.add_argument("--log-level", default="INFO")
     if stage != "gateway":
@@ -64,7 +90,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def system_from_args(args: argparse.Namespace) -> SystemConfig:
+    """The flags' SystemConfig; ConfigError for a --device this machine does not have."""
     device = torch.device(args.device) if getattr(args, "device", None) else default_device()
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else default_dtype(device)
     return SystemConfig(device, dtype, getattr(args, "low_mem_level", 0), getattr(args, "max_queue", 8))
 
@@ -90,7 +119,8 @@ def setup_logging(level: str) -> None:
 
 async def start_stage(service_name: str, add_servicer, servicer, address: str, max_queue: int,
                       warmup=None) -> tuple[StageServer, int]:
-    """Start a stage's server (NOT_SERVING), run its warm-up off the loop, then mark it SERVING.
+    """Start a stage's server (NOT_SERVING), run its warm-up (a function runs off the loop, a coroutine function
+    on it), then mark it SERVING; a warm-up that raises stops the server.
 
     Returns the server and the bound port. The servicer holds weights already loaded by the caller.
     """
@@ -99,8 +129,14 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
     add_servicer(servicer, server.server)
     port = server.add_port(address)
     await server.start()
-    if warmup is not None:
-        await asyncio.to_thread(warmup)
+    try:
+        if inspect.iscoroutinefunction(warmup):
+            await warmup()
+        elif warmup is not None:
+            await asyncio.to_thread(warmup)
+    except BaseException:  # a failed warm-up must not leave the port bound
+        await server.stop(0)
+        raise
     await server.mark_serving()
     return server, port
 

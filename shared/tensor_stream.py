@@ -205,10 +205,13 @@ class TensorAssembler:
         return self.tensor
 
     def result(self) -> torch.Tensor:
-        """The tensor, or DATA_LOSS if the stream ended before the end frame."""
+        """The tensor; INVALID_ARGUMENT if none was sent (a missing field), DATA_LOSS if the stream ended before
+        its end frame (a cut-off one)."""
         if self.tensor is None:
-            got = f"{self._received} of {self.spec.byte_size} bytes" if self.started else "no spec"
-            raise self._fail(_DATA_LOSS, f"stream ended before the end frame ({got})")
+            if not self.started:
+                raise self._fail(_INVALID, "required, and the stream ended without it (no spec frame)")
+            raise self._fail(_DATA_LOSS, f"stream ended before the end frame ({self._received} of "
+                                         f"{self.spec.byte_size} bytes)")
         return self.tensor
 
 

@@ -20,7 +20,7 @@ from smartdiff.services.denoiser.attention.base import DTYPE_NAMES
 from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_from_proto, cache_config_to_proto
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.services.denoiser.fp8 import GEMMS
-from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.config import ConfigError, ModelConfig
 from smartdiff.shared.errors import RequestError, grpc_errors
 from smartdiff.shared.memory import measure_peak
 from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request
@@ -123,6 +123,21 @@ def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
     return GenerationRequest(prompt="(embedded)", width=opt("width"), height=opt("height"), frames=opt("frames"),
                              steps=opt("steps"), guidance=tuple(p.guidance) or None, shift=opt("shift"),
                              sampler=p.sampler or None, seed=opt("seed"))
+
+
+def check_options(options: DenoiserOptions, model: ModelConfig, engine: DenoiserEngine) -> None:
+    """The attention flags of a deployment, before it serves: ConfigError naming the flag."""
+    from smartdiff.services.denoiser.attention import backend_names
+
+    known = backend_names()
+    for name in options.attention_backends or ():
+        if name not in known:
+            raise ConfigError(f"--attention-backends: unknown backend {name!r}; known: {', '.join(known)}")
+    if options.default_attention:
+        try:
+            prepare_job(pb.DenoiseParams(), model, options, engine)  # a request that names no backend
+        except RequestError as e:
+            raise ConfigError(f"--default-attention {options.default_attention}: {e.message}") from None
 
 
 def default_attention(options: DenoiserOptions, model: ModelConfig, engine: DenoiserEngine | None = None) -> str:
@@ -321,6 +336,7 @@ async def start(model: ModelConfig, layout, system, address: str, options: Denoi
 
     if engine is None:
         engine = load_engine(model, layout, system, options)
+    check_options(options, model, engine)
     servicer = DenoiserServicer(model, engine, StageWorker("denoiser", system.max_queue), options, runner)
 
     def warmup():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from smartdiff.shared.config import ConfigError
 from smartdiff.shared.errors import RequestError
 from smartdiff.shared.memory import MemoryPolicyError
 from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest
-from smartdiff.shared.serving import add_model_flags, add_serve_flags
+from smartdiff.shared.serving import MODEL_DIR_ENV, add_model_flags, add_serve_flags
 
 STAGES = ("text-encoder", "denoiser", "vae", "gateway")
 
@@ -104,6 +105,25 @@ def choices_from_args(args: argparse.Namespace):
     return attention, cache
 
 
+def check_gateway_flags(args: argparse.Namespace) -> None:
+    """With --gateway the deployment's stages chose their weights, dtype, device and memory level: refuse the
+    flags that only configure the embedded deployment instead of ignoring them (--model is sent and checked)."""
+    env_dir = os.environ.get(MODEL_DIR_ENV)  # the default of --checkpoint, not a flag the user gave
+    ignored = [flag for flag, given in (
+        ("--checkpoint", args.checkpoint is not None and (not env_dir or args.checkpoint != Path(env_dir))),
+        ("--dtype", args.dtype is not None), ("--device", args.device is not None),
+        ("--low-mem-level", args.low_mem_level != 0)) if given]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: configure the embedded deployment, not a running gateway "
+                          f"(its stages have their own flags); drop them or drop --gateway")
+
+
+def check_out_path(path: Path, flag: str) -> None:
+    """Refuse an output path that cannot be written before any work starts, not after the generation."""
+    if path.is_dir():
+        raise ConfigError(f"{flag}: {path} is a directory; give a file name")
+
+
 class ProgressBars:
     """One tqdm bar per stage, on stderr."""
 
@@ -136,8 +156,12 @@ async def _generate(args: argparse.Namespace) -> int:
 
     req = request_from_args(args)
     attention, cache = choices_from_args(args)
+    check_out_path(args.out, "--out")
+    if args.save_latents is not None:
+        check_out_path(args.save_latents, "--save-latents")
     deployment = None
     if args.gateway:
+        check_gateway_flags(args)
         address = args.gateway
     else:  # embedded: refuse a bad request before loading anything, then start the four services
         from smartdiff.services.gateway.embedded import EmbeddedDeployment
@@ -155,7 +179,9 @@ async def _generate(args: argparse.Namespace) -> int:
         deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args), denoiser=options)
         address = deployment.address
     try:
-        request = request_to_proto(req, attention=attention, cache=cache, return_latents=args.save_latents is not None)
+        # through a gateway, --model is checked against what it serves (embedded: it chose the model)
+        request = request_to_proto(req, model=(args.model or "") if args.gateway else "", attention=attention,
+                                   cache=cache, return_latents=args.save_latents is not None)
         async with create_channel(address) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             try:
@@ -217,8 +243,8 @@ async def _serve_all(args: argparse.Namespace) -> int:
     if options.cfg_degree * options.ulysses_degree * options.ring_degree != 1:
         raise ConfigError("serve all runs one denoiser process: parallel degrees must be 1 "
                           "(multi-GPU: torchrun -m smartdiff.services.denoiser, see the README)")
-    host = "127.0.0.1" if args.host in ("[::]", "0.0.0.0") else args.host
-    deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args), host=host,
+    # the stages on loopback (only the gateway calls them), the gateway where --host says
+    deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args), gateway_host=args.host,
                                                 gateway_port=args.port, denoiser=options)
     print(f"{deployment.address} SERVING", flush=True)
     await run_until_signal(deployment.servers[-1], args.drain_seconds)

@@ -10,7 +10,7 @@ import torch
 from smartdiff.denoiser.v1 import options_pb2
 from smartdiff.gateway.v1 import gateway_pb2 as pb
 from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from smartdiff.shared.request import GenerationRequest
+from smartdiff.shared.request import GenerationRequest, check_request
 from smartdiff.shared.tensor_stream import TensorAssembler
 from smartdiff.vae.v1 import vae_pb2
 
@@ -22,6 +22,9 @@ MAX_VIDEO_BYTES = 8 << 30
 def request_to_proto(req: GenerationRequest, *, model: str = "", attention: options_pb2.AttentionConfig | None = None,
                      cache: options_pb2.CacheConfig | None = None, output_format: int = vae_pb2.OUTPUT_FORMAT_MP4,
                      return_latents: bool = False, request_id: str = "") -> pb.GenerateRequest:
+    """The wire form of `req`, after the rules every model shares (RequestError naming the field, before any
+    value reaches a proto field it does not fit); the gateway applies its model's own."""
+    check_request(req)
     r = pb.GenerateRequest(request_id=request_id, model=model, prompt=req.prompt, sampler=req.sampler or "",
                            output_format=output_format, return_latents=return_latents)
     for name in ("negative_prompt", "width", "height", "frames", "steps", "shift", "seed", "fps"):
@@ -40,37 +43,51 @@ def request_to_proto(req: GenerationRequest, *, model: str = "", attention: opti
 def set_fields(msg, assignments: list[str], what: str) -> None:
     """Set proto fields from "path=value" strings, e.g. "sparge.topk=0.5", "allow_fallback=true".
 
-    Raises ValueError naming the path when a field does not exist or the value does not parse.
+    Raises ValueError naming the path when a field does not exist, is a message (set its fields instead), or the
+    value does not parse or fit the field.
     """
     for item in assignments:
         path, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"{what}: expected KEY=VALUE, got {item!r}")
+        path = path.strip()
         target = msg
-        names = path.strip().split(".")
-        for name in names[:-1]:
-            if name not in target.DESCRIPTOR.fields_by_name:
-                raise ValueError(f"{what}: unknown field {path!r}")
-            target = getattr(target, name)
-        field = target.DESCRIPTOR.fields_by_name.get(names[-1])
-        if field is None:
-            known = ", ".join(sorted(target.DESCRIPTOR.fields_by_name))
-            raise ValueError(f"{what}: unknown field {path!r} (fields here: {known})")
-        try:
-            if field.type == field.TYPE_BOOL:
-                value = {"true": True, "1": True, "false": False, "0": False}[text.strip().lower()]
-            elif field.type in (field.TYPE_FLOAT, field.TYPE_DOUBLE):
-                value = float(text)
-            elif field.type == field.TYPE_STRING:
-                value = text
-            else:
-                value = int(text)
-        except (KeyError, ValueError):
-            raise ValueError(f"{what}: {path}: cannot parse {text!r} as {field.type}") from None
-        if field.is_repeated:
-            getattr(target, names[-1]).append(value)
+        names = path.split(".")
+        for depth, name in enumerate(names):
+            field = target.DESCRIPTOR.fields_by_name.get(name)
+            if field is None:
+                known = ", ".join(sorted(target.DESCRIPTOR.fields_by_name))
+                where = ".".join(names[:depth]) or "the message"
+                raise ValueError(f"{what}: unknown field {path!r} (fields of {where}: {known})")
+            is_message = field.type == field.TYPE_MESSAGE
+            if depth < len(names) - 1:
+                if not is_message or field.is_repeated:
+                    raise ValueError(f"{what}: {'.'.join(names[:depth + 1])} is a value, it has no field "
+                                     f"{names[depth + 1]!r}")
+                target = getattr(target, name)
+            elif is_message:
+                known = ", ".join(sorted(field.message_type.fields_by_name))
+                raise ValueError(f"{what}: {path} is a group of settings; set one of them, e.g. {path}.NAME=VALUE "
+                                 f"({known})")
+        if field.type == field.TYPE_BOOL:
+            kind, parse = "true or false", lambda t: {"true": True, "1": True, "false": False, "0": False}[t.lower()]
+        elif field.type in (field.TYPE_FLOAT, field.TYPE_DOUBLE):
+            kind, parse = "a number", float
+        elif field.type == field.TYPE_STRING:
+            kind, parse = "a string", str
         else:
-            setattr(target, names[-1], value)
+            kind, parse = "an integer", int
+        try:
+            value = parse(text.strip())
+        except (KeyError, ValueError):
+            raise ValueError(f"{what}: {path}: must be {kind}, got {text!r}") from None
+        try:
+            if field.is_repeated:
+                getattr(target, names[-1]).append(value)
+            else:
+                setattr(target, names[-1], value)
+        except (ValueError, TypeError) as e:  # e.g. a negative value for an unsigned field
+            raise ValueError(f"{what}: {path}: {text!r} does not fit this field ({e})") from None
 
 
 @dataclass

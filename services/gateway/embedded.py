@@ -12,7 +12,9 @@ from smartdiff.shared.serving import SystemConfig
 
 
 class EmbeddedDeployment:
-    """`await EmbeddedDeployment.start(...)` -> `.address` is the gateway; `await d.stop()` ends all four."""
+    """`await EmbeddedDeployment.start(...)` -> `.address` is the gateway; `await d.stop()` ends all four. The three
+    stages listen on `host` (loopback by default: only the gateway calls them), the gateway on `gateway_host`
+    (default: `host`)."""
 
     def __init__(self):
         self.servers = []
@@ -21,7 +23,7 @@ class EmbeddedDeployment:
 
     @classmethod
     async def start(cls, model: ModelConfig, layout: CheckpointLayout | None, system: SystemConfig,
-                    host: str = "127.0.0.1", gateway_port: int = 0,
+                    host: str = "127.0.0.1", gateway_port: int = 0, gateway_host: str | None = None,
                     denoiser: denoiser_server.DenoiserOptions = denoiser_server.DenoiserOptions(),
                     ) -> "EmbeddedDeployment":
         d = cls()
@@ -34,9 +36,11 @@ class EmbeddedDeployment:
                 d.servers.append(server)
                 addrs[name] = f"{host}:{port}"
             d.stages = gateway_server.StageClients(addrs["text_encoder"], addrs["denoiser"], addrs["vae"])
-            server, port = await gateway_server.start(model, d.stages, f"{host}:{gateway_port}", system.max_queue)
+            gateway_host = gateway_host or host
+            server, port = await gateway_server.start(model, d.stages, f"{gateway_host}:{gateway_port}",
+                                                      system.max_queue)
             d.servers.append(server)
-            d.address = f"{host}:{port}"
+            d.address = f"{gateway_host}:{port}"
         except BaseException:
             await d.stop()
             raise

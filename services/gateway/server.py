@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 
@@ -9,7 +11,7 @@ from smartdiff.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from smartdiff.gateway.v1 import gateway_pb2 as pb
 from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from smartdiff.shared.config import ModelConfig
-from smartdiff.shared.errors import Overloaded, RequestError, calling_stage, grpc_errors
+from smartdiff.shared.errors import Overloaded, RequestError, ServiceError, calling_stage, grpc_errors
 from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.request import (
     MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request,
@@ -18,6 +20,7 @@ from smartdiff.shared.tensor_stream import frames_to_tensors, tensor_to_messages
 from smartdiff.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
 
+log = logging.getLogger("smartdiff.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 STAGE_NAMES = {pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser", pb.STAGE_VAE: "vae"}
 # Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes).
@@ -219,11 +222,28 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
 
 
+async def wait_for_denoiser(servicer: GatewayServicer, retry_seconds: float = 0.5, max_retry: float = 10.0) -> None:
+    """Until the denoiser answers its capabilities (which every request needs), retrying with backoff: a gateway
+    started before its stages (any order, on Kubernetes) stays NOT_SERVING meanwhile and logs why."""
+    while True:
+        try:
+            await servicer.denoiser_capabilities(timeout=10.0)
+            return
+        except ServiceError as e:
+            log.warning("gateway not ready: %s; retrying in %.1f s", e.message, retry_seconds)
+        await asyncio.sleep(retry_seconds)
+        retry_seconds = min(2 * retry_seconds, max_retry)
+
+
 async def start(model: ModelConfig, stages: StageClients, address: str, max_queue: int = 8):
     """Serve the public API on `address`; SERVING once the denoiser answered its capabilities."""
     from smartdiff.shared.serving import start_stage
 
     servicer = GatewayServicer(model, stages, max_in_flight=max_queue)
+
+    async def warmup() -> None:
+        await wait_for_denoiser(servicer)
+
     server, port = await start_stage(SERVICE_NAME, pb_grpc.add_GatewayServiceServicer_to_server, servicer,
-                                     address, max_queue)
+                                     address, max_queue, warmup=warmup)
     return server, port

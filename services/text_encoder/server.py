@@ -8,8 +8,9 @@ import torch
 
 from smartdiff.services.text_encoder.engine import TextEncoderEngine
 from smartdiff.shared.config import ModelConfig
-from smartdiff.shared.errors import RequestError, grpc_errors
+from smartdiff.shared.errors import Cancelled, RequestError, grpc_errors
 from smartdiff.shared.memory import measure_peak
+from smartdiff.shared.request import MAX_PROMPT_CHARS
 from smartdiff.shared.tensor_stream import WIRE_DTYPES, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
 from smartdiff.text_encoder.v1 import text_encoder_pb2 as pb
@@ -17,7 +18,6 @@ from smartdiff.text_encoder.v1 import text_encoder_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoderService"].full_name
 MAX_PROMPTS = 16
-MAX_PROMPT_CHARS = 20_000
 
 
 def check_model(requested: str, served: ModelConfig) -> None:
@@ -52,6 +52,8 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
         embeddings, peak = None, None
 
         def job(emit, stop):
+            if stop():  # cancelled, or past its deadline while it waited in the queue: skip the encode
+                raise Cancelled("cancelled before the encode started")
             with measure_peak(self.engine.device) as p:
                 return self.engine.encode(prompts), p
 

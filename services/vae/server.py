@@ -47,10 +47,16 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         if not 1 <= fps <= 120:
             raise RequestError("params.fps", f"must be between 1 and 120, got {fps}")
         z = self.model.vae.z_dim
-        if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != z or latents.shape[3] < 1:
-            raise RequestError("latents", f"must be [1, {z}, F', H/8, W/8], got {list(latents.shape)}")
-        if latents.shape[3] % 2 or latents.shape[4] % 2:
+        st, sh, sw = self.model.vae.stride
+        if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != z or min(latents.shape[2:]) < 1:
+            raise RequestError("latents", f"must be [1, {z}, F', H/{sh}, W/{sw}] with F', H/{sh}, W/{sw} >= 1, got "
+                                          f"{list(latents.shape)}")
+        f, h, w = latents.shape[2:]
+        if h % 2 or w % 2:
             raise RequestError("latents", "height and width must be even in latent space (multiples of 16 pixels)")
+        if (f - 1) * st + 1 > MAX_FRAMES or h * sh > MAX_SIDE or w * sw > MAX_SIDE:
+            raise RequestError("latents", f"decode to at most {MAX_FRAMES} frames and {MAX_SIDE} pixels a side; "
+                                          f"{list(latents.shape)} is {(f - 1) * st + 1} frames of {w * sw}x{h * sh}")
         if latents.dtype != torch.float32:
             raise RequestError("latents", f"must be float32, got {latents.dtype}")
         return fmt, fps

@@ -349,3 +349,21 @@ def test_flash_attn_without_our_kernel_gives_the_exact_log_sum_exp_for_ring_atte
     scores = q.transpose(1, 2) @ k.transpose(1, 2).mT / 4
     assert torch.allclose(lse, torch.logsumexp(scores, -1), atol=1e-5)
     assert torch.allclose(out, (torch.softmax(scores, -1) @ v.transpose(1, 2)).transpose(1, 2), atol=1e-5)
+
+
+def test_a_deployment_s_attention_flags_are_checked_before_it_serves():
+    """ConfigError naming the flag: an unknown name in --attention-backends, a --default-attention that cannot
+    run here (or is not allowed); a default that runs passes."""
+    from smartdiff.services.denoiser import server
+    from smartdiff.shared.config import ConfigError
+
+    engine, model = tiny_engine()
+    with pytest.raises(ConfigError, match="--attention-backends: unknown backend 'bogus'"):
+        server.check_options(server.DenoiserOptions(attention_backends=("sdpa", "bogus")), model, engine)
+    with pytest.raises(ConfigError, match="--default-attention sage: attention.backend: .*cannot run"):
+        server.check_options(server.DenoiserOptions(default_attention="sage"), model, engine)
+    with pytest.raises(ConfigError, match="--default-attention sparge: .*not allowed"):
+        server.check_options(server.DenoiserOptions(attention_backends=("sdpa",), default_attention="sparge"),
+                             model, engine)
+    server.check_options(server.DenoiserOptions(default_attention="sdpa"), model, engine)
+    server.check_options(server.DenoiserOptions(attention_backends=("sdpa", "sage")), model, engine)

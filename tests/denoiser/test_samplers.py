@@ -12,6 +12,7 @@ from smartdiff.services.denoiser.samplers import (
     make_sampler,
     shift_sigmas,
 )
+from smartdiff.shared.request import MIN_SHIFT
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices inside diffusers
@@ -180,3 +181,18 @@ def test_registry():
 def test_make_sampler_rejects_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
         make_sampler(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["unipc", "dpm++", "euler"])
+@pytest.mark.parametrize("shift", [MIN_SHIFT, 100.0])
+def test_every_sampler_stays_finite_at_the_shift_bounds_requests_allow(name, shift):
+    """resolve_request accepts shift in [MIN_SHIFT, 100]; below it the schedule collapses onto sigma = 0
+    (1e-12 gave NaN latents, 1e-300 a division by zero)."""
+    steps = 50
+    s = make_sampler(name, steps, shift)
+    assert torch.isfinite(s.sigmas).all() and bool((s.sigmas[:-1] > s.sigmas[1:]).all())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 2, 2, generator=g)
+    for i in range(steps):
+        x = s.step(torch.randn(1, 4, 2, 2, generator=g), i, x)
+    assert torch.isfinite(x).all()

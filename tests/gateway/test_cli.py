@@ -72,7 +72,10 @@ def test_cache_and_attention_parameters_reach_the_denoiser(tmp_path, capsys):
 @pytest.mark.parametrize("flags,words", [
     (["--cache", "pab", "--cache-param", "bogus=1"], ["cache", "unknown field 'bogus'"]),
     (["--cache-param", "rel_l1_threshold=1"], ["--cache-param needs --cache"]),
-    (["--attention-param", "sparge.topk=lots"], ["attention", "sparge.topk", "cannot parse"]),
+    (["--attention-param", "sparge.topk=lots"], ["attention", "sparge.topk", "must be a number"]),
+    (["--attention-param", "sparge=1"], ["attention", "sparge is a group of settings", "topk"]),
+    (["--attention-param", "sparge.topk.x=1"], ["attention", "sparge.topk is a value, it has no field 'x'"]),
+    (["--cache", "teacache", "--cache-param", "warmup_steps=-1"], ["cache", "warmup_steps", "does not fit"]),
     (["--attention", "sage"], ["attention.backend", "cannot run", "allow_fallback"]),
 ])
 def test_bad_attention_and_cache_parameters_are_refused(tmp_path, capsys, flags, words):

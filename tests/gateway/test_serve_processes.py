@@ -51,15 +51,36 @@ def test_four_stage_processes_serve_a_generation(tmp_path):
     assert codes == [0, 0, 0, 0]  # SIGTERM: drain, then a clean exit
 
 
-def test_serve_all_prints_address_and_serving(tmp_path):
+def test_serve_all_prints_address_and_serving(tmp_path, capsys):
     proc, gw = start("all")
     try:
         out = tmp_path / "v.mp4"
-        assert main(["generate", "--gateway", gw, "--prompt", "x", "--width", "32", "--height", "32",
-                     "--frames", "1", "--steps", "1", "--out", str(out)]) == 0
+        small = ["--prompt", "x", "--width", "32", "--height", "32", "--frames", "1", "--steps", "1"]
+        assert main(["generate", "--gateway", gw, *small, "--out", str(out)]) == 0
         assert probe_mp4(out)[0] == 1
+        # through a gateway too, bad input is an error naming the field or flag (exit 2), never a traceback
+        for flags, words in ((["--seed", "-1"], ["invalid request: seed: must be between 0"]),
+                             (["--width", "-16"], ["width: must be between 16"]),
+                             (["--model", "Wan2.1-T2V-14B"], ["model", "serves 'wan-tiny'"]),
+                             (["--dtype", "float32", "--low-mem-level", "1"], ["--dtype, --low-mem-level", "embedded"]),
+                             (["--attention-param", "sparge=1"], ["sparge is a group of settings"]),
+                             (["--out", str(tmp_path)], ["--out", "is a directory"])):
+            capsys.readouterr()
+            assert main(["generate", "--gateway", gw, *small, "--out", str(out), *flags]) == 2, flags
+            err = capsys.readouterr().err
+            assert "Traceback" not in err and all(w in err for w in words), err
     finally:
         assert stop(proc) == 0
+
+
+@pytest.mark.parametrize("flags,words", [(["--port", "99999"], "--port: must be between 0 and 65535"),
+                                         (["--max-queue", "0"], "--max-queue: must be between 1"),
+                                         (["--device", "bogus"], "--device: 'bogus' is not a torch device"),
+                                         (["--device", "mps"], "--device: mps: the services run on cpu or cuda")])
+def test_serve_flags_are_checked_before_anything_loads(capsys, flags, words):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "vae", *flags])
+    assert e.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_bad_model_flag_exits_with_a_message():
@@ -73,3 +94,9 @@ def test_each_stage_has_help(stage, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", stage, "--help"])
     assert e.value.code == 0 and "--port" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys):
+    assert main(["generate", "--prompt", "x", "--device", "cuda"]) == 2
+    assert "--device cuda: this machine has 0 CUDA device(s)" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from smartdiff.services.gateway.local import LocalPipeline
 from smartdiff.services.vae.video import probe_mp4
 from smartdiff.shared.config import load_model_config
 from smartdiff.shared.grpc_server import create_channel
+from smartdiff.shared.errors import RequestError
 from smartdiff.shared.request import GenerationRequest, resolve_request
 from smartdiff.shared.serving import SystemConfig
 from smartdiff.shared.tensor_stream import tensor_to_messages
@@ -111,17 +112,36 @@ def test_health_serving_after_warmup_and_capabilities():
     assert any(b.name == "sdpa" and b.available for b in caps.attention_backends)
 
 
-@pytest.mark.parametrize("change,field", [
-    (dict(width=30), "width"), (dict(frames=6), "frames"), (dict(steps=0), "steps"),
-    (dict(sampler="ddim"), "sampler"), (dict(guidance=(1.0, 2.0, 3.0)), "guidance"), (dict(prompt=" "), "prompt"),
-])
+def raw_request(**fields) -> gateway_pb2.GenerateRequest:
+    """The wire form with no client-side check: what any other client may send."""
+    r = gateway_pb2.GenerateRequest(prompt=fields.pop("prompt", "x"))
+    r.guidance.extend(fields.pop("guidance", ()))
+    for name, value in fields.items():
+        setattr(r, name, value)
+    return r
+
+
+BAD_FIELDS = [(dict(width=30), "width"), (dict(frames=6), "frames"), (dict(steps=0), "steps"),
+              (dict(sampler="ddim"), "sampler"), (dict(prompt=" "), "prompt"), (dict(shift=1e-300), "shift"),
+              (dict(negative_prompt="n" * 20_001), "negative_prompt"), (dict(prompt="p" * 20_001), "prompt")]
+
+
+@pytest.mark.parametrize("change,field", [*BAD_FIELDS, (dict(guidance=(1.0, 2.0, 3.0)), "guidance")])
 def test_bad_request_is_invalid_argument_naming_field_then_service_still_serves(change, field):
     async def body(d, channel):
-        bad = request_to_proto(GenerationRequest(**{**dict(prompt="x", **SMALL), **change}))
+        bad = raw_request(**{**SMALL, **change})
         await expect_error(generate(gateway(channel), bad), grpc.StatusCode.INVALID_ARGUMENT, field)
         return await generate(gateway(channel), request_to_proto(GenerationRequest(prompt="x", seed=1, **SMALL)))
 
     assert run(body).video  # the good request after the bad one
+
+
+@pytest.mark.parametrize("change,field", [*BAD_FIELDS, (dict(seed=-1), "seed"), (dict(width=-16), "width"),
+                                          (dict(seed=10**20), "seed"), (dict(fps=0), "fps")])
+def test_the_client_refuses_what_no_model_takes_before_sending(change, field):
+    """request_to_proto checks the rules every model shares, so no value reaches a proto field it does not fit."""
+    with pytest.raises(RequestError, match=f"^{field}: "):
+        request_to_proto(GenerationRequest(**{"prompt": "x", **SMALL, **change}))
 
 
 def test_unoffered_attention_and_cache_are_refused():
@@ -178,15 +198,50 @@ def test_stage_errors_map_to_codes_and_each_stage_keeps_serving():
         cfg_params.guidance[:] = [5.0]
         await expect_error(collect(dn.Denoise(denoise_stream(cfg_params, emb))), grpc.StatusCode.INVALID_ARGUMENT,
                            "negative_prompt_embeds")
+        # a required tensor never sent is a missing field, not data loss
+        await expect_error(collect(dn.Denoise(denoise_stream(params))), grpc.StatusCode.INVALID_ARGUMENT,
+                           "prompt_embeds: required")
         good = await collect(dn.Denoise(denoise_stream(params, emb)))
         assert good[-1].WhichOneof("frame") == "summary"
-        # vae: wrong latent shape, then a good decode
-        bad = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams()),
-                    *tensor_to_messages(torch.zeros(1, 16, 1, 3, 3), vae_pb2.DecodeRequest, "latents")])
-        await expect_error(collect(vae.Decode(bad)), grpc.StatusCode.INVALID_ARGUMENT, "latents")
+        # vae: wrong latent shapes (odd, empty, decoding past the size limits), no latents, then a good decode
+        for shape, words in (((1, 16, 1, 3, 3), "even"), ((1, 16, 0, 2, 2), ">= 1"), ((1, 16, 1, 2, 0), ">= 1"),
+                             ((1, 16, 1, 2, 258), "2048 pixels"), ((1, 16, 62, 2, 2), "241 frames")):
+            bad = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams()),
+                        *tensor_to_messages(torch.zeros(shape), vae_pb2.DecodeRequest, "latents")])
+            await expect_error(collect(vae.Decode(bad)), grpc.StatusCode.INVALID_ARGUMENT, "latents", words)
+        await expect_error(collect(vae.Decode(iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams())]))),
+                           grpc.StatusCode.INVALID_ARGUMENT, "latents: required")
         ok = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)),
                    *tensor_to_messages(torch.zeros(1, 16, 1, 2, 2), vae_pb2.DecodeRequest, "latents")])
         assert (await collect(vae.Decode(ok)))[-1].summary.frames == 1
+
+    run(body)
+
+
+def test_text_encoder_skips_requests_whose_deadline_passed_in_its_queue(monkeypatch):
+    from smartdiff.services.text_encoder.engine import TextEncoderEngine
+
+    calls = []
+    real = TextEncoderEngine.encode
+
+    def slow(self, prompts):
+        calls.append(prompts)
+        time.sleep(1.0)
+        return real(self, prompts)
+
+    async def body(d, channel):
+        te = stage_stubs(d)[0]
+        monkeypatch.setattr(TextEncoderEngine, "encode", slow)
+        req = text_encoder_pb2.EncodeRequest(prompts=["x"])
+        first, queued = (asyncio.create_task(collect(te.Encode(req, timeout=0.3))) for _ in range(2))
+        for task in (first, queued):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await task
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(1.5)  # the first encode ends; the queued one must not start
+        assert len(calls) == 1
+        monkeypatch.setattr(TextEncoderEngine, "encode", real)
+        assert len(await collect(te.Encode(req))) >= 2  # and the stage still serves
 
     run(body)
 
@@ -314,3 +369,37 @@ def test_vae_decode_does_not_block_the_denoiser(step_times, monkeypatch):
     run(body)
     first_decode = min(decodes)
     assert any(first_decode[0] < t < first_decode[1] for t in step_times), "denoiser idle while the VAE decoded"
+
+
+def test_gateway_is_not_serving_until_the_denoiser_answers(caplog):
+    """Started before its stages (any order on Kubernetes), the gateway waits for the denoiser's capabilities,
+    logging why, and does not report SERVING meanwhile."""
+    from smartdiff.services.gateway import server as gateway_server
+
+    async def main():
+        stages = gateway_server.StageClients("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1")  # nothing listens
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(gateway_server.start(load_model_config("wan-tiny"), stages, "127.0.0.1:0"),
+                                       1.5)
+        finally:
+            await stages.close()
+
+    caplog.set_level("WARNING", logger="smartdiff.gateway")
+    asyncio.run(main())
+    assert "gateway not ready: stage denoiser unavailable" in caplog.text
+
+
+def test_serve_all_puts_the_stages_on_loopback_and_the_gateway_on_its_host():
+    async def main():
+        d = await EmbeddedDeployment.start(load_model_config("wan-tiny"), None, CPU, gateway_host="0.0.0.0")
+        try:
+            assert d.address.startswith("0.0.0.0:")
+            assert all(a.startswith("127.0.0.1:") for a in d.stages.addresses.values())
+            async with create_channel(f"127.0.0.1:{d.address.rsplit(':', 1)[1]}") as channel:
+                caps = await gateway(channel).GetCapabilities(gateway_pb2.GetCapabilitiesRequest())
+            return caps.default_model
+        finally:
+            await d.stop()
+
+    assert asyncio.run(main()) == "wan-tiny"

@@ -164,7 +164,7 @@ CORRUPTIONS = {
     "truncated last chunk": (edit_chunk(3, lambda d: d[:-1]), DATA_LOSS, "of 120 bytes"),
     "extra bytes": (edit_chunk(3, lambda d: d + b"xx"), DATA_LOSS, "past"),
     "stream cut before end": (lambda f: f[:-1], DATA_LOSS, "before the end frame"),
-    "no frames at all": (lambda f: [], DATA_LOSS, "no spec"),
+    "no frames at all": (lambda f: [], INVALID, "required, and the stream ended without it"),
     "unknown dtype": (edit_spec(dtype=99), INVALID, "dtype"),
     "unspecified dtype": (edit_spec(dtype=pb.DTYPE_UNSPECIFIED), INVALID, "DTYPE_UNSPECIFIED"),
     "negative dim": (edit_spec(shape=[-30]), INVALID, "shape"),
