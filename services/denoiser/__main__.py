@@ -20,7 +20,9 @@ from smartdiff.services.denoiser.distributed import (
     ProcessInfo, RankZeroRunner, RequestChannel, init_distributed, worker_loop,
 )
 from smartdiff.services.denoiser.parallel import ParallelConfigError
-from smartdiff.services.denoiser.server import add_denoiser_flags, load_engine, options_from_args, start
+from smartdiff.services.denoiser.server import (
+    add_denoiser_flags, check_options, load_engine, options_from_args, start,
+)
 from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.memory import MemoryPolicyError
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         model, layout = model_from_args(args)
         system = system_from_args(args)
         options = options_from_args(args)
+        check_options(options, model, system.device, system.dtype)  # every rank: all exit on a bad flag
         state, device = init_distributed(proc, options, model, system.device)
     except (ConfigError, CheckpointError, ParallelConfigError, MemoryPolicyError) as e:
         print(f"error: {e}", flush=True)

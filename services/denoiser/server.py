@@ -125,8 +125,11 @@ def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
                              sampler=p.sampler or None, seed=opt("seed"))
 
 
-def check_options(options: DenoiserOptions, model: ModelConfig, engine: DenoiserEngine) -> None:
-    """The attention flags of a deployment, before it serves: ConfigError naming the flag."""
+def check_options(options: DenoiserOptions, model: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """The attention flags of a deployment on `device` / `dtype`, before it serves (on every rank of a pod, before
+    they meet): ConfigError naming the flag."""
+    from types import SimpleNamespace
+
     from smartdiff.services.denoiser.attention import backend_names
 
     known = backend_names()
@@ -135,6 +138,7 @@ def check_options(options: DenoiserOptions, model: ModelConfig, engine: Denoiser
             raise ConfigError(f"--attention-backends: unknown backend {name!r}; known: {', '.join(known)}")
     if options.default_attention:
         try:
+            engine = SimpleNamespace(device=torch.device(device), dtype=dtype)  # what prepare_job reads of one
             prepare_job(pb.DenoiseParams(), model, options, engine)  # a request that names no backend
         except RequestError as e:
             raise ConfigError(f"--default-attention {options.default_attention}: {e.message}") from None
@@ -336,7 +340,7 @@ async def start(model: ModelConfig, layout, system, address: str, options: Denoi
 
     if engine is None:
         engine = load_engine(model, layout, system, options)
-    check_options(options, model, engine)
+    check_options(options, model, engine.device, engine.dtype)
     servicer = DenoiserServicer(model, engine, StageWorker("denoiser", system.max_queue), options, runner)
 
     def warmup():

@@ -358,12 +358,15 @@ def test_a_deployment_s_attention_flags_are_checked_before_it_serves():
     from smartdiff.shared.config import ConfigError
 
     engine, model = tiny_engine()
+
+    def check(**options):
+        server.check_options(server.DenoiserOptions(**options), model, engine.device, engine.dtype)
+
     with pytest.raises(ConfigError, match="--attention-backends: unknown backend 'bogus'"):
-        server.check_options(server.DenoiserOptions(attention_backends=("sdpa", "bogus")), model, engine)
+        check(attention_backends=("sdpa", "bogus"))
     with pytest.raises(ConfigError, match="--default-attention sage: attention.backend: .*cannot run"):
-        server.check_options(server.DenoiserOptions(default_attention="sage"), model, engine)
+        check(default_attention="sage")
     with pytest.raises(ConfigError, match="--default-attention sparge: .*not allowed"):
-        server.check_options(server.DenoiserOptions(attention_backends=("sdpa",), default_attention="sparge"),
-                             model, engine)
-    server.check_options(server.DenoiserOptions(default_attention="sdpa"), model, engine)
-    server.check_options(server.DenoiserOptions(attention_backends=("sdpa", "sage")), model, engine)
+        check(attention_backends=("sdpa",), default_attention="sparge")
+    check(default_attention="sdpa")
+    check(attention_backends=("sdpa", "sage"))

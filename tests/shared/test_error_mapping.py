@@ -175,6 +175,8 @@ def test_stage_error_passes_user_faults_on_and_hides_others():
     assert (
         bad.code == grpc.StatusCode.INVALID_ARGUMENT and bad.message == "denoiser: params.steps: must be >= 1"
     )
+    busy = errors.stage_error("denoiser", Fake(grpc.StatusCode.RESOURCE_EXHAUSTED, "denoiser: 8 requests in flight"))
+    assert busy.message == "denoiser: 8 requests in flight"  # the stage named once
     hidden = errors.stage_error(
         "vae", Fake(grpc.StatusCode.UNKNOWN, "Traceback (most recent call last): ...")
     )
