@@ -15,6 +15,7 @@ MAX_FRAMES = 241  # 4 * 60 + 1
 MAX_STEPS = 200
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 20_000
+MIN_GUIDANCE = 1.0  # 1 turns classifier-free guidance off; below it CFG would not run (as in diffusers' Wan pipeline)
 MIN_SHIFT = 0.1  # smaller shifts squeeze the whole schedule against sigma = 0 (1e-12 gives NaN latents)
 
 
@@ -126,7 +127,7 @@ def check_request(req: GenerationRequest) -> None:
     if req.negative_prompt is not None:
         _text("negative_prompt", req.negative_prompt, empty_ok=True)
     for g in req.guidance or ():
-        _float("guidance", g, 0.0, 50.0)
+        _float("guidance", g, MIN_GUIDANCE, 50.0)
     for name, check in RULES:
         if getattr(req, name) is not None:
             check(getattr(req, name))
@@ -142,7 +143,7 @@ def resolve_request(req: GenerationRequest, model: ModelConfig) -> ResolvedReque
     if len(guidance) not in (1, model.num_experts):
         rule = "one value" if model.num_experts == 1 else "one value, or two (high-noise expert, low-noise expert)"
         raise RequestError("guidance", f"{model.name} takes {rule}; got {len(guidance)} values")
-    guidance = tuple(_float("guidance", g, 0.0, 50.0) for g in guidance)
+    guidance = tuple(_float("guidance", g, MIN_GUIDANCE, 50.0) for g in guidance)
     if len(guidance) < model.num_experts:
         guidance = guidance * model.num_experts
     values = {name: check(getattr(d, name) if getattr(req, name) is None else getattr(req, name))

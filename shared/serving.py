@@ -48,6 +48,17 @@ def _ranged(lo: int, hi: int):
     return parse
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a finite, non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
+
+
 def _device(text: str) -> str:
     """argparse type: a cpu or cuda torch device (whether this machine has it: system_from_args)."""
     try:
@@ -73,7 +84,7 @@ def add_serve_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--port", type=_ranged(0, 65535), default=DEFAULT_PORTS[stage],
                    help=f"default {DEFAULT_PORTS[stage]}; 0 picks a free one (printed)")
     p.add_argument("--max-queue", type=_ranged(1, 4096), default=8, help="requests admitted at once; more are refused")
-    p.add_argument("--drain-seconds", type=float, default=25.0, help="on SIGTERM, time given to in-flight requests")
+    p.add_argument("--drain-seconds", type=_seconds, default=25.0, help="on SIGTERM, time given to in-flight requests")
     p.add_argument("--log-level", default="INFO")
     if stage != "gateway":
         p.add_argument("--low-mem-level", type=int, default=0, choices=range(4),

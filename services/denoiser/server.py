@@ -75,18 +75,37 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
     )
 
 
-def engine_options(options: DenoiserOptions) -> dict:
-    """DenoiserEngine keyword arguments from the deployment's options."""
+def engine_options(options: DenoiserOptions, model: ModelConfig | None = None) -> dict:
+    """DenoiserEngine keyword arguments from the deployment's options (with `model`: the calibration file checked
+    against it, ConfigError naming --cache-calibration)."""
+    calibration = load_calibration(options, model) if options.cache_calibration else None
+    return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration, gemm=options.gemm)
+
+
+def load_calibration(options: DenoiserOptions, model: ModelConfig | None):
+    """The --cache-calibration file, read and checked: ConfigError naming the flag and the fault."""
     from smartdiff.services.denoiser.cache import CacheCalibration
 
-    calibration = CacheCalibration.from_yaml(Path(options.cache_calibration)) if options.cache_calibration else None
-    return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration, gemm=options.gemm)
+    flag = f"--cache-calibration {options.cache_calibration}"
+    if not options.enable_flexcache:
+        raise ConfigError(f"{flag}: needs --enable-flexcache (the calibration is for the caches it enables)")
+    try:
+        calibration = CacheCalibration.from_yaml(Path(options.cache_calibration))
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+    if model is not None:
+        if calibration.model != model.name:
+            raise ConfigError(f"{flag}: fitted for {calibration.model!r}, this denoiser serves {model.name!r}")
+        if calibration.teacache and len(calibration.teacache) != model.num_experts:
+            raise ConfigError(f"{flag}: TeaCache coefficients for {len(calibration.teacache)} experts, "
+                              f"{model.name} has {model.num_experts}")
+    return calibration
 
 
 def load_engine(model: ModelConfig, layout, system, options: DenoiserOptions, device=None, parallel=None):
     """The denoiser engine of this process, at the deployment's low-memory level, compiled if asked."""
     engine = DenoiserEngine.load(model, layout, device or system.device, system.dtype, parallel=parallel,
-                                 low_mem_level=system.low_mem_level, **engine_options(options))
+                                 low_mem_level=system.low_mem_level, **engine_options(options, model))
     if compile_enabled(options, engine.device):
         for dit in engine.experts:
             dit.set_compiled(True)
@@ -154,6 +173,24 @@ def default_attention(options: DenoiserOptions, model: ModelConfig, engine: Deno
     return default_backend(engine.device, engine.dtype, model.dit.head_dim, options.attention_backends)
 
 
+def ring_capable(choice: AttentionChoice, ring_degree: int) -> AttentionChoice:
+    """The choice if its backend returns the log-sum-exp ring attention needs; else the exact backend when the
+    request allows a fallback, or RequestError naming the ones that can."""
+    from smartdiff.services.denoiser.attention import backend_names, get_backend
+
+    def ok(name: str) -> bool:
+        return name == EXACT or get_backend(name).info.returns_lse  # (auto's info says False)
+
+    if ok(choice.backend):
+        return choice
+    if choice.allow_fallback:
+        return replace(choice, backend=EXACT)
+    capable = ", ".join(n for n in backend_names() if ok(n))
+    raise RequestError("attention.backend", f"{choice.backend!r} cannot run under ring attention (ring degree "
+                                            f"{ring_degree}): it does not return the log-sum-exp; use one of "
+                                            f"{capable} (or set allow_fallback to run {EXACT} instead)")
+
+
 def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserOptions,
                 engine: DenoiserEngine | None = None) -> DenoiseJob:
     """Validate everything of a request (RequestError naming the field) before any work.
@@ -171,10 +208,16 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
             raise RequestError("attention.backend", f"{choice.backend!r} is not allowed by this deployment; "
                                                     f"allowed: {', '.join(sorted({*allowed, EXACT}))}")
         if choice.backend == "auto":
+            refused = [c for c in choice.candidates if c not in allowed and c != EXACT]
+            if refused:
+                raise RequestError("attention.auto.candidates", f"{', '.join(map(repr, refused))} not allowed by this "
+                                   f"deployment; allowed: {', '.join(sorted({*allowed, EXACT} - {'auto'}))}")
             candidates = choice.candidates or tuple(a for a in allowed if a not in ("auto", EXACT))
             candidates = tuple(c for c in candidates if c in allowed)
             # nothing allowed to try: the exact backend (an empty candidate list would mean "all")
             choice = replace(choice, candidates=candidates) if candidates else replace(choice, backend=EXACT)
+    if options.ring_degree > 1:  # ring attention merges chunks by their log-sum-exp: refused here, before any work
+        choice = ring_capable(choice, options.ring_degree)
     if engine is not None:
         resolve_attention(choice, engine.device, engine.dtype, model.dit.head_dim, allowed)
     cache = cache_config_from_proto(params.cache)
@@ -243,6 +286,8 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
             raise RequestError(name, f"must be [L, {dit.text_dim}] with 1 <= L <= {dit.text_len}, got {list(t.shape)}")
         if not t.is_floating_point():
             raise RequestError(name, f"must be a floating-point tensor, got {t.dtype}")
+        if not torch.isfinite(t).all():
+            raise RequestError(name, "must be finite (it holds NaN or infinity)")
 
     @grpc_errors
     async def Denoise(self, request_iterator, context):

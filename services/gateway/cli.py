@@ -240,7 +240,7 @@ async def _serve_all(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     model, layout = model_from_args(args)
     options = options_from_args(args)
-    if options.cfg_degree * options.ulysses_degree * options.ring_degree != 1:
+    if (options.cfg_degree, options.ulysses_degree, options.ring_degree) != (1, 1, 1):
         raise ConfigError("serve all runs one denoiser process: parallel degrees must be 1 "
                           "(multi-GPU: torchrun -m smartdiff.services.denoiser, see the README)")
     # the stages on loopback (only the gateway calls them), the gateway where --host says

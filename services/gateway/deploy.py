@@ -25,6 +25,19 @@ TRANSIENT_HTTP = {429, 500, 502, 503, 504}
 EXIT_READY, EXIT_NOT_READY, EXIT_ERROR = 0, 1, 2
 
 
+def _seconds(least: float):
+    """argparse type: a finite number of seconds, at least `least`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+        if not least <= value < float("inf"):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be finite and >= {least:g}, got {text}")
+        return value
+    return parse
+
+
 class DeployError(RuntimeError):
     """The cluster cannot be asked (no kubeconfig, refused credentials, unreachable API server)."""
 
@@ -59,6 +72,8 @@ def load_apis(kubeconfig: str | None = None, context: str | None = None) -> tupl
         from kubernetes import client, config
     except ImportError as e:  # optional dependency
         raise DeployError("the kubernetes client is not installed: pip install 'smart-diffusion[deploy]'") from e
+    import yaml  # the kubernetes client's own dependency
+
     configuration = client.Configuration()
     try:
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
@@ -69,6 +84,8 @@ def load_apis(kubeconfig: str | None = None, context: str | None = None) -> tupl
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
             raise DeployError(f"no usable kubeconfig ({e}); pass --kubeconfig PATH or set KUBECONFIG") from e
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as e:  # a folder, or not a kubeconfig
+        raise DeployError(f"kubeconfig {kubeconfig or '(default)'} cannot be read: {type(e).__name__}: {e}") from e
     api = client.ApiClient(configuration)
     return client.AppsV1Api(api), client.CoreV1Api(api)
 
@@ -237,8 +254,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--namespace", "-n", default=DEFAULT_NAMESPACE, help=f"default {DEFAULT_NAMESPACE}")
         p.add_argument("--kubeconfig", help="default: $KUBECONFIG, then ~/.kube/config, then in-cluster")
         p.add_argument("--context", help="kubeconfig context (default: its current context)")
-    wait.add_argument("--timeout", type=float, default=900.0, help="seconds (default 900)")
-    wait.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
+    wait.add_argument("--timeout", type=_seconds(0.0), default=900.0, help="seconds (default 900)")
+    wait.add_argument("--interval", type=_seconds(0.1), default=5.0, help="seconds between polls, >= 0.1 (default 5)")
     status.set_defaults(deploy_handler=cmd_status)
     wait.set_defaults(deploy_handler=cmd_wait)
 

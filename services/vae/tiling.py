@@ -36,9 +36,9 @@ class TilingConfig:
     frames_per_call: int = 1  # video frames per decoder call past the last temporal upsampler
 
     def __post_init__(self) -> None:
-        if self.overlap < 0 or self.tile < 2 * self.overlap + 1:
-            raise ValueError(f"tiling: need 0 <= overlap and tile > 2 * overlap, got tile {self.tile}, "
-                             f"overlap {self.overlap}")
+        if self.overlap < 1 or self.tile < 2 * self.overlap + 1:
+            raise ValueError(f"tiling: need 1 <= overlap (tiles are blended across it) and tile > 2 * overlap, got "
+                             f"tile {self.tile}, overlap {self.overlap}")
         if self.frames_per_call < 1:
             raise ValueError(f"tiling: frames_per_call must be >= 1, got {self.frames_per_call}")
 

@@ -370,3 +370,35 @@ def test_a_deployment_s_attention_flags_are_checked_before_it_serves():
         check(attention_backends=("sdpa",), default_attention="sparge")
     check(default_attention="sdpa")
     check(attention_backends=("sdpa", "sage"))
+
+
+def test_auto_candidates_the_deployment_does_not_allow_are_refused_not_dropped():
+    from smartdiff.denoiser.v1 import denoiser_pb2
+    from smartdiff.services.denoiser import server
+
+    engine, model = tiny_engine()
+    params = denoiser_pb2.DenoiseParams(steps=1, guidance=[1.0], seed=0)
+    params.attention.backend = "auto"
+    params.attention.auto.candidates.append("sage")
+    with pytest.raises(RequestError, match="attention.auto.candidates: 'sage' not allowed by this deployment"):
+        server.prepare_job(params, model, server.DenoiserOptions(attention_backends=("sparge", "auto")), engine)
+
+
+def test_ring_attention_refuses_backends_without_log_sum_exp_before_any_work():
+    """Under ring attention `auto` (no log-sum-exp) is refused naming the ones that can, or falls back to the
+    exact backend when the request allows it; a --default-attention that cannot is a ConfigError."""
+    from smartdiff.denoiser.v1 import denoiser_pb2
+    from smartdiff.services.denoiser import server
+    from smartdiff.shared.config import ConfigError
+
+    engine, model = tiny_engine()
+    ring = server.DenoiserOptions(ring_degree=2)
+    params = denoiser_pb2.DenoiseParams(steps=1, guidance=[1.0], seed=0)
+    params.attention.backend = "auto"
+    with pytest.raises(RequestError, match="'auto' cannot run under ring attention.*allow_fallback"):
+        server.prepare_job(params, model, ring, engine)
+    params.attention.allow_fallback = True
+    assert server.prepare_job(params, model, ring, engine).attention.backend == A.EXACT
+    with pytest.raises(ConfigError, match="--default-attention auto: .*ring attention"):
+        server.check_options(server.DenoiserOptions(ring_degree=2, default_attention="auto"), model, engine.device,
+                             engine.dtype)

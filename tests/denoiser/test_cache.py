@@ -353,3 +353,47 @@ def test_calibrate_cli_writes_yaml(tmp_path):
 def test_published_ratio_tables_cover_the_reference_step_counts():
     assert all(len(t) == 50 for key in ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B") for t in MAGCACHE_RATIOS[key])
     assert all(len(t) == 40 for t in MAGCACHE_RATIOS["Wan2.2-T2V-A14B"])
+
+
+def test_a_bad_calibration_file_is_a_config_error_naming_the_flag(tmp_path):
+    """Missing, a folder, not YAML, not a mapping, empty tables, another model, or without --enable-flexcache:
+    `error: --cache-calibration ...` before the denoiser serves, never a traceback or a failing request later."""
+    from smartdiff.services.denoiser.server import DenoiserOptions, load_calibration
+    from smartdiff.shared.config import ConfigError, load_model_config
+
+    tiny = load_model_config("wan-tiny")
+    good = tmp_path / "good.yaml"
+    CacheCalibration("wan-tiny", 8, (((1.0, 0.0), (1.0, 0.0)),)).to_yaml(good)
+    files = {"missing": tmp_path / "none.yaml", "folder": tmp_path}
+    for name, text in {"not yaml": "steps: [3", "a list": "- 1\n- 2\n",
+                       "empty magcache": "model: wan-tiny\nsteps: 8\nmagcache: {cond: [], uncond: []}\n",
+                       "empty teacache": "model: wan-tiny\nsteps: 8\nteacache: [{expert: 0, coefficients: [], "
+                                         "ret_steps_coefficients: [1.0]}]\n",
+                       "another model": good.read_text().replace("model: wan-tiny", "model: Wan2.1-T2V-14B")}.items():
+        files[name] = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        files[name].write_text(text)
+    words = {"missing": "cannot read it", "folder": "cannot read it", "not yaml": "cannot read it",
+             "a list": "not a FlexCache calibration", "empty magcache": "magcache cond: need >= 1",
+             "empty teacache": "coefficients: need >= 1", "another model": "fitted for 'Wan2.1-T2V-14B'"}
+    for name, path in files.items():
+        with pytest.raises(ConfigError, match=f"^--cache-calibration {path}: .*{words[name]}"):
+            load_calibration(DenoiserOptions(enable_flexcache=True, cache_calibration=str(path)), tiny)
+    with pytest.raises(ConfigError, match="needs --enable-flexcache"):
+        load_calibration(DenoiserOptions(cache_calibration=str(good)), tiny)
+    assert load_calibration(DenoiserOptions(enable_flexcache=True, cache_calibration=str(good)), tiny).steps == 8
+
+
+def test_calibrate_cli_refuses_bad_paths_before_the_runs_and_too_few_steps_cleanly(tmp_path, capsys):
+    from smartdiff.services.gateway.cli import main
+
+    small = ["calibrate-cache", "--model", "wan-tiny", "--width", "32", "--height", "32", "--frames", "5"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    for flags, words in ((["--prompts-file", str(tmp_path / "none.txt"), "--out", str(tmp_path / "c.yaml")],
+                          "--prompts-file"),
+                         (["--prompts-file", str(empty), "--out", str(tmp_path / "c.yaml")], "holds no prompt"),
+                         (["--out", str(tmp_path)], "is a directory"),
+                         (["--steps", "2", "--prompt", "a", "--out", str(tmp_path / "c.yaml")], "need more than")):
+        assert main([*small, *flags]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err

@@ -76,7 +76,9 @@ def test_serve_all_prints_address_and_serving(tmp_path, capsys):
 @pytest.mark.parametrize("flags,words", [(["--port", "99999"], "--port: must be between 0 and 65535"),
                                          (["--max-queue", "0"], "--max-queue: must be between 1"),
                                          (["--device", "bogus"], "--device: 'bogus' is not a torch device"),
-                                         (["--device", "mps"], "--device: mps: the services run on cpu or cuda")])
+                                         (["--device", "mps"], "--device: mps: the services run on cpu or cuda"),
+                                         (["--drain-seconds", "-5"], "--drain-seconds: must be finite and >= 0"),
+                                         (["--drain-seconds", "nan"], "--drain-seconds: must be finite and >= 0")])
 def test_serve_flags_are_checked_before_anything_loads(capsys, flags, words):
     with pytest.raises(SystemExit) as e:
         main(["serve", "vae", *flags])
@@ -100,3 +102,9 @@ def test_each_stage_has_help(stage, capsys):
 def test_a_cuda_device_on_a_machine_without_one_is_refused(capsys):
     assert main(["generate", "--prompt", "x", "--device", "cuda"]) == 2
     assert "--device cuda: this machine has 0 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_serve_all_needs_every_parallel_degree_1(capsys):
+    """(-1) x (-1) x 1 = 1 used to pass the check; each degree must be 1 in one process."""
+    assert main(["serve", "all", "--cfg-degree", "-1", "--ulysses-degree", "-1"]) == 2
+    assert "parallel degrees must be 1" in capsys.readouterr().err

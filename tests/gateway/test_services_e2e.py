@@ -123,7 +123,8 @@ def raw_request(**fields) -> gateway_pb2.GenerateRequest:
 
 BAD_FIELDS = [(dict(width=30), "width"), (dict(frames=6), "frames"), (dict(steps=0), "steps"),
               (dict(sampler="ddim"), "sampler"), (dict(prompt=" "), "prompt"), (dict(shift=1e-300), "shift"),
-              (dict(negative_prompt="n" * 20_001), "negative_prompt"), (dict(prompt="p" * 20_001), "prompt")]
+              (dict(negative_prompt="n" * 20_001), "negative_prompt"), (dict(prompt="p" * 20_001), "prompt"),
+              (dict(guidance=(0.5,)), "guidance")]
 
 
 @pytest.mark.parametrize("change,field", [*BAD_FIELDS, (dict(guidance=(1.0, 2.0, 3.0)), "guidance")])
@@ -190,6 +191,8 @@ def test_stage_errors_map_to_codes_and_each_stage_keeps_serving():
                            "prompt_embeds")
         await expect_error(collect(dn.Denoise(denoise_stream(params, torch.randn(7, 5)))),
                            grpc.StatusCode.INVALID_ARGUMENT, "prompt_embeds", "[L, 32]")
+        await expect_error(collect(dn.Denoise(denoise_stream(params, torch.full((7, 32), float("nan"))))),
+                           grpc.StatusCode.INVALID_ARGUMENT, "prompt_embeds: must be finite")
         await expect_error(collect(dn.Denoise(iter([denoiser_pb2.DenoiseRequest(
             prompt_embeds=next(tensor_to_messages(emb, denoiser_pb2.DenoiseRequest, "prompt_embeds")).prompt_embeds)]))),
             grpc.StatusCode.INVALID_ARGUMENT, "params")

@@ -288,3 +288,28 @@ def test_crash_loops_name_the_last_exit_and_rollouts_wait_for_the_new_pods(api, 
     assert code == 1
     assert table["denoiser"] == ["0/1", "1", "4", "3", "smartdiff:0.1.0", "CrashLoopBackOff (last exit: OOMKilled)"]
     assert table["gateway"] == ["2/2", "2", "0", "0", "smartdiff:0.1.0", "rolling out (2/2 updated)"]
+
+
+@pytest.mark.parametrize("make", [lambda d: d, lambda d: _write(d / "bad.yaml", "clusters: [1"),
+                                  lambda d: _write(d / "list.yaml", "- 1\n- 2\n")])
+def test_a_kubeconfig_that_is_not_one_is_an_error(tmp_path, capsys, make):
+    path = make(tmp_path)
+    code, _, err = run_cli(["deploy", "status", "--kubeconfig", str(path)], capsys)
+    assert code == 2 and err.startswith(f"error: kubeconfig {path}") and "Traceback" not in err
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("flags,words", [(["--interval", "-1"], "--interval: must be finite and >= 0.1"),
+                                         (["--interval", "0"], "--interval: must be finite and >= 0.1"),
+                                         (["--timeout", "nan"], "--timeout: must be finite and >= 0"),
+                                         (["--timeout", "-1"], "--timeout: must be finite and >= 0")])
+def test_wait_checks_its_times(capsys, flags, words):
+    from smartdiff.services.gateway.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["deploy", "wait", *flags])
+    assert e.value.code == 2 and words in capsys.readouterr().err

@@ -168,7 +168,7 @@ def test_encode_still_works_with_the_encoder_parked(engine):
     torch.testing.assert_close(level1.encode(video), engine.encode(video), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [dict(tile=8, overlap=4), dict(overlap=-1), dict(frames_per_call=0)])
+@pytest.mark.parametrize("kw", [dict(tile=8, overlap=4), dict(overlap=-1), dict(overlap=0), dict(frames_per_call=0)])
 def test_bad_tiling_is_refused(kw):
     with pytest.raises(ValueError, match="tiling"):
         TilingConfig(**kw)

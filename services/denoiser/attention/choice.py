@@ -38,7 +38,7 @@ class SpargeParams:
         _in_range("attention.sparge.topk", self.topk, 0.0, 1.0, lo_open=True)
         _in_range("attention.sparge.cdf_threshold", self.cdf_threshold, 0.0, 1.0, lo_open=True)
         _in_range("attention.sparge.sim_threshold", self.sim_threshold, -1.0, 1.0, lo_open=False)
-        _in_range("attention.sparge.pv_threshold", self.pv_threshold, 0.0, math.inf, lo_open=True)
+        _in_range("attention.sparge.pv_threshold", self.pv_threshold, 0.0, 1e6, lo_open=True)
 
     @property
     def mode(self) -> str:

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from smartdiff.shared.config import ConfigError
+
 DEFAULT_PROMPTS = (  # varied content and motion; use --prompts-file with ~50+ prompts for a production fit
     "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage.",
     "A red fox running through fresh snow in a pine forest, morning light.",
@@ -50,8 +52,20 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [ln.strip() for ln in args.prompts_file.read_text().splitlines() if ln.strip()]
+        try:
+            lines = [ln.strip() for ln in args.prompts_file.read_text().splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: cannot read it ({type(e).__name__}: {e})") from None
+        if not lines:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: holds no prompt (one per line)")
+        prompts += lines
     prompts = prompts or list(DEFAULT_PROMPTS)
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a directory; give a file name")
+    try:  # before the runs, not after them
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot create its folder ({e})") from None
     model, layout = model_from_args(args)
     system = system_from_args(args)
     reqs = [resolve_request(GenerationRequest(
@@ -71,9 +85,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if system.device.type == "cuda":
         torch.cuda.empty_cache()
     engine = DenoiserEngine.load(model, layout, system.device, system.dtype)
-    result = calibrate(engine, runs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result.to_yaml(args.out)
+    try:
+        result = calibrate(engine, runs)
+    except ValueError as e:  # too few samples to fit an expert's polynomial
+        raise ConfigError(f"calibration: {e} (--steps / --prompt / --prompts-file)") from None
+    try:
+        result.to_yaml(args.out)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write it ({e})") from None
     print(f"wrote {args.out}: {model.name}, {len(runs)} runs x {reqs[0].steps} steps, "
           f"{len(result.teacache)} expert(s)", file=sys.stderr)
     return 0

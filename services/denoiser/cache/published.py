@@ -7,6 +7,7 @@ MagCache4Wan2.2's (Zehong-Ma/MagCache); both were fitted on the real checkpoints
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,16 @@ class CacheCalibration:
     notes: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps: need >= 1, got {self.steps}")
+        for k, polys in enumerate(self.teacache):
+            for name, poly in zip(("coefficients", "ret_steps_coefficients"), polys):
+                if not poly or not all(math.isfinite(v) for v in poly):
+                    raise ValueError(f"teacache expert {k} {name}: need >= 1 finite values, got {list(poly)}")
+        if self.magcache is not None:
+            for name, ratios in zip(("cond", "uncond"), self.magcache):
+                if not ratios or not all(math.isfinite(v) and v > 0 for v in ratios):
+                    raise ValueError(f"magcache {name}: need >= 1 finite, positive ratios, got {list(ratios)}")
         if self.reuse_error is not None:
             if len(self.reuse_error) != 2 or any(len(t) != self.steps for t in self.reuse_error):
                 raise ValueError(f"reuse_error: need cond and uncond tables of {self.steps} steps each")
@@ -153,7 +164,14 @@ class CacheCalibration:
 
     @classmethod
     def from_yaml(cls, path: Path) -> CacheCalibration:
-        data = yaml.safe_load(Path(path).read_text())
+        """ValueError naming the file for anything unreadable or not a valid calibration."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a FlexCache calibration file (a YAML mapping from smartdiff "
+                             f"calibrate-cache), got {type(data).__name__}")
         try:
             teacache = tuple(
                 (tuple(float(v) for v in e["coefficients"]), tuple(float(v) for v in e["ret_steps_coefficients"]))
@@ -167,5 +185,5 @@ class CacheCalibration:
             times = data.get("timesteps")
             return cls(str(data["model"]), int(data["steps"]), teacache, magcache, reuse,
                        None if times is None else tuple(float(t) for t in times), dict(data.get("notes") or {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: not a FlexCache calibration file ({e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: not a valid FlexCache calibration ({type(e).__name__}: {e})") from None
