@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from smartdiff.shared.argtypes import ranged_int, seconds
 from smartdiff.shared.checkpoint import CheckpointLayout
 from smartdiff.shared.config import ConfigError, ModelConfig
 from smartdiff.shared.grpc_server import StageServer
@@ -33,30 +34,6 @@ class SystemConfig:
     dtype: torch.dtype
     low_mem_level: int = 0
     max_queue: int = 8  # requests admitted at once (running + waiting); more -> RESOURCE_EXHAUSTED
-
-
-def _ranged(lo: int, hi: int):
-    """argparse type: an integer in [lo, hi] (argparse names the flag in its error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {value}")
-        return value
-    return parse
-
-
-def _seconds(text: str) -> float:
-    """argparse type: a finite, non-negative number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 <= value < float("inf"):  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
-    return value
 
 
 def _device(text: str) -> str:
@@ -81,10 +58,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_serve_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--host", default="[::]", help="address to listen on (default all interfaces)")
-    p.add_argument("--port", type=_ranged(0, 65535), default=DEFAULT_PORTS[stage],
+    p.add_argument("--port", type=ranged_int(0, 65535), default=DEFAULT_PORTS[stage],
                    help=f"default {DEFAULT_PORTS[stage]}; 0 picks a free one (printed)")
-    p.add_argument("--max-queue", type=_ranged(1, 4096), default=8, help="requests admitted at once; more are refused")
-    p.add_argument("--drain-seconds", type=_seconds, default=25.0, help="on SIGTERM, time given to in-flight requests")
+    p.add_argument("--max-queue", type=ranged_int(1, 4096), default=8, help="requests admitted at once; more are refused")
+    p.add_argument("--drain-seconds", type=seconds(), default=25.0, help="on SIGTERM, time given to in-flight requests")
     p.add_argument("--log-level", default="INFO")
     if stage != "gateway":
         p.add_argument("--low-mem-level", type=int, default=0, choices=range(4),

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from smartdiff.shared.argtypes import seconds
+
 STAGES = ("gateway", "text-encoder", "denoiser", "vae")  # Deployment names in k8s/
 DEFAULT_NAMESPACE = "smartdiff"
 PART_OF = "app.kubernetes.io/part-of=smartdiff"  # label on every Deployment and pod of k8s/
@@ -23,19 +25,6 @@ REQUEST_TIMEOUT_S = 15.0  # per API call
 TRANSIENT_HTTP = {429, 500, 502, 503, 504}
 
 EXIT_READY, EXIT_NOT_READY, EXIT_ERROR = 0, 1, 2
-
-
-def _seconds(least: float):
-    """argparse type: a finite number of seconds, at least `least`."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-        if not least <= value < float("inf"):  # NaN fails too
-            raise argparse.ArgumentTypeError(f"must be finite and >= {least:g}, got {text}")
-        return value
-    return parse
 
 
 class DeployError(RuntimeError):
@@ -254,8 +243,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--namespace", "-n", default=DEFAULT_NAMESPACE, help=f"default {DEFAULT_NAMESPACE}")
         p.add_argument("--kubeconfig", help="default: $KUBECONFIG, then ~/.kube/config, then in-cluster")
         p.add_argument("--context", help="kubeconfig context (default: its current context)")
-    wait.add_argument("--timeout", type=_seconds(0.0), default=900.0, help="seconds (default 900)")
-    wait.add_argument("--interval", type=_seconds(0.1), default=5.0, help="seconds between polls, >= 0.1 (default 5)")
+    wait.add_argument("--timeout", type=seconds(0.0), default=900.0, help="seconds (default 900)")
+    wait.add_argument("--interval", type=seconds(0.1), default=5.0, help="seconds between polls, >= 0.1 (default 5)")
     status.set_defaults(deploy_handler=cmd_status)
     wait.set_defaults(deploy_handler=cmd_wait)
 
