@@ -345,7 +345,10 @@ def test_deadline_propagates_and_expires_in_the_denoiser(denoiser_workers, step_
         return expired
 
     expired = run(body)
-    assert 0 < len(step_times) < 200 and len([t for t in step_times if t > expired]) <= 1
+    # The denoiser's deadline is the gateway's remaining time when it calls it, so it can trail the client's by
+    # the channel's set-up and transit (tens of ms on a loaded machine): a step or two, never the 200.
+    late = [t - expired for t in step_times if t > expired]
+    assert 0 < len(step_times) < 200 and (len(late) <= 1 or max(late) < 0.3), late
 
 
 def test_vae_decode_does_not_block_the_denoiser(step_times, monkeypatch):
