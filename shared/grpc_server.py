@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -50,6 +51,7 @@ class StageServer:
             interceptors=list(interceptors),
         )
         self.service_names = list(service_names)
+        self.busy: Callable[[], bool] | None = None  # whether work is in flight (drain); set by start_stage
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -85,6 +87,17 @@ class StageServer:
         """Report NOT_SERVING for good, then let in-flight RPCs finish for up to `grace` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: NOT_SERVING for good while still listening (health checks get the answer, not a refused
+        connection) until `busy()` says the work in flight is done or `grace` seconds passed; then stop, giving
+        the calls still streaming their results what is left of `grace` (at least 1 s)."""
+        await self.health.enter_graceful_shutdown()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while self.busy is not None and self.busy() and loop.time() < end:
+            await asyncio.sleep(0.05)
+        await self.server.stop(max(end - loop.time(), 1.0))
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

@@ -98,7 +98,7 @@ async def run_until_signal(server: StageServer, drain_seconds: float) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining for up to %.0f s", drain_seconds)
-    await server.stop(grace=drain_seconds)
+    await server.drain(drain_seconds)
 
 
 def setup_logging(level: str) -> None:
@@ -114,15 +114,16 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
     """
     # gRPC refuses calls past this many in flight (RESOURCE_EXHAUSTED); workers refuse past max_queue too.
     server = StageServer([service_name], max_concurrent_rpcs=max_queue + 4)
+    server.busy = getattr(servicer, "busy", None)  # what the SIGTERM drain waits for
     add_servicer(servicer, server.server)
     port = server.add_port(address)
-    await server.start()
     try:
+        await server.start()
         if inspect.iscoroutinefunction(warmup):
             await warmup()
         elif warmup is not None:
             await asyncio.to_thread(warmup)
-    except BaseException:  # a failed warm-up must not leave the port bound
+    except BaseException:  # a failed (or interrupted) start or warm-up must not leave the port bound
         await server.stop(0)
         raise
     await server.mark_serving()

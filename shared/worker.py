@@ -62,8 +62,10 @@ class StageWorker:
         def should_stop() -> bool:
             return stop.is_set() or (deadline is not None and time.monotonic() > deadline)
 
-        def finished(_future) -> None:  # runs on the loop, after every emit of the job was delivered
+        def finished(future) -> None:  # runs on the loop, after every emit of the job was delivered
             self.pending -= 1
+            if not future.cancelled():
+                future.exception()  # retrieved: a consumer that left (cancel, deadline) no longer awaits it
             queue.put_nowait(_FINISHED)
 
         future = loop.run_in_executor(self._executor, job, emit, should_stop)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -131,18 +132,23 @@ class RequestChannel:
 
 
 class RankZeroRunner:
-    """Rank 0's job runner (DenoiserServicer.runner): broadcast the job, then run it in lockstep."""
+    """Rank 0's job runner (DenoiserServicer.runner): broadcast the job, then run it in lockstep. One message
+    at a time on the channel: shutdown waits for a running job (a cancelled one ends at its next step), since
+    its collectives and the shutdown message would otherwise cross (gloo aborts, NCCL hangs)."""
 
     def __init__(self, engine: DenoiserEngine, channel: RequestChannel):
         self.engine, self.channel = engine, channel
+        self._lock = threading.Lock()
 
     def __call__(self, job: DenoiseJob, prompt, negative, progress=None, cancelled=None) -> JobResult:
-        prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
-        stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
-        return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
+        with self._lock:
+            prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
+            stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
+            return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
 
     def shutdown(self) -> None:
-        self.channel.send_shutdown()
+        with self._lock:
+            self.channel.send_shutdown()
 
 
 def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOptions, channel: RequestChannel) -> None:

@@ -270,6 +270,10 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         self.options = options
         self.runner = runner or (lambda *a, **kw: run_job(engine, *a, **kw))
 
+    def busy(self) -> bool:
+        """Requests admitted and not finished (the SIGTERM drain waits for them)."""
+        return self.worker.pending > 0
+
     async def read_inputs(self, request_iterator) -> tuple[pb.DenoiseParams, torch.Tensor, torch.Tensor | None]:
         """params first, then the prompt embedding, then (for guidance > 1) the negative one."""
         limit = self.model.dit.text_len * self.model.dit.text_dim * 4

@@ -64,6 +64,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.in_flight = 0
         self._denoiser_caps: denoiser_pb2.GetCapabilitiesResponse | None = None
 
+    def busy(self) -> bool:
+        """Generations in flight (the SIGTERM drain waits for them)."""
+        return self.in_flight > 0
+
     async def denoiser_capabilities(self, timeout: float | None) -> denoiser_pb2.GetCapabilitiesResponse:
         if self._denoiser_caps is None:
             with calling_stage("denoiser"):

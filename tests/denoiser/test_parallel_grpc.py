@@ -74,3 +74,41 @@ def test_invalid_layout_is_refused_at_start_with_a_suggestion():
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "world size 1 must equal cfg x ulysses x ring" in proc.stdout and "suggested" in proc.stdout
+
+
+def test_rank_zero_shutdown_waits_for_the_job_on_the_channel(monkeypatch):
+    """SIGTERM can stop rank 0's server while a cancelled job still runs its last step on the worker thread:
+    the shutdown message must not cross that job's collectives on the channel (gloo aborts, NCCL hangs)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from smartdiff.services.denoiser import distributed
+
+    events = []
+
+    def slow_job(engine, job, prompt, negative, progress=None, cancelled=None):
+        events.append("job start")
+        time.sleep(0.3)
+        events.append("job end")
+
+    class Channel:
+        device = "cpu"
+
+        def send(self, params, prompt, negative):
+            return prompt, negative
+
+        def send_shutdown(self):
+            events.append("shutdown")
+
+    monkeypatch.setattr(distributed, "run_job", slow_job)
+    monkeypatch.setattr(distributed, "LockstepStop", lambda device, cancelled: cancelled)
+    runner = distributed.RankZeroRunner(engine=None, channel=Channel())
+    job = SimpleNamespace(params=None, request=SimpleNamespace(uses_cfg=False))
+    worker = threading.Thread(target=runner, args=(job, None, None))
+    worker.start()
+    while not events:
+        time.sleep(0.01)
+    runner.shutdown()
+    worker.join()
+    assert events == ["job start", "job end", "shutdown"]

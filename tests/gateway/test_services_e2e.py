@@ -409,3 +409,26 @@ def test_serve_all_puts_the_stages_on_loopback_and_the_gateway_on_its_host():
             await d.stop()
 
     assert asyncio.run(main()) == "wan-tiny"
+
+
+def test_sigterm_drain_answers_not_serving_while_the_request_in_flight_finishes():
+    """StageServer.drain (what SIGTERM runs): health answers NOT_SERVING on the open port while the generation in
+    flight goes on, the generation completes, then the server stops."""
+    async def body(d, channel):
+        gw_server = d.servers[-1]
+        r = request_to_proto(GenerationRequest(prompt="x", width=64, height=64, frames=9, steps=30, seed=1))
+        call = gateway(channel).Generate(r)
+        async for msg in call:
+            if msg.WhichOneof("frame") == "progress" and msg.progress.stage == gateway_pb2.STAGE_DENOISER:
+                break
+        drain = asyncio.create_task(gw_server.drain(60))
+        await asyncio.sleep(0.2)
+        health = health_pb2_grpc.HealthStub(channel)
+        status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+        frames = [msg.WhichOneof("frame") async for msg in call]
+        await drain
+        return status, frames
+
+    status, frames = run(body)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert frames[-1] == "summary" and "mp4" in frames
