@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from smartdiff.shared.checkpoint import CheckpointLayout
 from smartdiff.shared.config import ModelConfig
-from smartdiff.shared.errors import Cancelled, RequestError
+from smartdiff.shared.errors import Cancelled
 from smartdiff.shared.memory import MemoryPolicy
 from smartdiff.shared.request import ResolvedRequest
 
-from .attention import EXACT, AttentionChoice, AttentionReport, backend_names, get_backend
+from .attention import EXACT, AttentionChoice, AttentionReport, ring_refusal
 from .attention import attach as attach_attention
 from .cache import CacheCalibration, CacheConfig, CacheStats, FlexCache
 from .dit import WanDiT
@@ -233,15 +233,8 @@ class DenoiserEngine:
             return lambda: None
         backend = attn.resolution.backend
         exact_lse = attention_with_lse(self.device)
-
-        def ring_ok(name: str) -> bool:
-            return name == EXACT or get_backend(name).info.returns_lse  # (auto's info says False)
-
-        if par.config.ring > 1 and not ring_ok(backend):
-            capable = ", ".join(n for n in backend_names() if ring_ok(n))
-            raise RequestError("attention.backend", f"{backend!r} cannot run under ring attention (ring degree "
-                                                    f"{par.config.ring}): it does not return the log-sum-exp; "
-                                                    f"use one of {capable}")
+        if (refusal := ring_refusal(backend, par.config.ring)) is not None:
+            raise refusal
         valid = req.tokens(self.model)
         saved = []
         for dit in self.experts:

@@ -16,6 +16,7 @@ from smartdiff.denoiser.v1 import options_pb2
 from smartdiff.services.denoiser.attention import (EXACT, AttentionChoice, AttentionReport, available_backends,
                                                    default_backend)
 from smartdiff.services.denoiser.attention import resolve as resolve_attention
+from smartdiff.services.denoiser.attention import ring_refusal
 from smartdiff.services.denoiser.attention.base import DTYPE_NAMES
 from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_config_from_proto, cache_config_to_proto
 from smartdiff.services.denoiser.engine import DenoiserEngine
@@ -75,15 +76,14 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
     )
 
 
-def engine_options(options: DenoiserOptions, model: ModelConfig | None = None) -> dict:
-    """DenoiserEngine keyword arguments from the deployment's options (with `model`: the calibration file checked
-    against it, ConfigError naming --cache-calibration)."""
+def engine_options(options: DenoiserOptions, model: ModelConfig) -> dict:
+    """DenoiserEngine keyword arguments from the deployment's options, for `model`."""
     calibration = load_calibration(options, model) if options.cache_calibration else None
     return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration, gemm=options.gemm)
 
 
-def load_calibration(options: DenoiserOptions, model: ModelConfig | None):
-    """The --cache-calibration file, read and checked: ConfigError naming the flag and the fault."""
+def load_calibration(options: DenoiserOptions, model: ModelConfig):
+    """The --cache-calibration file, read and checked against `model`: ConfigError naming the flag and the fault."""
     from smartdiff.services.denoiser.cache import CacheCalibration
 
     flag = f"--cache-calibration {options.cache_calibration}"
@@ -93,12 +93,11 @@ def load_calibration(options: DenoiserOptions, model: ModelConfig | None):
         calibration = CacheCalibration.from_yaml(Path(options.cache_calibration))
     except ValueError as e:
         raise ConfigError(f"{flag}: {e}") from None
-    if model is not None:
-        if calibration.model != model.name:
-            raise ConfigError(f"{flag}: fitted for {calibration.model!r}, this denoiser serves {model.name!r}")
-        if calibration.teacache and len(calibration.teacache) != model.num_experts:
-            raise ConfigError(f"{flag}: TeaCache coefficients for {len(calibration.teacache)} experts, "
-                              f"{model.name} has {model.num_experts}")
+    if calibration.model != model.name:
+        raise ConfigError(f"{flag}: fitted for {calibration.model!r}, this denoiser serves {model.name!r}")
+    if calibration.teacache and len(calibration.teacache) != model.num_experts:  # (a file edited by hand)
+        raise ConfigError(f"{flag}: TeaCache coefficients for {len(calibration.teacache)} experts, "
+                          f"{model.name} has {model.num_experts}")
     return calibration
 
 
@@ -173,24 +172,6 @@ def default_attention(options: DenoiserOptions, model: ModelConfig, engine: Deno
     return default_backend(engine.device, engine.dtype, model.dit.head_dim, options.attention_backends)
 
 
-def ring_capable(choice: AttentionChoice, ring_degree: int) -> AttentionChoice:
-    """The choice if its backend returns the log-sum-exp ring attention needs; else the exact backend when the
-    request allows a fallback, or RequestError naming the ones that can."""
-    from smartdiff.services.denoiser.attention import backend_names, get_backend
-
-    def ok(name: str) -> bool:
-        return name == EXACT or get_backend(name).info.returns_lse  # (auto's info says False)
-
-    if ok(choice.backend):
-        return choice
-    if choice.allow_fallback:
-        return replace(choice, backend=EXACT)
-    capable = ", ".join(n for n in backend_names() if ok(n))
-    raise RequestError("attention.backend", f"{choice.backend!r} cannot run under ring attention (ring degree "
-                                            f"{ring_degree}): it does not return the log-sum-exp; use one of "
-                                            f"{capable} (or set allow_fallback to run {EXACT} instead)")
-
-
 def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserOptions,
                 engine: DenoiserEngine | None = None) -> DenoiseJob:
     """Validate everything of a request (RequestError naming the field) before any work.
@@ -216,8 +197,10 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
             candidates = tuple(c for c in candidates if c in allowed)
             # nothing allowed to try: the exact backend (an empty candidate list would mean "all")
             choice = replace(choice, candidates=candidates) if candidates else replace(choice, backend=EXACT)
-    if options.ring_degree > 1:  # ring attention merges chunks by their log-sum-exp: refused here, before any work
-        choice = ring_capable(choice, options.ring_degree)
+    if (refusal := ring_refusal(choice.backend, options.ring_degree)) is not None:  # before any work
+        if not choice.allow_fallback:
+            raise RequestError(refusal.field, f"{refusal.rule} (or set allow_fallback to run {EXACT} instead)")
+        choice = replace(choice, backend=EXACT)
     if engine is not None:
         resolve_attention(choice, engine.device, engine.dtype, model.dit.head_dim, allowed)
     cache = cache_config_from_proto(params.cache)
@@ -269,10 +252,6 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         self.worker = worker
         self.options = options
         self.runner = runner or (lambda *a, **kw: run_job(engine, *a, **kw))
-
-    def busy(self) -> bool:
-        """Requests admitted and not finished (the SIGTERM drain waits for them)."""
-        return self.worker.pending > 0
 
     async def read_inputs(self, request_iterator) -> tuple[pb.DenoiseParams, torch.Tensor, torch.Tensor | None]:
         """params first, then the prompt embedding, then (for guidance > 1) the negative one."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -244,10 +245,6 @@ async def start(model: ModelConfig, stages: StageClients, address: str, max_queu
     from smartdiff.shared.serving import start_stage
 
     servicer = GatewayServicer(model, stages, max_in_flight=max_queue)
-
-    async def warmup() -> None:
-        await wait_for_denoiser(servicer)
-
     server, port = await start_stage(SERVICE_NAME, pb_grpc.add_GatewayServiceServicer_to_server, servicer,
-                                     address, max_queue, warmup=warmup)
+                                     address, max_queue, warmup=functools.partial(wait_for_denoiser, servicer))
     return server, port

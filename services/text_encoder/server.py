@@ -31,10 +31,6 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
         self.engine = engine
         self.worker = worker
 
-    def busy(self) -> bool:
-        """Requests admitted and not finished (the SIGTERM drain waits for them)."""
-        return self.worker.pending > 0
-
     def validate(self, request: pb.EncodeRequest) -> torch.dtype:
         check_model(request.model, self.model)
         if not 1 <= len(request.prompts) <= MAX_PROMPTS:

@@ -29,10 +29,6 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         self.worker = worker
         self.tiled = tiled
 
-    def busy(self) -> bool:
-        """Requests admitted and not finished (the SIGTERM drain waits for them)."""
-        return self.worker.pending > 0
-
     async def read_inputs(self, request_iterator) -> tuple[pb.DecodeParams, torch.Tensor]:
         vae = self.model.vae
         st, sh, sw = vae.stride

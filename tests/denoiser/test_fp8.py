@@ -226,7 +226,7 @@ def test_flag_reaches_the_engine_options():
     add_denoiser_flags(p)
     assert options_from_args(p.parse_args([])).gemm == "exact"
     options = options_from_args(p.parse_args(["--gemm", "fp8"]))
-    assert options.gemm == "fp8" and engine_options(options)["gemm"] == "fp8"
+    assert options.gemm == "fp8" and engine_options(options, load_model_config("wan-tiny"))["gemm"] == "fp8"
     with pytest.raises(SystemExit):
         p.parse_args(["--gemm", "fp16"])
 

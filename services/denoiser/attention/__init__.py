@@ -15,6 +15,8 @@ import importlib
 
 import torch
 
+from smartdiff.shared.errors import RequestError
+
 from .base import AttentionFn, Backend, BackendInfo, BackendStatus, Kernel
 
 EXACT = "sdpa"  # the exact reference every lossy backend is checked against
@@ -54,6 +56,19 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
 
+def ring_refusal(name: str, ring_degree: int) -> RequestError | None:
+    """Why `name` cannot run under ring attention, which merges partial results by their log-sum-exp (None: it
+    can): the exact backend and those whose kernels return it can; `auto` cannot."""
+    def ok(n: str) -> bool:
+        return n == EXACT or get_backend(n).info.returns_lse  # (auto's info says False)
+
+    if ring_degree <= 1 or ok(name):
+        return None
+    capable = ", ".join(n for n in _REGISTRY if ok(n))
+    return RequestError("attention.backend", f"{name!r} cannot run under ring attention (ring degree {ring_degree}): "
+                                             f"it does not return the log-sum-exp; use one of {capable}")
+
+
 def available_backends(device: torch.device | str, dtype: torch.dtype | None = None,
                        head_dim: int | None = None) -> list[BackendStatus]:
     """Every backend with whether it can run on this device (and dtype / head dim when given), and why not."""
@@ -71,5 +86,5 @@ from .handle import AttentionHandle, AttentionReport, attach, resolve  # noqa: E
 __all__ = [
     "EXACT", "AttentionChoice", "AttentionFn", "AttentionHandle", "AttentionReport", "Backend", "BackendInfo",
     "BackendStatus", "Kernel", "SpargeParams", "attach", "available_backends", "backend_names", "default_backend",
-    "get_backend", "resolve",
+    "get_backend", "resolve", "ring_refusal",
 ]
