@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +22,64 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+
+
+# Always answered, also while draining, and not counted as work in flight (a health Watch stays open for good).
+_CONTROL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class Admission(grpc.aio.ServerInterceptor):
+    """Counts a server's calls in flight (what a drain waits for) and, once draining, refuses new ones with
+    UNAVAILABLE, which clients retry elsewhere; health and reflection calls always pass."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_CONTROL_PREFIXES):
+            return handler
+        service = details.method.strip("/").split("/")[0]
+        if handler.response_streaming:
+            kind = "stream_stream" if handler.request_streaming else "unary_stream"
+            return handler._replace(**{kind: self._streaming(getattr(handler, kind), service,
+                                                              handler.request_streaming)})
+        kind = "stream_unary" if handler.request_streaming else "unary_unary"
+        return handler._replace(**{kind: self._unary(getattr(handler, kind), service, handler.request_streaming)})
+
+    async def _admit(self, request, context, service: str, request_streaming: bool) -> None:
+        if self.draining:
+            if request_streaming:  # read what the client sends: aborting mid-stream reaches it as INTERNAL
+                async for _ in request:
+                    pass
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{service} is shutting down and takes no new calls; retry (another replica, "
+                                "or this one once restarted)")
+        self.in_flight += 1
+
+    def _unary(self, behavior, service: str, request_streaming: bool):
+        async def call(request, context):
+            await self._admit(request, context, service, request_streaming)
+            try:
+                return await behavior(request, context)
+            finally:
+                self.in_flight -= 1
+        return call
+
+    def _streaming(self, behavior, service: str, request_streaming: bool):
+        async def call(request, context):
+            await self._admit(request, context, service, request_streaming)
+            try:
+                responses = behavior(request, context)
+                if hasattr(responses, "__aiter__"):
+                    async for msg in responses:
+                        yield msg
+                else:  # a coroutine that writes through context.write
+                    await responses
+            finally:
+                self.in_flight -= 1
+        return call
 
 
 class StageServer:
@@ -43,15 +101,15 @@ class StageServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         # Past max_concurrent_rpcs, gRPC itself answers RESOURCE_EXHAUSTED.
+        self.admission = Admission()
         self.server = grpc.aio.server(
             # Clients reconnect (and re-resolve DNS, picking up new replicas) every 5 minutes; calls in
             # flight on an old connection are never cut (no max_connection_age_grace).
             options=[*message_size_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000), *options],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
-            interceptors=list(interceptors),
+            interceptors=[self.admission, *interceptors],
         )
         self.service_names = list(service_names)
-        self.busy: Callable[[], bool] | None = None  # whether work is in flight (drain); set by start_stage
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -88,14 +146,20 @@ class StageServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
-    async def drain(self, grace: float) -> None:
-        """SIGTERM: NOT_SERVING for good while still listening (health checks get the answer, not a refused
-        connection) until `busy()` says the work in flight is done or `grace` seconds passed; then stop, giving
-        the calls still streaming their results what is left of `grace` (at least 1 s)."""
+    async def begin_drain(self) -> None:
+        """NOT_SERVING for good, and new calls refused (UNAVAILABLE); the calls in flight go on."""
+        self.admission.draining = True
         await self.health.enter_graceful_shutdown()
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: NOT_SERVING for good and no new calls (UNAVAILABLE, which clients retry elsewhere), while
+        still listening (health checks get the answer, not a refused connection), until the calls in flight
+        are done or `grace` seconds passed; then stop, giving the calls still streaming their results what is
+        left of `grace` (at least 1 s)."""
+        await self.begin_drain()
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
-        while self.busy is not None and self.busy() and loop.time() < end:
+        while self.admission.in_flight > 0 and loop.time() < end:
             await asyncio.sleep(0.05)
         await self.server.stop(max(end - loop.time(), 1.0))
 

@@ -114,8 +114,6 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
     """
     # gRPC refuses calls past this many in flight (RESOURCE_EXHAUSTED); workers refuse past max_queue too.
     server = StageServer([service_name], max_concurrent_rpcs=max_queue + 4)
-    # what the SIGTERM drain waits for: the servicer's own notion (the gateway's), else its stage worker's
-    server.busy = getattr(servicer, "busy", None) or getattr(getattr(servicer, "worker", None), "busy", None)
     add_servicer(servicer, server.server)
     port = server.add_port(address)
     try:

@@ -83,9 +83,5 @@ class StageWorker:
         finally:
             stop.set()  # no-op when the job finished; stops it at its next check otherwise
 
-    def busy(self) -> bool:
-        """Requests admitted and not finished (what a SIGTERM drain waits for)."""
-        return self.pending > 0
-
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,4 +1,5 @@
-"""The multi-GPU denoiser pod: one process per GPU (torchrun); rank 0 serves gRPC, every rank runs each step.
+"""The multi-GPU denoiser pod: one process per GPU (launch.py, or torchrun); rank 0 serves gRPC, every rank runs
+each step.
 
 For each request rank 0 broadcasts an op header, the DenoiseParams protobuf bytes and the embeddings (all
 tensors, never pickles); every rank then validates the same params and runs the same denoising loop, and
@@ -38,7 +39,7 @@ class ProcessInfo:
 
     @classmethod
     def from_env(cls) -> "ProcessInfo":
-        """What torchrun tells each process (a single process when not launched by torchrun)."""
+        """What the launcher (launch.py or torchrun) tells each process; a single process when there is none."""
         rank = int(os.environ.get("RANK", "0"))
         return cls(rank, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", str(rank))))
 

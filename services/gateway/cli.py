@@ -242,7 +242,7 @@ async def _serve_all(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     if (options.cfg_degree, options.ulysses_degree, options.ring_degree) != (1, 1, 1):
         raise ConfigError("serve all runs one denoiser process: parallel degrees must be 1 "
-                          "(multi-GPU: torchrun -m smartdiff.services.denoiser, see the README)")
+                          "(multi-GPU: smartdiff serve denoiser --nproc-per-node N, see the README)")
     # the stages on loopback (only the gateway calls them), the gateway where --host says
     deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args), gateway_host=args.host,
                                                 gateway_port=args.port, denoiser=options)

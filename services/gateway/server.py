@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 import uuid
+
+import grpc
 
 from smartdiff.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from smartdiff.gateway.v1 import gateway_pb2 as pb
@@ -24,8 +27,36 @@ from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
 log = logging.getLogger("smartdiff.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 STAGE_NAMES = {pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser", pb.STAGE_VAE: "vae"}
-# Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes).
-STAGE_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin")]
+# A stage call refused before its first response with UNAVAILABLE (a replica draining after SIGTERM, a lost
+# connection) is made again after these pauses, within the request's deadline.
+STAGE_RETRY_DELAYS = (0.25, 1.0)
+
+
+def stage_channel_options(service: str) -> list[tuple[str, str]]:
+    """Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes),
+    skipping the replicas whose health says NOT_SERVING (warming up, or draining after SIGTERM)."""
+    config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}}
+    return [("grpc.service_config", json.dumps(config))]
+
+
+async def stage_stream(stage: str, call, context):
+    """The responses of `call(timeout=...)`, a streaming stage call. A call that fails UNAVAILABLE before its
+    first response did no work, so it is made again (round robin then picks another replica when there is
+    one); one that fails later, or with another code, raises."""
+    for delay in (*STAGE_RETRY_DELAYS, None):
+        started = False
+        try:
+            async for msg in call(timeout=context.time_remaining()):
+                started = True
+                yield msg
+            return
+        except grpc.aio.AioRpcError as e:
+            left = context.time_remaining()
+            if started or e.code() != grpc.StatusCode.UNAVAILABLE or delay is None or (left is not None and
+                                                                                      left <= delay):
+                raise
+            log.warning("%s unavailable (%s); retrying in %.2f s", stage, e.details(), delay)
+        await asyncio.sleep(delay)
 
 
 def request_from_proto(r: pb.GenerateRequest) -> GenerationRequest:
@@ -47,7 +78,11 @@ class StageClients:
 
     def __init__(self, text_encoder: str, denoiser: str, vae: str):
         self.addresses = {"text_encoder": text_encoder, "denoiser": denoiser, "vae": vae}
-        self.channels = [create_channel(a, options=STAGE_CHANNEL_OPTIONS) for a in (text_encoder, denoiser, vae)]
+        services = (text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name,
+                    denoiser_pb2.DESCRIPTOR.services_by_name["DenoiserService"].full_name,
+                    vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name)
+        self.channels = [create_channel(a, options=stage_channel_options(name))
+                         for a, name in zip((text_encoder, denoiser, vae), services)]
         self.text_encoder = text_encoder_pb2_grpc.TextEncoderServiceStub(self.channels[0])
         self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(self.channels[1])
         self.vae = vae_pb2_grpc.VaeServiceStub(self.channels[2])
@@ -64,10 +99,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self._denoiser_caps: denoiser_pb2.GetCapabilitiesResponse | None = None
-
-    def busy(self) -> bool:
-        """Generations in flight (the SIGTERM drain waits for them)."""
-        return self.in_flight > 0
 
     async def denoiser_capabilities(self, timeout: float | None) -> denoiser_pb2.GetCapabilitiesResponse:
         if self._denoiser_caps is None:
@@ -119,10 +150,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         t0 = time.perf_counter()
         prompts = [req.prompt, req.negative_prompt] if req.uses_cfg else [req.prompt]
         with calling_stage("text_encoder"):
-            call = self.stages.text_encoder.Encode(text_encoder_pb2.EncodeRequest(
-                request_id=request_id, model=self.model.name, prompts=prompts), timeout=context.time_remaining())
+            encode = functools.partial(self.stages.text_encoder.Encode, text_encoder_pb2.EncodeRequest(
+                request_id=request_id, model=self.model.name, prompts=prompts))
             frames, te_summary = [], None
-            async for msg in call:
+            async for msg in stage_stream("text_encoder", encode, context):
                 if msg.WhichOneof("frame") == "embedding":
                     frames.append(msg.embedding)
                 else:
@@ -150,7 +181,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
         latent_frames, dn_summary = [], None
         with calling_stage("denoiser"):
-            async for msg in self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining()):
+            denoise = lambda timeout: self.stages.denoiser.Denoise(denoise_inputs(), timeout=timeout)  # noqa: E731
+            async for msg in stage_stream("denoiser", denoise, context):
                 kind = msg.WhichOneof("frame")
                 if kind == "progress":
                     p = msg.progress
@@ -178,7 +210,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
         vae_summary = None
         with calling_stage("vae"):
-            async for msg in self.stages.vae.Decode(decode_inputs(), timeout=context.time_remaining()):
+            decode = lambda timeout: self.stages.vae.Decode(decode_inputs(), timeout=timeout)  # noqa: E731
+            async for msg in stage_stream("vae", decode, context):
                 kind = msg.WhichOneof("frame")
                 if kind == "progress":
                     yield progress(pb.STAGE_VAE, msg.progress.step, msg.progress.total, start)

@@ -1,4 +1,5 @@
-"""A 2-process (torchrun, gloo) cfg-parallel denoiser behind the real gateway: same latents as one process."""
+"""A 2-process (gloo) cfg-parallel denoiser behind the real gateway: same latents as one process, under torchrun
+and under our launcher (--nproc-per-node), which passes SIGTERM on and lets the ranks drain."""
 
 import asyncio
 import os
@@ -24,48 +25,120 @@ REQ = GenerationRequest(prompt="a lighthouse at night", negative_prompt="blur", 
                         steps=4, seed=11)
 
 
-def start_torchrun(*flags: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "smartdiff.services.denoiser", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
-           "--log-level", "WARNING", *flags]
+DENOISER = ["-m", "smartdiff.services.denoiser", "--host", "127.0.0.1", "--port", "0", "--device", "cpu"]
+
+
+def start_denoiser(cmd: list[str], lines: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a multi-process denoiser; returns it and its address once rank 0 prints SERVING."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
                             start_new_session=True)
-    lines = []
+    lines = [] if lines is None else lines
     for line in proc.stdout:
         lines.append(line)
         if line.rstrip().endswith("SERVING"):
             return proc, line.split()[-2]
     proc.wait(10)
-    raise AssertionError("torchrun denoiser exited before SERVING:\n" + "".join(lines[-30:]))
+    raise AssertionError("the denoiser exited before SERVING:\n" + "".join(lines[-30:]))
+
+
+def start_torchrun(*flags: str) -> tuple[subprocess.Popen, str]:
+    return start_denoiser([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), *DENOISER, "--log-level", "WARNING", *flags])
+
+
+def start_launcher(*flags: str, lines: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    return start_denoiser([sys.executable, *DENOISER, "--nproc-per-node", "2", *flags], lines)
+
+
+def through_a_gateway(denoiser_addr: str, during=None):
+    """Generate REQ through a real gateway whose denoiser is `denoiser_addr`; `during()` runs once the denoiser
+    reported its first step."""
+    model = load_model_config("wan-tiny")
+
+    async def body():
+        system = SystemConfig(torch.device("cpu"), torch.float32)
+        te, te_port = await te_server.start(model, None, system, "127.0.0.1:0")
+        vae, vae_port = await vae_server.start(model, None, system, "127.0.0.1:0")
+        stages = gateway_server.StageClients(f"127.0.0.1:{te_port}", denoiser_addr, f"127.0.0.1:{vae_port}")
+        gw, gw_port = await gateway_server.start(model, stages, "127.0.0.1:0")
+        fired = []
+
+        def on_progress(stage, *_):
+            if stage == "denoiser" and not fired and during is not None:
+                fired.append(during())
+        try:
+            async with create_channel(f"127.0.0.1:{gw_port}") as ch:
+                return await generate(gateway_pb2_grpc.GatewayServiceStub(ch), request_to_proto(REQ, return_latents=True),
+                                      on_progress=on_progress)
+        finally:
+            for s in (gw, vae, te):
+                await s.stop(0)
+            await stages.close()
+
+    return asyncio.run(body())
+
+
+def same_as_one_process(outcome) -> bool:
+    model = load_model_config("wan-tiny")
+    local = LocalPipeline.load(model, None, torch.device("cpu"), torch.float32).generate(resolve_request(REQ, model))
+    return bool(((outcome.latents - local.latents).norm() / local.latents.norm()) <= 1e-5)
 
 
 def test_cfg_parallel_denoiser_through_the_gateway():
-    model = load_model_config("wan-tiny")
     proc, denoiser_addr = start_torchrun("--cfg-degree", "2")
     try:
-        async def body():
-            system = SystemConfig(torch.device("cpu"), torch.float32)
-            te, te_port = await te_server.start(model, None, system, "127.0.0.1:0")
-            vae, vae_port = await vae_server.start(model, None, system, "127.0.0.1:0")
-            stages = gateway_server.StageClients(f"127.0.0.1:{te_port}", denoiser_addr, f"127.0.0.1:{vae_port}")
-            gw, gw_port = await gateway_server.start(model, stages, "127.0.0.1:0")
-            try:
-                async with create_channel(f"127.0.0.1:{gw_port}") as ch:
-                    return await generate(gateway_pb2_grpc.GatewayServiceStub(ch), request_to_proto(REQ, return_latents=True))
-            finally:
-                for s in (gw, vae, te):
-                    await s.stop(0)
-                await stages.close()
-
-        outcome = asyncio.run(body())
+        outcome = through_a_gateway(denoiser_addr)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # as Kubernetes stops a pod: every process gets SIGTERM
         output = proc.communicate(timeout=60)[0]
         assert "/services/" not in output, output  # no traceback from our ranks (torchrun reports the signal)
-    local = LocalPipeline.load(model, None, torch.device("cpu"), torch.float32).generate(resolve_request(REQ, model))
-    assert ((outcome.latents - local.latents).norm() / local.latents.norm()) <= 1e-5
+    assert same_as_one_process(outcome)
     assert outcome.summary.settings.seed == 11
+
+
+def test_launcher_passes_sigterm_on_and_the_request_in_flight_completes():
+    """Kubernetes sends SIGTERM to the container's first process only: the launcher passes it to the ranks, rank 0
+    drains while the generation in flight finishes, every rank exits 0, and so does the launcher."""
+    proc, denoiser_addr = start_launcher("--cfg-degree", "2", "--drain-seconds", "120")
+    try:
+        outcome = through_a_gateway(denoiser_addr, during=lambda: os.kill(proc.pid, signal.SIGTERM))
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output, output
+    assert "SIGTERM: passing it to the 2 ranks" in output and "draining" in output
+    assert same_as_one_process(outcome) and outcome.summary.denoiser_world_size == 2
+
+
+def test_launcher_stops_the_ranks_when_one_dies():
+    """A rank that dies (OOM killer, a crash) leaves the others waiting on it in a collective: the launcher stops
+    them and exits with the dead rank's code, so that the pod restarts."""
+    lines: list[str] = []
+    proc, _ = start_launcher("--cfg-degree", "2", "--log-level", "INFO", lines=lines)
+    try:
+        pid = next(int(ln.rsplit("pid ", 1)[1].rstrip(")\n")) for ln in lines if "rank 1/2 started" in ln)
+        os.kill(pid, signal.SIGKILL)
+        output = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGKILL, output
+    assert "rank 1 exited with code 137; stopping the other ranks" in output
+
+
+def test_launcher_checks_the_layout_and_the_launch_before_starting_ranks():
+    run = lambda *flags, env=None: subprocess.run(  # noqa: E731
+        [sys.executable, *DENOISER, *flags], capture_output=True, text=True, timeout=120, env=env)
+    bad_layout = run("--nproc-per-node", "2")
+    assert bad_layout.returncode == 2 and "world size 2 must equal cfg x ulysses x ring" in bad_layout.stdout
+    assert "started" not in bad_layout.stderr
+    under_torchrun = run("--nproc-per-node", "2", "--cfg-degree", "2", env={**os.environ, "RANK": "0"})
+    assert under_torchrun.returncode == 2 and "already a rank of another launcher" in under_torchrun.stdout
+    nproc = run("--nproc-per-node", "0")
+    assert nproc.returncode == 2 and "--nproc-per-node: must be between 1 and 64" in nproc.stderr
 
 
 def test_invalid_layout_is_refused_at_start_with_a_suggestion():

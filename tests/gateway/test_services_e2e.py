@@ -432,3 +432,78 @@ def test_sigterm_drain_answers_not_serving_while_the_request_in_flight_finishes(
     status, frames = run(body)
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert frames[-1] == "summary" and "mp4" in frames
+
+
+def test_a_draining_stage_replica_is_skipped_and_its_refusals_retried():
+    """Two VAE replicas behind one gateway (the round-robin target a headless Service resolves to): while one
+    drains (NOT_SERVING, refusing new calls), every generation completes on the other."""
+    from smartdiff.services.gateway import server as gateway_server
+    from smartdiff.services.vae import server as vae_server
+
+    async def body(d, channel):
+        model = load_model_config("wan-tiny")
+        spare, spare_port = await vae_server.start(model, None, CPU, "127.0.0.1:0")
+        draining = d.servers[2]  # the deployment's own VAE
+        addrs = d.stages.addresses
+        vae_target = f"ipv4:{addrs['vae']},127.0.0.1:{spare_port}"
+        stages = gateway_server.StageClients(addrs["text_encoder"], addrs["denoiser"], vae_target)
+        gw, gw_port = await gateway_server.start(model, stages, "127.0.0.1:0", 4)
+        try:
+            await draining.begin_drain()
+            async with create_channel(f"127.0.0.1:{gw_port}") as gw_channel:
+                outcomes = [await generate(gateway(gw_channel), request_to_proto(GenerationRequest(
+                    prompt="x", seed=i, **SMALL))) for i in range(4)]
+            return outcomes
+        finally:
+            await gw.stop(1)
+            await stages.close()
+            await spare.stop(1)
+
+    outcomes = run(body)
+    assert all(probe_mp4(o.video)[:3] == (5, 32, 32) for o in outcomes)
+
+
+def test_stage_calls_are_retried_only_when_refused_before_any_response():
+    from smartdiff.services.gateway.server import stage_stream
+
+    class Context:
+        def time_remaining(self):
+            return None
+
+    def failing(code, after):
+        async def responses():
+            for msg in after:
+                yield msg
+            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="boom")
+        return responses()
+
+    def calls(*plans):
+        made = []
+
+        def call(timeout):
+            plan = plans[len(made)]
+            made.append(timeout)
+            return failing(*plan) if isinstance(plan, tuple) else _ok(plan)
+        return call, made
+
+    async def _ok_gen(msgs):
+        for m in msgs:
+            yield m
+
+    def _ok(msgs):
+        return _ok_gen(msgs)
+
+    async def collect(call):
+        return [m async for m in stage_stream("vae", call, Context())]
+
+    call, made = calls((grpc.StatusCode.UNAVAILABLE, []), ["a", "b"])
+    assert asyncio.run(collect(call)) == ["a", "b"] and len(made) == 2
+    for plan in ((grpc.StatusCode.UNAVAILABLE, ["a"]), (grpc.StatusCode.INVALID_ARGUMENT, [])):
+        call, made = calls(plan, ["never"])
+        with pytest.raises(grpc.aio.AioRpcError):
+            asyncio.run(collect(call))
+        assert len(made) == 1
+    call, made = calls(*[(grpc.StatusCode.UNAVAILABLE, [])] * 3)  # the last refusal is the answer
+    with pytest.raises(grpc.aio.AioRpcError):
+        asyncio.run(collect(call))
+    assert len(made) == 3

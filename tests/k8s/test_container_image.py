@@ -73,7 +73,7 @@ def test_needs_no_network_at_start():
 
 
 def test_every_program_the_manifests_start_is_in_the_image():
-    scripts = set(PYPROJECT["project"]["scripts"]) | {"torchrun"}  # torchrun: torch's console script
+    scripts = set(PYPROJECT["project"]["scripts"])
     for stage in STAGES:
         program = container(stage)["args"][0]
         assert program in scripts, f"{stage} starts {program!r}"

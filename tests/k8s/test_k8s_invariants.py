@@ -1,13 +1,12 @@
 """What a cluster would only reveal later: k8s/'s objects agree with each other, with the image and with the services.
 
 Labels and selectors, Service / container / ConfigMap ports, probes on the health service, who the
-NetworkPolicies admit, GPUs / torchrun / parallel degrees, shutdown budgets, security and writable paths.
+NetworkPolicies admit, GPUs / ranks / parallel degrees, shutdown budgets, security and writable paths.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 from pathlib import PurePosixPath
 
@@ -173,7 +172,7 @@ def parse_with_the_service(monkeypatch, run, argv: list[str], shown: str) -> arg
     pytest.fail(f"`{shown}` never parsed its flags")
 
 
-@pytest.mark.parametrize("stage", ("gateway", "text-encoder", "vae"))
+@pytest.mark.parametrize("stage", STAGES)
 def test_smartdiff_serve_command_lines_parse(stage, monkeypatch):
     argv = expanded_args(stage)
     assert argv[:3] == ["smartdiff", "serve", stage]
@@ -184,49 +183,32 @@ def test_smartdiff_serve_command_lines_parse(stage, monkeypatch):
     assert args.model == configmap()["SMARTDIFF_MODEL"]
 
 
-def denoiser_launch():
-    """torchrun's parsed arguments and the module's own arguments."""
-    from torch.distributed.run import get_args_parser
-
+def denoiser_args(monkeypatch) -> argparse.Namespace:
+    """The denoiser's command line as its own parser reads it."""
     argv = expanded_args("denoiser")
-    assert argv[0] == "torchrun"
-    launch = get_args_parser().parse_args(argv[1:])
-    return launch, list(launch.training_script_args)
+    cli = pytest.importorskip("smartdiff.services.gateway.cli")
+    return parse_with_the_service(monkeypatch, cli.main, argv[1:], " ".join(argv))
 
 
-def test_denoiser_runs_under_torchrun_standalone_with_the_module_entry_point(monkeypatch):
-    launch, module_args = denoiser_launch()
-    assert launch.module and launch.training_script == "smartdiff.services.denoiser"
-    assert launch.standalone and str(launch.nnodes) == "1"
-    assert importlib.util.find_spec("smartdiff.services.denoiser.__main__") is not None, \
-        "`python -m smartdiff.services.denoiser` needs services/denoiser/__main__.py"
-    entry = importlib.import_module("smartdiff.services.denoiser.__main__")
-    args = parse_with_the_service(monkeypatch, entry.main, module_args,
-                                  "python -m smartdiff.services.denoiser " + " ".join(module_args))
-    assert args.port == PORTS["denoiser"]
-    assert str(args.checkpoint) == configmap()["SMARTDIFF_MODEL_DIR"]
-
-
-def test_torchrun_world_size_equals_gpus_and_parallel_degrees():
-    launch, module_args = denoiser_launch()
-    f = flags(module_args)
-    world = int(launch.nproc_per_node)
+def test_denoiser_ranks_equal_gpus_and_parallel_degrees(monkeypatch):
+    args = denoiser_args(monkeypatch)
+    world = args.nproc_per_node
     limits = container("denoiser")["resources"]["limits"]
-    degrees = int(f["cfg-degree"]) * int(f["ulysses-degree"]) * int(f["ring-degree"])
+    degrees = args.cfg_degree * args.ulysses_degree * args.ring_degree
     assert world == int(limits[GPU]) == degrees == 4, (world, limits[GPU], degrees)
-    assert "$(" not in container("denoiser")["args"][3], "--nproc-per-node must be literal, beside the GPU limit"
+    literal = [a for a in container("denoiser")["args"] if a.startswith("--nproc-per-node")]
+    assert literal and "$(" not in literal[0], "--nproc-per-node must be literal, beside the GPU limit"
     # Ulysses splits attention heads across ranks.
     from smartdiff.shared.config import available_models, load_model_config
 
     model = configmap()["SMARTDIFF_MODEL"]
     assert model in available_models()
-    assert load_model_config(model).dit.num_heads % int(f["ulysses-degree"]) == 0
+    assert load_model_config(model).dit.num_heads % args.ulysses_degree == 0
 
 
-def test_allowed_attention_backends_are_registered():
+def test_allowed_attention_backends_are_registered(monkeypatch):
     attention = pytest.importorskip("smartdiff.services.denoiser.attention")
-    _, module_args = denoiser_launch()
-    allowed = flags(module_args)["attention-backends"].split(",")
+    allowed = denoiser_args(monkeypatch).attention_backends.split(",")
     assert set(allowed) <= set(attention.backend_names()), set(allowed) - set(attention.backend_names())
 
 
@@ -394,8 +376,6 @@ def test_shutdown_fits_in_the_termination_grace_period(stage):
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     drain = float(flags(expanded_args(stage))["drain-seconds"])
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 10, (stage, pre_stop, drain)
-    if expanded_args(stage)[0] == "torchrun":  # it SIGKILLs the ranks 30 s after forwarding SIGTERM
-        assert drain <= 25
 
 
 # ---- resources ----

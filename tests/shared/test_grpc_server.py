@@ -3,6 +3,7 @@
 import asyncio
 
 import grpc
+import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -141,3 +142,44 @@ def test_message_size_limit_is_enforced():
     assert (
         asyncio.run(with_echo_server(body, max_message_bytes=64 << 10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     )
+
+
+def test_drain_refuses_new_calls_and_waits_for_the_ones_in_flight():
+    """SIGTERM's drain: NOT_SERVING, a new call is refused UNAVAILABLE naming the service (clients retry it
+    elsewhere), the call in flight streams to its end, then the server stops."""
+    release = asyncio.Event()
+
+    async def slow(request, context):
+        yield b"started"
+        await release.wait()
+        yield b"done"
+
+    async def run():
+        server = StageServer([GATEWAY])
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Slow", {"Run": grpc.unary_stream_rpc_method_handler(slow)}),))
+        port = server.add_port("127.0.0.1:0")
+        await server.start()
+        await server.mark_serving()
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            method = channel.unary_stream("/test.Slow/Run")
+            first = method(b"")
+            assert await first.read() == b"started"
+            assert server.admission.in_flight == 1
+            drain = asyncio.ensure_future(server.drain(30))
+            await asyncio.sleep(0.2)
+            status = await health_of(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in method(b""):
+                    pass
+            assert not drain.done()  # the first call is still in flight
+            release.set()
+            rest = [await first.read(), await first.read()]
+            await asyncio.wait_for(drain, 10)
+        return status, refused.value, rest, server.admission.in_flight
+
+    status, refused, rest, in_flight = asyncio.run(run())
+    assert status == NOT_SERVING
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert "test.Slow is shutting down" in refused.details() and "retry" in refused.details()
+    assert rest == [b"done", grpc.aio.EOF] and in_flight == 0

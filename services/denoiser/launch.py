@@ -1,0 +1,108 @@
+"""`--nproc-per-node N`: start the N ranks of a multi-GPU denoiser and stand between them and the pod's signals.
+
+torchrun does the same job, but on SIGTERM it SIGKILLs the ranks 30 s later and then exits 1, so a denoiser under
+it cannot drain for longer than that: a rolling update cuts the videos in flight. This launcher:
+- starts rank r as `python -m smartdiff.services.denoiser ARGS` with torchrun's variables (RANK, LOCAL_RANK,
+  WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT: a free port), output to its own;
+- forwards SIGTERM / SIGINT to every rank and waits for as long as they drain (rank 0 drains; the others stop
+  when rank 0 tells them): the pod's terminationGracePeriodSeconds is the bound, as for the other stages;
+- when a rank fails, or rank 0 ends while others linger, stops the rest (SIGTERM, SIGKILL `STOP_GRACE` s later:
+  a rank waiting on a dead peer in a collective never returns by itself);
+- exits 0 when every rank exited 0, else with the first failure's code (128 + N for a signal N).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("smartdiff.denoiser.launch")
+
+LAUNCHED_ENV = "SMARTDIFF_DENOISER_LAUNCHED"  # set in the ranks' environment: they serve, they do not launch
+STOP_GRACE = 10.0  # seconds between the SIGTERM and the SIGKILL of ranks left behind by a failed or finished peer
+POLL = 0.1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def exit_code(returncode: int) -> int:
+    """A shell's convention: 128 + N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    return dict(os.environ, **{LAUNCHED_ENV: "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Run `nproc` ranks of the denoiser with `argv` (the command line, --nproc-per-node included: the ranks see
+    LAUNCHED_ENV and serve) until they end; returns the exit code for this process."""
+    port = free_port()
+    command = [sys.executable, "-m", "smartdiff.services.denoiser", *argv]
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def forward(sig, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        log.info("%s: passing it to the %d ranks, which drain", signal.Signals(sig).name, len(procs))
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for rank in range(nproc):
+            procs.append(subprocess.Popen(command, env=rank_env(rank, nproc, port)))
+            log.info("rank %d/%d started (pid %d)", rank, nproc, procs[-1].pid)
+        return _supervise(procs, lambda: stopping)
+    finally:
+        for p in procs:  # only after an error of our own: _supervise returns when every rank has ended
+            if p.poll() is None:
+                p.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(procs: list[subprocess.Popen], stopping) -> int:
+    failure: tuple[int, int] | None = None  # (rank, returncode) of the first rank that failed
+    kill_at: float | None = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            break
+        if failure is None:
+            failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is not None:
+                failure = failed
+                if not stopping() or failed[0] != 0:
+                    log.error("rank %d exited with code %d; stopping the other ranks", failed[0],
+                              exit_code(failed[1]))
+        if kill_at is None and (failure is not None or codes[0] == 0):
+            kill_at = time.monotonic() + STOP_GRACE
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        if kill_at is not None and time.monotonic() > kill_at:
+            for r, p in enumerate(procs):
+                if p.poll() is None:
+                    log.error("rank %d still running %.0f s after rank %d ended; killing it", r, STOP_GRACE,
+                              failure[0] if failure else 0)
+                    p.kill()
+                    if failure is None:
+                        failure = (r, -signal.SIGKILL)
+        time.sleep(POLL)
+    if failure is None:
+        return 0
+    return exit_code(failure[1])
