@@ -24,52 +24,38 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     ]
 
 
-# Always answered, also while draining, and not counted as work in flight (a health Watch stays open for good).
+# Not work: a health Watch stays open for as long as its client watches.
 _CONTROL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-class Admission(grpc.aio.ServerInterceptor):
-    """Counts a server's calls in flight (what a drain waits for) and, once draining, refuses new ones with
-    UNAVAILABLE, which clients retry elsewhere; health and reflection calls always pass."""
+class InFlight(grpc.aio.ServerInterceptor):
+    """Counts a server's calls in flight, health and reflection excluded: what a drain waits for."""
 
     def __init__(self) -> None:
-        self.in_flight = 0
-        self.draining = False
+        self.count = 0
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_CONTROL_PREFIXES):
             return handler
-        service = details.method.strip("/").split("/")[0]
         if handler.response_streaming:
             kind = "stream_stream" if handler.request_streaming else "unary_stream"
-            return handler._replace(**{kind: self._streaming(getattr(handler, kind), service,
-                                                              handler.request_streaming)})
+            return handler._replace(**{kind: self._streaming(getattr(handler, kind))})
         kind = "stream_unary" if handler.request_streaming else "unary_unary"
-        return handler._replace(**{kind: self._unary(getattr(handler, kind), service, handler.request_streaming)})
+        return handler._replace(**{kind: self._unary(getattr(handler, kind))})
 
-    async def _admit(self, request, context, service: str, request_streaming: bool) -> None:
-        if self.draining:
-            if request_streaming:  # read what the client sends: aborting mid-stream reaches it as INTERNAL
-                async for _ in request:
-                    pass
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"{service} is shutting down and takes no new calls; retry (another replica, "
-                                "or this one once restarted)")
-        self.in_flight += 1
-
-    def _unary(self, behavior, service: str, request_streaming: bool):
+    def _unary(self, behavior):
         async def call(request, context):
-            await self._admit(request, context, service, request_streaming)
+            self.count += 1
             try:
                 return await behavior(request, context)
             finally:
-                self.in_flight -= 1
+                self.count -= 1
         return call
 
-    def _streaming(self, behavior, service: str, request_streaming: bool):
+    def _streaming(self, behavior):
         async def call(request, context):
-            await self._admit(request, context, service, request_streaming)
+            self.count += 1
             try:
                 responses = behavior(request, context)
                 if hasattr(responses, "__aiter__"):
@@ -78,7 +64,7 @@ class Admission(grpc.aio.ServerInterceptor):
                 else:  # a coroutine that writes through context.write
                     await responses
             finally:
-                self.in_flight -= 1
+                self.count -= 1
         return call
 
 
@@ -101,13 +87,13 @@ class StageServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         # Past max_concurrent_rpcs, gRPC itself answers RESOURCE_EXHAUSTED.
-        self.admission = Admission()
+        self.in_flight = InFlight()
         self.server = grpc.aio.server(
             # Clients reconnect (and re-resolve DNS, picking up new replicas) every 5 minutes; calls in
             # flight on an old connection are never cut (no max_connection_age_grace).
             options=[*message_size_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000), *options],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
-            interceptors=[self.admission, *interceptors],
+            interceptors=[self.in_flight, *interceptors],
         )
         self.service_names = list(service_names)
         self.health = health.aio.HealthServicer()
@@ -146,22 +132,19 @@ class StageServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
-    async def begin_drain(self) -> None:
-        """NOT_SERVING for good, and new calls refused (UNAVAILABLE); the calls in flight go on."""
-        self.admission.draining = True
-        await self.health.enter_graceful_shutdown()
-
     async def drain(self, grace: float) -> None:
-        """SIGTERM: NOT_SERVING for good and no new calls (UNAVAILABLE, which clients retry elsewhere), while
-        still listening (health checks get the answer, not a refused connection), until the calls in flight
-        are done or `grace` seconds passed; then stop, giving the calls still streaming their results what is
-        left of `grace` (at least 1 s)."""
-        await self.begin_drain()
+        """SIGTERM: NOT_SERVING to health watchers, then GOAWAY on every connection and no new ones, so that
+        clients send new calls elsewhere (a new connection through a Service reaches another replica), while
+        the calls in flight go on until they are done or `grace` seconds passed; then stop (ending the health
+        watches, which never end by themselves)."""
+        await self.health.enter_graceful_shutdown()
+        stopping = asyncio.ensure_future(self.server.stop(grace))
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
-        while self.admission.in_flight > 0 and loop.time() < end:
+        while self.in_flight.count > 0 and loop.time() < end and not stopping.done():
             await asyncio.sleep(0.05)
-        await self.server.stop(max(end - loop.time(), 1.0))
+        await self.server.stop(0)
+        await stopping
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

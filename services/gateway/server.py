@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 import uuid
@@ -27,22 +26,17 @@ from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
 log = logging.getLogger("smartdiff.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 STAGE_NAMES = {pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser", pb.STAGE_VAE: "vae"}
-# A stage call refused before its first response with UNAVAILABLE (a replica draining after SIGTERM, a lost
-# connection) is made again after these pauses, within the request's deadline.
-STAGE_RETRY_DELAYS = (0.25, 1.0)
-
-
-def stage_channel_options(service: str) -> list[tuple[str, str]]:
-    """Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes),
-    skipping the replicas whose health says NOT_SERVING (warming up, or draining after SIGTERM)."""
-    config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}}
-    return [("grpc.service_config", json.dumps(config))]
+# Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes).
+STAGE_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin")]
+# A stage call that fails UNAVAILABLE before its first response (a replica gone between the DNS answer and the
+# call, a stage restarting) is made again after these pauses, within the request's deadline.
+STAGE_RETRY_DELAYS = (0.25, 1.0, 4.0)
 
 
 async def stage_stream(stage: str, call, context):
     """The responses of `call(timeout=...)`, a streaming stage call. A call that fails UNAVAILABLE before its
-    first response did no work, so it is made again (round robin then picks another replica when there is
-    one); one that fails later, or with another code, raises."""
+    first response did no work that anyone saw, so it is made again (round robin picks another replica when
+    there is one); one that fails later, or with another code, raises."""
     for delay in (*STAGE_RETRY_DELAYS, None):
         started = False
         try:
@@ -78,11 +72,7 @@ class StageClients:
 
     def __init__(self, text_encoder: str, denoiser: str, vae: str):
         self.addresses = {"text_encoder": text_encoder, "denoiser": denoiser, "vae": vae}
-        services = (text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name,
-                    denoiser_pb2.DESCRIPTOR.services_by_name["DenoiserService"].full_name,
-                    vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name)
-        self.channels = [create_channel(a, options=stage_channel_options(name))
-                         for a, name in zip((text_encoder, denoiser, vae), services)]
+        self.channels = [create_channel(a, options=STAGE_CHANNEL_OPTIONS) for a in (text_encoder, denoiser, vae)]
         self.text_encoder = text_encoder_pb2_grpc.TextEncoderServiceStub(self.channels[0])
         self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(self.channels[1])
         self.vae = vae_pb2_grpc.VaeServiceStub(self.channels[2])

@@ -24,7 +24,7 @@ from smartdiff.shared.request import GenerationRequest, resolve_request
 from smartdiff.shared.serving import SystemConfig
 from smartdiff.shared.tensor_stream import tensor_to_messages
 from smartdiff.text_encoder.v1 import text_encoder_pb2
-from smartdiff.vae.v1 import vae_pb2
+from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
 
 CPU = SystemConfig(torch.device("cpu"), torch.float32, max_queue=2)
 SMALL = dict(width=32, height=32, frames=5, steps=3)
@@ -249,7 +249,11 @@ def test_text_encoder_skips_requests_whose_deadline_passed_in_its_queue(monkeypa
     run(body)
 
 
-def test_stage_down_is_unavailable_naming_it():
+def test_stage_down_is_unavailable_naming_it(monkeypatch):
+    from smartdiff.services.gateway import server as gateway_server
+
+    monkeypatch.setattr(gateway_server, "STAGE_RETRY_DELAYS", (0.05,))  # retried once, then the answer
+
     async def body(d, channel):
         await d.servers[2].stop(0)  # the vae
         r = request_to_proto(GenerationRequest(prompt="x", **SMALL))
@@ -411,9 +415,10 @@ def test_serve_all_puts_the_stages_on_loopback_and_the_gateway_on_its_host():
     assert asyncio.run(main()) == "wan-tiny"
 
 
-def test_sigterm_drain_answers_not_serving_while_the_request_in_flight_finishes():
-    """StageServer.drain (what SIGTERM runs): health answers NOT_SERVING on the open port while the generation in
-    flight goes on, the generation completes, then the server stops."""
+def test_sigterm_drain_finishes_the_request_in_flight_and_sends_new_ones_away():
+    """StageServer.drain (what SIGTERM runs) on the gateway: the generation in flight goes on to its video, a new
+    call cannot reach the draining gateway (clients behind a Service reconnect to another replica), then the
+    server stops."""
     async def body(d, channel):
         gw_server = d.servers[-1]
         r = request_to_proto(GenerationRequest(prompt="x", width=64, height=64, frames=9, steps=30, seed=1))
@@ -423,20 +428,19 @@ def test_sigterm_drain_answers_not_serving_while_the_request_in_flight_finishes(
                 break
         drain = asyncio.create_task(gw_server.drain(60))
         await asyncio.sleep(0.2)
-        health = health_pb2_grpc.HealthStub(channel)
-        status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+        new_call = await expect_error(gateway(channel).GetCapabilities(gateway_pb2.GetCapabilitiesRequest(),
+                                                                       timeout=5), grpc.StatusCode.UNAVAILABLE)
         frames = [msg.WhichOneof("frame") async for msg in call]
         await drain
-        return status, frames
+        return new_call, frames
 
-    status, frames = run(body)
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    new_call, frames = run(body)
     assert frames[-1] == "summary" and "mp4" in frames
 
 
-def test_a_draining_stage_replica_is_skipped_and_its_refusals_retried():
+def test_a_draining_stage_replica_is_skipped():
     """Two VAE replicas behind one gateway (the round-robin target a headless Service resolves to): while one
-    drains (NOT_SERVING, refusing new calls), every generation completes on the other."""
+    drains with a call in flight (NOT_SERVING, GOAWAY), every new generation completes on the other."""
     from smartdiff.services.gateway import server as gateway_server
     from smartdiff.services.vae import server as vae_server
 
@@ -445,16 +449,44 @@ def test_a_draining_stage_replica_is_skipped_and_its_refusals_retried():
         spare, spare_port = await vae_server.start(model, None, CPU, "127.0.0.1:0")
         draining = d.servers[2]  # the deployment's own VAE
         addrs = d.stages.addresses
-        vae_target = f"ipv4:{addrs['vae']},127.0.0.1:{spare_port}"
-        stages = gateway_server.StageClients(addrs["text_encoder"], addrs["denoiser"], vae_target)
+        stages = gateway_server.StageClients(addrs["text_encoder"], addrs["denoiser"],
+                                             f"ipv4:{addrs['vae']},127.0.0.1:{spare_port}")
         gw, gw_port = await gateway_server.start(model, stages, "127.0.0.1:0", 4)
+        hold = asyncio.Event()
+
+        def held_inputs():  # a decode that stays in flight: its params, and no latents until released
+            yield vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(request_id="held", model="wan-tiny"))
+
+        async def held():
+            async with create_channel(addrs["vae"]) as ch:
+                call = vae_pb2_grpc.VaeServiceStub(ch).Decode(held_inputs_async())
+                try:
+                    async for _ in call:
+                        pass
+                except grpc.aio.AioRpcError:
+                    pass
+
+        async def held_inputs_async():
+            for m in held_inputs():
+                yield m
+            await hold.wait()
+
+        holder = asyncio.create_task(held())
         try:
-            await draining.begin_drain()
+            while draining.in_flight.count == 0:
+                await asyncio.sleep(0.01)
+            drain = asyncio.create_task(draining.drain(30))
+            await asyncio.sleep(0.2)
             async with create_channel(f"127.0.0.1:{gw_port}") as gw_channel:
                 outcomes = [await generate(gateway(gw_channel), request_to_proto(GenerationRequest(
                     prompt="x", seed=i, **SMALL))) for i in range(4)]
+            assert not drain.done()  # the held decode kept the draining replica in its drain throughout
+            hold.set()
+            await asyncio.wait_for(drain, 10)
             return outcomes
         finally:
+            hold.set()
+            await holder
             await gw.stop(1)
             await stages.close()
             await spare.stop(1)
@@ -463,7 +495,8 @@ def test_a_draining_stage_replica_is_skipped_and_its_refusals_retried():
     assert all(probe_mp4(o.video)[:3] == (5, 32, 32) for o in outcomes)
 
 
-def test_stage_calls_are_retried_only_when_refused_before_any_response():
+def test_stage_calls_are_retried_only_when_refused_before_any_response(monkeypatch):
+    from smartdiff.services.gateway import server as gateway_server
     from smartdiff.services.gateway.server import stage_stream
 
     class Context:
@@ -503,6 +536,7 @@ def test_stage_calls_are_retried_only_when_refused_before_any_response():
         with pytest.raises(grpc.aio.AioRpcError):
             asyncio.run(collect(call))
         assert len(made) == 1
+    monkeypatch.setattr(gateway_server, "STAGE_RETRY_DELAYS", (0.01, 0.01))
     call, made = calls(*[(grpc.StatusCode.UNAVAILABLE, [])] * 3)  # the last refusal is the answer
     with pytest.raises(grpc.aio.AioRpcError):
         asyncio.run(collect(call))
