@@ -28,29 +28,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 STAGE_NAMES = {pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser", pb.STAGE_VAE: "vae"}
 # Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes).
 STAGE_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin")]
-# A stage call that fails UNAVAILABLE before its first response (a replica gone between the DNS answer and the
-# call, a stage restarting) is made again after these pauses, within the request's deadline.
-STAGE_RETRY_DELAYS = (0.25, 1.0, 4.0)
-
-
-async def stage_stream(stage: str, call, context):
-    """The responses of `call(timeout=...)`, a streaming stage call. A call that fails UNAVAILABLE before its
-    first response did no work that anyone saw, so it is made again (round robin picks another replica when
-    there is one); one that fails later, or with another code, raises."""
-    for delay in (*STAGE_RETRY_DELAYS, None):
-        started = False
-        try:
-            async for msg in call(timeout=context.time_remaining()):
-                started = True
-                yield msg
-            return
-        except grpc.aio.AioRpcError as e:
-            left = context.time_remaining()
-            if started or e.code() != grpc.StatusCode.UNAVAILABLE or delay is None or (left is not None and
-                                                                                      left <= delay):
-                raise
-            log.warning("%s unavailable (%s); retrying in %.2f s", stage, e.details(), delay)
-        await asyncio.sleep(delay)
+# How long a stage call waits for the stage to be reachable (a replica restarting, or one just replaced whose
+# successor the channel has not resolved yet), within the request's deadline. The call itself is made once:
+# one that fails after it was sent may have crashed its replica, and must not take down the next one.
+STAGE_CONNECT_WAIT = 10.0
 
 
 def request_from_proto(r: pb.GenerateRequest) -> GenerationRequest:
@@ -73,9 +54,23 @@ class StageClients:
     def __init__(self, text_encoder: str, denoiser: str, vae: str):
         self.addresses = {"text_encoder": text_encoder, "denoiser": denoiser, "vae": vae}
         self.channels = [create_channel(a, options=STAGE_CHANNEL_OPTIONS) for a in (text_encoder, denoiser, vae)]
+        self._by_stage = dict(zip(self.addresses, self.channels))
         self.text_encoder = text_encoder_pb2_grpc.TextEncoderServiceStub(self.channels[0])
         self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(self.channels[1])
         self.vae = vae_pb2_grpc.VaeServiceStub(self.channels[2])
+
+    async def reachable(self, stage: str, context) -> None:
+        """Wait until `stage` has a connected replica, for up to STAGE_CONNECT_WAIT seconds (less when the
+        request's deadline is nearer); past that, the call fails UNAVAILABLE naming the stage."""
+        channel = self._by_stage[stage]
+        if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        left = context.time_remaining()
+        wait = STAGE_CONNECT_WAIT if left is None else min(STAGE_CONNECT_WAIT, left)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), wait)
+        except TimeoutError:
+            log.warning("%s not reachable after %.1f s", stage, wait)
 
     async def close(self) -> None:
         for ch in self.channels:
@@ -140,10 +135,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         t0 = time.perf_counter()
         prompts = [req.prompt, req.negative_prompt] if req.uses_cfg else [req.prompt]
         with calling_stage("text_encoder"):
-            encode = functools.partial(self.stages.text_encoder.Encode, text_encoder_pb2.EncodeRequest(
-                request_id=request_id, model=self.model.name, prompts=prompts))
+            await self.stages.reachable("text_encoder", context)
+            call = self.stages.text_encoder.Encode(text_encoder_pb2.EncodeRequest(
+                request_id=request_id, model=self.model.name, prompts=prompts), timeout=context.time_remaining())
             frames, te_summary = [], None
-            async for msg in stage_stream("text_encoder", encode, context):
+            async for msg in call:
                 if msg.WhichOneof("frame") == "embedding":
                     frames.append(msg.embedding)
                 else:
@@ -171,8 +167,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
         latent_frames, dn_summary = [], None
         with calling_stage("denoiser"):
-            denoise = lambda timeout: self.stages.denoiser.Denoise(denoise_inputs(), timeout=timeout)  # noqa: E731
-            async for msg in stage_stream("denoiser", denoise, context):
+            await self.stages.reachable("denoiser", context)
+            async for msg in self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining()):
                 kind = msg.WhichOneof("frame")
                 if kind == "progress":
                     p = msg.progress
@@ -200,8 +196,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
         vae_summary = None
         with calling_stage("vae"):
-            decode = lambda timeout: self.stages.vae.Decode(decode_inputs(), timeout=timeout)  # noqa: E731
-            async for msg in stage_stream("vae", decode, context):
+            await self.stages.reachable("vae", context)
+            async for msg in self.stages.vae.Decode(decode_inputs(), timeout=context.time_remaining()):
                 kind = msg.WhichOneof("frame")
                 if kind == "progress":
                     yield progress(pb.STAGE_VAE, msg.progress.step, msg.progress.total, start)

@@ -252,7 +252,7 @@ def test_text_encoder_skips_requests_whose_deadline_passed_in_its_queue(monkeypa
 def test_stage_down_is_unavailable_naming_it(monkeypatch):
     from smartdiff.services.gateway import server as gateway_server
 
-    monkeypatch.setattr(gateway_server, "STAGE_RETRY_DELAYS", (0.05,))  # retried once, then the answer
+    monkeypatch.setattr(gateway_server, "STAGE_CONNECT_WAIT", 0.5)
 
     async def body(d, channel):
         await d.servers[2].stop(0)  # the vae
@@ -495,49 +495,21 @@ def test_a_draining_stage_replica_is_skipped():
     assert all(probe_mp4(o.video)[:3] == (5, 32, 32) for o in outcomes)
 
 
-def test_stage_calls_are_retried_only_when_refused_before_any_response(monkeypatch):
-    from smartdiff.services.gateway import server as gateway_server
-    from smartdiff.services.gateway.server import stage_stream
+def test_a_stage_restarting_is_waited_for():
+    """A stage that is down when a request reaches it, and back a moment later (a pod restarting, a replica
+    replaced): the request waits for it instead of failing."""
+    from smartdiff.services.vae import server as vae_server
 
-    class Context:
-        def time_remaining(self):
-            return None
+    async def body(d, channel):
+        vae = d.servers[2]
+        address = d.stages.addresses["vae"]
+        await vae.stop(0)
+        call = asyncio.create_task(generate(gateway(channel), request_to_proto(GenerationRequest(prompt="x",
+                                                                                                 **SMALL))))
+        await asyncio.sleep(1.0)
+        assert not call.done()
+        d.servers[2], _ = await vae_server.start(load_model_config("wan-tiny"), None, CPU, address)
+        return await asyncio.wait_for(call, 60)
 
-    def failing(code, after):
-        async def responses():
-            for msg in after:
-                yield msg
-            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="boom")
-        return responses()
-
-    def calls(*plans):
-        made = []
-
-        def call(timeout):
-            plan = plans[len(made)]
-            made.append(timeout)
-            return failing(*plan) if isinstance(plan, tuple) else _ok(plan)
-        return call, made
-
-    async def _ok_gen(msgs):
-        for m in msgs:
-            yield m
-
-    def _ok(msgs):
-        return _ok_gen(msgs)
-
-    async def collect(call):
-        return [m async for m in stage_stream("vae", call, Context())]
-
-    call, made = calls((grpc.StatusCode.UNAVAILABLE, []), ["a", "b"])
-    assert asyncio.run(collect(call)) == ["a", "b"] and len(made) == 2
-    for plan in ((grpc.StatusCode.UNAVAILABLE, ["a"]), (grpc.StatusCode.INVALID_ARGUMENT, [])):
-        call, made = calls(plan, ["never"])
-        with pytest.raises(grpc.aio.AioRpcError):
-            asyncio.run(collect(call))
-        assert len(made) == 1
-    monkeypatch.setattr(gateway_server, "STAGE_RETRY_DELAYS", (0.01, 0.01))
-    call, made = calls(*[(grpc.StatusCode.UNAVAILABLE, [])] * 3)  # the last refusal is the answer
-    with pytest.raises(grpc.aio.AioRpcError):
-        asyncio.run(collect(call))
-    assert len(made) == 3
+    outcome = run(body)
+    assert probe_mp4(outcome.video)[:3] == (5, 32, 32)
