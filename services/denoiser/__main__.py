@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 asyncio.run(serve(args, model, layout, replace(system, device=device), options, engine, runner))
             finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):  # drained: a second signal must not cut the shutdown
+                    signal.signal(sig, signal.SIG_IGN)
                 runner.shutdown()
         else:  # SIGTERM reaches every process of the pod: rank 0 drains, then tells the others to stop
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

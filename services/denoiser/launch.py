@@ -4,15 +4,18 @@ torchrun does the same job, but on SIGTERM it SIGKILLs the ranks 30 s later and 
 it cannot drain for longer than that: a rolling update cuts the videos in flight. This launcher:
 - starts rank r as `python -m smartdiff.services.denoiser ARGS` with torchrun's variables (RANK, LOCAL_RANK,
   WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT: a free port), output to its own;
-- forwards SIGTERM / SIGINT to every rank and waits for as long as they drain (rank 0 drains; the others stop
-  when rank 0 tells them): the pod's terminationGracePeriodSeconds is the bound, as for the other stages;
+- passes the first SIGTERM / SIGINT on to every rank and waits for as long as they drain (rank 0 drains; the
+  others stop when rank 0 tells them): the pod's terminationGracePeriodSeconds is the bound, as for the other
+  stages. A second SIGINT (Ctrl-C again) kills the ranks; a second SIGTERM changes nothing;
 - when a rank fails, or rank 0 ends while others linger, stops the rest (SIGTERM, SIGKILL `STOP_GRACE` s later:
   a rank waiting on a dead peer in a collective never returns by itself);
-- exits 0 when every rank exited 0, else with the first failure's code (128 + N for a signal N).
+- exits 0 when every rank exited 0, else with the first failure's code (128 + N for a signal N);
+- has the kernel kill the ranks if it dies itself (Linux: PR_SET_PDEATHSIG), so that none is left holding a GPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -39,6 +42,18 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _die_with_parent(parent: int):
+    """preexec_fn of a rank: SIGKILL when the launcher dies (Linux; elsewhere nothing)."""
+    def arm() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
+    return arm
+
+
 def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     return dict(os.environ, **{LAUNCHED_ENV: "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
@@ -51,22 +66,28 @@ def launch(argv: list[str], nproc: int) -> int:
     port = free_port()
     command = [sys.executable, "-m", "smartdiff.services.denoiser", *argv]
     procs: list[subprocess.Popen] = []
-    stopping = False
+    received: list[int] = []
 
-    def forward(sig, _frame) -> None:
-        nonlocal stopping
-        stopping = True
-        log.info("%s: passing it to the %d ranks, which drain", signal.Signals(sig).name, len(procs))
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(sig)
+    def on_signal(sig, _frame) -> None:
+        received.append(sig)
+        if len(received) == 1:
+            log.info("%s: passing it to the %d ranks, which drain", signal.Signals(sig).name, nproc)
+            _signal_all(procs, sig)
+        elif sig == signal.SIGINT:
+            log.warning("SIGINT again: killing the ranks")
+            _signal_all(procs, signal.SIGKILL)
+        else:
+            log.info("%s again: the ranks are already draining", signal.Signals(sig).name)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for rank in range(nproc):
-            procs.append(subprocess.Popen(command, env=rank_env(rank, nproc, port)))
+            procs.append(subprocess.Popen(command, env=rank_env(rank, nproc, port),
+                                          preexec_fn=_die_with_parent(os.getpid())))
             log.info("rank %d/%d started (pid %d)", rank, nproc, procs[-1].pid)
-        return _supervise(procs, lambda: stopping)
+        if received:  # a signal that came while the ranks were being started reached only some of them
+            _signal_all(procs, received[0])
+        return _supervise(procs)
     finally:
         for p in procs:  # only after an error of our own: _supervise returns when every rank has ended
             if p.poll() is None:
@@ -75,25 +96,26 @@ def launch(argv: list[str], nproc: int) -> int:
             signal.signal(sig, handler)
 
 
-def _supervise(procs: list[subprocess.Popen], stopping) -> int:
-    failure: tuple[int, int] | None = None  # (rank, returncode) of the first rank that failed
+def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+
+
+def _supervise(procs: list[subprocess.Popen]) -> int:
+    failure: tuple[int, int] | None = None  # (rank, returncode) of the first rank seen failing
     kill_at: float | None = None
     while True:
         codes = [p.poll() for p in procs]
+        if failure is None:
+            failure = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if failure is not None:
+                log.error("rank %d exited with code %d; stopping the other ranks", failure[0], exit_code(failure[1]))
         if all(c is not None for c in codes):
             break
-        if failure is None:
-            failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
-            if failed is not None:
-                failure = failed
-                if not stopping() or failed[0] != 0:
-                    log.error("rank %d exited with code %d; stopping the other ranks", failed[0],
-                              exit_code(failed[1]))
         if kill_at is None and (failure is not None or codes[0] == 0):
             kill_at = time.monotonic() + STOP_GRACE
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
+            _signal_all(procs, signal.SIGTERM)
         if kill_at is not None and time.monotonic() > kill_at:
             for r, p in enumerate(procs):
                 if p.poll() is None:
@@ -103,6 +125,4 @@ def _supervise(procs: list[subprocess.Popen], stopping) -> int:
                     if failure is None:
                         failure = (r, -signal.SIGKILL)
         time.sleep(POLL)
-    if failure is None:
-        return 0
-    return exit_code(failure[1])
+    return 0 if failure is None else exit_code(failure[1])

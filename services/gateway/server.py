@@ -14,7 +14,9 @@ from smartdiff.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from smartdiff.gateway.v1 import gateway_pb2 as pb
 from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from smartdiff.shared.config import ModelConfig
-from smartdiff.shared.errors import Overloaded, RequestError, ServiceError, calling_stage, grpc_errors
+from smartdiff.shared.errors import (
+    Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
+)
 from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.request import (
     MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request,
@@ -26,8 +28,11 @@ from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
 log = logging.getLogger("smartdiff.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 STAGE_NAMES = {pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser", pb.STAGE_VAE: "vae"}
-# Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes).
-STAGE_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin")]
+# Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes). A
+# replica that goes away (GOAWAY when it drains, a lost connection) makes the channel look the name up again:
+# at most 1 s after the last lookup (gRPC's default is 30 s), so that a replica replaced by a rollout is found
+# at once.
+STAGE_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin"), ("grpc.dns_min_time_between_resolutions_ms", 1000)]
 # How long a stage call waits for the stage to be reachable (a replica restarting, or one just replaced whose
 # successor the channel has not resolved yet), within the request's deadline. The call itself is made once:
 # one that fails after it was sent may have crashed its replica, and must not take down the next one.
@@ -60,8 +65,8 @@ class StageClients:
         self.vae = vae_pb2_grpc.VaeServiceStub(self.channels[2])
 
     async def reachable(self, stage: str, context) -> None:
-        """Wait until `stage` has a connected replica, for up to STAGE_CONNECT_WAIT seconds (less when the
-        request's deadline is nearer); past that, the call fails UNAVAILABLE naming the stage."""
+        """Return once `stage` has a connected replica, waiting for up to STAGE_CONNECT_WAIT seconds (less when
+        the request's deadline is nearer); StageUnavailable past that."""
         channel = self._by_stage[stage]
         if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
             return
@@ -70,7 +75,8 @@ class StageClients:
         try:
             await asyncio.wait_for(channel.channel_ready(), wait)
         except TimeoutError:
-            log.warning("%s not reachable after %.1f s", stage, wait)
+            raise StageUnavailable(stage, f"no replica at {self.addresses[stage]} reachable within {wait:.1f} s"
+                                   ) from None
 
     async def close(self) -> None:
         for ch in self.channels:
@@ -130,12 +136,14 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         req = await self.validate(request, context.time_remaining())
         yield progress(pb.STAGE_QUEUED, 0, 1, start, f"request {request_id} accepted")
+        for stage in self.stages.addresses:  # all three before any GPU work: a VAE that is gone fails it now
+            await self.stages.reachable(stage, context)
         timings: list[pb.StageTiming] = []
 
         t0 = time.perf_counter()
         prompts = [req.prompt, req.negative_prompt] if req.uses_cfg else [req.prompt]
         with calling_stage("text_encoder"):
-            await self.stages.reachable("text_encoder", context)
+            await self.stages.reachable("text_encoder", context)  # it may have gone since
             call = self.stages.text_encoder.Encode(text_encoder_pb2.EncodeRequest(
                 request_id=request_id, model=self.model.name, prompts=prompts), timeout=context.time_remaining())
             frames, te_summary = [], None
@@ -167,7 +175,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
         latent_frames, dn_summary = [], None
         with calling_stage("denoiser"):
-            await self.stages.reachable("denoiser", context)
+            await self.stages.reachable("denoiser", context)  # it may have gone since
             async for msg in self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining()):
                 kind = msg.WhichOneof("frame")
                 if kind == "progress":
@@ -196,7 +204,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
         vae_summary = None
         with calling_stage("vae"):
-            await self.stages.reachable("vae", context)
+            await self.stages.reachable("vae", context)  # it may have gone since
             async for msg in self.stages.vae.Decode(decode_inputs(), timeout=context.time_remaining()):
                 kind = msg.WhichOneof("frame")
                 if kind == "progress":

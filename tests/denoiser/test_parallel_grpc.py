@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -103,6 +104,8 @@ def test_launcher_passes_sigterm_on_and_the_request_in_flight_completes():
     proc, denoiser_addr = start_launcher("--cfg-degree", "2", "--drain-seconds", "120")
     try:
         outcome = through_a_gateway(denoiser_addr, during=lambda: os.kill(proc.pid, signal.SIGTERM))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)  # an impatient second one changes nothing
         output = proc.communicate(timeout=60)[0]
     finally:
         if proc.poll() is None:
@@ -119,14 +122,42 @@ def test_launcher_stops_the_ranks_when_one_dies():
     lines: list[str] = []
     proc, _ = start_launcher("--cfg-degree", "2", "--log-level", "INFO", lines=lines)
     try:
-        pid = next(int(ln.rsplit("pid ", 1)[1].rstrip(")\n")) for ln in lines if "rank 1/2 started" in ln)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(rank_pids(lines)[1], signal.SIGKILL)
         output = "".join(lines) + proc.communicate(timeout=60)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGKILL, output
     assert "rank 1 exited with code 137; stopping the other ranks" in output
+
+
+def rank_pids(lines: list[str]) -> list[int]:
+    return [int(ln.rsplit("pid ", 1)[1].rstrip(")\n")) for ln in lines if "/2 started (pid " in ln]
+
+
+def test_ranks_die_with_their_launcher():
+    """A launcher killed outright (SIGKILL, OOM killer) must not leave its ranks holding GPUs and the port."""
+    lines: list[str] = []
+    proc, _ = start_launcher("--cfg-degree", "2", "--log-level", "INFO", lines=lines)
+    pids = rank_pids(lines)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert len(pids) == 2 and not alive
+
+
+def test_launcher_exits_with_the_code_of_ranks_that_all_fail_at_once():
+    """Every rank finds the same error while loading (no DiT offload on the CPU): exit 2, as one process does."""
+    proc = subprocess.run([sys.executable, *DENOISER, "--nproc-per-node", "2", "--cfg-degree", "2",
+                           "--low-mem-level", "3"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stdout.count("error: ") == 2
 
 
 def test_launcher_checks_the_layout_and_the_launch_before_starting_ranks():
