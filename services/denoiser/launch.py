@@ -117,6 +117,7 @@ def _supervise(procs: list[subprocess.Popen]) -> int:
             kill_at = time.monotonic() + STOP_GRACE
             _signal_all(procs, signal.SIGTERM)
         if kill_at is not None and time.monotonic() > kill_at:
+            kill_at = float("inf")  # once
             for r, p in enumerate(procs):
                 if p.poll() is None:
                     log.error("rank %d still running %.0f s after rank %d ended; killing it", r, STOP_GRACE,
