@@ -24,15 +24,19 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     ]
 
 
+# How long a drain waits with no call in flight before it stops: the last response's bytes reach its client.
+LINGER = 1.0
 # Not work: a health Watch stays open for as long as its client watches.
 _CONTROL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class InFlight(grpc.aio.ServerInterceptor):
-    """Counts a server's calls in flight, health and reflection excluded: what a drain waits for."""
+    """Counts a server's calls in flight (what a drain waits for) and all it started, health and reflection
+    excluded."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.total = 0
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -47,6 +51,7 @@ class InFlight(grpc.aio.ServerInterceptor):
     def _unary(self, behavior):
         async def call(request, context):
             self.count += 1
+            self.total += 1
             try:
                 return await behavior(request, context)
             finally:
@@ -56,6 +61,7 @@ class InFlight(grpc.aio.ServerInterceptor):
     def _streaming(self, behavior):
         async def call(request, context):
             self.count += 1
+            self.total += 1
             try:
                 responses = behavior(request, context)
                 if hasattr(responses, "__aiter__"):
@@ -133,18 +139,23 @@ class StageServer:
         await self.server.stop(grace)
 
     async def drain(self, grace: float) -> None:
-        """SIGTERM: NOT_SERVING to health watchers, then GOAWAY on every connection and no new ones, so that
-        clients send new calls elsewhere (a new connection through a Service reaches another replica), while
-        the calls in flight go on until they are done or `grace` seconds passed; then stop (ending the health
-        watches, which never end by themselves)."""
+        """SIGTERM: NOT_SERVING for good (health watchers, such as the gateway's stage channels, stop sending calls
+        here; Kubernetes takes the pod out of its Service), while the server goes on serving the calls in flight
+        and any that still arrive; once none has run for LINGER seconds, or `grace` seconds passed, stop.
+
+        No GOAWAY before that: gRPC closes a shutting-down connection as soon as its last call ends on the
+        server, and the kernel then drops the response bytes the client has not read yet (a video cut short)."""
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.server.stop(grace))
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
-        while self.in_flight.count > 0 and loop.time() < end and not stopping.done():
+        idle_since = loop.time()
+        while loop.time() < end:
+            if self.in_flight.count > 0:
+                idle_since = loop.time()
+            elif loop.time() - idle_since >= LINGER:
+                break
             await asyncio.sleep(0.05)
         await self.server.stop(0)
-        await stopping
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

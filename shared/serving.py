@@ -8,6 +8,7 @@ import inspect
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,4 +163,7 @@ def stage_main(stage: str, start, argv: list[str] | None = None, extra_flags=Non
     except (ConfigError, CheckpointError, MemoryPolicyError) as e:  # found while loading the weights
         print(f"error: {e}", flush=True)
         return 2
+    except KeyboardInterrupt:  # SIGINT while loading, before the drain's handler was in place
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
     return 0

@@ -76,6 +76,14 @@ def check_launch(nproc: int, options, model, device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # SIGINT before the server's own handler was in place: nothing to drain yet
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
     proc = ProcessInfo.from_env()

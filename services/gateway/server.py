@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 import uuid
@@ -15,7 +16,7 @@ from smartdiff.gateway.v1 import gateway_pb2 as pb
 from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import (
-    Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
+    DeadlineExceeded, Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
 )
 from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.request import (
@@ -28,15 +29,36 @@ from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
 log = logging.getLogger("smartdiff.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 STAGE_NAMES = {pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser", pb.STAGE_VAE: "vae"}
-# Client-side round robin over all addresses a stage name resolves to (headless Services in Kubernetes). A
-# replica that goes away (GOAWAY when it drains, a lost connection) makes the channel look the name up again:
-# at most 1 s after the last lookup (gRPC's default is 30 s), so that a replica replaced by a rollout is found
-# at once.
-STAGE_CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin"), ("grpc.dns_min_time_between_resolutions_ms", 1000)]
 # How long a stage call waits for the stage to be reachable (a replica restarting, or one just replaced whose
-# successor the channel has not resolved yet), within the request's deadline. The call itself is made once:
+# successor the channel has not looked up yet), within the request's deadline. The call itself is made once:
 # one that fails after it was sent may have crashed its replica, and must not take down the next one.
 STAGE_CONNECT_WAIT = 10.0
+# A stage with no usable replica for this long gets a fresh channel, which looks its name up at once (gRPC's
+# own channel would wait up to 30 s, or minutes after failed lookups).
+STAGE_RENEW_AFTER = 1.0
+STAGES = {  # stage -> (stub, the service its health reports)
+    "text_encoder": (text_encoder_pb2_grpc.TextEncoderServiceStub,
+                     text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name),
+    "denoiser": (denoiser_pb2_grpc.DenoiserServiceStub,
+                 denoiser_pb2.DESCRIPTOR.services_by_name["DenoiserService"].full_name),
+    "vae": (vae_pb2_grpc.VaeServiceStub, vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name),
+}
+
+
+def stage_channel_options(service: str) -> list[tuple[str, str]]:
+    """Round robin over every address the stage's name resolves to (headless Services in Kubernetes), skipping
+    the replicas whose health says NOT_SERVING: warming up, or draining after SIGTERM."""
+    config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}}
+    return [("grpc.service_config", json.dumps(config))]
+
+
+async def _ready(channel: grpc.aio.Channel, timeout: float) -> bool:
+    if timeout > 0:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+        except TimeoutError:
+            pass
+    return channel.get_state() == grpc.ChannelConnectivity.READY
 
 
 def request_from_proto(r: pb.GenerateRequest) -> GenerationRequest:
@@ -56,31 +78,53 @@ def progress(stage: int, step: int, total: int, start: float, message: str = "")
 class StageClients:
     """Channels and stubs to the three stages."""
 
+    text_encoder: text_encoder_pb2_grpc.TextEncoderServiceStub
+    denoiser: denoiser_pb2_grpc.DenoiserServiceStub
+    vae: vae_pb2_grpc.VaeServiceStub
+
     def __init__(self, text_encoder: str, denoiser: str, vae: str):
         self.addresses = {"text_encoder": text_encoder, "denoiser": denoiser, "vae": vae}
-        self.channels = [create_channel(a, options=STAGE_CHANNEL_OPTIONS) for a in (text_encoder, denoiser, vae)]
-        self._by_stage = dict(zip(self.addresses, self.channels))
-        self.text_encoder = text_encoder_pb2_grpc.TextEncoderServiceStub(self.channels[0])
-        self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(self.channels[1])
-        self.vae = vae_pb2_grpc.VaeServiceStub(self.channels[2])
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._renewed = dict.fromkeys(self.addresses, 0.0)
+        self._retired: list[asyncio.Future] = []  # replaced channels, closing once their calls end
+        for stage in self.addresses:
+            self._connect(stage)
+
+    def _connect(self, stage: str) -> None:
+        stub, service = STAGES[stage]
+        self._channels[stage] = create_channel(self.addresses[stage], options=stage_channel_options(service))
+        setattr(self, stage, stub(self._channels[stage]))
 
     async def reachable(self, stage: str, context) -> None:
-        """Return once `stage` has a connected replica, waiting for up to STAGE_CONNECT_WAIT seconds (less when
-        the request's deadline is nearer); StageUnavailable past that."""
-        channel = self._by_stage[stage]
-        if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+        """Return once `stage` has a replica that is connected and SERVING, waiting up to STAGE_CONNECT_WAIT
+        seconds (less when the request's deadline is nearer) and looking the name up again every
+        STAGE_RENEW_AFTER seconds meanwhile; StageUnavailable past that."""
+        if self._channels[stage].get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
             return
         left = context.time_remaining()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded(f"deadline exceeded before calling {stage}")
+        loop = asyncio.get_running_loop()
         wait = STAGE_CONNECT_WAIT if left is None else min(STAGE_CONNECT_WAIT, left)
-        try:
-            await asyncio.wait_for(channel.channel_ready(), wait)
-        except TimeoutError:
-            raise StageUnavailable(stage, f"no replica at {self.addresses[stage]} reachable within {wait:.1f} s"
-                                   ) from None
+        end = loop.time() + wait
+        while True:
+            if await _ready(self._channels[stage], min(STAGE_RENEW_AFTER, end - loop.time())):
+                return
+            if loop.time() >= end:
+                raise StageUnavailable(stage, f"no replica at {self.addresses[stage]} connected and serving "
+                                              f"within {wait:.1f} s")
+            if loop.time() - self._renewed[stage] >= STAGE_RENEW_AFTER:  # once for all the requests waiting
+                self._renewed[stage] = loop.time()
+                log.info("%s: no usable replica; looking up %s again", stage, self.addresses[stage])
+                self._retired = [c for c in self._retired if not c.done()]
+                self._retired.append(asyncio.ensure_future(self._channels[stage].close(grace=24 * 3600.0)))
+                self._connect(stage)
 
     async def close(self) -> None:
-        for ch in self.channels:
+        for ch in self._channels.values():
             await ch.close()
+        for closing in self._retired:
+            closing.cancel()
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):

@@ -415,10 +415,11 @@ def test_serve_all_puts_the_stages_on_loopback_and_the_gateway_on_its_host():
     assert asyncio.run(main()) == "wan-tiny"
 
 
-def test_sigterm_drain_finishes_the_request_in_flight_and_sends_new_ones_away():
-    """StageServer.drain (what SIGTERM runs) on the gateway: the generation in flight goes on to its video, a new
-    call cannot reach the draining gateway (clients behind a Service reconnect to another replica), then the
-    server stops."""
+def test_sigterm_drain_answers_not_serving_while_the_request_in_flight_finishes():
+    """StageServer.drain (what SIGTERM runs) on the gateway: NOT_SERVING at once, the generation in flight goes on
+    to its whole video, then the server stops, LINGER after the last call ended."""
+    from smartdiff.shared.grpc_server import LINGER
+
     async def body(d, channel):
         gw_server = d.servers[-1]
         r = request_to_proto(GenerationRequest(prompt="x", width=64, height=64, frames=9, steps=30, seed=1))
@@ -426,21 +427,24 @@ def test_sigterm_drain_finishes_the_request_in_flight_and_sends_new_ones_away():
         async for msg in call:
             if msg.WhichOneof("frame") == "progress" and msg.progress.stage == gateway_pb2.STAGE_DENOISER:
                 break
+        loop = asyncio.get_running_loop()
         drain = asyncio.create_task(gw_server.drain(60))
         await asyncio.sleep(0.2)
-        new_call = await expect_error(gateway(channel).GetCapabilities(gateway_pb2.GetCapabilitiesRequest(),
-                                                                       timeout=5), grpc.StatusCode.UNAVAILABLE)
+        status = (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))).status
         frames = [msg.WhichOneof("frame") async for msg in call]
+        done = loop.time()
         await drain
-        return new_call, frames
+        return status, frames, loop.time() - done
 
-    new_call, frames = run(body)
+    status, frames, after = run(body)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert frames[-1] == "summary" and "mp4" in frames
+    assert LINGER - 0.1 <= after < LINGER + 2
 
 
 def test_a_draining_stage_replica_is_skipped():
     """Two VAE replicas behind one gateway (the round-robin target a headless Service resolves to): while one
-    drains with a call in flight (NOT_SERVING, GOAWAY), every new generation completes on the other."""
+    drains with a call in flight (NOT_SERVING), every new generation goes to the other."""
     from smartdiff.services.gateway import server as gateway_server
     from smartdiff.services.vae import server as vae_server
 
@@ -477,10 +481,12 @@ def test_a_draining_stage_replica_is_skipped():
                 await asyncio.sleep(0.01)
             drain = asyncio.create_task(draining.drain(30))
             await asyncio.sleep(0.2)
+            calls = draining.in_flight.total
             async with create_channel(f"127.0.0.1:{gw_port}") as gw_channel:
                 outcomes = [await generate(gateway(gw_channel), request_to_proto(GenerationRequest(
                     prompt="x", seed=i, **SMALL))) for i in range(4)]
             assert not drain.done()  # the held decode kept the draining replica in its drain throughout
+            assert draining.in_flight.total == calls  # and no new call went there
             hold.set()
             await asyncio.wait_for(drain, 10)
             return outcomes

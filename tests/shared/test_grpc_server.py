@@ -3,7 +3,6 @@
 import asyncio
 
 import grpc
-import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -144,16 +143,18 @@ def test_message_size_limit_is_enforced():
     )
 
 
-def test_drain_sends_new_calls_away_and_ends_when_the_calls_in_flight_do():
-    """SIGTERM's drain: health watchers see NOT_SERVING; a new call cannot reach the server any more (with one
-    replica: UNAVAILABLE; a client behind a Service reconnects to another); the call in flight streams to its
-    end, and the drain ends then, not at its grace, although a health watch is still open."""
+def test_drain_serves_on_until_no_call_is_left_then_stops():
+    """SIGTERM's drain: health watchers see NOT_SERVING at once; the call in flight streams to its end (a late
+    call is still served: clients that watch health have stopped sending); the drain ends LINGER after the last
+    call, not at its grace, although a health watch is still open."""
+    from smartdiff.shared.grpc_server import LINGER
+
     release = asyncio.Event()
 
     async def slow(request, context):
         yield b"started"
         await release.wait()
-        yield b"done"
+        yield b"done" * 1_000_000  # a large last message must reach the client whole
 
     async def run():
         server = StageServer([GATEWAY])
@@ -169,22 +170,19 @@ def test_drain_sends_new_calls_away_and_ends_when_the_calls_in_flight_do():
             first = method(b"")
             assert await first.read() == b"started"
             assert server.in_flight.count == 1
-            loop = asyncio.get_running_loop()
-            start = loop.time()
             drain = asyncio.ensure_future(server.drain(30))
             seen.append((await watch.read()).status)
-            await asyncio.sleep(0.2)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                async for _ in method(b"", timeout=5):
-                    pass
-            assert not drain.done()  # the first call is still in flight
+            late = method(b"")
+            assert await late.read() == b"started"
+            assert not drain.done()
+            loop = asyncio.get_running_loop()
             release.set()
-            rest = [await first.read(), await first.read()]
+            rest = [len(await first.read()), await first.read(), len(await late.read()), await late.read()]
+            ended = loop.time()
             await asyncio.wait_for(drain, 10)
-        return seen, refused.value.code(), rest, server.in_flight.count, loop.time() - start
+        return seen, rest, server.in_flight.count, loop.time() - ended
 
-    seen, refused, rest, in_flight, seconds = asyncio.run(run())
+    seen, rest, in_flight, after = asyncio.run(run())
     assert seen == [SERVING, NOT_SERVING]
-    assert refused == grpc.StatusCode.UNAVAILABLE
-    assert rest == [b"done", grpc.aio.EOF] and in_flight == 0
-    assert seconds < 5
+    assert rest == [4_000_000, grpc.aio.EOF, 4_000_000, grpc.aio.EOF] and in_flight == 0
+    assert LINGER - 0.1 <= after < LINGER + 2
