@@ -26,13 +26,12 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
 
 # How long a drain waits with no call in flight before it stops: the last response's bytes reach its client.
 LINGER = 1.0
-# Not work: a health Watch stays open for as long as its client watches.
+# Not counted as work: health (a Watch stays open for as long as its client watches) and reflection.
 _CONTROL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class InFlight(grpc.aio.ServerInterceptor):
-    """Counts a server's calls in flight (what a drain waits for) and all it started, health and reflection
-    excluded."""
+    """Counts a server's calls: `count` in flight (what a drain waits for), `total` started."""
 
     def __init__(self) -> None:
         self.count = 0
