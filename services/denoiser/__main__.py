@@ -27,10 +27,10 @@ from smartdiff.services.denoiser.parallel import ParallelConfig, ParallelConfigE
 from smartdiff.services.denoiser.server import (
     add_denoiser_flags, check_options, load_engine, options_from_args, start,
 )
+from smartdiff.shared.argtypes import ranged_int
 from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.memory import MemoryPolicyError
-from smartdiff.shared.argtypes import ranged_int
 from smartdiff.shared.serving import (
     add_model_flags, add_serve_flags, model_from_args, run_until_signal, setup_logging, system_from_args,
 )

@@ -36,7 +36,7 @@ STAGE_CONNECT_WAIT = 10.0
 # A stage with no usable replica for this long gets a fresh channel, which looks its name up at once (gRPC's
 # own channel would wait up to 30 s, or minutes after failed lookups).
 STAGE_RENEW_AFTER = 1.0
-STAGES = {  # stage -> (stub, the service its health reports)
+STAGE_SERVICES = {  # stage -> (stub, the service its health reports)
     "text_encoder": (text_encoder_pb2_grpc.TextEncoderServiceStub,
                      text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name),
     "denoiser": (denoiser_pb2_grpc.DenoiserServiceStub,
@@ -91,7 +91,7 @@ class StageClients:
             self._connect(stage)
 
     def _connect(self, stage: str) -> None:
-        stub, service = STAGES[stage]
+        stub, service = STAGE_SERVICES[stage]
         self._channels[stage] = create_channel(self.addresses[stage], options=stage_channel_options(service))
         setattr(self, stage, stub(self._channels[stage]))
 

@@ -456,27 +456,10 @@ def test_a_draining_stage_replica_is_skipped():
         stages = gateway_server.StageClients(addrs["text_encoder"], addrs["denoiser"],
                                              f"ipv4:{addrs['vae']},127.0.0.1:{spare_port}")
         gw, gw_port = await gateway_server.start(model, stages, "127.0.0.1:0", 4)
-        hold = asyncio.Event()
-
-        def held_inputs():  # a decode that stays in flight: its params, and no latents until released
-            yield vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(request_id="held", model="wan-tiny"))
-
-        async def held():
-            async with create_channel(addrs["vae"]) as ch:
-                call = vae_pb2_grpc.VaeServiceStub(ch).Decode(held_inputs_async())
-                try:
-                    async for _ in call:
-                        pass
-                except grpc.aio.AioRpcError:
-                    pass
-
-        async def held_inputs_async():
-            for m in held_inputs():
-                yield m
-            await hold.wait()
-
-        holder = asyncio.create_task(held())
+        held_channel = create_channel(addrs["vae"])
         try:
+            held = vae_pb2_grpc.VaeServiceStub(held_channel).Decode()  # a decode in flight: params, no latents yet
+            await held.write(vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(request_id="held", model="wan-tiny")))
             while draining.in_flight.count == 0:
                 await asyncio.sleep(0.01)
             drain = asyncio.create_task(draining.drain(30))
@@ -487,12 +470,11 @@ def test_a_draining_stage_replica_is_skipped():
                     prompt="x", seed=i, **SMALL))) for i in range(4)]
             assert not drain.done()  # the held decode kept the draining replica in its drain throughout
             assert draining.in_flight.total == calls  # and no new call went there
-            hold.set()
+            held.cancel()
             await asyncio.wait_for(drain, 10)
             return outcomes
         finally:
-            hold.set()
-            await holder
+            await held_channel.close()
             await gw.stop(1)
             await stages.close()
             await spare.stop(1)
