@@ -18,6 +18,10 @@ if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read by triton.jit when the kernel module is imported
 pytest.importorskip("triton", reason="our attention kernels are Triton: pip install triton (CPU tests run them "
                                      "through TRITON_INTERPRET=1)")
+if not GPU:
+    from triton_interpreter import require_interpreter
+
+    require_interpreter()
 
 from smartdiff.services.denoiser import attention as A  # noqa: E402
 from smartdiff.services.denoiser.attention import triton_sage as ts  # noqa: E402

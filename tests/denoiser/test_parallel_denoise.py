@@ -8,6 +8,7 @@ from smartdiff.services.denoiser.parallel import ParallelConfig, ParallelState
 from smartdiff.shared.config import load_model_config
 from smartdiff.shared.request import GenerationRequest, resolve_request
 from distributed_helpers import run_ranks
+from triton_interpreter import require_interpreter
 
 # 48 x 48 pixels x 9 frames -> 3 x 3 x 3 = 27 tokens: no layout divides it, so every layout pads.
 SHAPE = dict(width=48, height=48, frames=9, steps=3, seed=7)
@@ -115,6 +116,7 @@ def test_ring_attention_with_lossy_backends_that_return_the_lse(backend, monkeyp
     lossy backends' tolerance of the exact single-process run (their quantisation / block choices are per ring
     block, so not bit-equal to their own single-process run)."""
     pytest.importorskip("triton", reason="sage / sparge are Triton kernels (CPU: TRITON_INTERPRET=1)")
+    require_interpreter()  # the ranks run on the CPU even where there is a GPU
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks inherit it
     exact = _lossy_rank(0, 1, None, None)
     for latents in run_ranks(_lossy_rank, 2, backend, (1, 1, 2)):

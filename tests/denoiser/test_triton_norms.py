@@ -16,6 +16,10 @@ GPU = torch.cuda.is_available()
 if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read by triton.jit when the kernel module is imported
 pytest.importorskip("triton", reason="the kernel is Triton (CPU tests run it through TRITON_INTERPRET=1)")
+if not GPU:
+    from triton_interpreter import require_interpreter
+
+    require_interpreter()
 
 from smartdiff.services.denoiser import fused  # noqa: E402
 from smartdiff.services.denoiser.dit import ForwardHooks, rope_cos_sin  # noqa: E402
