@@ -12,6 +12,7 @@ the text encoder on level >= 2, the denoiser on level 3), so one deployment-wide
 from __future__ import annotations
 
 import enum
+import gc
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,3 +136,11 @@ def measure_peak(device: torch.device | str) -> Iterator[PeakMemory]:
         with _lock:
             peak.bytes = torch.cuda.max_memory_allocated(device)
             _active[device] -= 1
+
+
+def release_cached_memory() -> None:
+    """After an out-of-memory error: collect the failed request's tensors and give the CUDA allocator's cached
+    blocks back, so the next request starts from the resident weights alone."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -100,8 +100,11 @@ def _frames(v) -> int:
 
 
 def _text(name: str, v, empty_ok: bool) -> str:
-    if not isinstance(v, str) or (not empty_ok and not v.strip()):
+    if not isinstance(v, str):
         raise RequestError(name, "must be a string" if empty_ok else "must be a non-empty string")
+    if not empty_ok and not any(c.isprintable() and not c.isspace() for c in v):
+        # str.strip() keeps NUL and zero-width characters: a prompt of only those is empty to the text encoder too
+        raise RequestError(name, "must contain a visible character (not only spaces, control or zero-width ones)")
     if len(v) > MAX_PROMPT_CHARS:
         raise RequestError(name, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
     return v

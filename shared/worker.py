@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from smartdiff.shared.errors import Cancelled, DeadlineExceeded, Overloaded
+from smartdiff.shared.errors import Cancelled, DeadlineExceeded, Overloaded, is_out_of_memory
+from smartdiff.shared.memory import release_cached_memory
 
 Emit = Callable[[Any], None]
 ShouldStop = Callable[[], bool]
@@ -68,7 +69,7 @@ class StageWorker:
                 future.exception()  # retrieved: a consumer that left (cancel, deadline) no longer awaits it
             queue.put_nowait(_FINISHED)
 
-        future = loop.run_in_executor(self._executor, job, emit, should_stop)
+        future = loop.run_in_executor(self._executor, self._run, job, emit, should_stop)
         future.add_done_callback(finished)
         try:
             while (item := await queue.get()) is not _FINISHED:
@@ -82,6 +83,19 @@ class StageWorker:
             yield Done(result)
         finally:
             stop.set()  # no-op when the job finished; stops it at its next check otherwise
+
+    def _run(self, job: Job, emit: Emit, should_stop: ShouldStop) -> Any:
+        """The job; running out of device memory frees the allocator's cache for the next request and becomes
+        Overloaded (RESOURCE_EXHAUSTED) with the device's own message."""
+        try:
+            return job(emit, should_stop)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        release_cached_memory()
+        raise Overloaded(f"{self.name}: out of device memory for this request ({detail}); retry with a smaller "
+                         "size, or on a deployment with a higher low-memory level")
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -59,6 +59,8 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                                           f"{list(latents.shape)} is {(f - 1) * st + 1} frames of {w * sw}x{h * sh}")
         if latents.dtype != torch.float32:
             raise RequestError("latents", f"must be float32, got {latents.dtype}")
+        if not torch.isfinite(latents).all():
+            raise RequestError("latents", "must be finite (it holds NaN or infinity)")
         return fmt, fps
 
     @grpc_errors

@@ -122,7 +122,8 @@ def raw_request(**fields) -> gateway_pb2.GenerateRequest:
 
 
 BAD_FIELDS = [(dict(width=30), "width"), (dict(frames=6), "frames"), (dict(steps=0), "steps"),
-              (dict(sampler="ddim"), "sampler"), (dict(prompt=" "), "prompt"), (dict(shift=1e-300), "shift"),
+              (dict(sampler="ddim"), "sampler"), (dict(prompt=" "), "prompt"),
+              (dict(prompt="\x00\x00 \u200b"), "prompt"), (dict(shift=1e-300), "shift"),
               (dict(negative_prompt="n" * 20_001), "negative_prompt"), (dict(prompt="p" * 20_001), "prompt"),
               (dict(guidance=(0.5,)), "guidance")]
 
@@ -207,10 +208,14 @@ def test_stage_errors_map_to_codes_and_each_stage_keeps_serving():
         good = await collect(dn.Denoise(denoise_stream(params, emb)))
         assert good[-1].WhichOneof("frame") == "summary"
         # vae: wrong latent shapes (odd, empty, decoding past the size limits), no latents, then a good decode
-        for shape, words in (((1, 16, 1, 3, 3), "even"), ((1, 16, 0, 2, 2), ">= 1"), ((1, 16, 1, 2, 0), ">= 1"),
-                             ((1, 16, 1, 2, 258), "2048 pixels"), ((1, 16, 62, 2, 2), "241 frames")):
+        nan = torch.zeros(1, 16, 1, 2, 2)
+        nan[0, 3, 0, 1, 1] = float("nan")
+        for latents, words in ((torch.zeros(1, 16, 1, 3, 3), "even"), (torch.zeros(1, 16, 0, 2, 2), ">= 1"),
+                               (torch.zeros(1, 16, 1, 2, 0), ">= 1"), (torch.zeros(1, 16, 1, 2, 258), "2048 pixels"),
+                               (torch.zeros(1, 16, 62, 2, 2), "241 frames"), (nan, "finite"),
+                               (nan.nan_to_num(nan=float("inf")), "finite")):
             bad = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams()),
-                        *tensor_to_messages(torch.zeros(shape), vae_pb2.DecodeRequest, "latents")])
+                        *tensor_to_messages(latents, vae_pb2.DecodeRequest, "latents")])
             await expect_error(collect(vae.Decode(bad)), grpc.StatusCode.INVALID_ARGUMENT, "latents", words)
         await expect_error(collect(vae.Decode(iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams())]))),
                            grpc.StatusCode.INVALID_ARGUMENT, "latents: required")

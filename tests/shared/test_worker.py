@@ -34,3 +34,35 @@ def test_a_job_whose_consumer_left_releases_its_slot_and_logs_no_unretrieved_exc
     finally:
         worker.shutdown()
     assert "never retrieved" not in caplog.text
+
+
+def test_out_of_device_memory_is_resource_exhausted_with_the_devices_message_and_the_next_job_runs():
+    import grpc
+    import pytest
+    import torch
+
+    from smartdiff.shared.errors import to_status
+
+    worker = StageWorker("vae", max_pending=1)
+
+    def oom(emit, should_stop):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nSee the allocator docs.")
+
+    def ok(emit, should_stop):
+        return 42
+
+    async def main():
+        with pytest.raises(Exception) as caught:
+            async for _ in worker.stream(oom):
+                pass
+        return caught.value, [item async for item in worker.stream(ok)]
+
+    try:
+        error, items = asyncio.run(main())
+    finally:
+        worker.shutdown()
+    code, message = to_status(error)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert message.startswith("vae: out of device memory for this request (CUDA out of memory. Tried to allocate 9.00")
+    assert "allocator docs" not in message and worker.pending == 0
+    assert items[-1].value == 42  # the worker goes on serving
