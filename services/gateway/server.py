@@ -14,6 +14,8 @@ import grpc
 from smartdiff.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from smartdiff.gateway.v1 import gateway_pb2 as pb
 from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from smartdiff.services.denoiser.attention.choice import AttentionChoice
+from smartdiff.services.denoiser.cache.config import cache_config_from_proto
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import (
     DeadlineExceeded, Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
@@ -160,6 +162,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         if r.cache.strategy and r.cache.strategy not in strategies:
             raise RequestError("cache.strategy", f"{r.cache.strategy!r} is not offered by this deployment; "
                                                  f"available: {', '.join(sorted(strategies))}")
+        # their parameters' rules (ranges, NaN) too, before the text encoder runs; the denoiser checks them again
+        if r.HasField("attention"):
+            AttentionChoice.from_proto(r.attention)
+        if r.HasField("cache"):
+            cache_config_from_proto(r.cache)
         if r.output_format not in (0, vae_pb2.OUTPUT_FORMAT_MP4, vae_pb2.OUTPUT_FORMAT_FRAMES):
             raise RequestError("output_format", f"unknown value {r.output_format}")
         return req

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from smartdiff.denoiser.v1 import denoiser_pb2, options_pb2
 from smartdiff.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smartdiff.services.denoiser import server as denoiser_server
 from smartdiff.services.gateway.client import generate, request_to_proto
 from smartdiff.services.gateway.embedded import EmbeddedDeployment
 from smartdiff.services.gateway.local import LocalPipeline
@@ -155,6 +156,45 @@ def test_unoffered_attention_and_cache_are_refused():
         await expect_error(generate(gateway(channel), r), grpc.StatusCode.INVALID_ARGUMENT, "cache.strategy")
 
     run(body)
+
+
+def test_attention_and_cache_parameters_are_refused_before_any_work():
+    """Their rules (ranges, NaN) are the gateway's check too: the error comes before QUEUED, and no stage ran."""
+    nan = float("nan")
+    bad = [(dict(attention=options_pb2.AttentionConfig(backend="sparge", allow_fallback=True,
+                                                       sparge=options_pb2.SpargeAttentionParams(topk=nan))),
+            "attention.sparge.topk"),
+           (dict(attention=options_pb2.AttentionConfig(backend="auto", auto=options_pb2.AutoAttentionParams(
+               tolerance=-1.0))), "attention.auto.tolerance"),
+           (dict(cache=options_pb2.CacheConfig(strategy="teacache",
+                                               teacache=options_pb2.TeaCacheParams(rel_l1_threshold=nan))),
+            "cache.teacache.rel_l1_threshold"),
+           (dict(cache=options_pb2.CacheConfig(strategy="budget",
+                                               budget=options_pb2.BudgetParams(compute_fraction=1.5))),
+            "cache.budget.compute_fraction")]
+
+    async def main():
+        options = denoiser_server.DenoiserOptions(enable_flexcache=True)
+        d = await EmbeddedDeployment.start(load_model_config("wan-tiny"), None, CPU, denoiser=options)
+        try:
+            async with create_channel(d.address) as channel:
+                for options, field in bad:
+                    events = []
+                    call = gateway(channel).Generate(request_to_proto(GenerationRequest(prompt="x", **SMALL),
+                                                                      **options))
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        async for event in call:
+                            events.append(event)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert err.value.details().startswith(f"{field}: "), err.value.details()
+                    assert events == []  # refused before QUEUED: the text encoder never ran
+                ok = request_to_proto(GenerationRequest(prompt="x", **SMALL),
+                                      cache=options_pb2.CacheConfig(strategy="teacache"))
+                return await generate(gateway(channel), ok)
+        finally:
+            await d.stop()
+
+    assert asyncio.run(main()).video
 
 
 def stage_stubs(d):
