@@ -24,6 +24,8 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     ]
 
 
+KEEPALIVE_MS = 60_000  # how often a server pings each client connection
+
 # How long a drain waits with no call in flight before it stops: the last response's bytes reach its client.
 LINGER = 1.0
 # Not counted as work: health (a Watch stays open for as long as its client watches) and reflection.
@@ -31,9 +33,13 @@ _CONTROL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class InFlight(grpc.aio.ServerInterceptor):
-    """Counts a server's calls: `count` in flight (what a drain waits for), `total` started."""
+    """Counts a server's calls: `count` in flight (what a drain waits for), `total` started; past `limit` calls in
+    flight, a new one is refused with RESOURCE_EXHAUSTED. Health and reflection calls are neither counted nor
+    refused: gRPC's own maximum_concurrent_rpcs counts them, so clients' health watches (one per channel and
+    replica) could fill it and lock all work out."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
         self.count = 0
         self.total = 0
 
@@ -41,26 +47,32 @@ class InFlight(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_CONTROL_PREFIXES):
             return handler
+        service = details.method.split("/")[1].rsplit(".", 1)[-1]
         if handler.response_streaming:
             kind = "stream_stream" if handler.request_streaming else "unary_stream"
-            return handler._replace(**{kind: self._streaming(getattr(handler, kind))})
+            return handler._replace(**{kind: self._streaming(getattr(handler, kind), service)})
         kind = "stream_unary" if handler.request_streaming else "unary_unary"
-        return handler._replace(**{kind: self._unary(getattr(handler, kind))})
+        return handler._replace(**{kind: self._unary(getattr(handler, kind), service)})
 
-    def _unary(self, behavior):
+    async def _admit(self, context, service: str) -> None:
+        if self.limit is not None and self.count >= self.limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{service}: {self.count} calls in flight (limit {self.limit}); retry later")
+        self.count += 1
+        self.total += 1
+
+    def _unary(self, behavior, service: str):
         async def call(request, context):
-            self.count += 1
-            self.total += 1
+            await self._admit(context, service)
             try:
                 return await behavior(request, context)
             finally:
                 self.count -= 1
         return call
 
-    def _streaming(self, behavior):
+    def _streaming(self, behavior, service: str):
         async def call(request, context):
-            self.count += 1
-            self.total += 1
+            await self._admit(context, service)
             try:
                 responses = behavior(request, context)
                 if hasattr(responses, "__aiter__"):
@@ -87,17 +99,21 @@ class StageServer:
         service_names: Sequence[str],
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        max_concurrent_rpcs: int | None = None,
+        max_calls: int | None = None,
         options: Sequence[tuple[str, object]] = (),
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
-        # Past max_concurrent_rpcs, gRPC itself answers RESOURCE_EXHAUSTED.
-        self.in_flight = InFlight()
+        # Past max_calls in flight (health and reflection aside), a call is refused with RESOURCE_EXHAUSTED.
+        self.in_flight = InFlight(max_calls)
         self.server = grpc.aio.server(
-            # Clients reconnect (and re-resolve DNS, picking up new replicas) every 5 minutes; calls in
-            # flight on an old connection are never cut (no max_connection_age_grace).
-            options=[*message_size_options(max_message_bytes), ("grpc.max_connection_age_ms", 300_000), *options],
-            maximum_concurrent_rpcs=max_concurrent_rpcs,
+            options=[*message_size_options(max_message_bytes),
+                     # Clients reconnect (and re-resolve DNS, picking up new replicas) every 5 minutes; calls in
+                     # flight on an old connection are never cut (no max_connection_age_grace).
+                     ("grpc.max_connection_age_ms", 300_000),
+                     # A client that vanished without closing its connection (host down, network cut) is found by
+                     # an unanswered ping within ~80 s, and its calls are cancelled, freeing their slots.
+                     ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
+                     *options],
             interceptors=[self.in_flight, *interceptors],
         )
         self.service_names = list(service_names)

@@ -113,8 +113,9 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
 
     Returns the server and the bound port. The servicer holds weights already loaded by the caller.
     """
-    # gRPC refuses calls past this many in flight (RESOURCE_EXHAUSTED); workers refuse past max_queue too.
-    server = StageServer([service_name], max_concurrent_rpcs=max_queue + 4)
+    # Calls past this many in flight are refused at once (RESOURCE_EXHAUSTED): it bounds the uploads buffered
+    # before the worker's own limit (max_queue, checked once a call's inputs are read); health watches don't count.
+    server = StageServer([service_name], max_calls=max_queue + 4)
     add_servicer(servicer, server.server)
     port = server.add_port(address)
     try:

@@ -8,6 +8,8 @@ Every fault raises TensorStreamError: DATA_LOSS for corrupt bytes, INVALID_ARGUM
 
 from __future__ import annotations
 
+import asyncio
+
 import math
 import sys
 import zlib
@@ -16,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-from smartdiff.shared.errors import TensorStreamError
+from smartdiff.shared.errors import DeadlineExceeded, RequestError, TensorStreamError
 from smartdiff.tensor.v1 import tensor_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -240,16 +242,34 @@ def frames_to_tensors(
         assembler.result()  # raises DATA_LOSS: the last tensor was cut off
 
 
-async def read_params_and_tensors(request_iterator, assemblers: dict[str, TensorAssembler]):
+# Longest pause allowed between two messages of a stage's request stream: a client that stops uploading (stalled
+# or gone without closing) loses its call, instead of holding one of the server's call slots for good.
+UPLOAD_IDLE_SECONDS = 30.0
+
+
+async def _messages(request_iterator, idle_seconds: float):
+    """The messages of a request stream; DeadlineExceeded when none comes for idle_seconds."""
+    it = aiter(request_iterator)
+    while True:
+        try:
+            msg = await asyncio.wait_for(anext(it), idle_seconds)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"request stream: no message for {idle_seconds:g} s; send a request's messages "
+                                   "without pausing") from None
+        yield msg
+
+
+async def read_params_and_tensors(request_iterator, assemblers: dict[str, TensorAssembler],
+                                  idle_seconds: float | None = None):
     """Read a stage's client stream: one `params` frame first, then TensorFrames on the fields of `assemblers`.
 
     Returns the params message; the tensors are in the assemblers. RequestError (INVALID_ARGUMENT) for a stream
-    out of that order.
+    out of that order; DeadlineExceeded when no message comes for idle_seconds (default UPLOAD_IDLE_SECONDS).
     """
-    from smartdiff.shared.errors import RequestError
-
     params = None
-    async for msg in request_iterator:
+    async for msg in _messages(request_iterator, UPLOAD_IDLE_SECONDS if idle_seconds is None else idle_seconds):
         kind = msg.WhichOneof("frame")
         if kind == "params":
             if params is not None:

@@ -129,12 +129,18 @@ class StageClients:
             closing.cancel()
 
 
+# Longest wait for a client to take the next message of its generation: one that stops reading would otherwise
+# hold its slot (and its stage calls) for good. Generous: a message is at most ~1 MiB of video.
+WRITE_STALL_SECONDS = 60.0
+
+
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def __init__(self, model: ModelConfig, stages: StageClients, max_in_flight: int = 8):
         self.model = model
         self.stages = stages
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.write_stall_seconds = WRITE_STALL_SECONDS
         self._denoiser_caps: denoiser_pb2.GetCapabilitiesResponse | None = None
 
     async def denoiser_capabilities(self, timeout: float | None) -> denoiser_pb2.GetCapabilitiesResponse:
@@ -176,10 +182,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(f"gateway: {self.in_flight} generations in flight (limit {self.max_in_flight}); retry later")
         self.in_flight += 1
+        generation = self._generate(request, context)
         try:
-            async for msg in self._generate(request, context):
-                yield msg
+            async for msg in generation:
+                try:  # a client that stops reading (stalled, or gone without closing) loses its generation
+                    await asyncio.wait_for(context.write(msg), self.write_stall_seconds)
+                except asyncio.TimeoutError:
+                    log.warning("generation stopped: its client read nothing for %g s", self.write_stall_seconds)
+                    raise DeadlineExceeded(f"gateway: the client read nothing for {self.write_stall_seconds:g} s; "
+                                           "the generation was stopped") from None
         finally:
+            await generation.aclose()  # its stage calls end with it
             self.in_flight -= 1
 
     async def _generate(self, request: pb.GenerateRequest, context):

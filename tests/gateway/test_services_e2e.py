@@ -197,6 +197,55 @@ def test_attention_and_cache_parameters_are_refused_before_any_work():
     assert asyncio.run(main()).video
 
 
+def test_a_client_that_stops_reading_loses_its_generation_and_its_slot(monkeypatch):
+    """The gateway waits WRITE_STALL_SECONDS at most for a client to take a message; a client that reads one and
+    stops (its flow-control window full: 1 MiB frames, BDP probing off) frees its slot, and is told why."""
+    from smartdiff.services.gateway import server as gateway_server
+
+    monkeypatch.setattr(gateway_server, "WRITE_STALL_SECONDS", 1.0)
+    big = dict(width=128, height=128, frames=33, steps=2)  # 33 frames of 48 KiB: past a 64 KiB window
+
+    async def main():
+        d = await EmbeddedDeployment.start(load_model_config("wan-tiny"), None, CPU)  # max_queue 2
+        try:
+            stalled = [create_channel(d.address, options=[("grpc.http2.bdp_probe", 0)]) for _ in range(2)]
+            try:
+                calls = [gateway(ch).Generate(request_to_proto(
+                    GenerationRequest(prompt="x", seed=s, **big), output_format=vae_pb2.OUTPUT_FORMAT_FRAMES))
+                    for s, ch in enumerate(stalled)]
+                for c in calls:
+                    await c.read()  # accepted, then nothing read
+                start = time.monotonic()
+                async with create_channel(d.address) as channel:  # both slots were held: this one waits for them
+                    for _ in range(100):
+                        try:
+                            done = await generate(gateway(channel), request_to_proto(
+                                GenerationRequest(prompt="x", seed=3, **SMALL)))
+                            break
+                        except grpc.aio.AioRpcError as e:
+                            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                            await asyncio.sleep(0.2)
+                waited = time.monotonic() - start
+                await asyncio.sleep(3)  # the other stalled call's frames: blocked for the stall limit too by now
+                errors = []
+                for c in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        while await c.read() is not grpc.aio.EOF:
+                            pass
+                    errors.append((err.value.code(), err.value.details()))
+            finally:
+                for ch in stalled:
+                    await ch.close()
+            return done, waited, errors
+        finally:
+            await d.stop()
+
+    done, waited, errors = asyncio.run(main())
+    assert done.video and waited < 30
+    assert errors == [(grpc.StatusCode.DEADLINE_EXCEEDED,
+                       "gateway: the client read nothing for 1 s; the generation was stopped")] * 2
+
+
 def stage_stubs(d):
     stages = d.stages
     return stages.text_encoder, stages.denoiser, stages.vae

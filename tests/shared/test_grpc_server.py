@@ -7,6 +7,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from smartdiff.denoiser.v1 import denoiser_pb2
 from smartdiff.gateway.v1 import gateway_pb2_grpc  # noqa: F401 - puts the gateway descriptors in the pool
 from smartdiff.shared.grpc_server import StageServer, create_channel
 from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_frames
@@ -186,3 +187,84 @@ def test_drain_serves_on_until_no_call_is_left_then_stops():
     assert seen == [SERVING, NOT_SERVING]
     assert rest == [4_000_000, grpc.aio.EOF, 4_000_000, grpc.aio.EOF] and in_flight == 0
     assert LINGER - 0.1 <= after < LINGER + 2
+
+
+def test_call_limit_counts_work_only_and_refuses_past_it_at_once():
+    """max_calls bounds the calls in flight; health watches (one per client channel with client-side health
+    checking) neither count nor are refused, so they cannot lock work out, as gRPC's maximum_concurrent_rpcs did."""
+    release = asyncio.Event()
+
+    async def slow(request, context):
+        yield b"started"
+        await release.wait()
+        yield b"done"
+
+    async def run():
+        server = StageServer([GATEWAY], max_calls=2)
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Slow", {"Run": grpc.unary_stream_rpc_method_handler(slow)}),))
+        port = server.add_port("127.0.0.1:0")
+        await server.start()
+        await server.mark_serving()
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=GATEWAY))
+                       for _ in range(5)]
+            assert [(await w.read()).status for w in watches] == [SERVING] * 5
+            method = channel.unary_stream("/test.Slow/Run")
+            held = [method(b""), method(b"")]
+            assert [await c.read() for c in held] == [b"started"] * 2  # two calls in flight beside five watches
+            try:
+                await method(b"").read()
+                refused = None
+            except grpc.aio.AioRpcError as e:
+                refused = (e.code(), e.details())
+            release.set()
+            assert [await c.read() for c in held] == [b"done"] * 2
+            await asyncio.sleep(0.1)
+            after = [m async for m in method(b"")]  # the slots are free again
+            for w in watches:
+                w.cancel()
+        await server.stop(0)
+        return refused, after
+
+    refused, after = asyncio.run(run())
+    assert refused == (grpc.StatusCode.RESOURCE_EXHAUSTED, "Slow: 2 calls in flight (limit 2); retry later")
+    assert after == [b"started", b"done"]
+
+
+def test_a_request_stream_that_pauses_loses_its_call():
+    """A client that sends part of its upload and stops (stalled, or gone without closing) gets DEADLINE_EXCEEDED
+    once no message came for the idle limit, instead of holding a call slot for good."""
+    from smartdiff.shared.errors import grpc_errors
+    from smartdiff.shared.tensor_stream import read_params_and_tensors
+
+    @grpc_errors
+    async def upload(request_iterator, context):
+        await read_params_and_tensors(request_iterator, {"prompt_embeds": TensorAssembler("prompt_embeds")},
+                                      idle_seconds=0.5)
+        yield b"read"
+
+    async def run():
+        server = StageServer([GATEWAY])
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Upload", {
+            "Run": grpc.stream_stream_rpc_method_handler(
+                upload, request_deserializer=denoiser_pb2.DenoiseRequest.FromString)}),))
+        port = server.add_port("127.0.0.1:0")
+        await server.start()
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream("/test.Upload/Run",
+                                         request_serializer=denoiser_pb2.DenoiseRequest.SerializeToString)()
+            await call.write(denoiser_pb2.DenoiseRequest(params=denoiser_pb2.DenoiseParams(steps=1)))
+            start = asyncio.get_running_loop().time()
+            with_error = None
+            try:
+                await asyncio.wait_for(call.read(), 10)
+            except grpc.aio.AioRpcError as e:
+                with_error = (e.code(), e.details(), asyncio.get_running_loop().time() - start)
+            count = server.in_flight.count
+        await server.stop(0)
+        return with_error, count
+
+    (code, details, waited), count = asyncio.run(run())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and details.startswith("request stream: no message for 0.5 s")
+    assert 0.4 < waited < 5 and count == 0
