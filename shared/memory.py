@@ -1,7 +1,8 @@
 """Low-memory levels (a system parameter of every stage), their check against the hardware, and peak memory.
 
     0  everything resident on the device
-    1  + VAE decode in overlapping spatial tiles (and one video frame at a time past the temporal upsamplers)
+    1  + VAE decode in overlapping spatial tiles (and a few video frames per decoder call past the temporal
+         upsamplers: services/vae/tiling.py, TilingConfig.for_dtype)
     2  + the T5 encoder kept and run on the CPU
     3  + DiT weights in pinned host memory, streamed to the GPU one module ahead of use on a side CUDA stream
 

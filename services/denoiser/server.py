@@ -57,7 +57,8 @@ def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
                    help="fuse the DiT's norms / modulation / RoPE with torch.compile at warm-up (auto: on CUDA)")
     p.add_argument("--gemm", choices=GEMMS, default="exact",
                    help="the DiT blocks' GEMMs: exact (in --dtype, default) or fp8 (LOSSY: FP8 weights and "
-                        "activations, row-wise scales; CUDA compute capability >= 8.9 with bfloat16)")
+                        "activations, row-wise scales; CUDA compute capability >= 8.9 with bfloat16, or a CPU "
+                        "whose torch._scaled_mm takes row-wise scales; refused at start where it cannot run)")
     p.add_argument("--cfg-degree", type=int, default=1, help="1 or 2: guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all over heads (divides the head count)")
     p.add_argument("--ring-degree", type=int, default=1, help="sequence blocks passed around a ring")

@@ -2,7 +2,8 @@
 its own and blended linearly where tiles overlap; peak memory follows the tile size, not the video size.
 
 Each tile runs the whole clip through the decoder with its own temporal feature cache (so only one tile's
-cache is alive at a time) and, past the last temporal upsampler, one video frame per call. Its frames are
+cache is alive at a time) and, past the last temporal upsampler, `frames_per_call` video frames per call (4 in
+16-bit dtypes and 2 in float32 by default: TilingConfig.for_dtype). Its frames are
 weighted by a separable partition of unity (linear ramps across each overlap) and summed; a region of the
 output goes to the sink as soon as every tile covering it has been added, so the only float buffers kept
 are the overlap strips still waiting for a neighbour.
