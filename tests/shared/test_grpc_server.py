@@ -144,6 +144,17 @@ def test_message_size_limit_is_enforced():
     )
 
 
+async def serving_slow(slow, **options):
+    """A SERVING StageServer with the unary-stream handler `slow` as /test.Slow/Run -> (server, port)."""
+    server = StageServer([GATEWAY], **options)
+    server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Slow", {"Run": grpc.unary_stream_rpc_method_handler(slow)}),))
+    port = server.add_port("127.0.0.1:0")
+    await server.start()
+    await server.mark_serving()
+    return server, port
+
+
 def test_drain_serves_on_until_no_call_is_left_then_stops():
     """SIGTERM's drain: health watchers see NOT_SERVING at once; the call in flight streams to its end (a late
     call is still served: clients that watch health have stopped sending); the drain ends LINGER after the last
@@ -158,12 +169,7 @@ def test_drain_serves_on_until_no_call_is_left_then_stops():
         yield b"done" * 1_000_000  # a large last message must reach the client whole
 
     async def run():
-        server = StageServer([GATEWAY])
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "test.Slow", {"Run": grpc.unary_stream_rpc_method_handler(slow)}),))
-        port = server.add_port("127.0.0.1:0")
-        await server.start()
-        await server.mark_serving()
+        server, port = await serving_slow(slow)
         async with create_channel(f"127.0.0.1:{port}") as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=GATEWAY))
             seen = [(await watch.read()).status]
@@ -200,12 +206,7 @@ def test_call_limit_counts_work_only_and_refuses_past_it_at_once():
         yield b"done"
 
     async def run():
-        server = StageServer([GATEWAY], max_calls=2)
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "test.Slow", {"Run": grpc.unary_stream_rpc_method_handler(slow)}),))
-        port = server.add_port("127.0.0.1:0")
-        await server.start()
-        await server.mark_serving()
+        server, port = await serving_slow(slow, max_calls=2)
         async with create_channel(f"127.0.0.1:{port}") as channel:
             watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=GATEWAY))
                        for _ in range(5)]
