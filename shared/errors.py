@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,13 +87,6 @@ class DeadlineExceeded(ServiceError):
 
     def __init__(self, message: str = "deadline exceeded") -> None:
         super().__init__(message)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's out-of-memory error (CUDA's, or another accelerator's), without importing torch here."""
-    torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
-    return oom is not None and isinstance(exc, oom)
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:

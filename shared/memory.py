@@ -139,6 +139,11 @@ def measure_peak(device: torch.device | str) -> Iterator[PeakMemory]:
             _active[device] -= 1
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error (torch.cuda.OutOfMemoryError is the same class)."""
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
 def release_cached_memory() -> None:
     """After an out-of-memory error: collect the failed request's tensors and give the CUDA allocator's cached
     blocks back, so the next request starts from the resident weights alone."""

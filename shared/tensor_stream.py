@@ -9,7 +9,6 @@ Every fault raises TensorStreamError: DATA_LOSS for corrupt bytes, INVALID_ARGUM
 from __future__ import annotations
 
 import asyncio
-
 import math
 import sys
 import zlib

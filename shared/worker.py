@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from smartdiff.shared.errors import Cancelled, DeadlineExceeded, Overloaded, is_out_of_memory
-from smartdiff.shared.memory import release_cached_memory
+from smartdiff.shared.errors import Cancelled, DeadlineExceeded, Overloaded
+from smartdiff.shared.memory import is_out_of_memory, release_cached_memory
 
 Emit = Callable[[Any], None]
 ShouldStop = Callable[[], bool]

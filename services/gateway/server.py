@@ -58,7 +58,7 @@ async def _ready(channel: grpc.aio.Channel, timeout: float) -> bool:
     if timeout > 0:
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
             pass
     return channel.get_state() == grpc.ChannelConnectivity.READY
 
@@ -140,7 +140,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.stages = stages
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self.write_stall_seconds = WRITE_STALL_SECONDS
         self._denoiser_caps: denoiser_pb2.GetCapabilitiesResponse | None = None
 
     async def denoiser_capabilities(self, timeout: float | None) -> denoiser_pb2.GetCapabilitiesResponse:
@@ -186,10 +185,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         try:
             async for msg in generation:
                 try:  # a client that stops reading (stalled, or gone without closing) loses its generation
-                    await asyncio.wait_for(context.write(msg), self.write_stall_seconds)
+                    await asyncio.wait_for(context.write(msg), WRITE_STALL_SECONDS)
                 except asyncio.TimeoutError:
-                    log.warning("generation stopped: its client read nothing for %g s", self.write_stall_seconds)
-                    raise DeadlineExceeded(f"gateway: the client read nothing for {self.write_stall_seconds:g} s; "
+                    log.warning("generation stopped: its client read nothing for %g s", WRITE_STALL_SECONDS)
+                    raise DeadlineExceeded(f"gateway: the client read nothing for {WRITE_STALL_SECONDS:g} s; "
                                            "the generation was stopped") from None
         finally:
             await generation.aclose()  # its stage calls end with it
