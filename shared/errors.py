@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -130,10 +131,30 @@ def calling_stage(stage: str) -> Iterator[None]:
         raise stage_error(stage, err) from None
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+# How long a call that fails while its client is still uploading reads on (and drops) the rest of the upload.
+DRAIN_SECONDS = 5.0
+
+
+async def drain_requests(request_iterator, seconds: float = DRAIN_SECONDS) -> None:
+    """Read and drop what is left of a call's request stream, for up to `seconds`. A status sent while the client
+    is still sending reaches it as INTERNAL ("RST_STREAM"), not as its own code (grpc/grpc#36066), so a call that
+    fails early (refused when full, a bad first message) ends the upload first. A no-op once the stream ended."""
+    async def rest() -> None:
+        async for _ in request_iterator:
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), seconds)
+    except (asyncio.TimeoutError, StopAsyncIteration, RuntimeError, grpc.RpcError):
+        pass  # a client still sending after `seconds`, or a stream already broken: abort as it is
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, request: Any = None) -> None:
     code, message = to_status(exc)
     if code != grpc.StatusCode.INTERNAL:
         log.info("%s: %s", code.name, message)
+    if hasattr(request, "__aiter__"):  # a request stream
+        await drain_requests(request)
     await context.abort(code, message)
 
 
@@ -142,7 +163,8 @@ def grpc_errors(method: F) -> F:
 
     ServiceError -> its code and message; TimeoutError -> DEADLINE_EXCEEDED; anything else -> INTERNAL with an
     error id (the traceback goes to the server log only). `context.abort` inside the handler and task
-    cancellation (asyncio.CancelledError, when the client cancels) pass through unchanged.
+    cancellation (asyncio.CancelledError, when the client cancels) pass through unchanged. A handler of a request
+    stream reads the rest of its stream before the status goes out (`drain_requests`).
     """
     if inspect.isasyncgenfunction(method):
 
@@ -154,7 +176,7 @@ def grpc_errors(method: F) -> F:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the one boundary where every error is mapped
-                await _abort(args[-1], exc)
+                await _abort(args[-1], exc, args[-2])
 
         return stream_wrapper  # type: ignore[return-value]
 
@@ -165,6 +187,6 @@ def grpc_errors(method: F) -> F:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - the one boundary where every error is mapped
-            await _abort(args[-1], exc)
+            await _abort(args[-1], exc, args[-2])
 
     return unary_wrapper  # type: ignore[return-value]

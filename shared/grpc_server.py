@@ -10,6 +10,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from google.protobuf.message import DecodeError
+
+from smartdiff.shared.errors import RequestError, drain_requests
+
 log = logging.getLogger(__name__)
 
 # Tensors travel in ~1 MiB chunks, so no message comes near this; it bounds what a peer can make us buffer.
@@ -32,6 +36,22 @@ LINGER = 1.0
 _CONTROL_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+def _kind(handler: grpc.RpcMethodHandler) -> str:
+    """The name of the handler's behavior attribute: unary_unary, unary_stream, stream_unary or stream_stream."""
+    return (f"{'stream' if handler.request_streaming else 'unary'}_"
+            f"{'stream' if handler.response_streaming else 'unary'}")
+
+
+async def _each(responses):
+    """A response-streaming behavior's messages: from an async generator, or none from a coroutine that writes
+    through context.write."""
+    if hasattr(responses, "__aiter__"):
+        async for msg in responses:
+            yield msg
+    else:
+        await responses
+
+
 class InFlight(grpc.aio.ServerInterceptor):
     """Counts a server's calls: `count` in flight (what a drain waits for), `total` started; past `limit` calls in
     flight, a new one is refused with RESOURCE_EXHAUSTED. Health and reflection calls are neither counted nor
@@ -48,14 +68,13 @@ class InFlight(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(_CONTROL_PREFIXES):
             return handler
         service = details.method.split("/")[1].rsplit(".", 1)[-1]
-        if handler.response_streaming:
-            kind = "stream_stream" if handler.request_streaming else "unary_stream"
-            return handler._replace(**{kind: self._streaming(getattr(handler, kind), service)})
-        kind = "stream_unary" if handler.request_streaming else "unary_unary"
-        return handler._replace(**{kind: self._unary(getattr(handler, kind), service)})
+        wrap = self._streaming if handler.response_streaming else self._unary
+        return handler._replace(**{_kind(handler): wrap(getattr(handler, _kind(handler)), service)})
 
-    async def _admit(self, context, service: str) -> None:
+    async def _admit(self, request, context, service: str) -> None:
         if self.limit is not None and self.count >= self.limit:
+            if hasattr(request, "__aiter__"):  # a request stream: the status reaches its client after the upload
+                await drain_requests(request)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{service}: {self.count} calls in flight (limit {self.limit}); retry later")
         self.count += 1
@@ -63,7 +82,7 @@ class InFlight(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior, service: str):
         async def call(request, context):
-            await self._admit(context, service)
+            await self._admit(request, context, service)
             try:
                 return await behavior(request, context)
             finally:
@@ -72,17 +91,63 @@ class InFlight(grpc.aio.ServerInterceptor):
 
     def _streaming(self, behavior, service: str):
         async def call(request, context):
-            await self._admit(context, service)
+            await self._admit(request, context, service)
             try:
-                responses = behavior(request, context)
-                if hasattr(responses, "__aiter__"):
-                    async for msg in responses:
-                        yield msg
-                else:  # a coroutine that writes through context.write
-                    await responses
+                async for msg in _each(behavior(request, context)):
+                    yield msg
             finally:
                 self.count -= 1
         return call
+
+
+class DecodeRequests(grpc.aio.ServerInterceptor):
+    """Decode request messages inside the handler's call, so bytes that are not a valid message (corrupt wire
+    format, a string field with bad UTF-8) get INVALID_ARGUMENT naming the message type, not gRPC's UNKNOWN."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        decode = getattr(handler, "request_deserializer", None)
+        if decode is None or details.method.startswith(_CONTROL_PREFIXES):
+            return handler
+        behavior = getattr(handler, _kind(handler))
+
+        async def messages(raw_iterator):  # a request stream's messages, decoded as the handler reads them
+            async for raw in raw_iterator:
+                try:
+                    msg = decode(raw)
+                except DecodeError as e:
+                    await drain_requests(raw_iterator)
+                    raise Undecodable(e) from None
+                yield msg
+
+        async def request_and_context(raw, context):
+            if handler.request_streaming:
+                return messages(raw), context
+            try:
+                return decode(raw), context
+            except DecodeError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, Undecodable(e).message)
+
+        # An Undecodable raised from a request stream reaches here unless the handler maps errors itself.
+        if handler.response_streaming:
+            async def call(raw, context):
+                try:
+                    async for msg in _each(behavior(*await request_and_context(raw, context))):
+                        yield msg
+                except Undecodable as e:
+                    await context.abort(e.code, e.message)
+        else:
+            async def call(raw, context):
+                try:
+                    return await behavior(*await request_and_context(raw, context))
+                except Undecodable as e:
+                    await context.abort(e.code, e.message)
+        return handler._replace(request_deserializer=None, **{_kind(handler): call})
+
+
+class Undecodable(RequestError):
+    def __init__(self, error: DecodeError) -> None:  # protobuf's text names the message type
+        super().__init__("request", f"not a valid message: {error}")
 
 
 class StageServer:
@@ -114,7 +179,7 @@ class StageServer:
                      # an unanswered ping within ~80 s, and its calls are cancelled, freeing their slots.
                      ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
                      *options],
-            interceptors=[self.in_flight, *interceptors],
+            interceptors=[self.in_flight, DecodeRequests(), *interceptors],
         )
         self.service_names = list(service_names)
         self.health = health.aio.HealthServicer()

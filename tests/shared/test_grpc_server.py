@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from smartdiff.denoiser.v1 import denoiser_pb2
-from smartdiff.gateway.v1 import gateway_pb2_grpc  # noqa: F401 - puts the gateway descriptors in the pool
+from smartdiff.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: F401 - the gateway descriptors in the pool
 from smartdiff.shared.grpc_server import StageServer, create_channel
 from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_frames
 from smartdiff.tensor.v1 import tensor_pb2
@@ -269,3 +269,121 @@ def test_a_request_stream_that_pauses_loses_its_call():
     (code, details, waited), count = asyncio.run(run())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and details.startswith("request stream: no message for 0.5 s")
     assert 0.4 < waited < 5 and count == 0
+
+
+def _upload(chunks: int = 8):
+    """A client's request stream: a params frame, then `chunks` frames of 1 MiB, as a stage's uploads are sent."""
+    yield denoiser_pb2.DenoiseRequest(params=denoiser_pb2.DenoiseParams(steps=1))
+    for frame in tensor_to_frames(torch.zeros(chunks << 18)):  # float32: 4 bytes per element
+        yield denoiser_pb2.DenoiseRequest(prompt_embeds=frame)
+
+
+async def _codes_of_uploads(port: int, method: str, times: int) -> set:
+    codes = set()
+    async with create_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(method, request_serializer=denoiser_pb2.DenoiseRequest.SerializeToString)
+        for _ in range(times):
+            try:
+                [m async for m in call(_upload())]
+                codes.add("OK")
+            except grpc.aio.AioRpcError as e:
+                codes.add((e.code(), e.details()))
+    return codes
+
+
+def test_a_call_refused_during_its_upload_gets_its_own_status():
+    """A stage that is full refuses a call while the client is still streaming tensors to it: the client must read
+    RESOURCE_EXHAUSTED (retry later), not the INTERNAL that gRPC reports when a status goes out mid-upload."""
+    release = asyncio.Event()
+
+    async def slow(request_iterator, context):
+        async for _ in request_iterator:
+            pass
+        yield b"started"
+        await release.wait()
+
+    async def run():
+        server = StageServer([GATEWAY], max_calls=1)
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Slow", {
+            "Run": grpc.stream_stream_rpc_method_handler(slow)}),))
+        port = server.add_port("127.0.0.1:0")
+        await server.start()
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            held = channel.stream_stream("/test.Slow/Run")(iter([b""]))
+            assert await held.read() == b"started"
+            codes = await _codes_of_uploads(port, "/test.Slow/Run", 5)
+            release.set()
+        await server.stop(0)
+        return codes
+
+    assert asyncio.run(run()) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "Slow: 1 calls in flight (limit 1); retry later")}
+
+
+def test_a_handler_that_fails_on_the_first_message_reports_its_error_mid_upload():
+    """A stage handler that rejects a request on its first message (here its params) while the client is still
+    uploading: the client reads that INVALID_ARGUMENT and its message."""
+    from smartdiff.shared.errors import RequestError, grpc_errors
+
+    @grpc_errors
+    async def strict(request_iterator, context):
+        async for msg in request_iterator:
+            raise RequestError("params.steps", f"{msg.params.steps} is too few for this test")
+        yield b"never"
+
+    async def run():
+        server = StageServer([GATEWAY])
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Strict", {
+            "Run": grpc.stream_stream_rpc_method_handler(
+                strict, request_deserializer=denoiser_pb2.DenoiseRequest.FromString)}),))
+        port = server.add_port("127.0.0.1:0")
+        await server.start()
+        codes = await _codes_of_uploads(port, "/test.Strict/Run", 5)
+        await server.stop(0)
+        return codes
+
+    assert asyncio.run(run()) == {(grpc.StatusCode.INVALID_ARGUMENT, "params.steps: 1 is too few for this test")}
+
+
+def test_bytes_that_are_not_a_valid_message_are_invalid_argument():
+    """A request that does not decode (bad UTF-8 in a string field; a corrupt wire format in a stream) gets
+    INVALID_ARGUMENT naming the message type, with or without `grpc_errors` on the handler; the server goes on
+    serving valid requests."""
+    from smartdiff.shared.errors import grpc_errors
+
+    async def one(request, context):
+        yield request.prompt.encode()
+
+    async def upload(request_iterator, context):
+        yield str(len([m async for m in request_iterator])).encode()
+
+    async def run():
+        server = StageServer([GATEWAY])
+        decode = {"request_deserializer": gateway_pb2.GenerateRequest.FromString}
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Decode", {
+            "One": grpc.unary_stream_rpc_method_handler(one, **decode),
+            "Upload": grpc.stream_stream_rpc_method_handler(upload, **decode),
+            "Mapped": grpc.stream_stream_rpc_method_handler(grpc_errors(upload), **decode)}),))
+        port = server.add_port("127.0.0.1:0")
+        await server.start()
+        bad_utf8 = bytes([0x0A, 0x02, 0xFF, 0xFE])  # field 1 (prompt), a string of two bytes that are not UTF-8
+        corrupt = bytes([0x0A, 0x09, 0x41])  # field 1 says 9 bytes follow; one does
+        good = gateway_pb2.GenerateRequest(prompt="fox").SerializeToString()
+        results = []
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            calls = [(channel.unary_stream("/test.Decode/One"), bad_utf8)] + [
+                (channel.stream_stream(f"/test.Decode/{m}"), iter([good, corrupt, good])) for m in ("Upload", "Mapped")]
+            for call, request in calls:
+                try:
+                    results.append([m async for m in call(request)])
+                except grpc.aio.AioRpcError as e:
+                    results.append((e.code(), e.details()))
+            results.append([m async for m in channel.unary_stream("/test.Decode/One")(good)])
+        await server.stop(0)
+        return results
+
+    *errors, ok = asyncio.run(run())
+    assert ok == [b"fox"]
+    for (code, details), problem in zip(errors, ["String field had bad UTF-8", "corrupt", "corrupt"]):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("request: not a valid message: ") and problem in details
+        assert "smartdiff.gateway.v1.GenerateRequest" in details
