@@ -296,22 +296,28 @@ class WanDiT(nn.Module):
         return e.float(), self.time_projection(e).float().unflatten(1, (6, self.cfg.dim))
 
     def run_blocks(self, tokens: torch.Tensor, e6: torch.Tensor, ctx: torch.Tensor,
-                   rope: tuple[torch.Tensor, torch.Tensor], attention_hook: AttentionHook | None = None) -> torch.Tensor:
-        """The block stack: tokens [B, L, C], e6 [B, 6, C] float32, ctx [B, T, C] -> [B, L, C]."""
+                   rope: tuple[torch.Tensor, torch.Tensor], attention_hook: AttentionHook | None = None,
+                   between_blocks: Callable[[], None] | None = None) -> torch.Tensor:
+        """The block stack: tokens [B, L, C], e6 [B, 6, C] float32, ctx [B, T, C] -> [B, L, C].
+
+        `between_blocks()` runs before each block after the first (the engine's cancellation check raises there)."""
         for i, block in enumerate(self.blocks):
+            if i > 0 and between_blocks is not None:
+                between_blocks()
             hook = None if attention_hook is None else (lambda kind, fn, i=i: attention_hook(i, kind, fn))
             tokens = block(tokens, e6, ctx, rope, hook)
         return tokens
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_embedded: bool = False, hooks: ForwardHooks | None = None,
-                parallel: ParallelState | None = None) -> torch.Tensor:
+                parallel: ParallelState | None = None,
+                between_blocks: Callable[[], None] | None = None) -> torch.Tensor:
         """x [B, 16, F', h, w], t [B], context [B, T, text_dim] (or [B, T, C] if already embedded).
 
         Returns the predicted flow (velocity) [B, out_dim, F', h, w] in x's dtype. `hooks`: this call's
         FlexCache hooks (None: compute everything). `parallel` (sequence parallel): the blocks run on this
         rank's shard of the tokens (self-attention must be a SequenceParallelAttention), the output is
-        gathered back on every rank.
+        gathered back on every rank. `between_blocks`: see run_blocks.
         """
         pt, ph, pw = self.cfg.patch_size
         b, _, f, h, w = x.shape
@@ -326,9 +332,9 @@ class WanDiT(nn.Module):
             tokens, rope = parallel.shard_tokens(tokens), pad_rope(*rope, parallel)
         attention_hook = None if hooks is None else hooks.attention
         if hooks is None or hooks.blocks is None:
-            tokens = self.run_blocks(tokens, e6, ctx, rope, attention_hook)
+            tokens = self.run_blocks(tokens, e6, ctx, rope, attention_hook, between_blocks)
         else:
-            run = lambda tk, e6_, ctx_: self.run_blocks(tk, e6_, ctx_, rope, attention_hook)  # noqa: E731
+            run = lambda tk, e6_, ctx_: self.run_blocks(tk, e6_, ctx_, rope, attention_hook, between_blocks)  # noqa: E731
             tokens = hooks.blocks(run, tokens, e, e6, ctx)
         out = self.head(tokens, e)  # [B, L, out * pt*ph*pw]
         if parallel is not None:

@@ -96,12 +96,15 @@ class DenoiserEngine:
                 progress: ProgressFn | None = None, cancelled: Callable[[], bool] | None = None,
                 cache: CacheConfig | None = None, cache_stats: CacheStats | None = None,
                 attention: AttentionChoice | None = None,
-                on_attention: Callable[[AttentionReport], None] | None = None) -> torch.Tensor:
+                on_attention: Callable[[AttentionReport], None] | None = None,
+                interrupt: Callable[[], bool] | None = None) -> torch.Tensor:
         """Run the sampler from seeded noise to the final latents.
 
         context / negative: prompt and negative-prompt embeddings [L, text_dim] (negative needed when any
         guidance > 1). Returns float32 latents [1, z_dim, F', H/8, W/8]. `cancelled` is polled before each
-        step; when it returns True the loop stops and raises Cancelled. `cache`: the request's FlexCache
+        step; when it returns True the loop stops and raises Cancelled. `interrupt`, a check of this process alone
+        (never one that all ranks must call together), is polled between DiT blocks as well, so a long step
+        stops within one block. `cache`: the request's FlexCache
         choice (refused with RequestError before any work when this deployment cannot run it); `cache_stats`,
         when given, is filled with what the cache computed and reused (and the parameters it applied).
         `attention`: the request's self-attention backend (default here: exact sdpa; the denoiser service
@@ -119,21 +122,28 @@ class DenoiserEngine:
         embedded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # per expert, computed once
         attn = None
         restore_sp = lambda: None  # noqa: E731
+        step = 0
+
+        def between_blocks() -> None:
+            if interrupt():
+                raise Cancelled(f"cancelled during step {step + 1}/{req.steps}")
+
         try:
             attn = attach_attention(self.experts, attention, device=self.device)  # per request; detached below
             restore_sp = self._attach_sequence_parallel(req, attn)
-            for i, t in enumerate(sampler.timesteps.tolist()):
+            for step, t in enumerate(sampler.timesteps.tolist()):
                 if cancelled is not None and cancelled():
-                    raise Cancelled(f"cancelled before step {i + 1}/{req.steps}")
+                    raise Cancelled(f"cancelled before step {step + 1}/{req.steps}")
                 k = self.expert_index(t)
                 if k not in embedded:
                     dit = self.experts[k]
                     embedded[k] = (dit.embed_text(ctx), dit.embed_text(neg) if neg is not None else None)
-                hooks = session.step(i) if session is not None else None
-                flow = self._guided_flow(self.experts[k], latents, t, *embedded[k], req.guidance[k], hooks)
-                latents = sampler.step(flow, i, latents)
+                hooks = session.step(step) if session is not None else None
+                flow = self._guided_flow(self.experts[k], latents, t, *embedded[k], req.guidance[k], hooks,
+                                         between_blocks if interrupt is not None else None)
+                latents = sampler.step(flow, step, latents)
                 if progress is not None:
-                    progress(i + 1, req.steps)
+                    progress(step + 1, req.steps)
         finally:
             if attn is not None:
                 restore_sp()
@@ -194,23 +204,32 @@ class DenoiserEngine:
             run(tokens, e6, tokens)
 
     def _guided_flow(self, dit: WanDiT, latents: torch.Tensor, t: float, ctx: torch.Tensor,
-                     neg: torch.Tensor | None, guidance: float, hooks=None) -> torch.Tensor:
+                     neg: torch.Tensor | None, guidance: float, hooks=None, between_blocks=None) -> torch.Tensor:
         """Velocity with classifier-free guidance: uncond + g * (cond - uncond), in float32.
 
         hooks(*branches) -> this call's FlexCache hooks, for batch rows of CFG branches (0 cond, 1 uncond).
+        between_blocks: passed to the DiT (the request's interrupt check).
         """
         x = latents.to(self.dtype)
         tt = torch.full((1,), t, device=self.device, dtype=torch.float32)
         hooks = hooks or (lambda *branches: None)
         par = self.parallel if self.parallel is not None and self.parallel.config.world_size > 1 else None
+
+        def run(x_, t_, ctx_, branches):
+            return dit(x_, t_, ctx_, context_embedded=True, hooks=hooks(*branches), parallel=par,
+                       between_blocks=between_blocks).float()
+
         if guidance <= 1.0 or neg is None:  # no guidance: the conditional branch alone
-            return dit(x, tt, ctx, context_embedded=True, hooks=hooks(0), parallel=par).float()
+            return run(x, tt, ctx, (0,))
         if par is not None and par.config.cfg == 2:  # CFG parallel: this rank's branch, then exchange
             branch = par.cfg_rank
-            mine = dit(x, tt, ctx if branch == 0 else neg, context_embedded=True, hooks=hooks(branch),
-                       parallel=par).float()
-            cond, uncond = par.gather_branches(mine)
+            cond, uncond = par.gather_branches(run(x, tt, ctx if branch == 0 else neg, (branch,)))
             return uncond + guidance * (cond - uncond)
+        if self.batch_cfg:
+            cond, uncond = run(torch.cat([x, x]), tt.expand(2), torch.cat([ctx, neg]), (0, 1)).chunk(2)
+        else:
+            cond, uncond = run(x, tt, ctx, (0,)), run(x, tt, neg, (1,))
+        return uncond + guidance * (cond - uncond)
         if self.batch_cfg:
             out = dit(torch.cat([x, x]), tt.expand(2), torch.cat([ctx, neg]), context_embedded=True,
                       hooks=hooks(0, 1), parallel=par).float()

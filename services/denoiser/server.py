@@ -212,7 +212,9 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
 
 
 def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negative: torch.Tensor | None,
-            progress=None, cancelled=None) -> JobResult:
+            progress=None, cancelled=None, interrupt=None) -> JobResult:
+    """One job on `engine`. `cancelled` is polled before each step; `interrupt` (a check of this process alone,
+    for a single-process denoiser) between DiT blocks too."""
     result = JobResult(latents=None)
 
     def on_attention(report: AttentionReport) -> None:
@@ -224,7 +226,8 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
     with measure_peak(engine.device) as peak:
         latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
                                  progress=on_step if progress else None, cancelled=cancelled, cache=job.cache,
-                                 cache_stats=result.cache, attention=job.attention, on_attention=on_attention)
+                                 cache_stats=result.cache, attention=job.attention, on_attention=on_attention,
+                                 interrupt=interrupt)
         # to the host here: the GPU may still be a step behind the CPU, and that work is the denoiser's time
         result.latents = latents.float().cpu()
     result.peak_memory_bytes = peak.bytes or 0
@@ -252,7 +255,9 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         self.engine = engine
         self.worker = worker
         self.options = options
-        self.runner = runner or (lambda *a, **kw: run_job(engine, *a, **kw))
+        # in this process, a cancel or a passed deadline stops the job between two DiT blocks
+        self.runner = runner or (lambda *a, cancelled=None, **kw: run_job(engine, *a, cancelled=cancelled,
+                                                                          interrupt=cancelled, **kw))
 
     async def read_inputs(self, request_iterator) -> tuple[pb.DenoiseParams, torch.Tensor, torch.Tensor | None]:
         """params first, then the prompt embedding, then (for guidance > 1) the negative one."""

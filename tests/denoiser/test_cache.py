@@ -158,26 +158,27 @@ def test_cached_tensors_are_freed_after_each_request(tiny):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny.experts[0].modules())
 
 
-def test_cache_is_freed_when_the_request_is_cancelled(tiny):
+@pytest.mark.parametrize("where", ["cancelled", "interrupt"])
+def test_cache_is_freed_when_the_request_is_cancelled(tiny, where):
+    """Cancelled before a step (`cancelled`, polled per step) or inside one (`interrupt`, polled between DiT
+    blocks, mid-step with the cache's hooks running): the request's cached tensors go either way."""
     def live_after_cancel(cache):
         calls = []
 
-        def cancelled():
+        def stop():  # once past the first steps, with the cache's state built
             calls.append(1)
-            return len(calls) > 8
+            return len(calls) > (8 if where == "cancelled" else 2)
 
         ctx, neg = embeddings()
         before = live_tensors()
-        with pytest.raises(Cancelled) as info:
-            tiny.denoise(request(tiny), ctx, neg, cancelled=cancelled, cache=cache)
-        kept = len(live_tensors() - before)  # tensors the traceback's frames keep alive
-        del info
-        return kept
+        with pytest.raises(Cancelled, match="before step" if where == "cancelled" else "during step") as info:
+            tiny.denoise(request(tiny), ctx, neg, cache=cache, **{where: stop})
+        del info  # its traceback's frames hold the step's tensors
+        return len(live_tensors() - before)
 
-    plain = live_after_cancel(None)
-    assert live_after_cancel(CacheConfig("pab")) == plain
-    assert live_after_cancel(CacheConfig("magcache")) == plain
-    assert live_after_cancel(CacheConfig("budget")) == plain
+    live_after_cancel(None)  # first use: the model's lazily built tables (RoPE) stay, as they should
+    for cache in (None, CacheConfig("pab"), CacheConfig("magcache"), CacheConfig("budget")):
+        assert live_after_cancel(cache) == 0, cache
 
 
 def test_concurrent_requests_with_different_settings_do_not_affect_each_other(engine):

@@ -433,6 +433,37 @@ def test_cancel_stops_the_denoiser_within_one_step(denoiser_workers, step_times)
     assert 3 <= len(step_times) < 200 and len(after) <= 1, (len(step_times), len(after))
 
 
+def test_cancel_stops_the_denoiser_within_one_block(denoiser_workers, monkeypatch):
+    """A cancel in the middle of a step stops the single-process denoiser after the DiT block that is running:
+    no block starts once the cancel reached it, though the step has blocks left (a 14B 720p step takes
+    seconds to tens of seconds on a GPU)."""
+    from smartdiff.services.denoiser.dit import WanAttentionBlock
+
+    starts, real = [], WanAttentionBlock.forward
+
+    def slow_block(self, *a, **kw):
+        starts.append(time.monotonic())
+        time.sleep(0.5)  # as a block of a large model does
+        return real(self, *a, **kw)
+
+    async def body(d, channel):
+        monkeypatch.setattr(WanAttentionBlock, "forward", slow_block)  # the warm-up ran at full speed
+        r = request_to_proto(GenerationRequest(prompt="x", width=32, height=32, frames=5, steps=2, seed=1))
+        call = gateway(channel).Generate(r)
+        reading = asyncio.ensure_future(call.read())
+        while not starts:
+            await asyncio.sleep(0.005)
+        call.cancel()
+        cancelled_at = time.monotonic()
+        await wait_idle(denoiser_workers[-1])
+        reading.cancel()
+        return cancelled_at
+
+    cancelled_at = run(body)
+    blocks_per_step = load_model_config("wan-tiny").dit.num_layers  # at least: CFG may batch its two branches
+    assert len(starts) == 1 < blocks_per_step, [t - cancelled_at for t in starts]
+
+
 def test_deadline_propagates_and_expires_in_the_denoiser(denoiser_workers, step_times):
     async def body(d, channel):
         step_times.clear()
