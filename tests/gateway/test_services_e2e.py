@@ -1,5 +1,6 @@
 """The four services over loopback gRPC: results equal the in-process engines, errors map to status codes,
-every service keeps serving after a bad request, cancellation stops the denoiser within one step (one block, in process)."""
+every service keeps serving after a bad request, cancellation stops the denoiser within one step (in one process:
+one DiT block)."""
 
 from __future__ import annotations
 
