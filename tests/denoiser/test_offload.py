@@ -89,6 +89,22 @@ def test_offloaded_latents_equal_resident_with_a_block_stack_cache():
     assert torch.equal(offloaded, resident)
 
 
+def test_a_request_stopped_between_blocks_leaves_the_streaming_intact():
+    """A cancel between two blocks leaves a prefetch in flight and a unit order the next request does not follow;
+    every weight is back in host memory, and the next request still gives the resident run's latents."""
+    from smartdiff.shared.errors import Cancelled
+
+    model, req, ctx, neg = inputs("wan-tiny")
+    offloaded = DenoiserEngine.load(model, None, "cpu", torch.float32, low_mem_level=OFFLOAD_ON_CPU)
+    polls = []
+    with pytest.raises(Cancelled, match="during step 2/"):
+        offloaded.denoise(req, ctx, neg, interrupt=lambda: polls.append(1) or len(polls) > 1)
+    for u in offloaded.offloader.units:
+        assert all(_in(t, u.host) for t in u.tensors), u.name
+    resident = DenoiserEngine.load(model, None, "cpu", torch.float32)
+    assert torch.equal(offloaded.denoise(req, ctx, neg), resident.denoise(req, ctx, neg))
+
+
 def test_two_slots_hold_the_device_weights_and_the_order_is_learned():
     cfg = load_model_config("wan-tiny").dit
     dit = random_dit(cfg, "cpu", torch.float32, seed=0)
