@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from google.protobuf.message import DecodeError
 
+from smartdiff.shared import metrics
 from smartdiff.shared.errors import RequestError, drain_requests
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,8 @@ class InFlight(grpc.aio.ServerInterceptor):
     """Counts a server's calls: `count` in flight (what a drain waits for), `total` started; past `limit` calls in
     flight, a new one is refused with RESOURCE_EXHAUSTED. Health and reflection calls are neither counted nor
     refused: gRPC's own maximum_concurrent_rpcs counts them, so clients' health watches (one per channel and
-    replica) could fill it and lock all work out."""
+    replica) could fill it and lock all work out. Each call's status code and duration go to the process's
+    metrics (shared/metrics.py), refused calls included."""
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit
@@ -67,9 +71,10 @@ class InFlight(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_CONTROL_PREFIXES):
             return handler
-        service = details.method.split("/")[1].rsplit(".", 1)[-1]
+        _, full_service, method = details.method.split("/")
+        service = full_service.rsplit(".", 1)[-1]
         wrap = self._streaming if handler.response_streaming else self._unary
-        return handler._replace(**{_kind(handler): wrap(getattr(handler, _kind(handler)), service)})
+        return handler._replace(**{_kind(handler): wrap(getattr(handler, _kind(handler)), service, method)})
 
     async def _admit(self, request, context, service: str) -> None:
         if self.limit is not None and self.count >= self.limit:
@@ -80,24 +85,59 @@ class InFlight(grpc.aio.ServerInterceptor):
         self.count += 1
         self.total += 1
 
-    def _unary(self, behavior, service: str):
+    def _unary(self, behavior, service: str, method: str):
         async def call(request, context):
-            await self._admit(request, context, service)
-            try:
-                return await behavior(request, context)
-            finally:
-                self.count -= 1
+            with _measured(context, service, method):
+                await self._admit(request, context, service)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self.count -= 1
         return call
 
-    def _streaming(self, behavior, service: str):
+    def _streaming(self, behavior, service: str, method: str):
         async def call(request, context):
-            await self._admit(request, context, service)
-            try:
-                async for msg in _each(behavior(request, context)):
-                    yield msg
-            finally:
-                self.count -= 1
+            with _measured(context, service, method):
+                await self._admit(request, context, service)
+                try:
+                    async for msg in _each(behavior(request, context)):
+                        yield msg
+                finally:
+                    self.count -= 1
         return call
+
+
+@contextmanager
+def _measured(context: grpc.aio.ServicerContext, service: str, method: str) -> Iterator[None]:
+    """One call in the metrics: in flight while it runs, then its duration and status code."""
+    start = time.perf_counter()
+    metrics.IN_FLIGHT.labels(service).inc()
+    code = grpc.StatusCode.UNKNOWN  # an exception that is not a status: gRPC reports UNKNOWN
+    try:
+        yield
+        code = context.code() or grpc.StatusCode.OK
+    except grpc.aio.AbortError:
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
+        raise
+    finally:
+        metrics.IN_FLIGHT.labels(service).dec()
+        metrics.CALLS.labels(service, method, _code_name(code)).inc()
+        metrics.CALL_SECONDS.labels(service, method).observe(time.perf_counter() - start)
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    left = context.time_remaining()
+    return left is not None and left <= 0
+
+
+def _code_name(code) -> str:
+    """context.code() gives a StatusCode after abort, or the int set by set_code on some grpc versions."""
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
 
 
 class DecodeRequests(grpc.aio.ServerInterceptor):

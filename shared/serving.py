@@ -64,6 +64,8 @@ def add_serve_flags(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--max-queue", type=ranged_int(1, 4096), default=8, help="requests admitted at once; more are refused")
     p.add_argument("--drain-seconds", type=seconds(), default=25.0, help="on SIGTERM, time given to in-flight requests")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-port", type=ranged_int(0, 65535), default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; 0 picks a free port)")
     if stage != "gateway":
         p.add_argument("--low-mem-level", type=int, default=0, choices=range(4),
                        help="0 all resident; 1 VAE tiling; 2 T5 on CPU; 3 DiT block offload")
@@ -100,6 +102,20 @@ async def run_until_signal(server: StageServer, drain_seconds: float) -> None:
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining for up to %.0f s", drain_seconds)
     await server.drain(drain_seconds)
+
+
+def start_metrics(args: argparse.Namespace) -> None:
+    """The process's /metrics endpoint when --metrics-port is set (shared/metrics.py); ConfigError if the port is
+    taken. Started before the weights load, so a scrape also shows a stage that is still starting."""
+    from smartdiff.shared.metrics import serve_metrics
+
+    if args.metrics_port is None:
+        return
+    try:
+        port = serve_metrics(args.metrics_port, args.host)
+    except OSError as e:
+        raise ConfigError(f"--metrics-port {args.metrics_port}: {e.strerror or e}") from None
+    print(f"metrics {args.host}:{port}/metrics", flush=True)
 
 
 def setup_logging(level: str) -> None:
@@ -150,6 +166,7 @@ def stage_main(stage: str, start, argv: list[str] | None = None, extra_flags=Non
     try:
         model, layout = model_from_args(args)
         system = system_from_args(args)
+        start_metrics(args)
     except (ConfigError, CheckpointError, MemoryPolicyError) as e:
         print(f"error: {e}", flush=True)
         return 2

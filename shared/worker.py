@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from smartdiff.shared import metrics
 from smartdiff.shared.errors import Cancelled, DeadlineExceeded, Overloaded
 from smartdiff.shared.memory import is_out_of_memory, release_cached_memory
 
@@ -38,8 +39,19 @@ class StageWorker:
     def __init__(self, name: str, max_pending: int = 8):
         self.name = name
         self.max_pending = max_pending
-        self.pending = 0  # admitted and not yet finished (queued + running)
+        self._pending = 0
+        self.pending = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-worker")
+
+    @property
+    def pending(self) -> int:
+        """Jobs admitted and not yet finished (queued + running); the `smartdiff_jobs` metric follows it."""
+        return self._pending
+
+    @pending.setter
+    def pending(self, n: int) -> None:
+        self._pending = n
+        metrics.JOBS.labels(self.name).set(n)
 
     async def stream(self, job: Job, context=None) -> AsyncIterator[Any]:
         """Run `job`, yielding what it emits, then Done(result).

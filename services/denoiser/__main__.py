@@ -32,7 +32,8 @@ from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.memory import MemoryPolicyError
 from smartdiff.shared.serving import (
-    add_model_flags, add_serve_flags, model_from_args, run_until_signal, setup_logging, system_from_args,
+    add_model_flags, add_serve_flags, model_from_args, run_until_signal, setup_logging, start_metrics,
+    system_from_args,
 )
 
 log = logging.getLogger("smartdiff.denoiser")
@@ -100,6 +101,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", flush=True)
         return 2
     try:
+        if proc.rank == 0:  # the process that serves gRPC
+            start_metrics(args)
         if proc.world_size == 1:
             asyncio.run(serve(args, model, layout, system, options))
             return 0

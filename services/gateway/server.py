@@ -16,6 +16,7 @@ from smartdiff.gateway.v1 import gateway_pb2 as pb
 from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from smartdiff.services.denoiser.attention.choice import AttentionChoice
 from smartdiff.services.denoiser.cache.config import cache_config_from_proto
+from smartdiff.shared import metrics
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import (
     DeadlineExceeded, Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
@@ -284,8 +285,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                                       peak_memory_bytes=vae_summary.peak_memory_bytes if vae_summary else 0,
                                       low_mem_level=vae_summary.low_mem_level if vae_summary else 0))
         effective = dn_summary.effective if dn_summary else params
+        total = time.perf_counter() - start
+        for timing in timings:
+            metrics.STAGE_SECONDS.labels(STAGE_NAMES[timing.stage]).observe(timing.seconds)
+        metrics.STAGE_SECONDS.labels("total").observe(total)
         yield pb.GenerateResponse(summary=pb.GenerateSummary(
-            request_id=request_id, stage_timings=timings, total_seconds=time.perf_counter() - start,
+            request_id=request_id, stage_timings=timings, total_seconds=total,
             video_bytes=vae_summary.video_bytes if vae_summary else 0,
             cached_steps=dn_summary.cached_steps if dn_summary else 0,
             cache_report=dn_summary.cache_report if dn_summary else None,

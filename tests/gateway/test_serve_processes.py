@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -16,11 +17,14 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def start(*args: str) -> tuple[subprocess.Popen, str]:
-    """Start `smartdiff serve ...` on a free port; wait for its '... SERVING' line; return (process, address)."""
+    """Start `smartdiff serve ...` on a free port; wait for its '... SERVING' line; return (process, address).
+    The lines it printed up to there are in `process.printed`."""
     proc = subprocess.Popen([sys.executable, "-m", "smartdiff.services.gateway.cli", "serve", *args, "--port", "0",
                              "--host", "127.0.0.1", "--log-level", "WARNING"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    proc.printed = []
     for line in proc.stdout:
+        proc.printed.append(line.rstrip())
         if line.rstrip().endswith("SERVING"):
             return proc, line.split()[-2]
     proc.wait(5)
@@ -51,8 +55,18 @@ def test_four_stage_processes_serve_a_generation(tmp_path):
     assert codes == [0, 0, 0, 0]  # SIGTERM: drain, then a clean exit
 
 
+def scrape(proc: subprocess.Popen) -> dict[str, float]:
+    """The samples of the process's /metrics (started with --metrics-port 0: it printed the address)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    address = next(line.split()[1] for line in proc.printed if line.startswith("metrics "))
+    text = urllib.request.urlopen(f"http://{address}", timeout=10).read().decode()
+    return {f"{s.name}{sorted(s.labels.items())}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_serve_all_prints_address_and_serving(tmp_path, capsys):
-    proc, gw = start("all")
+    proc, gw = start("all", "--metrics-port", "0")
     try:
         out = tmp_path / "v.mp4"
         small = ["--prompt", "x", "--width", "32", "--height", "32", "--frames", "1", "--steps", "1"]
@@ -69,6 +83,13 @@ def test_serve_all_prints_address_and_serving(tmp_path, capsys):
             assert main(["generate", "--gateway", gw, *small, "--out", str(out), *flags]) == 2, flags
             err = capsys.readouterr().err
             assert "Traceback" not in err and all(w in err for w in words), err
+        samples = scrape(proc)  # the generation and the refusal that reached the gateway, in its metrics
+        generate = [("method", "Generate"), ("service", "GatewayService")]
+        assert samples[f"smartdiff_calls_total{sorted([('code', 'OK'), *generate])}"] == 1
+        assert samples[f"smartdiff_calls_total{sorted([('code', 'INVALID_ARGUMENT'), *generate])}"] >= 1
+        assert samples["smartdiff_calls_total[('code', 'OK'), ('method', 'Denoise'), ('service', 'DenoiserService')]"] == 1
+        for stage in ("text_encoder", "denoiser", "vae", "total"):
+            assert samples[f"smartdiff_generation_stage_seconds_count[('stage', '{stage}')]"] == 1
     finally:
         assert stop(proc) == 0
 

@@ -91,12 +91,26 @@ def test_every_network_policy_selects_existing_pods():
 def test_service_port_targets_the_container_port_the_service_listens_on(stage):
     svc = by_kind("Service")[stage]["spec"]
     (port,) = svc["ports"]
-    (cport,) = container(stage)["ports"]
+    cport = next(p for p in container(stage)["ports"] if p["name"] == "grpc")
     target = port["targetPort"]
     assert target in (cport["name"], cport["containerPort"]), f"{stage}: targetPort {target} names no container port"
     assert port["port"] == cport["containerPort"] == PORTS[stage]
     assert int(flags(expanded_args(stage))["port"]) == PORTS[stage], f"{stage}: --port differs from the container port"
     assert port.get("protocol", "TCP") == cport.get("protocol", "TCP") == "TCP"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_metrics_flag_container_port_annotations_and_policy_agree(stage):
+    """Each stage serves /metrics on the port its container declares, its pod's annotations name and the metrics
+    NetworkPolicy admits; the Service stays gRPC only."""
+    port = int(flags(expanded_args(stage))["metrics-port"])
+    assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container(stage)["ports"]
+    annotations = deployment(stage)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port) and annotations["prometheus.io/scrape"] == "true"
+    policy = by_kind("NetworkPolicy")["metrics"]["spec"]
+    assert selects(policy["podSelector"], template_labels(stage))
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [port]
+    assert [p["port"] for p in by_kind("Service")[stage]["spec"]["ports"]] == [PORTS[stage]]
 
 
 def test_shared_port_defaults_agree():
