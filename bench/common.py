@@ -108,3 +108,21 @@ def same_weight_vaes(cfg, device, dtype):
     ours = load_strict(ours, convert_diffusers_state_dict(ref.state_dict(), cfg.num_res_blocks),
                        "diffusers reference", device, dtype)
     return ref, ours.eval()
+
+
+def diffusers_dit(cfg, device: torch.device, dtype: torch.dtype):
+    """diffusers' WanTransformer3DModel with random weights in `dtype`, its fp32-kept modules float32 (as
+    from_pretrained(torch_dtype=...) leaves them). Built in float32 on the device first (57 GB for 14B)."""
+    import diffusers
+
+    with torch.device(device):
+        model = diffusers.WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=cfg.eps)
+    model = model.to(dtype).eval().requires_grad_(False)
+    for name, param in model.named_parameters():
+        if any(k in name.split(".") for k in model._keep_in_fp32_modules):
+            param.data = param.data.float()
+    return model

@@ -31,7 +31,7 @@ from smartdiff.services.denoiser.fp8 import check_gemm, quantize_blocks_fp8
 from smartdiff.shared.checkpoint import load_strict, rename_keys
 from smartdiff.shared.config import load_model_config
 
-from common import cuda_time, git_commit, profile_forward, rel_err
+from common import cuda_time, diffusers_dit, git_commit, profile_forward, rel_err
 
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
 TEXT_LEN = 512
@@ -64,22 +64,6 @@ def fp8_gemm_ceiling() -> float:
     return 2 * 8192**3 / statistics.median(cuda_time(mm, 3, 10)) / 1e12
 
 
-def diffusers_model(cfg):
-    import diffusers
-
-    with torch.device("cuda"):
-        model = diffusers.WanTransformer3DModel(
-            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-            in_channels=16, out_channels=16, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
-            num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps,
-        )
-    model = model.to(torch.bfloat16).eval().requires_grad_(False)
-    for name, param in model.named_parameters():  # as from_pretrained(torch_dtype=bf16) leaves them
-        if any(k in name.split(".") for k in model._keep_in_fp32_modules):
-            param.data = param.data.float()
-    return model
-
-
 def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A second module object on the very same parameter tensors (buffers copied): compiling it, attaching an
     attention backend to it or swapping its linears leaves the original as it was, at no weight memory."""
@@ -97,7 +81,7 @@ def bench_model(label: str, width: int, height: int, frames: int, warmup: int, i
     # Each model as in its own process (a denoiser serves one): compiled code from the model before would make
     # dynamo recompile both compiled variants with dynamic shapes, which runs slower than their own static code.
     torch._dynamo.reset()
-    ref = diffusers_model(cfg)
+    ref = diffusers_dit(cfg, "cuda", torch.bfloat16)
     # Our model shares the very same weight tensors (no copy): only the float32-kept modules are cast.
     ours = load_strict(build_dit(cfg), rename_keys(ref.state_dict(), diffusers_to_wan_key), "diffusers weights",
                        "cuda", torch.bfloat16, keep_fp32=KEEP_FP32)

@@ -26,6 +26,31 @@ from .weights import load_dit, random_dit
 ProgressFn = Callable[[int, int], None]
 
 
+class BlockInterrupt:
+    """The check run between two DiT blocks: Cancelled once `interrupt()` says so, naming the step.
+
+    The CPU launches work far ahead of a GPU (a whole forward can sit in the launch queue), so a check made at
+    launch time alone would stop the GPU only after all of that. On CUDA this also records an event after each
+    block and waits for the one LOOKAHEAD blocks back: the GPU always has a block queued (launching one takes
+    well under a millisecond, running one at video sizes tens of milliseconds and more), and a stop takes
+    effect within LOOKAHEAD blocks of GPU time."""
+
+    LOOKAHEAD = 2
+
+    def __init__(self, interrupt: Callable[[], bool], steps: int, device: torch.device):
+        self.interrupt, self.steps, self.step = interrupt, steps, 0
+        self._events: list[torch.cuda.Event] | None = [] if torch.device(device).type == "cuda" else None
+
+    def __call__(self) -> None:
+        if self._events is not None:
+            self._events.append(torch.cuda.Event())
+            self._events[-1].record()
+            if len(self._events) > self.LOOKAHEAD:
+                self._events.pop(0).synchronize()
+        if self.interrupt():
+            raise Cancelled(f"cancelled during step {self.step + 1}/{self.steps}")
+
+
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torch.Tensor:
     """float32 N(0, 1) noise drawn as Wan and diffusers draw it: a torch.Generator on `device` seeded with `seed`."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -104,7 +129,7 @@ class DenoiserEngine:
         guidance > 1). Returns float32 latents [1, z_dim, F', H/8, W/8]. `cancelled` is polled before each
         step; when it returns True the loop stops and raises Cancelled. `interrupt`, a check of this process alone
         (never one that all ranks must call together), is polled between DiT blocks as well, so a long step
-        stops within one block. `cache`: the request's FlexCache
+        stops within a block or two (BlockInterrupt). `cache`: the request's FlexCache
         choice (refused with RequestError before any work when this deployment cannot run it); `cache_stats`,
         when given, is filled with what the cache computed and reused (and the parameters it applied).
         `attention`: the request's self-attention backend (default here: exact sdpa; the denoiser service
@@ -122,16 +147,13 @@ class DenoiserEngine:
         embedded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # per expert, computed once
         attn = None
         restore_sp = lambda: None  # noqa: E731
-        step = 0
-
-        def between_blocks() -> None:
-            if interrupt():
-                raise Cancelled(f"cancelled during step {step + 1}/{req.steps}")
-
+        between_blocks = BlockInterrupt(interrupt, req.steps, self.device) if interrupt is not None else None
         try:
             attn = attach_attention(self.experts, attention, device=self.device)  # per request; detached below
             restore_sp = self._attach_sequence_parallel(req, attn)
             for step, t in enumerate(sampler.timesteps.tolist()):
+                if between_blocks is not None:
+                    between_blocks.step = step
                 if cancelled is not None and cancelled():
                     raise Cancelled(f"cancelled before step {step + 1}/{req.steps}")
                 k = self.expert_index(t)
@@ -140,7 +162,7 @@ class DenoiserEngine:
                     embedded[k] = (dit.embed_text(ctx), dit.embed_text(neg) if neg is not None else None)
                 hooks = session.step(step) if session is not None else None
                 flow = self._guided_flow(self.experts[k], latents, t, *embedded[k], req.guidance[k], hooks,
-                                         between_blocks if interrupt is not None else None)
+                                         between_blocks)
                 latents = sampler.step(flow, step, latents)
                 if progress is not None:
                     progress(step + 1, req.steps)
