@@ -16,6 +16,7 @@ Also the step time of each (3 steps, no stop), to show what the per-block check 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -147,6 +148,19 @@ def diffusers_pipeline(model_name: str, req, device, dtype):
     return run
 
 
+def measure(label: str, way: str, call, steps: int, device: torch.device, trials: int, rng: random.Random) -> dict:
+    never = threading.Event()
+    call(never)  # warm-up: compilation, autotuning, the allocator
+    step = timed(lambda: call(never), device) / steps
+    latencies = [trial(call, device, step, rng) for _ in range(trials)]
+    row = dict(model=label, way=way, step_seconds=step, latencies=latencies,
+               median_latency=statistics.median(latencies), max_latency=max(latencies),
+               median_in_steps=statistics.median(latencies) / step)
+    print(f"{label:5s} {way:24s} step {step:7.3f} s  stop latency median {row['median_latency']:7.3f} s "
+          f"(max {row['max_latency']:.3f}; {row['median_in_steps']:.2f} steps)", flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["1.3B"])
@@ -170,23 +184,19 @@ def main() -> None:
         req = resolve_request(GenerationRequest(prompt="x", width=width, height=height, frames=frames, steps=steps,
                                                 guidance=(5.0,), seed=1), model)
         engine, blocks, steps_only = ours(name, req, device, dtype, compile=not args.dry_run)
-        ways = [("ours, between blocks", blocks), ("ours, between steps", steps_only)]
-        if not args.no_diffusers:
-            ways.append(("diffusers WanPipeline", diffusers_pipeline(name, req, device, dtype)))
-        never = threading.Event()
-        for way, call in ways:
-            call(never)  # warm-up: compilation, autotuning, the allocator
-            step = timed(lambda: call(never), device) / steps
-            latencies = [trial(call, device, step, rng) for _ in range(args.trials)]
-            rows.append(dict(model=label, way=way, step_seconds=step, latencies=latencies,
-                             median_latency=statistics.median(latencies), max_latency=max(latencies),
-                             median_in_steps=statistics.median(latencies) / step))
-            r = rows[-1]
-            print(f"{label:5s} {way:24s} step {step:7.3f} s  stop latency median {r['median_latency']:7.3f} s "
-                  f"(max {r['max_latency']:.3f}; {r['median_in_steps']:.2f} steps)", flush=True)
-        del engine, ways
+        for way, call in [("ours, between blocks", blocks), ("ours, between steps", steps_only)]:
+            rows.append(measure(label, way, call, steps, device, args.trials, rng))
+        del engine, blocks, steps_only, call  # the GPU's memory goes to the peer's model
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if not args.no_diffusers:
+            pipe = diffusers_pipeline(name, req, device, dtype)
+            rows.append(measure(label, "diffusers WanPipeline", pipe, steps, device, args.trials, rng))
+            del pipe
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print("\n| model | way | step time | stop latency, median (max) | in steps |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['way']} | {r['step_seconds']:.3f} s | {r['median_latency']:.3f} s "
