@@ -28,6 +28,7 @@ import torch
 
 from smartdiff.services.denoiser.attention import AttentionChoice
 from smartdiff.services.denoiser.engine import BlockInterrupt, DenoiserEngine
+from smartdiff.services.denoiser.weights import random_dit
 from smartdiff.shared.config import load_model_config
 from smartdiff.shared.errors import Cancelled
 from smartdiff.shared.request import GenerationRequest, resolve_request
@@ -95,7 +96,8 @@ def timed(fn, device: torch.device) -> float:
 
 
 def ours(model_name: str, req, device, dtype, compile: bool):
-    engine = DenoiserEngine.load(load_model_config(model_name), None, device, dtype)
+    model = load_model_config(model_name)
+    engine = DenoiserEngine(model, [random_dit(model.dit, device, dtype, 0)], device, dtype)
     if compile:
         for dit in engine.experts:
             dit.set_compiled(True)
