@@ -3,9 +3,9 @@ each step.
 
 For each request rank 0 broadcasts an op header, the DenoiseParams protobuf bytes and the embeddings (all
 tensors, never pickles); every rank then validates the same params and runs the same denoising loop, and
-rank 0 returns the latents. Cancellation: before each step rank 0 broadcasts its stop flag; every rank acts
-on the flag of the previous step, so all stop at the same step, within one step of the cancel, and nobody
-waits for the GPU to finish the current step to read it.
+rank 0 returns the latents. Cancellation: before each step and between DiT blocks rank 0 broadcasts its stop
+flag; every rank acts on the flag of the previous check, so all stop at the same block, within about two blocks
+of the cancel, and nobody waits for the GPU to finish the current block to read it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def init_distributed(proc: ProcessInfo, options: DenoiserOptions, model: ModelCo
 
 
 class LockstepStop:
-    """The `cancelled` callable of one job on every rank: True on all ranks at the same step."""
+    """The `cancelled` and `interrupt` callable of one job on every rank: True on all ranks at the same check
+    (every rank makes the same checks in the same order: one per step, one between two blocks)."""
 
     def __init__(self, device: torch.device, local_stop=None):
         self.device = device
@@ -134,7 +135,7 @@ class RequestChannel:
 
 class RankZeroRunner:
     """Rank 0's job runner (DenoiserServicer.runner): broadcast the job, then run it in lockstep. One message
-    at a time on the channel: shutdown waits for a running job (a cancelled one ends at its next step), since
+    at a time on the channel: shutdown waits for a running job (a cancelled one ends within a block or two), since
     its collectives and the shutdown message would otherwise cross (gloo aborts, NCCL hangs)."""
 
     def __init__(self, engine: DenoiserEngine, channel: RequestChannel):
@@ -145,7 +146,7 @@ class RankZeroRunner:
         with self._lock:
             prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
             stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
-            return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
+            return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop, interrupt=stop)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -158,6 +159,7 @@ def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOpt
         params, prompt, negative = msg
         try:
             job = prepare_job(params, model, options, engine)
-            run_job(engine, job, prompt, negative, cancelled=LockstepStop(channel.device))
+            stop = LockstepStop(channel.device)
+            run_job(engine, job, prompt, negative, cancelled=stop, interrupt=stop)
         except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
             log.info("rank job ended: %s", e)

@@ -127,9 +127,9 @@ class DenoiserEngine:
 
         context / negative: prompt and negative-prompt embeddings [L, text_dim] (negative needed when any
         guidance > 1). Returns float32 latents [1, z_dim, F', H/8, W/8]. `cancelled` is polled before each
-        step; when it returns True the loop stops and raises Cancelled. `interrupt`, a check of this process alone
-        (never one that all ranks must call together), is polled between DiT blocks as well, so a long step
-        stops within a block or two (BlockInterrupt). `cache`: the request's FlexCache
+        step; when it returns True the loop stops and raises Cancelled. `interrupt` is polled between DiT blocks
+        as well, so a long step stops within a block or two (BlockInterrupt); under sequence or CFG parallel every
+        rank must poll its own and agree (distributed.LockstepStop). `cache`: the request's FlexCache
         choice (refused with RequestError before any work when this deployment cannot run it); `cache_stats`,
         when given, is filled with what the cache computed and reused (and the parameters it applied).
         `attention`: the request's self-attention backend (default here: exact sdpa; the denoiser service

@@ -213,8 +213,8 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
 
 def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negative: torch.Tensor | None,
             progress=None, cancelled=None, interrupt=None) -> JobResult:
-    """One job on `engine`. `cancelled` is polled before each step; `interrupt` (a check of this process alone,
-    for a single-process denoiser) between DiT blocks too."""
+    """One job on `engine`. `cancelled` is polled before each step, `interrupt` between DiT blocks too (the same
+    callable in both: the worker's check in one process, a LockstepStop on every rank of a multi-GPU pod)."""
     result = JobResult(latents=None)
 
     def on_attention(report: AttentionReport) -> None:
@@ -255,7 +255,7 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         self.engine = engine
         self.worker = worker
         self.options = options
-        # in this process, a cancel or a passed deadline stops the job between two DiT blocks
+        # a cancel or a passed deadline stops the job between two DiT blocks
         self.runner = runner or (lambda *a, cancelled=None, **kw: run_job(engine, *a, cancelled=cancelled,
                                                                           interrupt=cancelled, **kw))
 

@@ -73,27 +73,41 @@ def test_cache_decisions_are_the_same_on_every_rank(strategy):
         assert ((got - latents).norm() / latents.norm()) <= 1e-5
 
 
-def _cancel_rank(rank, world, cancel_after):
+def _cancel_rank(rank, world, cancel_after, layout, between_blocks):
+    """Rank 0's client cancels once `cancel_after` blocks ran here; returns (steps done, blocks run, message)."""
     from smartdiff.services.denoiser.distributed import LockstepStop
     from smartdiff.shared.errors import Cancelled
 
     model, req, ctx, neg = inputs("wan-tiny")
     req = resolve_request(GenerationRequest(prompt="x", guidance=(5.0,), **{**SHAPE, "steps": 20}), model)
-    engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=ParallelState(ParallelConfig(2, 1, 1), rank))
-    done = []
-    local = (lambda: len(done) >= cancel_after) if rank == 0 else None  # only rank 0 knows the client cancelled
+    engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=ParallelState(ParallelConfig(*layout), rank))
+    done, blocks = [], []
+    for block in engine.experts[0].blocks:
+        block.register_forward_pre_hook(lambda *_: blocks.append(1))
+    local = (lambda: len(blocks) >= cancel_after) if rank == 0 else None  # only rank 0 knows the client cancelled
+    stop = LockstepStop(torch.device("cpu"), local)
     try:
-        engine.denoise(req, ctx, neg, progress=lambda i, n: done.append(i),
-                       cancelled=LockstepStop(torch.device("cpu"), local))
-    except Cancelled:
-        return len(done)
+        engine.denoise(req, ctx, neg, progress=lambda i, n: done.append(i), cancelled=stop,
+                       interrupt=stop if between_blocks else None)
+    except Cancelled as e:
+        return len(done), len(blocks), str(e)
     return None
 
 
-def test_cancel_on_rank_zero_stops_every_rank_at_the_same_step():
-    steps = run_ranks(_cancel_rank, 2, 3)
-    assert steps[0] is not None and steps[0] == steps[1]  # both ranks stopped, after the same step
-    assert 3 <= steps[0] <= 4  # within one step of the cancel (the flag is read one step later)
+@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1)], ids=["cfg", "ulysses"])
+@pytest.mark.parametrize("between_blocks", [False, True], ids=["per-step", "per-block"])
+def test_cancel_on_rank_zero_stops_every_rank_at_the_same_point(layout, between_blocks):
+    """Every rank stops at the same step (per-step checks: a multi-GPU pod before interrupt was passed) or at the
+    same block of the same step (the pod now), a check after rank 0 saw the cancel."""
+    per_step = 2  # wan-tiny: 2 blocks per forward, one forward per rank and step under CFG or Ulysses parallel
+    results = run_ranks(_cancel_rank, 2, 3 * per_step, layout, between_blocks)
+    assert results[0] is not None and results[0] == results[1], results  # same step, block and message
+    # Rank 0 sees the cancel at the check before step 4 (6 blocks ran); every rank acts on it at the next check:
+    # between step 4's two blocks, or (per-step checks only) before step 5.
+    if between_blocks:
+        assert results[0] == (3, 7, "cancelled during step 4/20"), results
+    else:
+        assert results[0] == (4, 8, "cancelled before step 5/20"), results
 
 
 def _lossy_rank(rank, world, backend, layout):
