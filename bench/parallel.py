@@ -10,7 +10,7 @@ denoising step with CFG (both branches). Prints a table, writes JSON (rank 0).
   torchrun --nproc-per-node 2 bench/parallel.py --model 1.3B --width 832 --height 480 --layouts 1 u2 r2 \
       --attention flash_attn sdpa   (each layout once per backend; errors against 1 GPU with the same backend)
   torchrun --nproc-per-node 2 bench/parallel.py --width 832 --height 480 --layouts cfg2 u2 --attention flash_attn \
-      --stop-checks   (each full-width layout again with the service's cancellation checks: their cost)
+      --stop-checks --check-every 1 4   (each full-width layout again with the service's cancellation checks)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smartdiff.services.denoiser.distributed import LockstepStop
+from smartdiff.services.denoiser.distributed import CHECK_EVERY, LockstepStop
 from smartdiff.services.denoiser.dit import KEEP_FP32
 from smartdiff.services.denoiser.attention import AttentionChoice
 from smartdiff.services.denoiser.engine import DenoiserEngine
@@ -74,8 +74,9 @@ def timed(fn, steps: int) -> float:
 
 
 def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_dit, attention, profile=False,
-             stop_checks=False):
-    """(seconds per step, latents, kernel that ran, seconds per step with the service's stop checks or None)."""
+             check_every=()):
+    """(seconds per step, latents, kernel that ran, {every: seconds per step with the service's stop checks
+    broadcasting at every `every`-th check}, for each of check_every)."""
     state = ParallelState(layout, rank, ranks=list(range(layout.world_size)))
     out = None
     if state.member:
@@ -89,11 +90,11 @@ def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_d
         latents, ran = [], []
         seconds = timed(lambda: latents.append(engine.denoise(req, ctx, neg, attention=choice,
                                                               on_attention=ran.append)), steps)
-        checked = None
-        if stop_checks and layout.world_size == dist.get_world_size():  # its broadcasts span every rank
-            stop = LockstepStop(device, (lambda: False) if rank == 0 else None)  # as the service: never fires here
-            checked = timed(lambda: engine.denoise(req, ctx, neg, attention=choice, cancelled=stop, interrupt=stop),
-                            steps)
+        checked = {}
+        for every in check_every if layout.world_size == dist.get_world_size() else ():  # broadcasts span all
+            stop = LockstepStop(device, (lambda: False) if rank == 0 else None, every=every)  # as the service's
+            checked[every] = timed(lambda: engine.denoise(req, ctx, neg, attention=choice, cancelled=stop,
+                                                          interrupt=stop), steps)
         out = (seconds, latents[0].float().cpu(), ran[0].kernel if ran else attention, checked)
         if profile and layout.world_size > 1:  # one more step (twice: warm, then profiled on rank 0)
             step = lambda: engine.denoise(warm, ctx, neg, attention=choice)  # noqa: E731
@@ -169,7 +170,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="profile one step of each multi-GPU layout (rank 0)")
     p.add_argument("--stop-checks", action="store_true",
                    help="also time each layout over every rank with the service's cancellation checks (a "
-                        "LockstepStop broadcast before each step and between DiT blocks)")
+                        "LockstepStop before each step and between DiT blocks, broadcasting at every CHECK_EVERY-th)")
+    p.add_argument("--check-every", type=int, nargs="+", help="with --stop-checks: time these spacings "
+                                                                  "(default: distributed.CHECK_EVERY)")
     p.add_argument("--out", type=Path, default=Path("bench_results/parallel.json"))
     args = p.parse_args()
 
@@ -184,6 +187,7 @@ def main() -> None:
     req_kw = dict(width=args.width, height=args.height, frames=args.frames, guidance=(5.0,), seed=3)
     sd = random_state(model, device, seed=0)
     rows, reference, base = [], {}, None
+    check_every = (args.check_every or [CHECK_EVERY]) if args.stop_checks else []
     for attention in args.attention:
         for text in args.layouts:
             layout = parse_layout(text)
@@ -191,7 +195,7 @@ def main() -> None:
                 continue
             layout.validate(layout.world_size, model.dit.num_heads)
             res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg, args.compile == "on",
-                           attention, args.profile, args.stop_checks)
+                           attention, args.profile, check_every)
             if rank == 0:
                 seconds, latents, ran, checked = res
                 if layout.world_size == 1:
@@ -203,10 +207,10 @@ def main() -> None:
                                  seconds_per_step=seconds, attention=ran, rel_err_vs_1gpu=err))
                 print(f"ours {str(layout):<28} {ran:<18} {layout.world_size} GPU  {seconds:8.3f} s/step  "
                       f"rel err vs 1 GPU {err:.1e}", flush=True)
-                if checked is not None:
-                    rows[-1]["seconds_per_step_with_stop_checks"] = checked
-                    print(f"ours {str(layout):<28} {ran:<18} {layout.world_size} GPU  {checked:8.3f} s/step  "
-                          "with the service's stop checks (before each step and between blocks)", flush=True)
+                for every, t in checked.items():
+                    rows[-1][f"seconds_per_step_with_stop_checks_every_{every}"] = t
+                    print(f"ours {str(layout):<28} {ran:<18} {layout.world_size} GPU  {t:8.3f} s/step  "
+                          f"with the service's stop checks, a broadcast at every {every}", flush=True)
     del sd
     torch.cuda.empty_cache()
     for degree in args.peer:

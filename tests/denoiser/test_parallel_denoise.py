@@ -73,7 +73,7 @@ def test_cache_decisions_are_the_same_on_every_rank(strategy):
         assert ((got - latents).norm() / latents.norm()) <= 1e-5
 
 
-def _cancel_rank(rank, world, cancel_after, layout, between_blocks):
+def _cancel_rank(rank, world, cancel_after, layout, between_blocks, every=1):
     """Rank 0's client cancels once `cancel_after` blocks ran here; returns (steps done, blocks run, message)."""
     from smartdiff.services.denoiser.distributed import LockstepStop
     from smartdiff.shared.errors import Cancelled
@@ -85,7 +85,7 @@ def _cancel_rank(rank, world, cancel_after, layout, between_blocks):
     for block in engine.experts[0].blocks:
         block.register_forward_pre_hook(lambda *_: blocks.append(1))
     local = (lambda: len(blocks) >= cancel_after) if rank == 0 else None  # only rank 0 knows the client cancelled
-    stop = LockstepStop(torch.device("cpu"), local)
+    stop = LockstepStop(torch.device("cpu"), local, every=every)
     try:
         engine.denoise(req, ctx, neg, progress=lambda i, n: done.append(i), cancelled=stop,
                        interrupt=stop if between_blocks else None)
@@ -108,6 +108,13 @@ def test_cancel_on_rank_zero_stops_every_rank_at_the_same_point(layout, between_
         assert results[0] == (3, 7, "cancelled during step 4/20"), results
     else:
         assert results[0] == (4, 8, "cancelled before step 5/20"), results
+
+
+def test_a_stop_that_broadcasts_at_every_fourth_check_still_stops_every_rank_together():
+    """The service's spacing (CHECK_EVERY): checks 1, 5, 9, 13 broadcast (before steps 1, 3, 5, 7 here); rank 0
+    sees the cancel at check 9 (8 blocks ran) and every rank stops at check 13."""
+    results = run_ranks(_cancel_rank, 2, 6, (2, 1, 1), True, 4)
+    assert results[0] == results[1] == (6, 12, "cancelled before step 7/20"), results
 
 
 def _lossy_rank(rank, world, backend, layout):
