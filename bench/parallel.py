@@ -10,7 +10,7 @@ denoising step with CFG (both branches). Prints a table, writes JSON (rank 0).
   torchrun --nproc-per-node 2 bench/parallel.py --model 1.3B --width 832 --height 480 --layouts 1 u2 r2 \
       --attention flash_attn sdpa   (each layout once per backend; errors against 1 GPU with the same backend)
   torchrun --nproc-per-node 2 bench/parallel.py --width 832 --height 480 --layouts cfg2 u2 --attention flash_attn \
-      --stop-checks --check-every 1 4   (each full-width layout again with the service's cancellation checks)
+      --stop-checks   (each full-width layout again with cancellation checks per step, then per block)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smartdiff.services.denoiser.distributed import CHECK_EVERY, LockstepStop
+from smartdiff.services.denoiser.distributed import LockstepStop, checks_between_blocks
 from smartdiff.services.denoiser.dit import KEEP_FP32
 from smartdiff.services.denoiser.attention import AttentionChoice
 from smartdiff.services.denoiser.engine import DenoiserEngine
@@ -74,9 +74,9 @@ def timed(fn, steps: int) -> float:
 
 
 def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_dit, attention, profile=False,
-             check_every=()):
-    """(seconds per step, latents, kernel that ran, {every: seconds per step with the service's stop checks
-    broadcasting at every `every`-th check}, for each of check_every)."""
+             stop_checks=False):
+    """(seconds per step, latents, kernel that ran, {"steps" / "blocks": seconds per step with a LockstepStop
+    before each step / also between blocks} when stop_checks, for layouts over every rank)."""
     state = ParallelState(layout, rank, ranks=list(range(layout.world_size)))
     out = None
     if state.member:
@@ -91,10 +91,10 @@ def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_d
         seconds = timed(lambda: latents.append(engine.denoise(req, ctx, neg, attention=choice,
                                                               on_attention=ran.append)), steps)
         checked = {}
-        for every in check_every if layout.world_size == dist.get_world_size() else ():  # broadcasts span all
-            stop = LockstepStop(device, (lambda: False) if rank == 0 else None, every=every)  # as the service's
-            checked[every] = timed(lambda: engine.denoise(req, ctx, neg, attention=choice, cancelled=stop,
-                                                          interrupt=stop), steps)
+        for where in ("steps", "blocks") if stop_checks and layout.world_size == dist.get_world_size() else ():
+            stop = LockstepStop(device, (lambda: False) if rank == 0 else None)  # as the service's: never fires
+            checked[where] = timed(lambda: engine.denoise(req, ctx, neg, attention=choice, cancelled=stop,
+                                                          interrupt=stop if where == "blocks" else None), steps)
         out = (seconds, latents[0].float().cpu(), ran[0].kernel if ran else attention, checked)
         if profile and layout.world_size > 1:  # one more step (twice: warm, then profiled on rank 0)
             step = lambda: engine.denoise(warm, ctx, neg, attention=choice)  # noqa: E731
@@ -169,10 +169,8 @@ def main() -> None:
                    help="our DiT's compiled elementwise regions (the denoiser's default on CUDA)")
     p.add_argument("--profile", action="store_true", help="profile one step of each multi-GPU layout (rank 0)")
     p.add_argument("--stop-checks", action="store_true",
-                   help="also time each layout over every rank with the service's cancellation checks (a "
-                        "LockstepStop before each step and between DiT blocks, broadcasting at every CHECK_EVERY-th)")
-    p.add_argument("--check-every", type=int, nargs="+", help="with --stop-checks: time these spacings "
-                                                                  "(default: distributed.CHECK_EVERY)")
+                   help="also time each layout over every rank with a LockstepStop before each step, then also "
+                        "between DiT blocks (the service does the latter where distributed.checks_between_blocks)")
     p.add_argument("--out", type=Path, default=Path("bench_results/parallel.json"))
     args = p.parse_args()
 
@@ -187,7 +185,6 @@ def main() -> None:
     req_kw = dict(width=args.width, height=args.height, frames=args.frames, guidance=(5.0,), seed=3)
     sd = random_state(model, device, seed=0)
     rows, reference, base = [], {}, None
-    check_every = (args.check_every or [CHECK_EVERY]) if args.stop_checks else []
     for attention in args.attention:
         for text in args.layouts:
             layout = parse_layout(text)
@@ -195,7 +192,7 @@ def main() -> None:
                 continue
             layout.validate(layout.world_size, model.dit.num_heads)
             res = run_ours(model, sd, layout, rank, device, req_kw, args.steps, ctx, neg, args.compile == "on",
-                           attention, args.profile, check_every)
+                           attention, args.profile, args.stop_checks)
             if rank == 0:
                 seconds, latents, ran, checked = res
                 if layout.world_size == 1:
@@ -207,10 +204,11 @@ def main() -> None:
                                  seconds_per_step=seconds, attention=ran, rel_err_vs_1gpu=err))
                 print(f"ours {str(layout):<28} {ran:<18} {layout.world_size} GPU  {seconds:8.3f} s/step  "
                       f"rel err vs 1 GPU {err:.1e}", flush=True)
-                for every, t in checked.items():
-                    rows[-1][f"seconds_per_step_with_stop_checks_every_{every}"] = t
+                for where, t in checked.items():
+                    service = (where == "blocks") == checks_between_blocks(layout)
+                    rows[-1][f"seconds_per_step_stop_checks_{where}"] = t
                     print(f"ours {str(layout):<28} {ran:<18} {layout.world_size} GPU  {t:8.3f} s/step  "
-                          f"with the service's stop checks, a broadcast at every {every}", flush=True)
+                          f"stop checks per {where[:-1]}{' (the service)' if service else ''}", flush=True)
     del sd
     torch.cuda.empty_cache()
     for degree in args.peer:

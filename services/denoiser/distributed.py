@@ -3,9 +3,9 @@ each step.
 
 For each request rank 0 broadcasts an op header, the DenoiseParams protobuf bytes and the embeddings (all
 tensors, never pickles); every rank then validates the same params and runs the same denoising loop, and
-rank 0 returns the latents. Cancellation: at every CHECK_EVERY-th check (one before each step, one between two
-DiT blocks) rank 0 broadcasts its stop flag; every rank acts on the flag of the previous broadcast, so all stop
-at the same block, a few blocks after the cancel, and nobody waits for the GPU to finish its work to read it.
+rank 0 returns the latents. Cancellation: before each step, and between DiT blocks where the ranks meet at every
+block anyway (checks_between_blocks), rank 0 broadcasts its stop flag; every rank acts on the flag of the
+previous check, so all stop at the same point, and nobody waits for the GPU to finish its work to read it.
 """
 
 from __future__ import annotations
@@ -59,21 +59,21 @@ def init_distributed(proc: ProcessInfo, options: DenoiserOptions, model: ModelCo
     return ParallelState(config, proc.rank), device
 
 
-# The jobs' LockstepStop broadcasts at every CHECK_EVERY-th check (a check before each step and one between two
-# blocks): each broadcast makes the ranks meet, which cost 2% of a CFG-parallel Wan2.1-14B 480p step when made
-# between every two blocks (H100 x2, docs/benchmarks.md); every 4th still stops within a few blocks.
-CHECK_EVERY = 4
+def checks_between_blocks(config: ParallelConfig) -> bool:
+    """Whether a job's LockstepStop also runs between DiT blocks, not only before each step. Each check is a
+    broadcast from rank 0, so all ranks meet there: free where they meet at every block anyway (Ulysses or ring
+    inside every attention, cfg degree 1), but CFG-parallel halves meet once a step, and a check between every
+    two blocks cost them 2.3% of a Wan2.1-14B 480p step on H100 x2 (docs/benchmarks.md); they stop at a step."""
+    return config.cfg == 1
 
 
 class LockstepStop:
-    """The `cancelled` and `interrupt` callable of one job on every rank: True on all ranks at the same check
-    (every rank makes the same checks in the same order: one per step, one between two blocks). Only every
-    `every`-th call broadcasts and may stop; the others return False."""
+    """The `cancelled` (and `interrupt`, see checks_between_blocks) callable of one job on every rank: True on
+    all ranks at the same check (every rank makes the same checks in the same order)."""
 
-    def __init__(self, device: torch.device, local_stop=None, every: int = 1):
+    def __init__(self, device: torch.device, local_stop=None):
         self.device = device
         self.local_stop = local_stop  # rank 0 only: the real cancel / deadline check
-        self.every, self._calls = every, 0
         self._pending = False  # a flag was broadcast at the previous call
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
         cuda = device.type == "cuda"
@@ -81,9 +81,6 @@ class LockstepStop:
         self._event = torch.cuda.Event() if cuda else None
 
     def __call__(self) -> bool:
-        self._calls += 1
-        if (self._calls - 1) % self.every:
-            return False
         stop = self._read_previous()
         self._flag.fill_(1 if (self.local_stop is not None and self.local_stop()) else 0)
         if self._event is not None:
@@ -102,6 +99,11 @@ class LockstepStop:
         if self._event is not None:
             self._event.synchronize()  # the flag was queued a step ago: this waits for that point, not this step
         return bool(self._host.item())
+
+
+def lockstep_checks(engine: DenoiserEngine, stop: LockstepStop) -> dict:
+    """run_job's stop checks on a rank: `stop` before each step, and between blocks where checks_between_blocks."""
+    return dict(cancelled=stop, interrupt=stop if checks_between_blocks(engine.parallel.config) else None)
 
 
 class RequestChannel:
@@ -156,8 +158,8 @@ class RankZeroRunner:
     def __call__(self, job: DenoiseJob, prompt, negative, progress=None, cancelled=None) -> JobResult:
         with self._lock:
             prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
-            stop = LockstepStop(self.channel.device, cancelled or (lambda: False), every=CHECK_EVERY)
-            return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop, interrupt=stop)
+            stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
+            return run_job(self.engine, job, prompt, negative, progress=progress, **lockstep_checks(self.engine, stop))
 
     def shutdown(self) -> None:
         with self._lock:
@@ -170,7 +172,6 @@ def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOpt
         params, prompt, negative = msg
         try:
             job = prepare_job(params, model, options, engine)
-            stop = LockstepStop(channel.device, every=CHECK_EVERY)
-            run_job(engine, job, prompt, negative, cancelled=stop, interrupt=stop)
+            run_job(engine, job, prompt, negative, **lockstep_checks(engine, LockstepStop(channel.device)))
         except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
             log.info("rank job ended: %s", e)

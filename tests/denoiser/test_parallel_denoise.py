@@ -73,7 +73,7 @@ def test_cache_decisions_are_the_same_on_every_rank(strategy):
         assert ((got - latents).norm() / latents.norm()) <= 1e-5
 
 
-def _cancel_rank(rank, world, cancel_after, layout, between_blocks, every=1):
+def _cancel_rank(rank, world, cancel_after, layout, between_blocks):
     """Rank 0's client cancels once `cancel_after` blocks ran here; returns (steps done, blocks run, message)."""
     from smartdiff.services.denoiser.distributed import LockstepStop
     from smartdiff.shared.errors import Cancelled
@@ -85,7 +85,7 @@ def _cancel_rank(rank, world, cancel_after, layout, between_blocks, every=1):
     for block in engine.experts[0].blocks:
         block.register_forward_pre_hook(lambda *_: blocks.append(1))
     local = (lambda: len(blocks) >= cancel_after) if rank == 0 else None  # only rank 0 knows the client cancelled
-    stop = LockstepStop(torch.device("cpu"), local, every=every)
+    stop = LockstepStop(torch.device("cpu"), local)
     try:
         engine.denoise(req, ctx, neg, progress=lambda i, n: done.append(i), cancelled=stop,
                        interrupt=stop if between_blocks else None)
@@ -110,11 +110,13 @@ def test_cancel_on_rank_zero_stops_every_rank_at_the_same_point(layout, between_
         assert results[0] == (4, 8, "cancelled before step 5/20"), results
 
 
-def test_a_stop_that_broadcasts_at_every_fourth_check_still_stops_every_rank_together():
-    """The service's spacing (CHECK_EVERY): checks 1, 5, 9, 13 broadcast (before steps 1, 3, 5, 7 here); rank 0
-    sees the cancel at check 9 (8 blocks ran) and every rank stops at check 13."""
-    results = run_ranks(_cancel_rank, 2, 6, (2, 1, 1), True, 4)
-    assert results[0] == results[1] == (6, 12, "cancelled before step 7/20"), results
+def test_ranks_check_between_blocks_only_where_they_meet_at_every_block():
+    """The service's choice (distributed.checks_between_blocks): sequence-parallel ranks exchange inside every
+    attention, so a stop check between blocks costs them nothing; CFG-parallel halves meet once a step."""
+    from smartdiff.services.denoiser.distributed import checks_between_blocks
+
+    assert checks_between_blocks(ParallelConfig(1, 2, 1)) and checks_between_blocks(ParallelConfig(1, 1, 2))
+    assert not checks_between_blocks(ParallelConfig(2, 1, 1)) and not checks_between_blocks(ParallelConfig(2, 2, 1))
 
 
 def _lossy_rank(rank, world, backend, layout):
