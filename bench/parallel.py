@@ -10,7 +10,7 @@ denoising step with CFG (both branches). Prints a table, writes JSON (rank 0).
   torchrun --nproc-per-node 2 bench/parallel.py --model 1.3B --width 832 --height 480 --layouts 1 u2 r2 \
       --attention flash_attn sdpa   (each layout once per backend; errors against 1 GPU with the same backend)
   torchrun --nproc-per-node 2 bench/parallel.py --width 832 --height 480 --layouts cfg2 u2 --attention flash_attn \
-      --stop-checks   (each full-width layout again with cancellation checks per step, then per block)
+      --stop-checks 3   (each full-width layout also with cancellation checks per step and per block, 3 rounds)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -91,10 +92,17 @@ def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_d
         seconds = timed(lambda: latents.append(engine.denoise(req, ctx, neg, attention=choice,
                                                               on_attention=ran.append)), steps)
         checked = {}
-        for where in ("steps", "blocks") if stop_checks and layout.world_size == dist.get_world_size() else ():
-            stop = LockstepStop(device, (lambda: False) if rank == 0 else None)  # as the service's: never fires
-            checked[where] = timed(lambda: engine.denoise(req, ctx, neg, attention=choice, cancelled=stop,
-                                                          interrupt=stop if where == "blocks" else None), steps)
+        if stop_checks and layout.world_size == dist.get_world_size():  # the broadcasts span every rank
+            # rounds of none / per step / per block, interleaved (the card's clock drifts over a run): medians
+            times = {"none": [seconds], "steps": [], "blocks": []}
+            for r in range(stop_checks):
+                for where in ("steps", "blocks", "none")[: 3 if r < stop_checks - 1 else 2]:
+                    stop = LockstepStop(device, (lambda: False) if rank == 0 else None)  # never fires, as a run
+                    times[where].append(timed(lambda: engine.denoise(
+                        req, ctx, neg, attention=choice, cancelled=stop if where != "none" else None,
+                        interrupt=stop if where == "blocks" else None), steps))
+            seconds = statistics.median(times["none"])
+            checked = {where: statistics.median(times[where]) for where in ("steps", "blocks")}
         out = (seconds, latents[0].float().cpu(), ran[0].kernel if ran else attention, checked)
         if profile and layout.world_size > 1:  # one more step (twice: warm, then profiled on rank 0)
             step = lambda: engine.denoise(warm, ctx, neg, attention=choice)  # noqa: E731
@@ -168,9 +176,10 @@ def main() -> None:
     p.add_argument("--compile", choices=["on", "off"], default="on",
                    help="our DiT's compiled elementwise regions (the denoiser's default on CUDA)")
     p.add_argument("--profile", action="store_true", help="profile one step of each multi-GPU layout (rank 0)")
-    p.add_argument("--stop-checks", action="store_true",
-                   help="also time each layout over every rank with a LockstepStop before each step, then also "
-                        "between DiT blocks (the service does the latter where distributed.checks_between_blocks)")
+    p.add_argument("--stop-checks", type=int, default=0, metavar="ROUNDS",
+                   help="also time each layout over every rank with a LockstepStop before each step, and also "
+                        "between DiT blocks (the service does the latter where distributed.checks_between_blocks): "
+                        "ROUNDS interleaved rounds of the three, medians")
     p.add_argument("--out", type=Path, default=Path("bench_results/parallel.json"))
     args = p.parse_args()
 
