@@ -3,9 +3,9 @@ each step.
 
 For each request rank 0 broadcasts an op header, the DenoiseParams protobuf bytes and the embeddings (all
 tensors, never pickles); every rank then validates the same params and runs the same denoising loop, and
-rank 0 returns the latents. Cancellation: before each step, and between DiT blocks where the ranks meet at every
-block anyway (checks_between_blocks), rank 0 broadcasts its stop flag; every rank acts on the flag of the
-previous check, so all stop at the same point, and nobody waits for the GPU to finish its work to read it.
+rank 0 returns the latents. Cancellation: before each step and between DiT blocks rank 0 broadcasts its stop
+flag; every rank acts on the flag of the previous check, so all stop at the same block, within about two blocks
+of the cancel, and nobody waits for the GPU to finish its work to read it.
 """
 
 from __future__ import annotations
@@ -59,17 +59,11 @@ def init_distributed(proc: ProcessInfo, options: DenoiserOptions, model: ModelCo
     return ParallelState(config, proc.rank), device
 
 
-def checks_between_blocks(config: ParallelConfig) -> bool:
-    """Whether a job's LockstepStop also runs between DiT blocks, not only before each step. Each check is a
-    broadcast from rank 0, so all ranks meet there: free where they meet at every block anyway (Ulysses or ring
-    inside every attention, cfg degree 1), but CFG-parallel halves meet once a step, and a check between every
-    two blocks cost them 2.3% of a Wan2.1-14B 480p step on H100 x2 (docs/benchmarks.md); they stop at a step."""
-    return config.cfg == 1
-
-
 class LockstepStop:
-    """The `cancelled` (and `interrupt`, see checks_between_blocks) callable of one job on every rank: True on
-    all ranks at the same check (every rank makes the same checks in the same order)."""
+    """The `cancelled` and `interrupt` callable of one job on every rank: True on all ranks at the same check
+    (every rank makes the same checks in the same order: one before each step, one between two blocks). Each
+    check is a broadcast, so the ranks meet there; at a check between every two blocks that cost 0.2-0.4% of a
+    Wan2.1-14B 480p step on H100 x2, CFG-parallel halves included (docs/benchmarks.md)."""
 
     def __init__(self, device: torch.device, local_stop=None):
         self.device = device
@@ -99,11 +93,6 @@ class LockstepStop:
         if self._event is not None:
             self._event.synchronize()  # the flag was queued a step ago: this waits for that point, not this step
         return bool(self._host.item())
-
-
-def lockstep_checks(engine: DenoiserEngine, stop: LockstepStop) -> dict:
-    """run_job's stop checks on a rank: `stop` before each step, and between blocks where checks_between_blocks."""
-    return dict(cancelled=stop, interrupt=stop if checks_between_blocks(engine.parallel.config) else None)
 
 
 class RequestChannel:
@@ -159,7 +148,7 @@ class RankZeroRunner:
         with self._lock:
             prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
             stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
-            return run_job(self.engine, job, prompt, negative, progress=progress, **lockstep_checks(self.engine, stop))
+            return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop, interrupt=stop)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -172,6 +161,7 @@ def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOpt
         params, prompt, negative = msg
         try:
             job = prepare_job(params, model, options, engine)
-            run_job(engine, job, prompt, negative, **lockstep_checks(engine, LockstepStop(channel.device)))
+            stop = LockstepStop(channel.device)
+            run_job(engine, job, prompt, negative, cancelled=stop, interrupt=stop)
         except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
             log.info("rank job ended: %s", e)

@@ -110,15 +110,6 @@ def test_cancel_on_rank_zero_stops_every_rank_at_the_same_point(layout, between_
         assert results[0] == (4, 8, "cancelled before step 5/20"), results
 
 
-def test_ranks_check_between_blocks_only_where_they_meet_at_every_block():
-    """The service's choice (distributed.checks_between_blocks): sequence-parallel ranks exchange inside every
-    attention, so a stop check between blocks costs them nothing; CFG-parallel halves meet once a step."""
-    from smartdiff.services.denoiser.distributed import checks_between_blocks
-
-    assert checks_between_blocks(ParallelConfig(1, 2, 1)) and checks_between_blocks(ParallelConfig(1, 1, 2))
-    assert not checks_between_blocks(ParallelConfig(2, 1, 1)) and not checks_between_blocks(ParallelConfig(2, 2, 1))
-
-
 def _lossy_rank(rank, world, backend, layout):
     """wan-tiny with head dim 64 (what our Triton kernels take), on `layout` or one process, with `backend`."""
     import dataclasses

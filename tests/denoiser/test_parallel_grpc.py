@@ -207,8 +207,7 @@ def test_rank_zero_shutdown_waits_for_the_job_on_the_channel(monkeypatch):
 
     monkeypatch.setattr(distributed, "run_job", slow_job)
     monkeypatch.setattr(distributed, "LockstepStop", lambda device, cancelled: cancelled)
-    engine = SimpleNamespace(parallel=SimpleNamespace(config=distributed.ParallelConfig(2, 1, 1)))
-    runner = distributed.RankZeroRunner(engine=engine, channel=Channel())
+    runner = distributed.RankZeroRunner(engine=None, channel=Channel())
     job = SimpleNamespace(params=None, request=SimpleNamespace(uses_cfg=False))
     worker = threading.Thread(target=runner, args=(job, None, None))
     worker.start()
