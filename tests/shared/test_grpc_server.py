@@ -13,6 +13,8 @@ from smartdiff.shared.grpc_server import StageServer, create_channel
 from smartdiff.shared.tensor_stream import TensorAssembler, tensor_to_frames
 from smartdiff.tensor.v1 import tensor_pb2
 
+from grpc_test_server import serving
+
 GATEWAY = "smartdiff.gateway.v1.GatewayService"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -146,13 +148,7 @@ def test_message_size_limit_is_enforced():
 
 async def serving_slow(slow, **options):
     """A SERVING StageServer with the unary-stream handler `slow` as /test.Slow/Run -> (server, port)."""
-    server = StageServer([GATEWAY], **options)
-    server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Slow", {"Run": grpc.unary_stream_rpc_method_handler(slow)}),))
-    port = server.add_port("127.0.0.1:0")
-    await server.start()
-    await server.mark_serving()
-    return server, port
+    return await serving("test.Slow", {"Run": grpc.unary_stream_rpc_method_handler(slow)}, **options)
 
 
 def test_drain_serves_on_until_no_call_is_left_then_stops():
@@ -246,12 +242,8 @@ def test_a_request_stream_that_pauses_loses_its_call():
         yield b"read"
 
     async def run():
-        server = StageServer([GATEWAY])
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Upload", {
-            "Run": grpc.stream_stream_rpc_method_handler(
-                upload, request_deserializer=denoiser_pb2.DenoiseRequest.FromString)}),))
-        port = server.add_port("127.0.0.1:0")
-        await server.start()
+        server, port = await serving("test.Upload", {"Run": grpc.stream_stream_rpc_method_handler(
+            upload, request_deserializer=denoiser_pb2.DenoiseRequest.FromString)})
         async with create_channel(f"127.0.0.1:{port}") as channel:
             call = channel.stream_stream("/test.Upload/Run",
                                          request_serializer=denoiser_pb2.DenoiseRequest.SerializeToString)()
@@ -303,11 +295,7 @@ def test_a_call_refused_during_its_upload_gets_its_own_status():
         await release.wait()
 
     async def run():
-        server = StageServer([GATEWAY], max_calls=1)
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Slow", {
-            "Run": grpc.stream_stream_rpc_method_handler(slow)}),))
-        port = server.add_port("127.0.0.1:0")
-        await server.start()
+        server, port = await serving("test.Slow", {"Run": grpc.stream_stream_rpc_method_handler(slow)}, max_calls=1)
         async with create_channel(f"127.0.0.1:{port}") as channel:
             held = channel.stream_stream("/test.Slow/Run")(iter([b""]))
             assert await held.read() == b"started"
@@ -331,12 +319,8 @@ def test_a_handler_that_fails_on_the_first_message_reports_its_error_mid_upload(
         yield b"never"
 
     async def run():
-        server = StageServer([GATEWAY])
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Strict", {
-            "Run": grpc.stream_stream_rpc_method_handler(
-                strict, request_deserializer=denoiser_pb2.DenoiseRequest.FromString)}),))
-        port = server.add_port("127.0.0.1:0")
-        await server.start()
+        server, port = await serving("test.Strict", {"Run": grpc.stream_stream_rpc_method_handler(
+            strict, request_deserializer=denoiser_pb2.DenoiseRequest.FromString)})
         codes = await _codes_of_uploads(port, "/test.Strict/Run", 5)
         await server.stop(0)
         return codes
@@ -357,14 +341,11 @@ def test_bytes_that_are_not_a_valid_message_are_invalid_argument():
         yield str(len([m async for m in request_iterator])).encode()
 
     async def run():
-        server = StageServer([GATEWAY])
         decode = {"request_deserializer": gateway_pb2.GenerateRequest.FromString}
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Decode", {
+        server, port = await serving("test.Decode", {
             "One": grpc.unary_stream_rpc_method_handler(one, **decode),
             "Upload": grpc.stream_stream_rpc_method_handler(upload, **decode),
-            "Mapped": grpc.stream_stream_rpc_method_handler(grpc_errors(upload), **decode)}),))
-        port = server.add_port("127.0.0.1:0")
-        await server.start()
+            "Mapped": grpc.stream_stream_rpc_method_handler(grpc_errors(upload), **decode)})
         bad_utf8 = bytes([0x0A, 0x02, 0xFF, 0xFE])  # field 1 (prompt), a string of two bytes that are not UTF-8
         corrupt = bytes([0x0A, 0x09, 0x41])  # field 1 says 9 bytes follow; one does
         good = gateway_pb2.GenerateRequest(prompt="fox").SerializeToString()

@@ -9,11 +9,11 @@ import pytest
 
 from smartdiff.shared import metrics
 from smartdiff.shared.errors import RequestError, grpc_errors
-from smartdiff.shared.grpc_server import StageServer, create_channel
+from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.worker import StageWorker
 from smartdiff.gateway.v1 import gateway_pb2_grpc  # noqa: F401 - the gateway descriptors, for reflection
 
-GATEWAY = "smartdiff.gateway.v1.GatewayService"
+from grpc_test_server import serving
 
 
 def sample(name: str, **labels) -> float:
@@ -39,11 +39,7 @@ def test_calls_are_counted_by_status_code_with_their_duration():
         yield b"ok"
 
     async def main():
-        server = StageServer([GATEWAY], max_calls=1)
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Counted", {
-            "Run": grpc.unary_stream_rpc_method_handler(run)}),))
-        port = server.add_port("127.0.0.1:0")
-        await server.start()
+        server, port = await serving("test.Counted", {"Run": grpc.unary_stream_rpc_method_handler(run)}, max_calls=1)
         codes = []
         async with create_channel(f"127.0.0.1:{port}") as channel:
             method = channel.unary_stream("/test.Counted/Run")
