@@ -4,7 +4,7 @@ A request is stopped at a random moment of its second step; the latency is the t
 having returned with the GPU idle. Three ways, random bf16 weights, Wan2.1 at 832x480 x 81 frames, CFG 5:
 - ours between blocks: the denoiser service's in-process path (DenoiserEngine with `interrupt`: a check between
   DiT blocks, the CPU kept at most BlockInterrupt.LOOKAHEAD blocks ahead of the GPU);
-- ours between steps: the same engine with the per-step check alone (what a multi-GPU denoiser does);
+- ours between steps: the same engine with the per-step check alone (the service's path before 8de7283);
 - diffusers: WanPipeline (latents out, prompt embeddings given), stopped through its `interrupt` property, which
   the pipeline reads at each step.
 Also the step time of each (3 steps, no stop), to show what the per-block check costs: nothing, it should.

@@ -62,10 +62,15 @@ class InFlight(grpc.aio.ServerInterceptor):
     replica) could fill it and lock all work out. Each call's status code and duration go to the process's
     metrics (shared/metrics.py), refused calls included."""
 
+    # Refused uploads read to their end at once, at most; past that a refusal goes out mid-upload (and may reach
+    # its client as INTERNAL): a flood of refused calls cannot make the server read for all of them.
+    MAX_DRAINING = 16
+
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit
         self.count = 0
         self.total = 0
+        self.draining = 0  # refused calls whose upload is being read before their status goes out
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -78,8 +83,12 @@ class InFlight(grpc.aio.ServerInterceptor):
 
     async def _admit(self, request, context, service: str) -> None:
         if self.limit is not None and self.count >= self.limit:
-            if hasattr(request, "__aiter__"):  # a request stream: the status reaches its client after the upload
-                await drain_requests(request)
+            if hasattr(request, "__aiter__") and self.draining < self.MAX_DRAINING:  # the status reaches its
+                self.draining += 1  # client after the upload
+                try:
+                    await drain_requests(request)
+                finally:
+                    self.draining -= 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{service}: {self.count} calls in flight (limit {self.limit}); retry later")
         self.count += 1

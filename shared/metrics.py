@@ -2,7 +2,8 @@
 
 - `smartdiff_calls_total{service, method, code}`: gRPC calls ended, by status code (refused ones included);
 - `smartdiff_call_seconds{service, method}`: how long each call took, from its start to its status;
-- `smartdiff_calls_in_flight{service}`: calls running now (what `--max-queue` + 4 bounds);
+- `smartdiff_calls_in_flight{service}`: calls being handled now: those admitted (at most `--max-queue` + 4)
+  and refused ones whose upload is still read before their status goes out;
 - `smartdiff_jobs{stage}`: model jobs admitted by a stage's worker, running or waiting (bounded by --max-queue);
 - `smartdiff_generation_stage_seconds{stage}`: at the gateway, each stage's share of a finished generation
   (text_encoder, denoiser, vae; `total` for the whole);

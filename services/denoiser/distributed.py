@@ -62,8 +62,8 @@ def init_distributed(proc: ProcessInfo, options: DenoiserOptions, model: ModelCo
 class LockstepStop:
     """The `cancelled` and `interrupt` callable of one job on every rank: True on all ranks at the same check
     (every rank makes the same checks in the same order: one before each step, one between two blocks). Each
-    check is a broadcast, so the ranks meet there; at a check between every two blocks that cost 0.2-0.4% of a
-    Wan2.1-14B 480p step on H100 x2, CFG-parallel halves included (docs/benchmarks.md)."""
+    check is a broadcast, so the ranks meet there; the checks cost 0.1% (ulysses2) to 0.4% (cfg2) of a Wan2.1-14B
+    480p step on H100 x2 (docs/benchmarks.md)."""
 
     def __init__(self, device: torch.device, local_stop=None):
         self.device = device

@@ -317,7 +317,8 @@ class WanDiT(nn.Module):
         Returns the predicted flow (velocity) [B, out_dim, F', h, w] in x's dtype. `hooks`: this call's
         FlexCache hooks (None: compute everything). `parallel` (sequence parallel): the blocks run on this
         rank's shard of the tokens (self-attention must be a SequenceParallelAttention), the output is
-        gathered back on every rank. `between_blocks`: see run_blocks.
+        gathered back on every rank. `between_blocks`: see run_blocks; called len(blocks) - 1 times per forward,
+        also when a cache's block hook replays the stack without running it.
         """
         pt, ph, pw = self.cfg.patch_size
         b, _, f, h, w = x.shape
@@ -334,8 +335,16 @@ class WanDiT(nn.Module):
         if hooks is None or hooks.blocks is None:
             tokens = self.run_blocks(tokens, e6, ctx, rope, attention_hook, between_blocks)
         else:
-            run = lambda tk, e6_, ctx_: self.run_blocks(tk, e6_, ctx_, rope, attention_hook, between_blocks)  # noqa: E731
+            ran = []
+
+            def run(tk, e6_, ctx_):
+                ran.append(True)
+                return self.run_blocks(tk, e6_, ctx_, rope, attention_hook, between_blocks)
+
             tokens = hooks.blocks(run, tokens, e, e6, ctx)
+            if not ran and between_blocks is not None:  # a cache replayed the stack: the same checks all the same,
+                for _ in range(len(self.blocks) - 1):  # as ranks that decide apart (CFG branches) check in lockstep
+                    between_blocks()
         out = self.head(tokens, e)  # [B, L, out * pt*ph*pw]
         if parallel is not None:
             out = parallel.gather_tokens(out, length)

@@ -39,14 +39,17 @@ class BlockInterrupt:
 
     def __init__(self, interrupt: Callable[[], bool], steps: int, device: torch.device):
         self.interrupt, self.steps, self.step = interrupt, steps, 0
-        self._events: list[torch.cuda.Event] | None = [] if torch.device(device).type == "cuda" else None
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self._events = [torch.cuda.Event() for _ in range(self.LOOKAHEAD)] if cuda else None  # a ring
+        self._calls = 0
 
     def __call__(self) -> None:
         if self._events is not None:
-            self._events.append(torch.cuda.Event())
-            self._events[-1].record()
-            if len(self._events) > self.LOOKAHEAD:
-                self._events.pop(0).synchronize()
+            event = self._events[self._calls % self.LOOKAHEAD]
+            event.synchronize()  # recorded LOOKAHEAD calls ago (returns at once if never recorded)
+            event.record(torch.cuda.current_stream(self.device))  # the model's device, whatever the current one
+            self._calls += 1
         if self.interrupt():
             raise Cancelled(f"cancelled during step {self.step + 1}/{self.steps}")
 

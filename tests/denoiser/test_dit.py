@@ -114,3 +114,27 @@ def test_gelu_epilogue_is_the_tanh_gelu():
     x = torch.randn(3, 100, 64, device="cuda", generator=g)
     w, b = torch.randn(96, 64, device="cuda", generator=g) * 0.1, torch.randn(96, device="cuda", generator=g)
     torch.testing.assert_close(linear_gelu_epilogue(x, w, b), linear_gelu(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["runs", "cache-replays"])
+def test_between_blocks_runs_between_every_two_blocks_even_when_a_cache_replays_the_stack(replay):
+    """Every forward makes len(blocks) - 1 checks: a multi-GPU pod's stop checks are collectives, and CFG-parallel
+    ranks whose caches decide apart (one runs the stack, one replays it) must still make the same ones."""
+    import dataclasses
+
+    from smartdiff.services.denoiser.dit import ForwardHooks
+    from smartdiff.services.denoiser.weights import random_dit
+
+    cfg = dataclasses.replace(CFG, num_layers=4)
+    dit = random_dit(cfg, "cpu", torch.float32, 0)
+    entered, checks = [], []
+    for block in dit.blocks:
+        block.register_forward_pre_hook(lambda *_: entered.append(len(checks)))
+
+    def blocks(run, tokens, e, e6, ctx):
+        return tokens if replay else run(tokens, e6, ctx)
+
+    x, t, ctx = torch.randn(1, 16, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, cfg.text_dim)
+    dit(x, t, ctx, hooks=ForwardHooks(blocks=blocks), between_blocks=lambda: checks.append(1))
+    assert len(checks) == cfg.num_layers - 1
+    assert entered == ([] if replay else [0, 1, 2, 3])  # running: one check before each block after the first

@@ -300,11 +300,14 @@ def test_a_call_refused_during_its_upload_gets_its_own_status():
             held = channel.stream_stream("/test.Slow/Run")(iter([b""]))
             assert await held.read() == b"started"
             codes = await _codes_of_uploads(port, "/test.Slow/Run", 5)
+            draining = server.in_flight.draining  # the refused uploads were read to their end, and are done
             release.set()
         await server.stop(0)
-        return codes
+        return codes, draining
 
-    assert asyncio.run(run()) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "Slow: 1 calls in flight (limit 1); retry later")}
+    codes, draining = asyncio.run(run())
+    assert codes == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "Slow: 1 calls in flight (limit 1); retry later")}
+    assert draining == 0
 
 
 def test_a_handler_that_fails_on_the_first_message_reports_its_error_mid_upload():
@@ -368,3 +371,30 @@ def test_bytes_that_are_not_a_valid_message_are_invalid_argument():
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert details.startswith("request: not a valid message: ") and problem in details
         assert "smartdiff.gateway.v1.GenerateRequest" in details
+
+
+def test_an_early_error_keeps_its_status_when_the_rest_of_the_upload_does_not_decode():
+    """The rest of an upload is read before an early error's status goes out; a message in it that does not
+    decode ends that reading, and the client still gets the error that was due, not INVALID_ARGUMENT."""
+    from smartdiff.shared.errors import Overloaded, grpc_errors
+
+    @grpc_errors
+    async def full(request_iterator, context):
+        async for _ in request_iterator:
+            raise Overloaded("Full: no room for this test; retry later")
+        yield b"never"
+
+    async def run():
+        server, port = await serving("test.Full", {"Run": grpc.stream_stream_rpc_method_handler(
+            full, request_deserializer=gateway_pb2.GenerateRequest.FromString)})
+        good = gateway_pb2.GenerateRequest(prompt="fox").SerializeToString()
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                [m async for m in channel.stream_stream("/test.Full/Run")(iter([good, good, b"\x0a\x09\x41"]))]
+                result = "OK"
+            except grpc.aio.AioRpcError as e:
+                result = (e.code(), e.details())
+        await server.stop(0)
+        return result
+
+    assert asyncio.run(run()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "Full: no room for this test; retry later")
