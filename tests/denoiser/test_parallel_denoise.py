@@ -110,6 +110,36 @@ def test_cancel_on_rank_zero_stops_every_rank_at_the_same_point(layout, between_
         assert results[0] == (4, 8, "cancelled before step 5/20"), results
 
 
+def _diverging_cache_rank(rank, world, stop_checks):
+    """CFG-parallel ranks whose MagCache decides apart (cond ratios 1: reuse whenever allowed; uncond 0.5: never),
+    with the service's lockstep stop checks (never firing) or none. Returns (latents, cached steps)."""
+    from smartdiff.services.denoiser.cache import CacheCalibration, CacheConfig, CacheStats, MagCacheParams
+    from smartdiff.services.denoiser.distributed import LockstepStop
+
+    model, req, ctx, neg = inputs("wan-tiny")
+    steps = 10
+    req = resolve_request(GenerationRequest(prompt="x", guidance=(5.0,), **{**SHAPE, "steps": steps}), model)
+    calibration = CacheCalibration("wan-tiny", steps, (), ((1.0,) * steps, (0.5,) * steps))
+    state = ParallelState(ParallelConfig(2, 1, 1), rank) if world > 1 else None
+    engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=state, enable_flexcache=True,
+                                 cache_calibration=calibration)
+    stop = LockstepStop(torch.device("cpu"), (lambda: False) if rank == 0 else None) if stop_checks else None
+    stats = CacheStats()
+    latents = engine.denoise(req, ctx, neg, cache=CacheConfig("magcache", MagCacheParams(0.5, 3, 0.1)),
+                             cache_stats=stats, cancelled=stop, interrupt=stop)
+    return latents, stats.cached_steps
+
+
+def test_lockstep_stop_checks_survive_cfg_ranks_whose_caches_decide_apart():
+    """One CFG rank replays the block stack from its cache while the other runs it: both still make the same
+    stop checks (a broadcast each), so the job ends, with the latents of the run without checks."""
+    plain = run_ranks(_diverging_cache_rank, 2, False)
+    checked = run_ranks(_diverging_cache_rank, 2, True)
+    assert plain[0][1] > 0  # the cond branch reused steps; the uncond one did not
+    for (want, _), (got, _) in zip(plain, checked):
+        assert torch.equal(got, want)
+
+
 def _lossy_rank(rank, world, backend, layout):
     """wan-tiny with head dim 64 (what our Triton kernels take), on `layout` or one process, with `backend`."""
     import dataclasses
