@@ -279,7 +279,7 @@ class StageServer:
         end = loop.time() + grace
         idle_since = loop.time()
         while loop.time() < end:
-            if self.in_flight.count > 0:
+            if self.in_flight.count > 0 or self.in_flight.draining > 0:  # refused uploads get their status too
                 idle_since = loop.time()
             elif loop.time() - idle_since >= LINGER:
                 break

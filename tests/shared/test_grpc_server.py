@@ -398,3 +398,42 @@ def test_an_early_error_keeps_its_status_when_the_rest_of_the_upload_does_not_de
         return result
 
     assert asyncio.run(run()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "Full: no room for this test; retry later")
+
+
+def test_a_drain_waits_for_refused_uploads_to_get_their_status():
+    """SIGTERM while a refused call's upload is still being read: the drain waits for it, so its client gets
+    RESOURCE_EXHAUSTED (retry elsewhere), not the UNAVAILABLE of a server that stopped under it."""
+    release = asyncio.Event()
+
+    async def slow(request_iterator, context):
+        async for _ in request_iterator:
+            pass
+        yield b"started"
+        await release.wait()
+        yield b"done"
+
+    async def slow_upload():
+        for _ in range(6):
+            yield b"x" * 1000
+            await asyncio.sleep(0.2)
+
+    async def run():
+        server, port = await serving("test.Slow", {"Run": grpc.stream_stream_rpc_method_handler(slow)}, max_calls=1)
+        async with create_channel(f"127.0.0.1:{port}") as channel:
+            method = channel.stream_stream("/test.Slow/Run")
+            held = method(iter([b""]))
+            assert await held.read() == b"started"
+            refused = method(slow_upload())
+            reading = asyncio.ensure_future(refused.read())
+            while not server.in_flight.draining:
+                await asyncio.sleep(0.01)
+            release.set()  # the held call ends at once: only the refused upload keeps the drain going
+            assert await held.read() == b"done"
+            await server.drain(30)
+            try:
+                await reading
+                return "OK"
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+
+    assert asyncio.run(run()) == grpc.StatusCode.RESOURCE_EXHAUSTED
