@@ -283,19 +283,26 @@ async def _codes_of_uploads(port: int, method: str, times: int) -> set:
     return codes
 
 
+async def serving_held_uploads(release: asyncio.Event):
+    """A server of one call at a time whose /test.Slow/Run reads its upload, answers b"started", holds until
+    `release` is set, then answers b"done" -> (server, port)."""
+    async def held(request_iterator, context):
+        async for _ in request_iterator:
+            pass
+        yield b"started"
+        await release.wait()
+        yield b"done"
+
+    return await serving("test.Slow", {"Run": grpc.stream_stream_rpc_method_handler(held)}, max_calls=1)
+
+
 def test_a_call_refused_during_its_upload_gets_its_own_status():
     """A stage that is full refuses a call while the client is still streaming tensors to it: the client must read
     RESOURCE_EXHAUSTED (retry later), not the INTERNAL that gRPC reports when a status goes out mid-upload."""
     release = asyncio.Event()
 
-    async def slow(request_iterator, context):
-        async for _ in request_iterator:
-            pass
-        yield b"started"
-        await release.wait()
-
     async def run():
-        server, port = await serving("test.Slow", {"Run": grpc.stream_stream_rpc_method_handler(slow)}, max_calls=1)
+        server, port = await serving_held_uploads(release)
         async with create_channel(f"127.0.0.1:{port}") as channel:
             held = channel.stream_stream("/test.Slow/Run")(iter([b""]))
             assert await held.read() == b"started"
@@ -405,20 +412,13 @@ def test_a_drain_waits_for_refused_uploads_to_get_their_status():
     RESOURCE_EXHAUSTED (retry elsewhere), not the UNAVAILABLE of a server that stopped under it."""
     release = asyncio.Event()
 
-    async def slow(request_iterator, context):
-        async for _ in request_iterator:
-            pass
-        yield b"started"
-        await release.wait()
-        yield b"done"
-
     async def slow_upload():
         for _ in range(6):
             yield b"x" * 1000
             await asyncio.sleep(0.2)
 
     async def run():
-        server, port = await serving("test.Slow", {"Run": grpc.stream_stream_rpc_method_handler(slow)}, max_calls=1)
+        server, port = await serving_held_uploads(release)
         async with create_channel(f"127.0.0.1:{port}") as channel:
             method = channel.stream_stream("/test.Slow/Run")
             held = method(iter([b""]))
