@@ -133,20 +133,13 @@ def _measured(context: grpc.aio.ServicerContext, service: str, method: str) -> I
         raise
     finally:
         metrics.IN_FLIGHT.labels(service).dec()
-        metrics.CALLS.labels(service, method, _code_name(code)).inc()
+        metrics.CALLS.labels(service, method, code.name).inc()
         metrics.CALL_SECONDS.labels(service, method).observe(time.perf_counter() - start)
 
 
 def _expired(context: grpc.aio.ServicerContext) -> bool:
     left = context.time_remaining()
     return left is not None and left <= 0
-
-
-def _code_name(code) -> str:
-    """context.code() gives a StatusCode after abort, or the int set by set_code on some grpc versions."""
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
 
 
 class DecodeRequests(grpc.aio.ServerInterceptor):
@@ -169,26 +162,26 @@ class DecodeRequests(grpc.aio.ServerInterceptor):
                     raise Undecodable(e) from None
                 yield msg
 
-        async def request_and_context(raw, context):
+        def request(raw):
             if handler.request_streaming:
-                return messages(raw), context
+                return messages(raw)
             try:
-                return decode(raw), context
+                return decode(raw)
             except DecodeError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, Undecodable(e).message)
+                raise Undecodable(e) from None
 
-        # An Undecodable raised from a request stream reaches here unless the handler maps errors itself.
+        # Undecodable reaches here from a unary request, or from a stream whose handler does not map errors.
         if handler.response_streaming:
             async def call(raw, context):
                 try:
-                    async for msg in _each(behavior(*await request_and_context(raw, context))):
+                    async for msg in _each(behavior(request(raw), context)):
                         yield msg
                 except Undecodable as e:
                     await context.abort(e.code, e.message)
         else:
             async def call(raw, context):
                 try:
-                    return await behavior(*await request_and_context(raw, context))
+                    return await behavior(request(raw), context)
                 except Undecodable as e:
                     await context.abort(e.code, e.message)
         return handler._replace(request_deserializer=None, **{_kind(handler): call})

@@ -39,8 +39,7 @@ class StageWorker:
     def __init__(self, name: str, max_pending: int = 8):
         self.name = name
         self.max_pending = max_pending
-        self._pending = 0
-        self.pending = 0
+        self.pending = 0  # (the property below: sets the metric too)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-worker")
 
     @property

@@ -60,10 +60,10 @@ def init_distributed(proc: ProcessInfo, options: DenoiserOptions, model: ModelCo
 
 
 class LockstepStop:
-    """The `cancelled` and `interrupt` callable of one job on every rank: True on all ranks at the same check
-    (every rank makes the same checks in the same order: one before each step, one between two blocks). Each
-    check is a broadcast, so the ranks meet there; the checks cost 0.1% (ulysses2) to 0.4% (cfg2) of a Wan2.1-14B
-    480p step on H100 x2 (docs/benchmarks.md)."""
+    """The `cancelled` callable of one job on every rank (run_job polls it between DiT blocks too): True on all
+    ranks at the same check (every rank makes the same checks in the same order: one before each step, one
+    between two blocks). Each check is a broadcast, so the ranks meet there; the checks cost 0.1% (ulysses2) to
+    0.4% (cfg2) of a Wan2.1-14B 480p step on H100 x2 (docs/benchmarks.md)."""
 
     def __init__(self, device: torch.device, local_stop=None):
         self.device = device
@@ -148,7 +148,7 @@ class RankZeroRunner:
         with self._lock:
             prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
             stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
-            return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop, interrupt=stop)
+            return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -161,7 +161,6 @@ def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOpt
         params, prompt, negative = msg
         try:
             job = prepare_job(params, model, options, engine)
-            stop = LockstepStop(channel.device)
-            run_job(engine, job, prompt, negative, cancelled=stop, interrupt=stop)
+            run_job(engine, job, prompt, negative, cancelled=LockstepStop(channel.device))
         except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
             log.info("rank job ended: %s", e)

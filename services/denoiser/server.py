@@ -212,9 +212,9 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
 
 
 def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negative: torch.Tensor | None,
-            progress=None, cancelled=None, interrupt=None) -> JobResult:
-    """One job on `engine`. `cancelled` is polled before each step, `interrupt` between DiT blocks too (the same
-    callable in both: the worker's check in one process, a LockstepStop on every rank of a multi-GPU pod)."""
+            progress=None, cancelled=None) -> JobResult:
+    """One job on `engine`. `cancelled` (the worker's check in one process, a LockstepStop on every rank of a
+    multi-GPU pod) is polled before each step and between DiT blocks: a cancel stops the job within a block or two."""
     result = JobResult(latents=None)
 
     def on_attention(report: AttentionReport) -> None:
@@ -227,7 +227,7 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
         latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
                                  progress=on_step if progress else None, cancelled=cancelled, cache=job.cache,
                                  cache_stats=result.cache, attention=job.attention, on_attention=on_attention,
-                                 interrupt=interrupt)
+                                 interrupt=cancelled)
         # to the host here: the GPU may still be a step behind the CPU, and that work is the denoiser's time
         result.latents = latents.float().cpu()
     result.peak_memory_bytes = peak.bytes or 0
@@ -255,9 +255,7 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         self.engine = engine
         self.worker = worker
         self.options = options
-        # a cancel or a passed deadline stops the job between two DiT blocks
-        self.runner = runner or (lambda *a, cancelled=None, **kw: run_job(engine, *a, cancelled=cancelled,
-                                                                          interrupt=cancelled, **kw))
+        self.runner = runner or (lambda *a, **kw: run_job(engine, *a, **kw))
 
     async def read_inputs(self, request_iterator) -> tuple[pb.DenoiseParams, torch.Tensor, torch.Tensor | None]:
         """params first, then the prompt embedding, then (for guidance > 1) the negative one."""

@@ -191,7 +191,7 @@ def test_rank_zero_shutdown_waits_for_the_job_on_the_channel(monkeypatch):
 
     events = []
 
-    def slow_job(engine, job, prompt, negative, progress=None, cancelled=None, interrupt=None):
+    def slow_job(engine, job, prompt, negative, progress=None, cancelled=None):
         events.append("job start")
         time.sleep(0.3)
         events.append("job end")
