@@ -23,7 +23,7 @@ from .parallel import ParallelState, SequenceParallelAttention, attention_with_l
 from .samplers import make_sampler
 from .weights import load_dit, random_dit
 
-ProgressFn = Callable[[int, int], None]
+ProgressFn = Callable[[int, int, float, int], None]  # (steps done, total, timestep of the step, expert)
 
 
 class BlockInterrupt:
@@ -168,7 +168,7 @@ class DenoiserEngine:
                                          between_blocks)
                 latents = sampler.step(flow, step, latents)
                 if progress is not None:
-                    progress(step + 1, req.steps)
+                    progress(step + 1, req.steps, t, k)
         finally:
             if attn is not None:
                 restore_sp()

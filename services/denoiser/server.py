@@ -126,6 +126,7 @@ class DenoiseJob:
     request: ResolvedRequest
     attention: AttentionChoice
     cache: CacheConfig
+    attention_note: str = ""  # why the deployment replaced the requested backend (allow_fallback), for the summary
 
 
 @dataclass
@@ -185,10 +186,15 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
     choice = AttentionChoice.from_proto(params.attention if params.HasField("attention") else None,
                                         default_backend=default_attention(options, model, engine))
     allowed = options.attention_backends
+    note = ""
     if allowed is not None:
         if choice.backend not in allowed and choice.backend != EXACT:
-            raise RequestError("attention.backend", f"{choice.backend!r} is not allowed by this deployment; "
-                                                    f"allowed: {', '.join(sorted({*allowed, EXACT}))}")
+            if not choice.allow_fallback:
+                raise RequestError("attention.backend", f"{choice.backend!r} is not allowed by this deployment; "
+                                                        f"allowed: {', '.join(sorted({*allowed, EXACT}))} "
+                                                        f"(or set allow_fallback to run {EXACT} instead)")
+            note = f"fallback from {choice.backend}: not allowed by this deployment"
+            choice = replace(choice, backend=EXACT)
         if choice.backend == "auto":
             refused = [c for c in choice.candidates if c not in allowed and c != EXACT]
             if refused:
@@ -196,11 +202,15 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
                                    f"deployment; allowed: {', '.join(sorted({*allowed, EXACT} - {'auto'}))}")
             candidates = choice.candidates or tuple(a for a in allowed if a not in ("auto", EXACT))
             candidates = tuple(c for c in candidates if c in allowed)
-            # nothing allowed to try: the exact backend (an empty candidate list would mean "all")
-            choice = replace(choice, candidates=candidates) if candidates else replace(choice, backend=EXACT)
+            if candidates:
+                choice = replace(choice, candidates=candidates)
+            else:  # nothing allowed to try: the exact backend (an empty candidate list would mean "all")
+                note = "auto: no candidate allowed by this deployment"
+                choice = replace(choice, backend=EXACT)
     if (refusal := ring_refusal(choice.backend, options.ring_degree)) is not None:  # before any work
         if not choice.allow_fallback:
             raise RequestError(refusal.field, f"{refusal.rule} (or set allow_fallback to run {EXACT} instead)")
+        note = f"fallback from {choice.backend}: {refusal.rule}"
         choice = replace(choice, backend=EXACT)
     if engine is not None:
         resolve_attention(choice, engine.device, engine.dtype, model.dit.head_dim, allowed)
@@ -208,7 +218,7 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
     fixed = pb.DenoiseParams()
     fixed.CopyFrom(params)
     fixed.seed = req.seed  # every rank must draw the same noise
-    return DenoiseJob(fixed, req, choice, cache)
+    return DenoiseJob(fixed, req, choice, cache, note)
 
 
 def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negative: torch.Tensor | None,
@@ -220,8 +230,8 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
     def on_attention(report: AttentionReport) -> None:
         result.attention = report
 
-    def on_step(i: int, n: int) -> None:  # progress(step, total, cache_hit)
-        progress((i, n, result.cache.last_step_hit))
+    def on_step(i: int, n: int, t: float, expert: int) -> None:  # progress(step, total, timestep, expert, cache hit)
+        progress((i, n, t, expert, result.cache.last_step_hit))
 
     with measure_peak(engine.device) as peak:
         latents = engine.denoise(job.request, prompt, negative if job.request.uses_cfg else None,
@@ -243,6 +253,12 @@ def effective_params(job: DenoiseJob, result: JobResult, model: ModelConfig) -> 
     out.attention.backend = result.attention.backend if result.attention else job.attention.backend
     out.cache.CopyFrom(cache_config_to_proto(result.cache.applied or job.cache))
     return out
+
+
+def attention_selection(job: DenoiseJob, result: JobResult) -> str:
+    """What ran and how it was chosen, with the reason when the deployment replaced the requested backend."""
+    text = result.attention.selection if result.attention else EXACT
+    return f"{text} ({job.attention_note})" if job.attention_note else text
 
 
 class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
@@ -295,15 +311,16 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
             if isinstance(item, Done):
                 result = item.value
             else:
-                step, total, hit = item
+                step, total, t, expert, hit = item
                 yield pb.DenoiseResponse(progress=pb.DenoiseProgress(
-                    step=step, total_steps=total, cache_hit=hit, elapsed_seconds=time.perf_counter() - start))
+                    step=step, total_steps=total, timestep=t, expert=expert, cache_hit=hit,
+                    elapsed_seconds=time.perf_counter() - start))
         seconds = time.perf_counter() - start
         for msg in tensor_to_messages(result.latents.float().cpu().contiguous(), pb.DenoiseResponse, "latents"):
             yield msg
         yield pb.DenoiseResponse(summary=pb.DenoiseSummary(
             effective=effective_params(job, result, self.model),
-            attention_selection=result.attention.selection if result.attention else EXACT,
+            attention_selection=attention_selection(job, result),
             cached_steps=result.cache.cached_steps, denoise_seconds=seconds,
             world_size=self.options.cfg_degree * self.options.ulysses_degree * self.options.ring_degree,
             cache_report=result.cache.to_proto(), peak_memory_bytes=result.peak_memory_bytes,

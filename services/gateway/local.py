@@ -59,7 +59,7 @@ class LocalPipeline:
             progress("text_encoder", 1, 1)
 
         start = time.perf_counter()
-        step_cb = (lambda i, n: progress("denoiser", i, n)) if progress else None
+        step_cb = (lambda i, n, *_: progress("denoiser", i, n)) if progress else None
         negative = embeddings[1] if req.uses_cfg else None
         latents = self.denoiser.denoise(req, embeddings[0], negative, progress=step_cb)
         timings["denoiser"] = time.perf_counter() - start

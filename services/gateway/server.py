@@ -150,6 +150,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     denoiser_pb2.GetCapabilitiesRequest(), timeout=timeout)
         return self._denoiser_caps
 
+    def denoise_detail(self, p: denoiser_pb2.DenoiseProgress) -> str:
+        """The message of a denoiser step: the expert that ran it (two-expert models) and whether the cache reused
+        earlier results, e.g. "expert low-noise, cache hit"."""
+        parts = [f"expert {('high', 'low')[p.expert]}-noise"] if self.model.num_experts == 2 and p.expert < 2 else []
+        return ", ".join(parts + (["cache hit"] if p.cache_hit else []))
+
     async def validate(self, r: pb.GenerateRequest, timeout: float | None) -> ResolvedRequest:
         if r.model and r.model != self.model.name:
             raise RequestError("model", f"this deployment serves {self.model.name!r}, not {r.model!r}")
@@ -243,8 +249,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             async for msg in self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining()):
                 kind = msg.WhichOneof("frame")
                 if kind == "progress":
-                    p = msg.progress
-                    yield progress(pb.STAGE_DENOISER, p.step, p.total_steps, start, "cache hit" if p.cache_hit else "")
+                    yield progress(pb.STAGE_DENOISER, msg.progress.step, msg.progress.total_steps, start,
+                                   self.denoise_detail(msg.progress))
                 elif kind == "latents":
                     latent_frames.append(msg.latents)
                 else:

@@ -384,6 +384,31 @@ def test_auto_candidates_the_deployment_does_not_allow_are_refused_not_dropped()
         server.prepare_job(params, model, server.DenoiserOptions(attention_backends=("sparge", "auto")), engine)
 
 
+@pytest.mark.parametrize("backend", ["sage", "auto", "flash_attn"])
+def test_a_backend_the_deployment_does_not_allow_falls_back_only_when_asked(backend):
+    """As for a backend that cannot run on the device: refused naming what is allowed, or, with allow_fallback,
+    the exact backend runs and the reason goes into the job's note (the summary's attention_selection)."""
+    from smartdiff.denoiser.v1 import denoiser_pb2
+    from smartdiff.services.denoiser import server
+
+    engine, model = tiny_engine()
+    only_exact = server.DenoiserOptions(attention_backends=("sdpa",))
+    params = denoiser_pb2.DenoiseParams(steps=1, guidance=[1.0], seed=0)
+    params.attention.backend = backend
+    with pytest.raises(RequestError, match=f"'{backend}' is not allowed by this deployment; allowed: sdpa "
+                                           r"\(or set allow_fallback"):
+        server.prepare_job(params, model, only_exact, engine)
+    params.attention.allow_fallback = True
+    job = server.prepare_job(params, model, only_exact, engine)
+    assert job.attention.backend == A.EXACT
+    assert job.attention_note == f"fallback from {backend}: not allowed by this deployment"
+    # `auto` allowed but none of its candidates: the exact backend, said so
+    params = denoiser_pb2.DenoiseParams(steps=1, guidance=[1.0], seed=0)
+    params.attention.backend = "auto"
+    job = server.prepare_job(params, model, server.DenoiserOptions(attention_backends=("auto",)), engine)
+    assert job.attention.backend == A.EXACT and job.attention_note == "auto: no candidate allowed by this deployment"
+
+
 def test_ring_attention_refuses_backends_without_log_sum_exp_before_any_work():
     """Under ring attention `auto` (no log-sum-exp) is refused naming the ones that can, or falls back to the
     exact backend when the request allows it; a --default-attention that cannot is a ConfigError."""
@@ -398,7 +423,8 @@ def test_ring_attention_refuses_backends_without_log_sum_exp_before_any_work():
     with pytest.raises(RequestError, match="'auto' cannot run under ring attention.*allow_fallback"):
         server.prepare_job(params, model, ring, engine)
     params.attention.allow_fallback = True
-    assert server.prepare_job(params, model, ring, engine).attention.backend == A.EXACT
+    job = server.prepare_job(params, model, ring, engine)
+    assert job.attention.backend == A.EXACT and "fallback from auto: " in job.attention_note
     with pytest.raises(ConfigError, match="--default-attention auto: .*ring attention"):
         server.check_options(server.DenoiserOptions(ring_degree=2, default_attention="auto"), model, engine.device,
                              engine.dtype)

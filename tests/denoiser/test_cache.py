@@ -192,7 +192,7 @@ def test_concurrent_requests_with_different_settings_do_not_affect_each_other(en
         try:
             ctx, neg = embeddings()
             results[i] = engine.denoise(request(engine, seed=i), ctx, neg, cache=cache,
-                                        progress=lambda done, total: barrier.wait(timeout=60))  # steps interleave
+                                        progress=lambda *_: barrier.wait(timeout=60))  # steps interleave
         except Exception as e:  # noqa: BLE001
             errors.append(e)
             barrier.abort()

@@ -87,7 +87,7 @@ def _cancel_rank(rank, world, cancel_after, layout, between_blocks):
     local = (lambda: len(blocks) >= cancel_after) if rank == 0 else None  # only rank 0 knows the client cancelled
     stop = LockstepStop(torch.device("cpu"), local)
     try:
-        engine.denoise(req, ctx, neg, progress=lambda i, n: done.append(i), cancelled=stop,
+        engine.denoise(req, ctx, neg, progress=lambda i, *_: done.append(i), cancelled=stop,
                        interrupt=stop if between_blocks else None)
     except Cancelled as e:
         return len(done), len(blocks), str(e)

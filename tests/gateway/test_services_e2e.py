@@ -32,11 +32,11 @@ CPU = SystemConfig(torch.device("cpu"), torch.float32, max_queue=2)
 SMALL = dict(width=32, height=32, frames=5, steps=3)
 
 
-def run(body, model="wan-tiny", system=CPU):
+def run(body, model="wan-tiny", system=CPU, denoiser=denoiser_server.DenoiserOptions()):
     """Start the four services (wan-tiny, random weights), run `body(deployment, channel)`, stop them."""
 
     async def main():
-        d = await EmbeddedDeployment.start(load_model_config(model), None, system)
+        d = await EmbeddedDeployment.start(load_model_config(model), None, system, denoiser=denoiser)
         try:
             async with create_channel(d.address) as channel:
                 return await body(d, channel)
@@ -100,6 +100,39 @@ def test_progress_events_and_frames_output_and_random_seed_reported():
     assert outcome.summary.settings.seed > 0  # drawn by the gateway and reported
 
 
+def test_denoiser_progress_reports_each_steps_timestep_and_expert():
+    """Two-expert model: the denoiser's progress carries the timestep and the expert of every step (the
+    sampler's schedule; the low-noise expert below the boundary), and the gateway names the expert."""
+    from smartdiff.services.denoiser.samplers import make_sampler
+
+    model = load_model_config("wan-tiny-moe")
+    steps = 6
+    dim = model.dit.text_dim
+
+    async def body(d, channel):
+        _, denoiser, _ = stage_stubs(d)
+        params = denoiser_pb2.DenoiseParams(width=32, height=32, frames=5, steps=steps, guidance=[1.0, 1.0], seed=3)
+        stage = [m.progress for m in await collect(denoiser.Denoise(denoise_stream(params, torch.randn(4, dim))))
+                 if m.WhichOneof("frame") == "progress"]
+        events = []
+        r = request_to_proto(GenerationRequest(prompt="x", width=32, height=32, frames=5, steps=steps),
+                             output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)
+        async for msg in gateway(channel).Generate(r):
+            if msg.WhichOneof("frame") == "progress" and msg.progress.stage == gateway_pb2.STAGE_DENOISER:
+                events.append(msg.progress.message)
+        return stage, events
+
+    stage, messages = run(body, "wan-tiny-moe")
+    req = resolve_request(GenerationRequest(prompt="x", steps=steps), model)
+    timesteps = make_sampler(req.sampler, steps, req.shift, model.num_train_timesteps).timesteps.tolist()
+    experts = [0 if t >= model.boundary * model.num_train_timesteps else 1 for t in timesteps]
+    assert 0 in experts and 1 in experts  # the schedule crosses the boundary
+    assert [p.step for p in stage] == list(range(1, steps + 1))
+    assert [p.timestep for p in stage] == pytest.approx(timesteps)
+    assert [p.expert for p in stage] == experts
+    assert messages == [f"expert {('high', 'low')[k]}-noise" for k in experts]
+
+
 def test_health_serving_after_warmup_and_capabilities():
     async def body(d, channel):
         health = health_pb2_grpc.HealthStub(channel)
@@ -157,6 +190,23 @@ def test_unoffered_attention_and_cache_are_refused():
         await expect_error(generate(gateway(channel), r), grpc.StatusCode.INVALID_ARGUMENT, "cache.strategy")
 
     run(body)
+
+
+def test_a_backend_the_deployment_does_not_allow_is_refused_or_falls_back_when_asked():
+    """Refused by the gateway before any stage runs, naming what is allowed; with allow_fallback the exact backend
+    runs and the summary says why (the gateway and the denoiser agree)."""
+    async def body(d, channel):
+        r = request_to_proto(GenerationRequest(prompt="x", **SMALL),
+                             attention=options_pb2.AttentionConfig(backend="auto"))
+        await expect_error(generate(gateway(channel), r), grpc.StatusCode.INVALID_ARGUMENT, "attention.backend",
+                           "'auto' cannot run on this deployment: not allowed by this deployment",
+                           "available: sdpa", "allow_fallback")
+        r.attention.allow_fallback = True
+        return (await generate(gateway(channel), r)).summary.settings
+
+    settings = run(body, denoiser=denoiser_server.DenoiserOptions(attention_backends=("sdpa",)))
+    assert settings.attention.backend == "sdpa"
+    assert settings.attention_selection == "sdpa[cpu] (fallback from auto: not allowed by this deployment)"
 
 
 def test_attention_and_cache_parameters_are_refused_before_any_work():
