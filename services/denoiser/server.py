@@ -244,13 +244,29 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
     return result
 
 
+def effective_attention(job: DenoiseJob, result: JobResult) -> options_pb2.AttentionConfig:
+    """The attention as run: the backend that ran, and only the parameters that applied, defaults filled in
+    (auto's when auto chose, sparge's when sparge ran; a request may set both, and the others ignore them)."""
+    choice = job.attention  # after any fallback
+    out = options_pb2.AttentionConfig(backend=result.attention.backend if result.attention else choice.backend,
+                                      allow_fallback=choice.allow_fallback)
+    if choice.backend == "auto":
+        out.auto.tolerance = choice.tolerance
+        out.auto.candidates.extend(choice.candidates)
+    if out.backend == "sparge":
+        sparge = choice.sparge.resolved()
+        for name in ("topk", "cdf_threshold", "sim_threshold", "pv_threshold"):
+            if getattr(sparge, name) is not None:
+                setattr(out.sparge, name, getattr(sparge, name))
+    return out
+
+
 def effective_params(job: DenoiseJob, result: JobResult, model: ModelConfig) -> pb.DenoiseParams:
     req = job.request
     out = pb.DenoiseParams(request_id=job.params.request_id, model=model.name, width=req.width, height=req.height,
                            frames=req.frames, steps=req.steps, guidance=list(req.guidance), shift=req.shift,
                            sampler=req.sampler, seed=req.seed)
-    out.attention.CopyFrom(job.params.attention)
-    out.attention.backend = result.attention.backend if result.attention else job.attention.backend
+    out.attention.CopyFrom(effective_attention(job, result))
     out.cache.CopyFrom(cache_config_to_proto(result.cache.applied or job.cache))
     return out
 

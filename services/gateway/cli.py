@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from smartdiff.shared.checkpoint import CheckpointError
+from smartdiff.shared.argtypes import seconds
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.errors import RequestError
 from smartdiff.shared.memory import MemoryPolicyError
@@ -49,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate one video and write it as mp4")
     add_request_flags(gen)
-    gen.add_argument("--gateway", metavar="HOST:PORT",
+    gen.add_argument("--gateway", metavar="HOST:PORT", type=gateway_address,
                      help="a running gateway; without it the four services start in-process on loopback")
     add_model_flags(gen)
     gen.add_argument("--out", type=Path, default=Path("out.mp4"), help="mp4 file to write (default out.mp4)")
     gen.add_argument("--save-latents", type=Path, metavar="FILE.safetensors",
                      help="also save the final latents (key 'latents', float32, [1, 16, F', H/8, W/8])")
-    gen.add_argument("--timeout", type=float, help="deadline of the request in seconds")
+    gen.add_argument("--timeout", type=seconds(0.001), help="deadline of the request in seconds (default: none)")
     gen.add_argument("--low-mem-level", type=int, default=0, choices=range(4),
                      help="embedded mode: 0 all resident; 1 VAE tiling; 2 T5 on CPU; 3 DiT block offload (CUDA)")
 
@@ -119,9 +120,23 @@ def check_gateway_flags(args: argparse.Namespace) -> None:
 
 
 def check_out_path(path: Path, flag: str) -> None:
-    """Refuse an output path that cannot be written before any work starts, not after the generation."""
+    """Refuse an output path that cannot be written before any work starts, not after the generation. Its folder
+    is created here (as the file will be)."""
     if path.is_dir():
         raise ConfigError(f"{flag}: {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot create the folder {path.parent}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{flag}: {path} is not writable")
+
+
+def gateway_address(text: str) -> str:
+    """argparse type of --gateway: an address, not empty (an empty one would mean the embedded deployment)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a gateway address such as HOST:PORT, got an empty string")
+    return text
 
 
 class ProgressBars:
@@ -148,6 +163,9 @@ class ProgressBars:
 async def _generate(args: argparse.Namespace) -> int:
     import grpc
 
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     from smartdiff.gateway.v1 import gateway_pb2_grpc
     from smartdiff.services.gateway.client import generate, request_to_proto
     from smartdiff.shared.grpc_server import create_channel
@@ -160,7 +178,7 @@ async def _generate(args: argparse.Namespace) -> int:
     if args.save_latents is not None:
         check_out_path(args.save_latents, "--save-latents")
     deployment = None
-    if args.gateway:
+    if args.gateway is not None:
         check_gateway_flags(args)
         address = args.gateway
     else:  # embedded: refuse a bad request before loading anything, then start the four services
@@ -180,8 +198,9 @@ async def _generate(args: argparse.Namespace) -> int:
         address = deployment.address
     try:
         # through a gateway, --model is checked against what it serves (embedded: it chose the model)
-        request = request_to_proto(req, model=(args.model or "") if args.gateway else "", attention=attention,
-                                   cache=cache, return_latents=args.save_latents is not None)
+        model_name = (args.model or "") if args.gateway is not None else ""
+        request = request_to_proto(req, model=model_name, attention=attention, cache=cache,
+                                   return_latents=args.save_latents is not None)
         async with create_channel(address) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             try:
@@ -193,12 +212,14 @@ async def _generate(args: argparse.Namespace) -> int:
         if deployment is not None:
             await deployment.stop()
     s = outcome.summary.settings
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(outcome.video)
-    if args.save_latents:
-        from safetensors.torch import save_file
+    try:
+        args.out.write_bytes(outcome.video)
+        if args.save_latents:
 
-        save_file({"latents": outcome.latents.contiguous()}, str(args.save_latents))
+            save_file({"latents": outcome.latents.contiguous()}, str(args.save_latents))
+    except (OSError, SafetensorError) as e:  # checked before the generation; the disk may have filled since
+        print(f"error: writing the output: {e}", file=sys.stderr)
+        return 1
     if req.seed is None:
         print(f"seed: {s.seed}", file=sys.stderr)
     times = " ".join(f"{_stage_name(t.stage)}={t.seconds:.2f}s" + (f"/{t.peak_memory_bytes / 2**30:.1f}GiB"

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import contextmanager
 
 import grpc
 
@@ -135,6 +136,17 @@ class StageClients:
 WRITE_STALL_SECONDS = 60.0
 
 
+@contextmanager
+def ended(call):
+    """A stage call, cancelled if the block is left before the call finished. Needed because the generation is an
+    async generator: a client's cancel that comes while the gateway writes to it closes the generation at a
+    `yield`, where nothing else ends the stage call (its job would run to the end and hold the stage's slot)."""
+    try:
+        yield call
+    finally:
+        call.cancel()  # no effect on a call that has ended
+
+
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def __init__(self, model: ModelConfig, stages: StageClients, max_in_flight: int = 8):
         self.model = model
@@ -197,6 +209,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     log.warning("generation stopped: its client read nothing for %g s", WRITE_STALL_SECONDS)
                     raise DeadlineExceeded(f"gateway: the client read nothing for {WRITE_STALL_SECONDS:g} s; "
                                            "the generation was stopped") from None
+                except Exception as e:  # grpc's failed send: the client cancelled, its deadline passed, it is gone
+                    raise asyncio.CancelledError(f"the client's call ended: {e!r}") from e
         finally:
             await generation.aclose()  # its stage calls end with it
             self.in_flight -= 1
@@ -214,14 +228,15 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         prompts = [req.prompt, req.negative_prompt] if req.uses_cfg else [req.prompt]
         with calling_stage("text_encoder"):
             await self.stages.reachable("text_encoder", context)  # it may have gone since
-            call = self.stages.text_encoder.Encode(text_encoder_pb2.EncodeRequest(
-                request_id=request_id, model=self.model.name, prompts=prompts), timeout=context.time_remaining())
             frames, te_summary = [], None
-            async for msg in call:
-                if msg.WhichOneof("frame") == "embedding":
-                    frames.append(msg.embedding)
-                else:
-                    te_summary = msg.summary
+            with ended(self.stages.text_encoder.Encode(text_encoder_pb2.EncodeRequest(
+                    request_id=request_id, model=self.model.name, prompts=prompts),
+                    timeout=context.time_remaining())) as call:
+                async for msg in call:
+                    if msg.WhichOneof("frame") == "embedding":
+                        frames.append(msg.embedding)
+                    else:
+                        te_summary = msg.summary
             embeddings = list(frames_to_tensors(frames, "embedding"))
         if len(embeddings) != len(prompts):
             raise RequestError("prompts", f"text encoder returned {len(embeddings)} embeddings for {len(prompts)} prompts")
@@ -246,15 +261,16 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         latent_frames, dn_summary = [], None
         with calling_stage("denoiser"):
             await self.stages.reachable("denoiser", context)  # it may have gone since
-            async for msg in self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining()):
-                kind = msg.WhichOneof("frame")
-                if kind == "progress":
-                    yield progress(pb.STAGE_DENOISER, msg.progress.step, msg.progress.total_steps, start,
-                                   self.denoise_detail(msg.progress))
-                elif kind == "latents":
-                    latent_frames.append(msg.latents)
-                else:
-                    dn_summary = msg.summary
+            with ended(self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining())) as call:
+                async for msg in call:
+                    kind = msg.WhichOneof("frame")
+                    if kind == "progress":
+                        yield progress(pb.STAGE_DENOISER, msg.progress.step, msg.progress.total_steps, start,
+                                       self.denoise_detail(msg.progress))
+                    elif kind == "latents":
+                        latent_frames.append(msg.latents)
+                    else:
+                        dn_summary = msg.summary
         timings.append(pb.StageTiming(stage=pb.STAGE_DENOISER, seconds=time.perf_counter() - t0,
                                       compute_seconds=dn_summary.denoise_seconds if dn_summary else 0.0,
                                       peak_memory_bytes=dn_summary.peak_memory_bytes if dn_summary else 0,
@@ -275,16 +291,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         vae_summary = None
         with calling_stage("vae"):
             await self.stages.reachable("vae", context)  # it may have gone since
-            async for msg in self.stages.vae.Decode(decode_inputs(), timeout=context.time_remaining()):
-                kind = msg.WhichOneof("frame")
-                if kind == "progress":
-                    yield progress(pb.STAGE_VAE, msg.progress.step, msg.progress.total, start)
-                elif kind == "mp4":
-                    yield pb.GenerateResponse(mp4=msg.mp4)
-                elif kind == "frames":
-                    yield pb.GenerateResponse(frames=msg.frames)
-                else:
-                    vae_summary = msg.summary
+            with ended(self.stages.vae.Decode(decode_inputs(), timeout=context.time_remaining())) as call:
+                async for msg in call:
+                    kind = msg.WhichOneof("frame")
+                    if kind == "progress":
+                        yield progress(pb.STAGE_VAE, msg.progress.step, msg.progress.total, start)
+                    elif kind == "mp4":
+                        yield pb.GenerateResponse(mp4=msg.mp4)
+                    elif kind == "frames":
+                        yield pb.GenerateResponse(frames=msg.frames)
+                    else:
+                        vae_summary = msg.summary
         timings.append(pb.StageTiming(stage=pb.STAGE_VAE, seconds=time.perf_counter() - t0,
                                       compute_seconds=vae_summary.decode_seconds + vae_summary.encode_seconds
                                       if vae_summary else 0.0,

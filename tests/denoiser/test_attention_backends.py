@@ -409,6 +409,32 @@ def test_a_backend_the_deployment_does_not_allow_falls_back_only_when_asked(back
     assert job.attention.backend == A.EXACT and job.attention_note == "auto: no candidate allowed by this deployment"
 
 
+def test_effective_attention_reports_only_the_parameters_that_applied():
+    """Parameters of a backend that did not run are not reported as applied; those that did, with defaults."""
+    from smartdiff.denoiser.v1 import denoiser_pb2
+    from smartdiff.services.denoiser import server
+    from smartdiff.services.denoiser.attention.handle import AttentionReport
+
+    engine, model = tiny_engine()
+
+    def effective(ran: str, **attention):
+        params = denoiser_pb2.DenoiseParams(steps=1, guidance=[1.0], seed=0)
+        params.attention.CopyFrom(options_pb2.AttentionConfig(**attention))
+        job = server.prepare_job(params, model, server.DenoiserOptions())
+        result = server.JobResult(latents=None, attention=AttentionReport(ran, f"{ran}[x]", f"{ran}[x]"))
+        return server.effective_attention(job, result)
+
+    sparge = options_pb2.SpargeAttentionParams(topk=0.5)
+    e = effective("sdpa", backend="sdpa", sparge=sparge, auto=options_pb2.AutoAttentionParams(tolerance=0.1))
+    assert e.backend == "sdpa" and not e.HasField("sparge") and not e.HasField("auto")
+    e = effective("sparge", backend="sparge", sparge=sparge)
+    assert e.sparge.topk == 0.5 and e.sparge.sim_threshold == pytest.approx(-0.1)  # the top-k default
+    assert not e.sparge.HasField("cdf_threshold")  # not used in top-k mode
+    e = effective("sage", backend="auto", sparge=sparge, auto=options_pb2.AutoAttentionParams(candidates=["sage"]))
+    assert e.backend == "sage" and not e.HasField("sparge")
+    assert e.auto.tolerance == pytest.approx(2e-2) and list(e.auto.candidates) == ["sage"]
+
+
 def test_ring_attention_refuses_backends_without_log_sum_exp_before_any_work():
     """Under ring attention `auto` (no log-sum-exp) is refused naming the ones that can, or falls back to the
     exact backend when the request allows it; a --default-attention that cannot is a ConfigError."""

@@ -46,6 +46,41 @@ def test_invalid_requests_refused_before_work(tmp_path, capsys, flags, field):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag", ["--out", "--save-latents"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, flag):
+    from smartdiff.services.gateway.embedded import EmbeddedDeployment
+
+    async def no_work(*a, **kw):
+        raise AssertionError("the deployment started")
+
+    monkeypatch.setattr(EmbeddedDeployment, "start", no_work)
+    (tmp_path / "a_file").write_bytes(b"")
+    paths = {"--out": str(tmp_path / "v.mp4"), "--save-latents": str(tmp_path / "l.safetensors"),
+             flag: str(tmp_path / "a_file" / "x")}  # its folder would be a file
+    assert main(["generate", "--prompt", "x", "--out", paths["--out"], "--save-latents", paths["--save-latents"]]) == 2
+    assert f"error: {flag}: cannot create the folder {tmp_path / 'a_file'}" in capsys.readouterr().err
+
+
+def test_output_folders_are_created(tmp_path):
+    out, lat = tmp_path / "videos" / "v.mp4", tmp_path / "latents" / "deep" / "l.safetensors"
+    assert main(["generate", "--prompt", "x", "--width", "32", "--height", "32", "--frames", "5", "--steps", "1",
+                 "--out", str(out), "--save-latents", str(lat)]) == 0
+    assert out.stat().st_size > 0 and load_file(str(lat))["latents"].shape == (1, 16, 2, 4, 4)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--timeout", "0"], "--timeout: must be finite and >= 0.001"),
+    (["--timeout", "-3"], "--timeout: must be finite"),
+    (["--timeout", "nan"], "--timeout: must be finite"),
+    (["--timeout", "inf"], "--timeout: must be finite"),
+    (["--gateway", ""], "--gateway: must be a gateway address"),
+])
+def test_bad_client_flags_are_refused_by_the_parser(capsys, flags, words):
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", *flags])
+    assert words in capsys.readouterr().err
+
+
 def test_unknown_sampler_refused_by_parser(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x", "--sampler", "ddim"])

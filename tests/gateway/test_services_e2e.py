@@ -465,6 +465,35 @@ async def wait_idle(worker, limit=30.0) -> None:
     assert worker.pending == 0, "the denoiser job did not stop"
 
 
+def test_a_cancel_that_fails_the_gateways_write_still_stops_the_stage_call(denoiser_workers, step_times):
+    """A client that cancels while the gateway writes to it fails the write (grpc raises from context.write),
+    which closes the generation at a `yield`: the denoiser call in progress must be cancelled there too, and
+    the generation ends as cancelled, not as an internal error."""
+    from smartdiff.services.gateway.server import GatewayServicer
+
+    class GoneClient:  # the handler's context: the client is gone once the denoiser reports its first step
+        def time_remaining(self):
+            return None
+
+        async def write(self, msg):
+            if msg.WhichOneof("frame") == "progress" and msg.progress.stage == gateway_pb2.STAGE_DENOISER:
+                raise RuntimeError("execute_batch failed")  # what grpc raises for a send to a cancelled call
+
+    async def body(d, channel):
+        step_times.clear()
+        servicer = GatewayServicer(load_model_config("wan-tiny"), d.stages)
+        r = request_to_proto(GenerationRequest(prompt="x", width=64, height=64, frames=9, steps=200, seed=1))
+        with pytest.raises(asyncio.CancelledError):
+            await servicer.Generate(r, GoneClient())
+        stopped_at = time.monotonic()
+        await wait_idle(denoiser_workers[-1])
+        assert servicer.in_flight == 0
+        return stopped_at
+
+    stopped_at = run(body)
+    assert len(step_times) < 200 and len([t for t in step_times if t > stopped_at]) <= 2, len(step_times)
+
+
 def test_cancel_stops_the_denoiser_within_one_step(denoiser_workers, step_times):
     async def body(d, channel):
         step_times.clear()  # drop the warm-up step
