@@ -313,10 +313,10 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
         params, prompt, negative = await self.read_inputs(request_iterator)
         job = prepare_job(params, self.model, self.options, self.engine)
         self.check_embedding("prompt_embeds", prompt)
-        if job.request.uses_cfg:
-            if negative is None:
-                raise RequestError("negative_prompt_embeds", "required when guidance > 1")
+        if negative is not None:  # checked even when unused (guidance 1): a malformed tensor is a client's bug
             self.check_embedding("negative_prompt_embeds", negative)
+        elif job.request.uses_cfg:
+            raise RequestError("negative_prompt_embeds", "required when guidance > 1")
         start = time.perf_counter()
 
         def job_fn(emit, should_stop):

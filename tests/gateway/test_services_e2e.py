@@ -342,6 +342,9 @@ def test_stage_errors_map_to_codes_and_each_stage_keeps_serving():
         cfg_params.guidance[:] = [5.0]
         await expect_error(collect(dn.Denoise(denoise_stream(cfg_params, emb))), grpc.StatusCode.INVALID_ARGUMENT,
                            "negative_prompt_embeds")
+        # a negative embedding sent without CFG is not used, but a malformed one is still refused
+        await expect_error(collect(dn.Denoise(denoise_stream(params, emb, torch.randn(7, 5)))),
+                           grpc.StatusCode.INVALID_ARGUMENT, "negative_prompt_embeds", "[L, 32]")
         # a required tensor never sent is a missing field, not data loss
         await expect_error(collect(dn.Denoise(denoise_stream(params))), grpc.StatusCode.INVALID_ARGUMENT,
                            "prompt_embeds: required")
