@@ -126,13 +126,17 @@ def detect_layout(root: str | Path) -> CheckpointLayout:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; CheckpointError when the file is missing, not JSON, or not an object."""
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"missing config file {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ----------------------------------------------------------------------------------- strict loading

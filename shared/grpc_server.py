@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from google.protobuf.message import DecodeError
 
 from smartdiff.shared import metrics
+from smartdiff.shared.config import ConfigError
 from smartdiff.shared.errors import RequestError, drain_requests
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class StageServer:
                      # A client that vanished without closing its connection (host down, network cut) is found by
                      # an unanswered ping within ~80 s, and its calls are cancelled, freeing their slots.
                      ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
-                     *options],
+                     NO_PORT_SHARING, *options],
             interceptors=[self.in_flight, DecodeRequests(), *interceptors],
         )
         self.service_names = list(service_names)
@@ -232,10 +233,8 @@ class StageServer:
         )
 
     def add_port(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
-        """Listen on `address` ("[::]:0" picks a free port); returns the bound port."""
-        if credentials is None:
-            return self.server.add_insecure_port(address)
-        return self.server.add_secure_port(address, credentials)
+        """Listen on `address` ("[::]:0" picks a free port); returns the bound port. ConfigError when it cannot."""
+        return _listen(self.server, address, credentials)
 
     async def _set_all(self, status: int) -> None:
         for name in ["", *self.service_names]:  # "" is the whole server, as Kubernetes probes ask
@@ -281,6 +280,33 @@ class StageServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+# gRPC listens with SO_REUSEPORT by default: a second server started on a port in use would share its traffic
+# without a word. Off, the second one fails to start instead.
+NO_PORT_SHARING = ("grpc.so_reuseport", 0)
+
+
+def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc says only "Failed to bind to address"
+        raise ConfigError(f"cannot listen on {address}: the port is in use, or the host is not an address of "
+                          "this machine") from None
+
+
+async def check_address(address: str) -> None:
+    """Listen on `address` and let it go again: a port in use or a wrong host is a ConfigError before a stage
+    loads its weights (minutes), not after. Port 0 (any free port) is not checked."""
+    if address.rsplit(":", 1)[-1] == "0":
+        return
+    probe = grpc.aio.server(options=[NO_PORT_SHARING])
+    try:
+        _listen(probe, address)
+    finally:
+        await probe.stop(None)
 
 
 def create_channel(

@@ -18,10 +18,32 @@ SCHEDULER_TO_SAMPLER = {
 }
 
 
-def _need(cfg: dict, key: str, source: Path):
+_REQUIRED = object()
+
+
+def _field(cfg: dict, key: str, source: Path | str, kind: str, default=_REQUIRED):
+    """cfg[key] checked against `kind`: "int" (>= 1), "float", "bool", or a list of them: "ints" (>= 0), "floats",
+    "bools" (as a tuple); CheckpointError naming the file, the field and the rule otherwise; `default` when absent
+    (else the field is required)."""
     if key not in cfg:
-        raise CheckpointError(f"{source}: missing field {key!r}")
-    return cfg[key]
+        if default is _REQUIRED:
+            raise CheckpointError(f"{source}: missing field {key!r}")
+        return default
+    v = cfg[key]
+    checks = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+              "ints": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+              "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+              "bool": lambda x: isinstance(x, bool)}
+    rules = {"int": "an integer >= 1", "float": "a number", "bool": "true or false",
+             "ints": "a list of integers >= 0", "floats": "a list of numbers", "bools": "a list of true / false"}
+    if kind in ("ints", "floats", "bools"):
+        item = kind if kind == "ints" else kind[:-1]
+        if not isinstance(v, list) or not all(checks[item](x) for x in v):
+            raise CheckpointError(f"{source}: field {key!r} must be {rules[kind]}, got {v!r}")
+        return tuple(v)
+    if not checks[kind](v):
+        raise CheckpointError(f"{source}: field {key!r} must be {rules[kind]}, got {v!r}")
+    return v
 
 
 def dit_config_from_json(cfg: dict, source: Path) -> DiTConfig:
@@ -29,35 +51,39 @@ def dit_config_from_json(cfg: dict, source: Path) -> DiTConfig:
     if "num_attention_heads" in cfg:  # Diffusers WanTransformer3DModel
         if cfg.get("image_dim") or cfg.get("added_kv_proj_dim"):
             raise CheckpointError(f"{source}: image-conditioned (I2V) transformers are not supported")
-        heads = int(_need(cfg, "num_attention_heads", source))
-        dim = heads * int(_need(cfg, "attention_head_dim", source))
+        heads = _field(cfg, "num_attention_heads", source, "int")
+        dim = heads * _field(cfg, "attention_head_dim", source, "int")
         names = dict(in_dim="in_channels", out_dim="out_channels")
     else:
         if cfg.get("model_type", "t2v") != "t2v":
             raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not supported (only t2v)")
-        heads, dim = int(_need(cfg, "num_heads", source)), int(_need(cfg, "dim", source))
+        heads, dim = _field(cfg, "num_heads", source, "int"), _field(cfg, "dim", source, "int")
         names = dict(in_dim="in_dim", out_dim="out_dim")
-    qk_norm = cfg.get("qk_norm", True)
+    patch = _field(cfg, "patch_size", source, "ints", [1, 2, 2])
+    if len(patch) != 3 or 0 in patch:
+        raise CheckpointError(f"{source}: field 'patch_size' must be 3 integers >= 1, got {list(patch)}")
     return DiTConfig(
-        dim=dim, num_heads=heads, ffn_dim=int(_need(cfg, "ffn_dim", source)),
-        num_layers=int(_need(cfg, "num_layers", source)), patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
-        in_dim=int(cfg.get(names["in_dim"], 16)), out_dim=int(cfg.get(names["out_dim"], 16)),
-        freq_dim=int(cfg.get("freq_dim", 256)), text_dim=int(cfg.get("text_dim", 4096)),
-        text_len=int(cfg.get("text_len", 512)), qk_norm=bool(qk_norm),
-        cross_attn_norm=bool(cfg.get("cross_attn_norm", True)), eps=float(cfg.get("eps", 1e-6)),
+        dim=dim, num_heads=heads, ffn_dim=_field(cfg, "ffn_dim", source, "int"),
+        num_layers=_field(cfg, "num_layers", source, "int"), patch_size=patch,
+        in_dim=_field(cfg, names["in_dim"], source, "int", 16), out_dim=_field(cfg, names["out_dim"], source, "int", 16),
+        freq_dim=_field(cfg, "freq_dim", source, "int", 256), text_dim=_field(cfg, "text_dim", source, "int", 4096),
+        text_len=_field(cfg, "text_len", source, "int", 512), qk_norm=bool(cfg.get("qk_norm", True)),
+        cross_attn_norm=_field(cfg, "cross_attn_norm", source, "bool", True),
+        eps=float(_field(cfg, "eps", source, "float", 1e-6)),
     )
 
 
 def text_encoder_config_from_json(c: dict, source: Path, text_len: int = 512) -> TextEncoderConfig:
     """A Diffusers `text_encoder/config.json` (transformers UMT5Config fields, read from `source`) ->
     TextEncoderConfig."""
-    heads = _need(c, "num_heads", source)
+    heads = _field(c, "num_heads", source, "int")
     return TextEncoderConfig(
-        vocab_size=_need(c, "vocab_size", source), dim=_need(c, "d_model", source),
-        dim_attn=heads * _need(c, "d_kv", source), ffn_dim=_need(c, "d_ff", source), num_heads=heads,
-        num_layers=_need(c, "num_layers", source), num_buckets=c.get("relative_attention_num_buckets", 32),
-        max_distance=c.get("relative_attention_max_distance", 128), text_len=text_len,
-        eps=c.get("layer_norm_epsilon", 1e-6),
+        vocab_size=_field(c, "vocab_size", source, "int"), dim=_field(c, "d_model", source, "int"),
+        dim_attn=heads * _field(c, "d_kv", source, "int"), ffn_dim=_field(c, "d_ff", source, "int"), num_heads=heads,
+        num_layers=_field(c, "num_layers", source, "int"),
+        num_buckets=_field(c, "relative_attention_num_buckets", source, "int", 32),
+        max_distance=_field(c, "relative_attention_max_distance", source, "int", 128), text_len=text_len,
+        eps=float(_field(c, "layer_norm_epsilon", source, "float", 1e-6)),
     )
 
 
@@ -84,7 +110,9 @@ def vae_config_from_json(config_json: dict, source: Path | str) -> VAEConfig:
     decoder_dim = config_json.get("decoder_base_dim")
     if decoder_dim is not None and decoder_dim != config_json.get("base_dim", VAEConfig.base_dim):
         raise CheckpointError(f"{source}: decoder_base_dim={decoder_dim} is not base_dim")
-    values = {ours: tuple(config_json[theirs]) if isinstance(config_json[theirs], list) else config_json[theirs]
+    kinds = dict(base_dim="int", z_dim="int", dim_mult="ints", num_res_blocks="int", temperal_downsample="bools",
+                 latents_mean="floats", latents_std="floats")
+    values = {ours: _field(config_json, theirs, source, kinds[theirs])
               for theirs, ours in VAE_DIFFUSERS_FIELDS.items() if theirs in config_json}
     try:
         cfg = VAEConfig(**values)
@@ -118,13 +146,15 @@ def _diffusers_config(layout: CheckpointLayout) -> ModelConfig:
     sched_path = root / "scheduler" / "scheduler_config.json"
     if sched_path.is_file():
         sched = read_json(sched_path)
-        sampler = SCHEDULER_TO_SAMPLER.get(sched.get("_class_name"), defaults.sampler)
-        shift = sched.get("flow_shift", sched.get("shift", defaults.shift))
+        sampler = SCHEDULER_TO_SAMPLER.get(str(sched.get("_class_name")), defaults.sampler)
+        shift = _field(sched, "flow_shift", sched_path, "float", _field(sched, "shift", sched_path, "float",
+                                                                         defaults.shift))
         defaults = replace(defaults, sampler=sampler, shift=float(shift))
     boundary = None
     if layout.num_experts == 2:
-        index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
-        boundary = index.get("boundary_ratio") or (preset.boundary if preset else 0.875)
+        index_path = root / "model_index.json"
+        index = read_json(index_path) if index_path.is_file() else {}
+        boundary = _field(index, "boundary_ratio", index_path, "float", None) or (preset.boundary if preset else 0.875)
         if len(defaults.guidance) == 1:
             defaults = replace(defaults, guidance=defaults.guidance * 2)
     elif len(defaults.guidance) != 1:

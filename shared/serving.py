@@ -17,13 +17,14 @@ import torch
 from smartdiff.shared.argtypes import ranged_int, seconds
 from smartdiff.shared.checkpoint import CheckpointLayout
 from smartdiff.shared.config import ConfigError, ModelConfig
-from smartdiff.shared.grpc_server import StageServer
+from smartdiff.shared.grpc_server import StageServer, check_address
 from smartdiff.shared.model_source import resolve_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"gateway": 50050, "text-encoder": 50051, "denoiser": 50052, "vae": 50053}
 DTYPES = ("bfloat16", "float16", "float32")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_DIR_ENV = "SMARTDIFF_MODEL_DIR"  # the one environment variable: a default for --checkpoint
 
 
@@ -63,7 +64,7 @@ def add_serve_flags(p: argparse.ArgumentParser, stage: str) -> None:
                    help=f"default {DEFAULT_PORTS[stage]}; 0 picks a free one (printed)")
     p.add_argument("--max-queue", type=ranged_int(1, 4096), default=8, help="requests admitted at once; more are refused")
     p.add_argument("--drain-seconds", type=seconds(), default=25.0, help="on SIGTERM, time given to in-flight requests")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     p.add_argument("--metrics-port", type=ranged_int(0, 65535), default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; 0 picks a free port)")
     if stage != "gateway":
@@ -168,10 +169,11 @@ def stage_main(stage: str, start, argv: list[str] | None = None, extra_flags=Non
         system = system_from_args(args)
         start_metrics(args)
     except (ConfigError, CheckpointError, MemoryPolicyError) as e:
-        print(f"error: {e}", flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 
     async def serve() -> None:
+        await check_address(f"{args.host}:{args.port}")
         server, port = await start(model, layout, system, f"{args.host}:{args.port}", args)
         print(f"{stage} {args.host}:{port} SERVING", flush=True)
         await run_until_signal(server, args.drain_seconds)
@@ -179,7 +181,7 @@ def stage_main(stage: str, start, argv: list[str] | None = None, extra_flags=Non
     try:
         asyncio.run(serve())
     except (ConfigError, CheckpointError, MemoryPolicyError) as e:  # found while loading the weights
-        print(f"error: {e}", flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # SIGINT while loading, before the drain's handler was in place
         print("interrupted", file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ from smartdiff.services.denoiser.server import (
 from smartdiff.shared.argtypes import ranged_int
 from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
+from smartdiff.shared.grpc_server import check_address
 from smartdiff.shared.memory import MemoryPolicyError
 from smartdiff.shared.serving import (
     add_model_flags, add_serve_flags, model_from_args, run_until_signal, setup_logging, start_metrics,
@@ -98,17 +99,18 @@ def _main(argv: list[str] | None) -> int:
             return launch(sys.argv[1:] if argv is None else list(argv), args.nproc_per_node)
         state, device = init_distributed(proc, options, model, system.device)
     except (ConfigError, CheckpointError, ParallelConfigError, MemoryPolicyError) as e:
-        print(f"error: {e}", flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     try:
-        if proc.rank == 0:  # the process that serves gRPC
+        if proc.rank == 0:  # the process that serves gRPC: its port must be free before the weights load
             start_metrics(args)
+            asyncio.run(check_address(f"{args.host}:{args.port}"))
         if proc.world_size == 1:
             asyncio.run(serve(args, model, layout, system, options))
             return 0
         engine = load_engine(model, layout, system, options, device=device, parallel=state)
     except (ConfigError, CheckpointError, MemoryPolicyError) as e:
-        print(f"error: {e}", flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     channel = RequestChannel(device)
     log.info("rank %d/%d ready (%s, %s)", proc.rank, proc.world_size, state.config, device)

@@ -254,6 +254,7 @@ def all_parser() -> argparse.ArgumentParser:
 
 async def _serve_all(args: argparse.Namespace) -> int:
     from smartdiff.services.gateway.embedded import EmbeddedDeployment
+    from smartdiff.shared.grpc_server import check_address
     from smartdiff.shared.serving import (
         model_from_args, run_until_signal, setup_logging, start_metrics, system_from_args,
     )
@@ -267,6 +268,7 @@ async def _serve_all(args: argparse.Namespace) -> int:
         raise ConfigError("serve all runs one denoiser process: parallel degrees must be 1 "
                           "(multi-GPU: smartdiff serve denoiser --nproc-per-node N, see the README)")
     start_metrics(args)  # one endpoint for the four stages (their metrics carry the service's name)
+    await check_address(f"{args.host}:{args.port}")  # before the weights load
     # the stages on loopback (only the gateway calls them), the gateway where --host says
     deployment = await EmbeddedDeployment.start(model, layout, system_from_args(args), gateway_host=args.host,
                                                 gateway_port=args.port, denoiser=options)

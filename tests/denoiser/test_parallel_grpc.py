@@ -157,17 +157,17 @@ def test_launcher_exits_with_the_code_of_ranks_that_all_fail_at_once():
                            "--low-mem-level", "3"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert proc.stdout.count("error: ") == 2
+    assert proc.stderr.count("error: ") == 2
 
 
 def test_launcher_checks_the_layout_and_the_launch_before_starting_ranks():
     run = lambda *flags, env=None: subprocess.run(  # noqa: E731
         [sys.executable, *DENOISER, *flags], capture_output=True, text=True, timeout=120, env=env)
     bad_layout = run("--nproc-per-node", "2")
-    assert bad_layout.returncode == 2 and "world size 2 must equal cfg x ulysses x ring" in bad_layout.stdout
+    assert bad_layout.returncode == 2 and "world size 2 must equal cfg x ulysses x ring" in bad_layout.stderr
     assert "started" not in bad_layout.stderr
     under_torchrun = run("--nproc-per-node", "2", "--cfg-degree", "2", env={**os.environ, "RANK": "0"})
-    assert under_torchrun.returncode == 2 and "already a rank of another launcher" in under_torchrun.stdout
+    assert under_torchrun.returncode == 2 and "already a rank of another launcher" in under_torchrun.stderr
     nproc = run("--nproc-per-node", "0")
     assert nproc.returncode == 2 and "--nproc-per-node: must be between 1 and 64" in nproc.stderr
 
@@ -177,7 +177,7 @@ def test_invalid_layout_is_refused_at_start_with_a_suggestion():
         [sys.executable, "-m", "smartdiff.services.denoiser", "--port", "0", "--device", "cpu", "--ulysses-degree", "2"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "world size 1 must equal cfg x ulysses x ring" in proc.stdout and "suggested" in proc.stdout
+    assert "world size 1 must equal cfg x ulysses x ring" in proc.stderr and "suggested" in proc.stderr
 
 
 def test_rank_zero_shutdown_waits_for_the_job_on_the_channel(monkeypatch):

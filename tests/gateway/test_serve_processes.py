@@ -109,7 +109,43 @@ def test_serve_flags_are_checked_before_anything_loads(capsys, flags, words):
 def test_bad_model_flag_exits_with_a_message():
     proc = subprocess.run([sys.executable, "-m", "smartdiff.services.denoiser", "--model", "nope", "--port", "0"],
                           capture_output=True, text=True, env=ENV, timeout=120)
-    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stdout
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", ["vae", "denoiser", "all"])
+def test_a_port_in_use_is_refused_before_the_weights_load(stage, monkeypatch, capsys):
+    """Another server on the port (gRPC would otherwise share it through SO_REUSEPORT) or a host that is not
+    this machine's: a one-line error and exit 2, before any weights load."""
+    import socket
+
+    from smartdiff.services.denoiser import server as denoiser_server
+    from smartdiff.services.gateway.embedded import EmbeddedDeployment
+    from smartdiff.services.vae.engine import VaeEngine
+
+    def no_load(*a, **kw):
+        raise AssertionError("the weights started loading")
+
+    monkeypatch.setattr(VaeEngine, "random", no_load)
+    monkeypatch.setattr(denoiser_server, "load_engine", no_load)
+    monkeypatch.setattr(EmbeddedDeployment, "start", no_load)
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        code = main(["serve", stage, "--host", "127.0.0.1", "--port", str(port)])
+    finally:
+        holder.close()
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in capsys.readouterr().err
+    assert main(["serve", stage, "--host", "192.0.2.1", "--port", "50999"]) == 2  # TEST-NET-1: not this machine
+    assert "cannot listen on 192.0.2.1:50999" in capsys.readouterr().err
+
+
+def test_log_level_must_be_a_level(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "vae", "--log-level", "bogus"])
+    assert e.value.code == 2 and "--log-level: invalid choice: 'BOGUS'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["text-encoder", "denoiser", "vae", "gateway"])

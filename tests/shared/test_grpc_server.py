@@ -437,3 +437,26 @@ def test_a_drain_waits_for_refused_uploads_to_get_their_status():
                 return e.code()
 
     assert asyncio.run(run()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_second_server_on_a_port_in_use_is_refused_not_sharing_it():
+    """gRPC's default SO_REUSEPORT would let a second server bind the port and take part of its traffic."""
+    import pytest
+
+    from smartdiff.shared.config import ConfigError
+    from smartdiff.shared.grpc_server import check_address
+
+    async def main():
+        first = StageServer(["smartdiff.test.v1.First"])
+        port = first.add_port("127.0.0.1:0")
+        await first.start()
+        try:
+            with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+                StageServer(["smartdiff.test.v1.Second"]).add_port(f"127.0.0.1:{port}")
+            with pytest.raises(ConfigError, match="the port is in use"):
+                await check_address(f"127.0.0.1:{port}")
+        finally:
+            await first.stop(0)
+        await check_address(f"127.0.0.1:{port}")  # free again
+
+    asyncio.run(main())
