@@ -303,10 +303,9 @@ async def check_address(address: str) -> None:
     if address.rsplit(":", 1)[-1] == "0":
         return
     probe = grpc.aio.server(options=[NO_PORT_SHARING])
-    try:
-        _listen(probe, address)
-    finally:
-        await probe.stop(None)
+    _listen(probe, address)
+    await probe.start()  # a server that never started keeps its port bound after stop()
+    await probe.stop(None)
 
 
 def create_channel(

@@ -182,8 +182,8 @@ class TensorAssembler:
         if not self.started:
             raise self._fail(_INVALID, "chunk before the spec frame")
         if offset != self._received:
-            what = "gap" if offset > self._received else "overlap"
-            raise self._fail(_DATA_LOSS, f"chunk offset {offset} leaves a {what} (expected {self._received})")
+            what = "leaves a gap" if offset > self._received else "overlaps earlier chunks"
+            raise self._fail(_DATA_LOSS, f"chunk offset {offset} {what} (expected {self._received})")
         end = offset + len(data)
         if end > self.spec.byte_size:
             raise self._fail(_DATA_LOSS, f"chunks run past byte_size {self.spec.byte_size} (to {end})")

@@ -119,6 +119,9 @@ def _main(argv: list[str] | None) -> int:
             runner = RankZeroRunner(engine, channel)
             try:
                 asyncio.run(serve(args, model, layout, replace(system, device=device), options, engine, runner))
+            except ConfigError as e:  # the port, taken since it was checked
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                return 2
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):  # drained: a second signal must not cut the shutdown
                     signal.signal(sig, signal.SIG_IGN)

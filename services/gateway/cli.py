@@ -14,25 +14,30 @@ from smartdiff.shared.argtypes import seconds
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.errors import RequestError
 from smartdiff.shared.memory import MemoryPolicyError
-from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest
+from smartdiff.shared.request import (
+    MAX_FRAMES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_GUIDANCE, MIN_SHIFT, SAMPLER_NAMES,
+    GenerationRequest,
+)
 from smartdiff.shared.serving import MODEL_DIR_ENV, add_model_flags, add_serve_flags
 
 STAGES = ("text-encoder", "denoiser", "vae", "gateway")
 
 
 def add_request_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True,
+                   help=f"at most {MAX_PROMPT_CHARS} characters, at least one visible")
     p.add_argument("--negative-prompt", help="default: the model's negative prompt")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--frames", type=int, help="4n+1")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--width", type=int, help=f"pixels, a multiple of 16, 16..{MAX_SIDE} (default: the model's)")
+    p.add_argument("--height", type=int, help=f"pixels, a multiple of 16, 16..{MAX_SIDE} (default: the model's)")
+    p.add_argument("--frames", type=int, help=f"4n+1, 1..{MAX_FRAMES} (default: the model's)")
+    p.add_argument("--steps", type=int, help=f"denoising steps, 1..{MAX_STEPS} (default: the model's)")
     p.add_argument("--guidance", type=float, nargs="+", metavar="G",
-                   help="CFG scale; two values for Wan2.2: high-noise expert then low-noise expert")
-    p.add_argument("--shift", type=float, help="flow-matching timestep shift")
+                   help=f"CFG scale, {MIN_GUIDANCE:g}..50 (1 turns CFG off); two values for Wan2.2: high-noise "
+                        "expert then low-noise expert")
+    p.add_argument("--shift", type=float, help=f"flow-matching timestep shift, {MIN_SHIFT:g}..100")
     p.add_argument("--sampler", choices=SAMPLER_NAMES)
-    p.add_argument("--seed", type=int, help="default: random, printed")
-    p.add_argument("--fps", type=int, help="frames per second of the mp4 (default 16)")
+    p.add_argument("--seed", type=int, help=f"0..{MAX_SEED} (default: random, printed)")
+    p.add_argument("--fps", type=int, help="frames per second of the mp4, 1..120 (default 16)")
     p.add_argument("--attention", default="",
                    help="self-attention backend: sdpa, flash_attn, sage, sage_fp8, sage_int8, sparge, auto "
                         "(default: the deployment's default)")

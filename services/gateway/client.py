@@ -15,7 +15,7 @@ from smartdiff.shared.tensor_stream import TensorAssembler
 from smartdiff.vae.v1 import vae_pb2
 
 STAGE_LABELS = {pb.STAGE_QUEUED: "queued", pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser",
-                pb.STAGE_VAE: "vae"}
+                pb.STAGE_VAE: "vae", pb.STAGE_VIDEO_ENCODING: "mp4"}
 MAX_VIDEO_BYTES = 8 << 30
 
 

@@ -295,7 +295,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 async for msg in call:
                     kind = msg.WhichOneof("frame")
                     if kind == "progress":
-                        yield progress(pb.STAGE_VAE, msg.progress.step, msg.progress.total, start)
+                        stage = pb.STAGE_VIDEO_ENCODING if msg.progress.phase == vae_pb2.DECODE_PHASE_ENCODING \
+                            else pb.STAGE_VAE
+                        yield progress(stage, msg.progress.step, msg.progress.total, start)
                     elif kind == "mp4":
                         yield pb.GenerateResponse(mp4=msg.mp4)
                     elif kind == "frames":

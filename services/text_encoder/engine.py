@@ -94,6 +94,12 @@ class TextEncoderEngine:
         tokenizer = build_tiny_tokenizer(config.vocab_size)
         return cls(_retie(model), tokenizer, config, out_device, dtype, low_mem_level)
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Each prompt's token count incl. </s> before truncation to text_len (encode keeps at most text_len)."""
+        batch = self.tokenizer([clean_prompt(p) for p in prompts], add_special_tokens=True, truncation=False,
+                               verbose=False)
+        return [len(ids) for ids in batch.input_ids]
+
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """Prompts -> [L_i, dim] per prompt in the engine dtype; L_i counts the tokens incl. </s>, <= text_len."""

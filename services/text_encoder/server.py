@@ -49,17 +49,17 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
         out_dtype = self.validate(request)
         prompts = list(request.prompts)
         start = time.perf_counter()
-        embeddings, peak = None, None
+        embeddings, peak, full_counts = None, None, None
 
         def job(emit, stop):
             if stop():  # cancelled, or past its deadline while it waited in the queue: skip the encode
                 raise Cancelled("cancelled before the encode started")
             with measure_peak(self.engine.device) as p:
-                return self.engine.encode(prompts), p
+                return self.engine.encode(prompts), p, self.engine.token_counts(prompts)
 
         async for item in self.worker.stream(job, context):
             if isinstance(item, Done):
-                embeddings, peak = item.value
+                embeddings, peak, full_counts = item.value
         seconds = time.perf_counter() - start
         for i, emb in enumerate(embeddings):
             for msg in tensor_to_messages(emb.to("cpu", out_dtype).contiguous(), pb.EncodeResponse, "embedding",
@@ -67,7 +67,7 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
                 yield msg
         yield pb.EncodeResponse(summary=pb.EncodeSummary(
             token_counts=[int(e.shape[0]) for e in embeddings],
-            truncated_prompts=[i for i, e in enumerate(embeddings) if e.shape[0] >= self.engine.config.text_len],
+            truncated_prompts=[i for i, n in enumerate(full_counts) if n > self.engine.config.text_len],
             encode_seconds=seconds, device=str(self.engine.device), peak_memory_bytes=peak.bytes or 0,
             low_mem_level=int(self.engine.memory.level),
         ))

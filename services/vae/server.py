@@ -20,6 +20,9 @@ from smartdiff.vae.v1 import vae_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
 DEFAULT_FPS = 16
+# Normalised latents are O(1); far larger finite values overflow inside the decoder, whose NaN output would
+# become an all-black video with status OK.
+MAX_LATENT = 1e4
 
 
 class VaeServicer(pb_grpc.VaeServiceServicer):
@@ -43,9 +46,11 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         fmt = p.output_format or pb.OUTPUT_FORMAT_MP4
         if fmt not in (pb.OUTPUT_FORMAT_MP4, pb.OUTPUT_FORMAT_FRAMES):
             raise RequestError("params.output_format", f"unknown value {fmt}")
-        fps = p.fps if p.HasField("fps") else DEFAULT_FPS
-        if not 1 <= fps <= 120:
-            raise RequestError("params.fps", f"must be between 1 and 120, got {fps}")
+        fps = 0  # raw frames have none (the request's fps is ignored)
+        if fmt == pb.OUTPUT_FORMAT_MP4:
+            fps = p.fps if p.HasField("fps") else DEFAULT_FPS
+            if not 1 <= fps <= 120:
+                raise RequestError("params.fps", f"must be between 1 and 120, got {fps}")
         z = self.model.vae.z_dim
         st, sh, sw = self.model.vae.stride
         if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != z or min(latents.shape[2:]) < 1:
@@ -61,6 +66,9 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             raise RequestError("latents", f"must be float32, got {latents.dtype}")
         if not torch.isfinite(latents).all():
             raise RequestError("latents", "must be finite (it holds NaN or infinity)")
+        if (largest := latents.abs().max().item()) > MAX_LATENT:
+            raise RequestError("latents", f"values must be within +-{MAX_LATENT:g} (normalised latents are O(1)), "
+                                          f"got {largest:g}")
         return fmt, fps
 
     @grpc_errors
@@ -70,15 +78,20 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         start = time.perf_counter()
 
         def job(emit, should_stop):
-            def progress(i, n):
-                emit((pb.DECODE_PHASE_DECODING, i, n))
-                if should_stop():
-                    raise Cancelled(f"cancelled after latent frame {i}/{n}")
+            def progress(phase, unit):
+                def report(i, n):
+                    emit((phase, i, n))
+                    if should_stop():
+                        raise Cancelled(f"cancelled after {unit} {i}/{n}")
+                return report
 
             with measure_peak(self.engine.device) as peak:
-                frames = self.engine.decode(latents.to(self.engine.device), progress=progress)[0].cpu()  # [F,H,W,3]
+                frames = self.engine.decode(latents.to(self.engine.device),  # [F, H, W, 3]
+                                            progress=progress(pb.DECODE_PHASE_DECODING, "latent frame"))[0].cpu()
             decoded = time.perf_counter()
-            video = encode_mp4(frames, fps=fps) if fmt == pb.OUTPUT_FORMAT_MP4 else None
+            if fmt != pb.OUTPUT_FORMAT_MP4:
+                return frames, None, decoded - start, 0.0, peak
+            video = encode_mp4(frames, fps=fps, progress=progress(pb.DECODE_PHASE_ENCODING, "video frame"))
             return frames, video, decoded - start, time.perf_counter() - decoded, peak
 
         result = None

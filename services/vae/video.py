@@ -12,8 +12,10 @@ import numpy as np
 import torch
 
 
-def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16, crf: int = 10) -> Path:
-    """Write uint8 RGB frames [F, H, W, 3] to an H.264 (libx264, yuv420p) mp4 file.
+def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16, crf: int = 10,
+              progress=None) -> Path:
+    """Write uint8 RGB frames [F, H, W, 3] to an H.264 (libx264, yuv420p) mp4 file; `progress(i, F)` after frame i
+    (1-based) went to the encoder.
 
     Odd widths or heights are refused with ValueError (4:2:0 chroma needs even sizes), never resized.
     crf: x264 constant rate factor, 0 (lossless luma) .. 51 (worst); 10 is what Wan's own writer uses
@@ -29,17 +31,19 @@ def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16
     )
     writer.send(None)  # start ffmpeg
     try:
-        for frame in array:
+        for i, frame in enumerate(array, 1):
             writer.send(frame)
+            if progress is not None:
+                progress(i, f)
     finally:
         writer.close()
     return Path(path)
 
 
-def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int = 16, crf: int = 10) -> bytes:
+def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int = 16, crf: int = 10, progress=None) -> bytes:
     """The bytes of the mp4 `write_mp4` would write (via a temporary file: mp4 needs a seekable output)."""
     with _temp_mp4() as path:
-        write_mp4(frames, path, fps, crf)
+        write_mp4(frames, path, fps, crf, progress)
         return path.read_bytes()
 
 

@@ -19,6 +19,7 @@ def test_generate_writes_mp4_and_latents(tmp_path, capsys):
     assert latents.dtype == torch.float32 and latents.shape == (1, 16, 3, 6, 8)
     err = capsys.readouterr()
     assert "RANDOM weights" in err.err and "seed=7" in err.out
+    assert "vae: 100%" in err.err and "mp4: 100%" in err.err  # a bar for the decode and one for the encode
 
 
 def test_same_seed_same_latents(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,11 +17,17 @@ from smartdiff.services.vae.video import probe_mp4
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start(*args: str) -> tuple[subprocess.Popen, str]:
-    """Start `smartdiff serve ...` on a free port; wait for its '... SERVING' line; return (process, address).
-    The lines it printed up to there are in `process.printed`."""
-    proc = subprocess.Popen([sys.executable, "-m", "smartdiff.services.gateway.cli", "serve", *args, "--port", "0",
-                             "--host", "127.0.0.1", "--log-level", "WARNING"],
+    """Start `smartdiff serve ...` on a fixed free port, as the manifests do; wait for its '... SERVING' line;
+    return (process, address). The lines it printed up to there are in `process.printed`."""
+    proc = subprocess.Popen([sys.executable, "-m", "smartdiff.services.gateway.cli", "serve", *args, "--port",
+                             str(free_port()), "--host", "127.0.0.1", "--log-level", "WARNING"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     proc.printed = []
     for line in proc.stdout:
@@ -116,8 +123,6 @@ def test_bad_model_flag_exits_with_a_message():
 def test_a_port_in_use_is_refused_before_the_weights_load(stage, monkeypatch, capsys):
     """Another server on the port (gRPC would otherwise share it through SO_REUSEPORT) or a host that is not
     this machine's: a one-line error and exit 2, before any weights load."""
-    import socket
-
     from smartdiff.services.denoiser import server as denoiser_server
     from smartdiff.services.gateway.embedded import EmbeddedDeployment
     from smartdiff.services.vae.engine import VaeEngine

@@ -97,6 +97,7 @@ def test_progress_events_and_frames_output_and_random_seed_reported():
     assert outcome.video is None and outcome.frames.shape == (5, 32, 32, 3) and outcome.frames.dtype == torch.uint8
     assert ("denoiser", 3, 3) in events and ("text_encoder", 1, 1) in events
     assert [e[1] for e in events if e[0] == "denoiser"] == [1, 2, 3]
+    assert [e for e in events if e[0] == "vae"] == [("vae", 1, 2), ("vae", 2, 2)] and "mp4" not in [e[0] for e in events]
     assert outcome.summary.settings.seed > 0  # drawn by the gateway and reported
 
 
@@ -327,6 +328,10 @@ def test_stage_errors_map_to_codes_and_each_stage_keeps_serving():
         await expect_error(te.Encode(text_encoder_pb2.EncodeRequest(prompts=[])), grpc.StatusCode.INVALID_ARGUMENT,
                            "prompts")
         assert len(await collect(te.Encode(text_encoder_pb2.EncodeRequest(prompts=["ok"])))) >= 2
+        text_len = load_model_config("wan-tiny").text_encoder.text_len
+        fits, over = " ".join(["cat"] * (text_len - 1)), " ".join(["cat"] * text_len)  # + </s>: text_len, + 1
+        summary = (await collect(te.Encode(text_encoder_pb2.EncodeRequest(prompts=[fits, over]))))[-1].summary
+        assert list(summary.token_counts) == [text_len, text_len] and list(summary.truncated_prompts) == [1]
         # denoiser: corrupted tensor bytes -> DATA_LOSS; wrong embedding shape -> INVALID_ARGUMENT; params missing
         await expect_error(collect(dn.Denoise(denoise_stream(params, emb, corrupt=True))), grpc.StatusCode.DATA_LOSS,
                            "prompt_embeds")
@@ -356,15 +361,26 @@ def test_stage_errors_map_to_codes_and_each_stage_keeps_serving():
         for latents, words in ((torch.zeros(1, 16, 1, 3, 3), "even"), (torch.zeros(1, 16, 0, 2, 2), ">= 1"),
                                (torch.zeros(1, 16, 1, 2, 0), ">= 1"), (torch.zeros(1, 16, 1, 2, 258), "2048 pixels"),
                                (torch.zeros(1, 16, 62, 2, 2), "241 frames"), (nan, "finite"),
-                               (nan.nan_to_num(nan=float("inf")), "finite")):
+                               (nan.nan_to_num(nan=float("inf")), "finite"),
+                               (torch.full((1, 16, 1, 2, 2), 1e38), "within +-10000")):  # NaN inside: black video
             bad = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams()),
                         *tensor_to_messages(latents, vae_pb2.DecodeRequest, "latents")])
             await expect_error(collect(vae.Decode(bad)), grpc.StatusCode.INVALID_ARGUMENT, "latents", words)
         await expect_error(collect(vae.Decode(iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams())]))),
                            grpc.StatusCode.INVALID_ARGUMENT, "latents: required")
-        ok = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)),
+        # raw frames: the request's fps is ignored (0 too), and the summary says 0 fps and no encoding time
+        ok = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(output_format=vae_pb2.OUTPUT_FORMAT_FRAMES, fps=0)),
                    *tensor_to_messages(torch.zeros(1, 16, 1, 2, 2), vae_pb2.DecodeRequest, "latents")])
-        assert (await collect(vae.Decode(ok)))[-1].summary.frames == 1
+        summary = (await collect(vae.Decode(ok)))[-1].summary
+        assert (summary.frames, summary.fps, summary.encode_seconds) == (1, 0, 0.0)
+        # mp4: progress of the decoding (latent frames), then of the encoding (video frames)
+        mp4 = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(fps=24)),
+                    *tensor_to_messages(torch.zeros(1, 16, 2, 2, 2), vae_pb2.DecodeRequest, "latents")])
+        out = await collect(vae.Decode(mp4))
+        phases = [(m.progress.phase, m.progress.step, m.progress.total) for m in out if m.WhichOneof("frame") == "progress"]
+        assert phases == [(vae_pb2.DECODE_PHASE_DECODING, 1, 2), (vae_pb2.DECODE_PHASE_DECODING, 2, 2),
+                          *[(vae_pb2.DECODE_PHASE_ENCODING, i, 5) for i in range(1, 6)]]
+        assert out[-1].summary.fps == 24 and out[-1].summary.encode_seconds > 0
 
     run(body)
 

@@ -460,3 +460,24 @@ def test_a_second_server_on_a_port_in_use_is_refused_not_sharing_it():
         await check_address(f"127.0.0.1:{port}")  # free again
 
     asyncio.run(main())
+
+
+def test_checking_a_free_fixed_port_leaves_it_free_for_the_server():
+    """The check before the weights load must let the port go: a stage on a fixed port (the manifests' 50050..)
+    binds it right after."""
+    import socket
+
+    from smartdiff.shared.grpc_server import check_address
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main():
+        await check_address(f"127.0.0.1:{port}")
+        server = StageServer(["smartdiff.test.v1.Fixed"])
+        assert server.add_port(f"127.0.0.1:{port}") == port
+        await server.start()
+        await server.stop(0)
+
+    asyncio.run(main())

@@ -183,3 +183,12 @@ def test_random_engine_is_deterministic():
     half = TextEncoderEngine.random(CONFIG, dtype=torch.float16, seed=3)
     assert half.model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # as transformers
     assert half.encode(["a dog"])[0].dtype == torch.float16
+
+
+def test_token_counts_are_before_truncation():
+    """A prompt of exactly text_len tokens (with </s>) fits; one more token is truncated (the service's
+    truncated_prompts comes from these counts)."""
+    engine = TextEncoderEngine.random(CONFIG, seed=3)
+    fits, over = " ".join(["cat"] * (CONFIG.text_len - 1)), " ".join(["cat"] * CONFIG.text_len)
+    assert engine.token_counts([fits, over, ""]) == [CONFIG.text_len, CONFIG.text_len + 1, 1]
+    assert [t.shape[0] for t in engine.encode([fits, over])] == [CONFIG.text_len, CONFIG.text_len]

@@ -48,7 +48,7 @@ def test_tiling_flag_sets_the_tiles_and_is_validated(monkeypatch, started, capsy
         vae_main.main(["--tiling", "48x6"])
     assert "TILE:OVERLAP[:FRAMES]" in capsys.readouterr().err
     assert vae_main.main(["--tiling", "48:6:4", "--port", "0"]) == 2  # level 0 has no tiles
-    assert "--low-mem-level 1" in capsys.readouterr().out
+    assert "--low-mem-level 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["48", "48:6:4:1", "a:6", "48:-1", "8:4"])

@@ -17,11 +17,13 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_TEXT_ENCODER: _ClassVar[Stage]
     STAGE_DENOISER: _ClassVar[Stage]
     STAGE_VAE: _ClassVar[Stage]
+    STAGE_VIDEO_ENCODING: _ClassVar[Stage]
 STAGE_UNSPECIFIED: Stage
 STAGE_QUEUED: Stage
 STAGE_TEXT_ENCODER: Stage
 STAGE_DENOISER: Stage
 STAGE_VAE: Stage
+STAGE_VIDEO_ENCODING: Stage
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt", "negative_prompt", "width", "height", "frames", "steps", "guidance", "shift", "sampler", "seed", "attention", "cache", "output_format", "fps", "return_latents")
