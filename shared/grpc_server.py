@@ -299,9 +299,7 @@ def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCrede
 
 async def check_address(address: str) -> None:
     """Listen on `address` and let it go again: a port in use or a wrong host is a ConfigError before a stage
-    loads its weights (minutes), not after. Port 0 (any free port) is not checked."""
-    if address.rsplit(":", 1)[-1] == "0":
-        return
+    loads its weights (minutes), not after."""
     probe = grpc.aio.server(options=[NO_PORT_SHARING])
     _listen(probe, address)
     await probe.start()  # a server that never started keeps its port bound after stop()

@@ -25,7 +25,7 @@ def _field(cfg: dict, key: str, source: Path | str, kind: str, default=_REQUIRED
     """cfg[key] checked against `kind`: "int" (>= 1), "float", "bool", or a list of them: "ints" (>= 0), "floats",
     "bools" (as a tuple); CheckpointError naming the file, the field and the rule otherwise; `default` when absent
     (else the field is required)."""
-    if key not in cfg:
+    if cfg.get(key) is None:  # absent, or null (Diffusers writes unset optional arguments as null)
         if default is _REQUIRED:
             raise CheckpointError(f"{source}: missing field {key!r}")
         return default
@@ -59,7 +59,7 @@ def dit_config_from_json(cfg: dict, source: Path) -> DiTConfig:
             raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not supported (only t2v)")
         heads, dim = _field(cfg, "num_heads", source, "int"), _field(cfg, "dim", source, "int")
         names = dict(in_dim="in_dim", out_dim="out_dim")
-    patch = _field(cfg, "patch_size", source, "ints", [1, 2, 2])
+    patch = _field(cfg, "patch_size", source, "ints", (1, 2, 2))
     if len(patch) != 3 or 0 in patch:
         raise CheckpointError(f"{source}: field 'patch_size' must be 3 integers >= 1, got {list(patch)}")
     return DiTConfig(

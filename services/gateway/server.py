@@ -325,7 +325,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 frames=req.frames, steps=req.steps, guidance=list(req.guidance), shift=req.shift,
                 sampler=req.sampler, seed=req.seed, attention=effective.attention,
                 attention_selection=dn_summary.attention_selection if dn_summary else "",
-                cache=effective.cache, output_format=output_format, fps=req.fps),
+                cache=effective.cache, output_format=output_format, fps=vae_summary.fps if vae_summary else 0),
         ))
 
     @grpc_errors

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from smartdiff.services.vae.model import WanVAE
-from smartdiff.services.vae.tiling import FloatSink, TilingConfig, Uint8Sink, decode_tiled
+from smartdiff.services.vae.tiling import FloatSink, TilingConfig, Uint8Sink, check_finite, decode_tiled
 from smartdiff.services.vae.weights import load_vae
 from smartdiff.shared.checkpoint import materialize_random
 from smartdiff.shared.config import VAEConfig
@@ -139,6 +139,8 @@ class VaeEngine:
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """video [B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3]: round((x + 1) / 2 * 255), as diffusers."""
+    """video [B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3]: round((x + 1) / 2 * 255), as diffusers;
+    NonFiniteVideo if it holds NaN or infinity."""
+    check_finite(video)
     x = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     return (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()

@@ -196,6 +196,18 @@ class FloatSink:
         self.video[:, :, frames[0]:frames[1], rows[0]:rows[1], cols[0]:cols[1]] = video
 
 
+class NonFiniteVideo(ValueError):
+    """The decoder's output holds NaN or infinity (latents far outside the trained range overflow in the decoder,
+    sooner in float16 or bfloat16); as uint8 frames it would be a black video."""
+
+
+def check_finite(video: torch.Tensor) -> None:
+    """NonFiniteVideo unless every value of the decoded video (or region) is finite."""
+    if not torch.isfinite(video).all():
+        raise NonFiniteVideo(f"decoded to non-finite values (overflow in {video.dtype} decoding: the latents are far "
+                             "outside the range the model produces)")
+
+
 class Uint8Sink:
     """Quantises regions as `to_uint8_frames` does into frames uint8 [B, F, H, W, 3] on `out_device`.
 
@@ -220,6 +232,7 @@ class Uint8Sink:
             region = self.frames[:, :, rows[0]:rows[1], cols[0]:cols[1]]
             self._stage = region if region.device == self.device else torch.empty(
                 region.shape, dtype=torch.uint8, device=self.device)
+        check_finite(video)
         q = video.add_(1.0).div_(2.0).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
         self._stage[:, frames[0]:frames[1]] = q.permute(0, 2, 3, 4, 1)
 

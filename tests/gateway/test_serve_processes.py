@@ -11,16 +11,11 @@ import urllib.request
 
 import pytest
 
+from smartdiff.services.denoiser.launch import free_port
 from smartdiff.services.gateway.cli import main
 from smartdiff.services.vae.video import probe_mp4
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(*args: str) -> tuple[subprocess.Popen, str]:
@@ -134,6 +129,7 @@ def test_a_port_in_use_is_refused_before_the_weights_load(stage, monkeypatch, ca
     monkeypatch.setattr(denoiser_server, "load_engine", no_load)
     monkeypatch.setattr(EmbeddedDeployment, "start", no_load)
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as gRPC's own listener: it would share the port
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     port = holder.getsockname()[1]

@@ -43,3 +43,14 @@ def test_config_fields_of_the_wrong_type_name_the_file_and_the_field(diffusers_d
 def test_the_undamaged_folder_loads(diffusers_dir):
     cfg, layout = resolve_model(None, diffusers_dir)
     assert layout.kind == "diffusers" and cfg.dit.num_layers >= 1
+
+
+def test_null_optional_fields_take_their_defaults(diffusers_moe_dir, tmp_path):
+    """Diffusers writes unset optional arguments as null (WanPipeline's boundary_ratio=None); the missing
+    patch_size is the tuple default (the config stays hashable)."""
+    root = damaged(diffusers_moe_dir, tmp_path, "model_index.json", lambda c: {**c, "boundary_ratio": None})
+    t = root / "transformer" / "config.json"
+    t.write_text(json.dumps({k: v for k, v in json.loads(t.read_text()).items() if k != "patch_size"}))
+    cfg, _ = resolve_model(None, root)
+    assert cfg.boundary == 0.875 and cfg.dit.patch_size == (1, 2, 2)
+    hash(cfg.dit)

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from smartdiff.services.vae.engine import VaeEngine, to_uint8_frames
 from smartdiff.services.vae.model import AttentionBlock
-from smartdiff.services.vae.tiling import FloatSink, TilingConfig, decode_tiled, ramp_weights, tile_spans
+from smartdiff.services.vae.tiling import (
+    FloatSink, NonFiniteVideo, TilingConfig, decode_tiled, ramp_weights, tile_spans,
+)
 from smartdiff.shared.config import VAEConfig, load_model_config
 from smartdiff.shared.memory import MemoryPolicyError
 
@@ -152,6 +154,15 @@ def test_level_1_decodes_tiles_to_uint8_frames_on_the_cpu(engine):
     frames = level1.decode(z)
     assert frames.dtype == torch.uint8 and frames.shape == (1, 5, 64, 192, 3) and frames.device.type == "cpu"
     assert torch.equal(frames, to_uint8_frames(level1.decode_float(z)))  # same quantisation as untiled
+
+
+def test_latents_that_decode_to_nan_are_an_error_not_a_black_video(engine):
+    """Finite latents far outside the trained range overflow in the decoder; both paths refuse the NaN video."""
+    z = torch.full((1, CFG.z_dim, 1, 8, 24), 1e38)
+    level1 = VaeEngine(engine.model, low_mem_level=1, tiling=TilingConfig(tile=16, overlap=6))
+    for e in (engine, level1):
+        with pytest.raises(NonFiniteVideo, match="decoded to non-finite values"):
+            e.decode(z)
 
 
 def test_levels_pick_tiling(engine):
