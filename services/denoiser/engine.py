@@ -255,14 +255,6 @@ class DenoiserEngine:
         else:
             cond, uncond = run(x, tt, ctx, (0,)), run(x, tt, neg, (1,))
         return uncond + guidance * (cond - uncond)
-        if self.batch_cfg:
-            out = dit(torch.cat([x, x]), tt.expand(2), torch.cat([ctx, neg]), context_embedded=True,
-                      hooks=hooks(0, 1), parallel=par).float()
-            cond, uncond = out.chunk(2)
-        else:
-            cond = dit(x, tt, ctx, context_embedded=True, hooks=hooks(0), parallel=par).float()
-            uncond = dit(x, tt, neg, context_embedded=True, hooks=hooks(1), parallel=par).float()
-        return uncond + guidance * (cond - uncond)
 
     def _attach_sequence_parallel(self, req: ResolvedRequest, attn) -> Callable[[], None]:
         """Under sequence parallel, wrap each block's self-attention (as the request chose it) for sharded tokens.
