@@ -33,6 +33,9 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
 
 
 KEEPALIVE_MS = 60_000  # how often a server pings each client connection
+# The most often a server accepts pings from a client while it sends it nothing (gRPC's default, 5 minutes, would
+# answer the gateway's pings during a long denoising step with GOAWAY "too many pings").
+MIN_PING_INTERVAL_MS = 10_000
 
 # How long a drain waits with no call in flight before it stops: the last response's bytes reach its client.
 LINGER = 1.0
@@ -220,7 +223,8 @@ class StageServer:
                      ("grpc.max_connection_age_ms", 300_000),
                      # A client that vanished without closing its connection (host down, network cut) is found by
                      # an unanswered ping within ~80 s, and its calls are cancelled, freeing their slots.
-                     ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 20_000),
+                     ("grpc.keepalive_time_ms", KEEPALIVE_MS), *ping_timeout_options(20_000),
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
                      NO_PORT_SHARING, *options],
             interceptors=[self.in_flight, DecodeRequests(), *interceptors],
         )
@@ -280,6 +284,12 @@ class StageServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+def ping_timeout_options(ms: int) -> list[tuple[str, int]]:
+    """How long a keepalive ping may go unanswered before the connection is closed: gRPC 1.85 takes the ping's
+    timeout from grpc.http2.ping_timeout_ms (default 60 s), not only from grpc.keepalive_timeout_ms."""
+    return [("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms)]
 
 
 # gRPC listens with SO_REUSEPORT by default: a second server started on a port in use would share its traffic

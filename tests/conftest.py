@@ -5,6 +5,13 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before anything imports grpc (see smartdiff.shared)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter, which triton.jit reads when a kernel module is
+    # imported: set it before any test module imports one (otherwise `pytest tests/gateway tests/vae` built the
+    # VAE's kernel for a GPU first, and only the whole suite's collection order hid it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tiny_checkpoints  # noqa: E402
 

@@ -22,7 +22,7 @@ from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import (
     DeadlineExceeded, Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
 )
-from smartdiff.shared.grpc_server import create_channel
+from smartdiff.shared.grpc_server import create_channel, ping_timeout_options
 from smartdiff.shared.request import (
     MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request,
 )
@@ -37,6 +37,9 @@ STAGE_NAMES = {pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denois
 # successor the channel has not looked up yet), within the request's deadline. The call itself is made once:
 # one that fails after it was sent may have crashed its replica, and must not take down the next one.
 STAGE_CONNECT_WAIT = 10.0
+# The wait ends this long before the request's deadline, so that the client hears which stage is missing rather
+# than its own DEADLINE_EXCEEDED.
+DEADLINE_MARGIN = 0.5
 # A stage with no usable replica for this long gets a fresh channel, which looks its name up at once (gRPC's
 # own channel would wait up to 30 s, or minutes after failed lookups).
 STAGE_RENEW_AFTER = 1.0
@@ -49,11 +52,21 @@ STAGE_SERVICES = {  # stage -> (stub, the service its health reports)
 }
 
 
-def stage_channel_options(service: str) -> list[tuple[str, str]]:
+# While a stage call is in flight the gateway pings the stage this often, and fails the call (UNAVAILABLE, naming
+# the stage) when a ping goes unanswered this long: a replica whose host froze or whose network was cut would
+# otherwise hold a request without a deadline for good. The stages accept pings this often
+# (grpc_server.MIN_PING_INTERVAL_MS).
+STAGE_PING_MS = 20_000
+STAGE_PING_TIMEOUT_MS = 10_000
+
+
+def stage_channel_options(service: str) -> list[tuple[str, object]]:
     """Round robin over every address the stage's name resolves to (headless Services in Kubernetes), skipping
-    the replicas whose health says NOT_SERVING: warming up, or draining after SIGTERM."""
+    the replicas whose health says NOT_SERVING: warming up, or draining after SIGTERM; pings while calls are in
+    flight (STAGE_PING_MS), however long the stage sends nothing (a long denoising step)."""
     config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}}
-    return [("grpc.service_config", json.dumps(config))]
+    return [("grpc.service_config", json.dumps(config)), ("grpc.keepalive_time_ms", STAGE_PING_MS),
+            *ping_timeout_options(STAGE_PING_TIMEOUT_MS), ("grpc.http2.max_pings_without_data", 0)]
 
 
 async def _ready(channel: grpc.aio.Channel, timeout: float) -> bool:
@@ -62,6 +75,8 @@ async def _ready(channel: grpc.aio.Channel, timeout: float) -> bool:
             await asyncio.wait_for(channel.channel_ready(), timeout)
         except asyncio.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
             pass
+        except grpc.aio.UsageError:  # closed: another waiting request replaced it (reachable reads the new one)
+            return False
     return channel.get_state() == grpc.ChannelConnectivity.READY
 
 
@@ -99,17 +114,16 @@ class StageClients:
         self._channels[stage] = create_channel(self.addresses[stage], options=stage_channel_options(service))
         setattr(self, stage, stub(self._channels[stage]))
 
-    async def reachable(self, stage: str, context) -> None:
+    async def reachable(self, stage: str, left: float | None) -> None:
         """Return once `stage` has a replica that is connected and SERVING, waiting up to STAGE_CONNECT_WAIT
-        seconds (less when the request's deadline is nearer) and looking the name up again every
-        STAGE_RENEW_AFTER seconds meanwhile; StageUnavailable past that."""
+        seconds (less when the request's deadline, `left` seconds away, is nearer: DEADLINE_MARGIN before it) and
+        looking the name up again every STAGE_RENEW_AFTER seconds meanwhile; StageUnavailable past that."""
         if self._channels[stage].get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
             return
-        left = context.time_remaining()
         if left is not None and left <= 0:
             raise DeadlineExceeded(f"deadline exceeded before calling {stage}")
         loop = asyncio.get_running_loop()
-        wait = STAGE_CONNECT_WAIT if left is None else min(STAGE_CONNECT_WAIT, left)
+        wait = STAGE_CONNECT_WAIT if left is None else max(0.0, min(STAGE_CONNECT_WAIT, left - DEADLINE_MARGIN))
         end = loop.time() + wait
         while True:
             if await _ready(self._channels[stage], min(STAGE_RENEW_AFTER, end - loop.time())):
@@ -158,6 +172,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     async def denoiser_capabilities(self, timeout: float | None) -> denoiser_pb2.GetCapabilitiesResponse:
         if self._denoiser_caps is None:
             with calling_stage("denoiser"):
+                await self.stages.reachable("denoiser", timeout)  # renews a channel left in its reconnect backoff
                 self._denoiser_caps = await self.stages.denoiser.GetCapabilities(
                     denoiser_pb2.GetCapabilitiesRequest(), timeout=timeout)
         return self._denoiser_caps
@@ -221,13 +236,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         req = await self.validate(request, context.time_remaining())
         yield progress(pb.STAGE_QUEUED, 0, 1, start, f"request {request_id} accepted")
         for stage in self.stages.addresses:  # all three before any GPU work: a VAE that is gone fails it now
-            await self.stages.reachable(stage, context)
+            await self.stages.reachable(stage, context.time_remaining())
         timings: list[pb.StageTiming] = []
 
         t0 = time.perf_counter()
         prompts = [req.prompt, req.negative_prompt] if req.uses_cfg else [req.prompt]
         with calling_stage("text_encoder"):
-            await self.stages.reachable("text_encoder", context)  # it may have gone since
+            await self.stages.reachable("text_encoder", context.time_remaining())  # it may have gone since
             frames, te_summary = [], None
             with ended(self.stages.text_encoder.Encode(text_encoder_pb2.EncodeRequest(
                     request_id=request_id, model=self.model.name, prompts=prompts),
@@ -260,7 +275,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
         latent_frames, dn_summary = [], None
         with calling_stage("denoiser"):
-            await self.stages.reachable("denoiser", context)  # it may have gone since
+            await self.stages.reachable("denoiser", context.time_remaining())  # it may have gone since
             with ended(self.stages.denoiser.Denoise(denoise_inputs(), timeout=context.time_remaining())) as call:
                 async for msg in call:
                     kind = msg.WhichOneof("frame")
@@ -290,7 +305,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
         vae_summary = None
         with calling_stage("vae"):
-            await self.stages.reachable("vae", context)  # it may have gone since
+            await self.stages.reachable("vae", context.time_remaining())  # it may have gone since
             with ended(self.stages.vae.Decode(decode_inputs(), timeout=context.time_remaining())) as call:
                 async for msg in call:
                     kind = msg.WhichOneof("frame")
@@ -347,12 +362,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
 
 
-async def wait_for_denoiser(servicer: GatewayServicer, retry_seconds: float = 0.5, max_retry: float = 10.0) -> None:
+async def wait_for_denoiser(servicer: GatewayServicer, retry_seconds: float = 0.5, max_retry: float = 10.0,
+                            attempt_seconds: float = 2.0) -> None:
     """Until the denoiser answers its capabilities (which every request needs), retrying with backoff: a gateway
     started before its stages (any order, on Kubernetes) stays NOT_SERVING meanwhile and logs why."""
     while True:
         try:
-            await servicer.denoiser_capabilities(timeout=10.0)
+            await servicer.denoiser_capabilities(timeout=attempt_seconds)
             return
         except ServiceError as e:
             log.warning("gateway not ready: %s; retrying in %.1f s", e.message, retry_seconds)

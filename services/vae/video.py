@@ -27,7 +27,7 @@ def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16
 
     writer = imageio_ffmpeg.write_frames(
         str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-        quality=None, macro_block_size=1, output_params=["-crf", str(crf), "-movflags", "+faststart"],
+        quality=None, macro_block_size=1, output_params=["-crf", str(crf), "-movflags", "+faststart", "-f", "mp4"],
     )
     writer.send(None)  # start ffmpeg
     try:
@@ -41,10 +41,15 @@ def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16
 
 
 def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int = 16, crf: int = 10, progress=None) -> bytes:
-    """The bytes of the mp4 `write_mp4` would write (via a temporary file: mp4 needs a seekable output)."""
-    with _temp_mp4() as path:
+    """The bytes of the mp4 `write_mp4` would write, through a file (mp4 needs a seekable output) that has no name
+    where Linux allows it: the kernel frees it whatever way the process ends (a VAE killed mid-encode left its
+    temporary file in /tmp, an emptyDir that outlives container restarts)."""
+    with _unnamed_file() as (fd, path):
         write_mp4(frames, path, fps, crf, progress)
-        return path.read_bytes()
+        if fd is None:
+            return path.read_bytes()
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
 
 
 def probe_mp4(video: str | Path | bytes) -> tuple[int, int, int, float]:
@@ -78,6 +83,24 @@ def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     if h % 2 or w % 2:
         raise ValueError(f"H.264 yuv420p needs even width and height, got {w}x{h}")
     return np.ascontiguousarray(array)
+
+
+@contextmanager
+def _unnamed_file() -> Iterator[tuple[int | None, Path]]:
+    """(fd, a path that opens it) of a file removed from its folder as soon as it is made: ffmpeg writes through
+    /proc/<pid>/fd/<fd>; the file goes when the last process holding it ends. Where there is no /proc (macOS), a
+    named temporary file (fd None)."""
+    proc_fd = Path(f"/proc/{os.getpid()}/fd")
+    if not proc_fd.is_dir():
+        with _temp_mp4() as path:
+            yield None, path
+        return
+    fd, name = tempfile.mkstemp(suffix=".mp4")
+    os.unlink(name)
+    try:
+        yield fd, proc_fd / str(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

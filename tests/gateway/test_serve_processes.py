@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -166,3 +167,42 @@ def test_serve_all_needs_every_parallel_degree_1(capsys):
     """(-1) x (-1) x 1 = 1 used to pass the check; each degree must be 1 in one process."""
     assert main(["serve", "all", "--cfg-degree", "-1", "--ulysses-degree", "-1"]) == 2
     assert "parallel degrees must be 1" in capsys.readouterr().err
+
+
+def test_a_frozen_stage_fails_the_call_instead_of_holding_it(monkeypatch):
+    """A stage whose process stops answering (host frozen, network cut: SIGSTOP here) fails the gateway's call to
+    it with UNAVAILABLE once a ping goes unanswered, instead of holding a request without a deadline for good."""
+    import asyncio
+
+    import grpc
+    import torch
+
+    from smartdiff.services.gateway import server as gateway_server
+    from smartdiff.shared.tensor_stream import tensor_to_messages
+    from smartdiff.vae.v1 import vae_pb2
+
+    monkeypatch.setattr(gateway_server, "STAGE_PING_MS", 1000)  # the gateway's pings, fast for the test
+    monkeypatch.setattr(gateway_server, "STAGE_PING_TIMEOUT_MS", 1000)
+    proc, address = start("vae")
+
+    async def main():
+        stages = gateway_server.StageClients(address, address, address)
+        try:
+            await stages.reachable("vae", None)
+            os.kill(proc.pid, signal.SIGSTOP)
+            call = stages.vae.Decode(iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams()),
+                                           *tensor_to_messages(torch.zeros(1, 16, 1, 2, 2), vae_pb2.DecodeRequest,
+                                                               "latents")]))  # no deadline
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(call.read(), 60)  # TimeoutError (a failure) if it is held
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            await stages.close()
+
+    try:
+        start_time = time.monotonic()
+        asyncio.run(main())
+        assert time.monotonic() - start_time < 30
+    finally:
+        assert stop(proc) == 0

@@ -427,6 +427,65 @@ def test_stage_down_is_unavailable_naming_it(monkeypatch):
     run(body)
 
 
+def test_stage_down_under_a_short_deadline_still_names_the_stage():
+    """The wait for a replica ends before the client's deadline, so the error names the stage instead of the
+    client's own DEADLINE_EXCEEDED."""
+    async def body(d, channel):
+        await d.servers[2].stop(0)  # the vae
+        r = request_to_proto(GenerationRequest(prompt="x", **SMALL))
+        start = time.monotonic()
+        await expect_error(generate(gateway(channel), r, timeout=3.0), grpc.StatusCode.UNAVAILABLE, "vae")
+        return time.monotonic() - start
+
+    assert run(body) < 3.0 - 0.3  # not a race with the client's own deadline
+
+
+def test_requests_waiting_for_a_stage_survive_each_others_channel_renewal():
+    """Several requests wait for a stage that is down; one of them replaces the channel (a fresh name lookup),
+    closing the one the others wait on: they go on waiting on the new one (they failed INTERNAL, "Channel is
+    closed"), and all end UNAVAILABLE naming the stage."""
+    from smartdiff.services.denoiser.launch import free_port
+    from smartdiff.services.gateway.server import StageClients
+
+    async def main():
+        down = f"127.0.0.1:{free_port()}"
+        stages = StageClients(down, down, down)
+        try:
+            waits = [asyncio.create_task(stages.reachable("vae", 3.5)) for _ in range(4)]
+            results = await asyncio.gather(*waits, return_exceptions=True)
+        finally:
+            await stages.close()
+        return results
+
+    from smartdiff.shared.errors import StageUnavailable
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, StageUnavailable) and "vae" in r.message for r in results), results
+
+
+def test_the_denoisers_capabilities_wait_on_a_renewed_channel(monkeypatch):
+    """The capabilities call (every request's first, and the gateway's readiness) goes through the same wait as
+    the stage calls, which replaces a channel stuck in gRPC's reconnect backoff (up to 2 minutes)."""
+    from smartdiff.services.gateway.server import GatewayServicer, StageClients
+
+    waited = []
+    real = StageClients.reachable
+
+    async def recording(self, stage, left):
+        waited.append(stage)
+        return await real(self, stage, left)
+
+    monkeypatch.setattr(StageClients, "reachable", recording)
+
+    async def body(d, channel):
+        waited.clear()  # the gateway's own readiness wait made one at start
+        servicer = GatewayServicer(load_model_config("wan-tiny"), d.stages)
+        caps = await servicer.denoiser_capabilities(timeout=5.0)
+        return caps
+
+    assert run(body).models and waited == ["denoiser"]
+
+
 def test_overload_is_resource_exhausted():
     async def body(d, channel):
         slow = request_to_proto(GenerationRequest(prompt="x", width=256, height=256, frames=33, steps=200, seed=1))
@@ -616,7 +675,7 @@ def test_gateway_is_not_serving_until_the_denoiser_answers(caplog):
         try:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(gateway_server.start(load_model_config("wan-tiny"), stages, "127.0.0.1:0"),
-                                       1.5)
+                                       3.0)
         finally:
             await stages.close()
 

@@ -48,3 +48,20 @@ def test_decoded_latents_become_a_video():
 def test_bad_frames_are_refused(tmp_path, shape, dtype, match):
     with pytest.raises(ValueError, match=match):
         write_mp4(np.zeros(shape, dtype), tmp_path / "x.mp4")
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="Linux: files without a name")
+def test_encoding_leaves_no_named_file_a_killed_process_could_leave_behind():
+    """While ffmpeg writes the mp4 no file has a name in the temp folder (a VAE killed mid-encode left one in
+    /tmp, an emptyDir that outlives container restarts); the result is a complete, streamable mp4."""
+    import glob
+    import os
+    import tempfile
+
+    pattern = os.path.join(tempfile.gettempdir(), "*.mp4")
+    before, seen = set(glob.glob(pattern)), []
+    frames = (torch.rand(9, 32, 48, 3) * 255).to(torch.uint8)
+    data = encode_mp4(frames, fps=16, progress=lambda i, n: seen.append(set(glob.glob(pattern)) - before))
+    assert len(seen) == 9 and not any(seen)
+    assert probe_mp4(data)[:3] == (9, 48, 32)
+    assert 0 < data.index(b"moov") < data.index(b"mdat")  # +faststart: the index first
