@@ -33,8 +33,11 @@ def message_size_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
 
 
 KEEPALIVE_MS = 60_000  # how often a server pings each client connection
-# The most often a server accepts pings from a client while it sends it nothing (gRPC's default, 5 minutes, would
-# answer the gateway's pings during a long denoising step with GOAWAY "too many pings").
+# How often our channels ping the server while a call is in flight, and how long a ping may go unanswered
+# (create_channel); the most often a server accepts pings from a client that it sends nothing (gRPC's default,
+# 5 minutes, would answer those pings during a long denoising step with GOAWAY "too many pings").
+CALL_PING_MS = 20_000
+CALL_PING_TIMEOUT_MS = 10_000
 MIN_PING_INTERVAL_MS = 10_000
 
 # How long a drain waits with no call in flight before it stops: the last response's bytes reach its client.
@@ -323,8 +326,12 @@ def create_channel(
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, object]] = (),
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to a stage with the same message limits as the servers."""
-    opts = [*message_size_options(max_message_bytes), *options]
+    """A grpc.aio channel to one of our servers (the gateway's to its stages, clients' to the gateway) with the
+    servers' message limits, pinging while calls are in flight: a server whose host froze or whose network was
+    cut fails the call UNAVAILABLE within CALL_PING_MS + CALL_PING_TIMEOUT_MS, however long the server may
+    legitimately send nothing (a long denoising step), instead of holding a call without a deadline for good."""
+    opts = [*message_size_options(max_message_bytes), ("grpc.keepalive_time_ms", CALL_PING_MS),
+            *ping_timeout_options(CALL_PING_TIMEOUT_MS), ("grpc.http2.max_pings_without_data", 0), *options]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=opts)
     return grpc.aio.secure_channel(target, credentials, options=opts)

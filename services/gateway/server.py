@@ -22,7 +22,7 @@ from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import (
     DeadlineExceeded, Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
 )
-from smartdiff.shared.grpc_server import create_channel, ping_timeout_options
+from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.request import (
     MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request,
 )
@@ -52,21 +52,12 @@ STAGE_SERVICES = {  # stage -> (stub, the service its health reports)
 }
 
 
-# While a stage call is in flight the gateway pings the stage this often, and fails the call (UNAVAILABLE, naming
-# the stage) when a ping goes unanswered this long: a replica whose host froze or whose network was cut would
-# otherwise hold a request without a deadline for good. The stages accept pings this often
-# (grpc_server.MIN_PING_INTERVAL_MS).
-STAGE_PING_MS = 20_000
-STAGE_PING_TIMEOUT_MS = 10_000
-
-
-def stage_channel_options(service: str) -> list[tuple[str, object]]:
+def stage_channel_options(service: str) -> list[tuple[str, str]]:
     """Round robin over every address the stage's name resolves to (headless Services in Kubernetes), skipping
-    the replicas whose health says NOT_SERVING: warming up, or draining after SIGTERM; pings while calls are in
-    flight (STAGE_PING_MS), however long the stage sends nothing (a long denoising step)."""
+    the replicas whose health says NOT_SERVING: warming up, or draining after SIGTERM. (create_channel adds the
+    pings that fail a call to a frozen replica.)"""
     config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}}
-    return [("grpc.service_config", json.dumps(config)), ("grpc.keepalive_time_ms", STAGE_PING_MS),
-            *ping_timeout_options(STAGE_PING_TIMEOUT_MS), ("grpc.http2.max_pings_without_data", 0)]
+    return [("grpc.service_config", json.dumps(config))]
 
 
 async def _ready(channel: grpc.aio.Channel, timeout: float) -> bool:

@@ -178,11 +178,12 @@ def test_a_frozen_stage_fails_the_call_instead_of_holding_it(monkeypatch):
     import torch
 
     from smartdiff.services.gateway import server as gateway_server
+    from smartdiff.shared import grpc_server
     from smartdiff.shared.tensor_stream import tensor_to_messages
     from smartdiff.vae.v1 import vae_pb2
 
-    monkeypatch.setattr(gateway_server, "STAGE_PING_MS", 1000)  # the gateway's pings, fast for the test
-    monkeypatch.setattr(gateway_server, "STAGE_PING_TIMEOUT_MS", 1000)
+    monkeypatch.setattr(grpc_server, "CALL_PING_MS", 1000)  # the gateway's pings, fast for the test
+    monkeypatch.setattr(grpc_server, "CALL_PING_TIMEOUT_MS", 1000)
     proc, address = start("vae")
 
     async def main():
