@@ -144,9 +144,14 @@ def _measured(context: grpc.aio.ServicerContext, service: str, method: str) -> I
         metrics.CALL_SECONDS.labels(service, method).observe(time.perf_counter() - start)
 
 
+# gRPC cancels a handler whose deadline passed a few milliseconds before its own clock says so (measured: 6-7 ms
+# left in 3 of 20 calls): a cancellation this close to the deadline is the deadline.
+DEADLINE_SLACK = 0.05
+
+
 def _expired(context: grpc.aio.ServicerContext) -> bool:
     left = context.time_remaining()
-    return left is not None and left <= 0
+    return left is not None and left <= DEADLINE_SLACK
 
 
 class DecodeRequests(grpc.aio.ServerInterceptor):

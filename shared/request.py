@@ -102,6 +102,11 @@ def _frames(v) -> int:
 def _text(name: str, v, empty_ok: bool) -> str:
     if not isinstance(v, str):
         raise RequestError(name, "must be a string" if empty_ok else "must be a non-empty string")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: what Python makes of command-line bytes that are not UTF-8
+        raise RequestError(name, f"must be valid Unicode text; character {e.start} is an unpaired surrogate "
+                                 "(bytes that are not UTF-8?)") from None
     if not empty_ok and not any(c.isprintable() and not c.isspace() for c in v):
         # str.strip() keeps NUL and zero-width characters: a prompt of only those is empty to the text encoder too
         raise RequestError(name, "must contain a visible character (not only spaces, control or zero-width ones)")

@@ -69,7 +69,10 @@ class StageWorker:
         stop = threading.Event()
 
         def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop closed (its server stopped after a drain ran out): nobody reads the
+                stop.set()  # job's progress any more; it stops at its next check (in step with a pod's other ranks)
 
         def should_stop() -> bool:
             return stop.is_set() or (deadline is not None and time.monotonic() > deadline)

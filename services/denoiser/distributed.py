@@ -135,6 +135,25 @@ class RequestChannel:
         return params, prompt, negative
 
 
+def sum_cache_counts(engine: DenoiserEngine, result: JobResult, device: torch.device | str) -> None:
+    """Under CFG parallel each rank ran one guidance branch, so its cache counts are its branch's only: every rank
+    adds them up (a collective: all ranks call it after each job that ended well), so that the summary's
+    cached_steps and cache_report count every branch, as one process does. The sequence-parallel ranks of a
+    branch share its decisions and counts. Nothing to do without CFG parallel."""
+    from .cache.session import KINDS
+
+    config = engine.parallel.config if engine.parallel is not None else ParallelConfig()
+    if config.cfg == 1:
+        return
+    stats = result.cache
+    counts = torch.tensor([stats.computed[k] for k in KINDS] + [stats.reused[k] for k in KINDS], dtype=torch.int64,
+                          device=device)
+    dist.all_reduce(counts)
+    totals = (counts // (config.world_size // config.cfg)).tolist()
+    for i, kind in enumerate(KINDS):
+        stats.computed[kind], stats.reused[kind] = totals[i], totals[len(KINDS) + i]
+
+
 class RankZeroRunner:
     """Rank 0's job runner (DenoiserServicer.runner): broadcast the job, then run it in lockstep. One message
     at a time on the channel: shutdown waits for a running job (a cancelled one ends within a block or two), since
@@ -148,7 +167,9 @@ class RankZeroRunner:
         with self._lock:
             prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
             stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
-            return run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
+            result = run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
+            sum_cache_counts(self.engine, result, self.channel.device)
+            return result
 
     def shutdown(self) -> None:
         with self._lock:
@@ -161,6 +182,7 @@ def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOpt
         params, prompt, negative = msg
         try:
             job = prepare_job(params, model, options, engine)
-            run_job(engine, job, prompt, negative, cancelled=LockstepStop(channel.device))
+            result = run_job(engine, job, prompt, negative, cancelled=LockstepStop(channel.device))
+            sum_cache_counts(engine, result, channel.device)
         except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
             log.info("rank job ended: %s", e)

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from smartdiff.shared.checkpoint import CheckpointError
-from smartdiff.shared.argtypes import seconds
+from smartdiff.shared.argtypes import check_out_path, seconds
 from smartdiff.shared.config import ConfigError
-from smartdiff.shared.errors import RequestError
+from smartdiff.shared.errors import RequestError, TensorStreamError
 from smartdiff.shared.memory import MemoryPolicyError
 from smartdiff.shared.request import (
     MAX_FRAMES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_GUIDANCE, MIN_SHIFT, SAMPLER_NAMES,
@@ -124,19 +124,6 @@ def check_gateway_flags(args: argparse.Namespace) -> None:
                           f"(its stages have their own flags); drop them or drop --gateway")
 
 
-def check_out_path(path: Path, flag: str) -> None:
-    """Refuse an output path that cannot be written before any work starts, not after the generation. Its folder
-    is created here (as the file will be)."""
-    if path.is_dir():
-        raise ConfigError(f"{flag}: {path} is a directory; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{flag}: cannot create the folder {path.parent}: {e.strerror or e}") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"{flag}: {path} is not writable")
-
-
 def gateway_address(text: str) -> str:
     """argparse type of --gateway: an address, not empty (an empty one would mean the embedded deployment)."""
     if not text.strip():
@@ -172,7 +159,7 @@ async def _generate(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from smartdiff.gateway.v1 import gateway_pb2_grpc
-    from smartdiff.services.gateway.client import generate, request_to_proto
+    from smartdiff.services.gateway.client import ResponseError, generate, request_to_proto
     from smartdiff.shared.grpc_server import create_channel
     from smartdiff.shared.request import resolve_request
     from smartdiff.shared.serving import model_from_args, system_from_args
@@ -213,6 +200,9 @@ async def _generate(args: argparse.Namespace) -> int:
             except grpc.aio.AioRpcError as e:
                 print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
                 return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+            except (ResponseError, TensorStreamError) as e:  # the gateway's stream broke its contract
+                print(f"error: the gateway's response is unusable: {e}", file=sys.stderr)
+                return 1
     finally:
         if deployment is not None:
             await deployment.stop()
@@ -220,7 +210,6 @@ async def _generate(args: argparse.Namespace) -> int:
     try:
         args.out.write_bytes(outcome.video)
         if args.save_latents:
-
             save_file({"latents": outcome.latents.contiguous()}, str(args.save_latents))
     except (OSError, SafetensorError) as e:  # checked before the generation; the disk may have filled since
         print(f"error: writing the output: {e}", file=sys.stderr)

@@ -98,22 +98,44 @@ class GenerateOutcome:
     summary: pb.GenerateSummary
 
 
+class ResponseError(Exception):
+    """The gateway's response stream broke gateway.proto's contract (a part missing, unasked, of the wrong shape or
+    out of order): the generation's result cannot be trusted."""
+
+
 async def generate(stub: pb_grpc.GatewayServiceStub, request: pb.GenerateRequest,
                    on_progress: Callable[[str, int, int], None] | None = None,
                    timeout: float | None = None) -> GenerateOutcome:
-    """Run one Generate call; `on_progress(stage, step, total)` sees every progress event."""
-    parts = {k: TensorAssembler(k, MAX_VIDEO_BYTES) for k in ("mp4", "frames", "latents")}
+    """Run one Generate call; `on_progress(stage, step, total)` sees every progress event. ResponseError (or
+    TensorStreamError for corrupt tensor bytes) when the stream is not what the request asked for: the video in
+    the requested format, the latents when asked for, then exactly one summary, last."""
+    video_kind = "frames" if request.output_format == vae_pb2.OUTPUT_FORMAT_FRAMES else "mp4"
+    wanted = [video_kind, "latents"] if request.return_latents else [video_kind]
+    parts = {k: TensorAssembler(k, MAX_VIDEO_BYTES) for k in wanted}
     summary = None
     async for msg in stub.Generate(request, timeout=timeout):
         kind = msg.WhichOneof("frame")
+        if summary is not None:
+            raise ResponseError(f"{kind or 'empty'} message after the summary, which comes last")
         if kind == "progress":
             if on_progress is not None:
                 p = msg.progress
                 on_progress(STAGE_LABELS.get(p.stage, "?"), p.step, p.total_steps)
         elif kind == "summary":
             summary = msg.summary
-        else:
+        elif kind in parts:
             parts[kind].feed(getattr(msg, kind))
-    done = {k: a.result() if a.started else None for k, a in parts.items()}
-    video = done["mp4"].numpy().tobytes() if done["mp4"] is not None else None
-    return GenerateOutcome(video, done["frames"], done["latents"], summary)
+        else:
+            raise ResponseError(f"unexpected {kind or 'empty'} message in the response; asked for: "
+                                f"{', '.join(wanted)}")
+    if summary is None:
+        raise ResponseError("the response ended without its summary")
+    done = {k: a.result() for k, a in parts.items()}  # TensorStreamError for a part missing or cut short
+    rules = {"mp4": (torch.uint8, 1), "frames": (torch.uint8, 4), "latents": (torch.float32, 5)}
+    for k, t in done.items():
+        dtype, dims = rules[k]
+        if t.dtype != dtype or t.dim() != dims or (k == "frames" and t.shape[-1] != 3):
+            raise ResponseError(f"{k} must be {dtype} with {dims} dims{' [F, H, W, 3]' if k == 'frames' else ''}, "
+                                f"got {t.dtype} {list(t.shape)}")
+    video = done["mp4"].numpy().tobytes() if "mp4" in done else None
+    return GenerateOutcome(video, done.get("frames"), done.get("latents"), summary)

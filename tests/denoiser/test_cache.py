@@ -370,12 +370,17 @@ def test_a_bad_calibration_file_is_a_config_error_naming_the_flag(tmp_path):
                        "empty magcache": "model: wan-tiny\nsteps: 8\nmagcache: {cond: [], uncond: []}\n",
                        "empty teacache": "model: wan-tiny\nsteps: 8\nteacache: [{expert: 0, coefficients: [], "
                                          "ret_steps_coefficients: [1.0]}]\n",
-                       "another model": good.read_text().replace("model: wan-tiny", "model: Wan2.1-T2V-14B")}.items():
+                       "another model": good.read_text().replace("model: wan-tiny", "model: Wan2.1-T2V-14B"),
+                       "steps inf": "model: wan-tiny\nsteps: .inf\n", "steps float": "model: wan-tiny\nsteps: 8.9\n",
+                       "deep": "[" * 5000, "short magcache": "model: wan-tiny\nsteps: 8\n"
+                                                             "magcache: {cond: [1.0], uncond: [1.0]}\n"}.items():
         files[name] = tmp_path / f"{name.replace(' ', '_')}.yaml"
         files[name].write_text(text)
     words = {"missing": "cannot read it", "folder": "cannot read it", "not yaml": "cannot read it",
              "a list": "not a FlexCache calibration", "empty magcache": "magcache cond: need >= 1",
-             "empty teacache": "coefficients: need >= 1", "another model": "fitted for 'Wan2.1-T2V-14B'"}
+             "empty teacache": "coefficients: need >= 1", "another model": "fitted for 'Wan2.1-T2V-14B'",
+             "steps inf": "steps must be an integer", "steps float": "steps must be an integer",
+             "deep": "cannot read it", "short magcache": "magcache cond: need one ratio per step \\(8\\), got 1"}
     for name, path in files.items():
         with pytest.raises(ConfigError, match=f"^--cache-calibration {path}: .*{words[name]}"):
             load_calibration(DenoiserOptions(enable_flexcache=True, cache_calibration=str(path)), tiny)
@@ -394,6 +399,7 @@ def test_calibrate_cli_refuses_bad_paths_before_the_runs_and_too_few_steps_clean
                           "--prompts-file"),
                          (["--prompts-file", str(empty), "--out", str(tmp_path / "c.yaml")], "holds no prompt"),
                          (["--out", str(tmp_path)], "is a directory"),
+                         (["--out", str(empty / "c.yaml")], "--out: cannot create the folder"),  # under a file
                          (["--steps", "2", "--prompt", "a", "--out", str(tmp_path / "c.yaml")], "need more than")):
         assert main([*small, *flags]) == 2
         err = capsys.readouterr().err

@@ -216,3 +216,43 @@ def test_rank_zero_shutdown_waits_for_the_job_on_the_channel(monkeypatch):
     runner.shutdown()
     worker.join()
     assert events == ["job start", "job end", "shutdown"]
+
+
+def test_cfg_parallel_reports_the_cache_counts_of_both_branches():
+    """Each CFG-parallel rank runs one guidance branch; the summary counts what the cache computed and reused
+    in both, as one process does (it counted rank 0's branch only: half)."""
+    from smartdiff.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+    from smartdiff.services.denoiser import server as denoiser_server
+    from smartdiff.shared.tensor_stream import tensor_to_messages
+
+    model = load_model_config("wan-tiny")
+    params = denoiser_pb2.DenoiseParams(width=48, height=48, frames=9, steps=10, guidance=[5.0], seed=3)
+    params.cache.strategy = "budget"
+    prompt, negative = torch.randn(5, model.dit.text_dim), torch.randn(3, model.dit.text_dim)
+
+    def requests():
+        yield denoiser_pb2.DenoiseRequest(params=params)
+        yield from tensor_to_messages(prompt, denoiser_pb2.DenoiseRequest, "prompt_embeds")
+        yield from tensor_to_messages(negative, denoiser_pb2.DenoiseRequest, "negative_prompt_embeds")
+
+    async def summary(address):
+        async with create_channel(address) as ch:
+            return [m async for m in denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(requests())][-1].summary
+
+    async def one_process():
+        server, port = await denoiser_server.start(model, None, SystemConfig(torch.device("cpu"), torch.float32),
+                                                   "127.0.0.1:0", denoiser_server.DenoiserOptions(enable_flexcache=True))
+        try:
+            return await summary(f"127.0.0.1:{port}")
+        finally:
+            await server.stop(0)
+
+    proc, address = start_launcher("--cfg-degree", "2", "--enable-flexcache")
+    try:
+        pod = asyncio.run(summary(address))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+    single = asyncio.run(one_process())
+    assert single.cached_steps > 0 and pod.world_size == 2
+    assert pod.cached_steps == single.cached_steps and pod.cache_report == single.cache_report

@@ -120,3 +120,13 @@ def test_bad_attention_and_cache_parameters_are_refused(tmp_path, capsys, flags,
     err = capsys.readouterr().err
     for w in words:
         assert w in err, err
+
+
+def test_a_prompt_that_is_not_utf8_is_refused(tmp_path, capsys):
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates, which no protobuf string holds."""
+    bad = b"fox\xff".decode("utf-8", "surrogateescape")
+    assert main(["generate", "--prompt", bad, "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "invalid request: prompt: must be valid Unicode text; character 3 is an unpaired surrogate" in \
+        capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--negative-prompt", bad, "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "negative_prompt: must be valid Unicode text" in capsys.readouterr().err

@@ -105,3 +105,16 @@ def test_metrics_port_flag(argv, expected):
     p = argparse.ArgumentParser()
     add_serve_flags(p, "vae")
     assert p.parse_args(argv).metrics_port == expected
+
+
+
+def test_a_cancel_a_few_milliseconds_before_the_deadline_is_the_deadline():
+    """gRPC cancels the handler of a call past its deadline when its own clock may still show a few milliseconds
+    left (measured 6-7 ms in 3 of 20 calls under load): counted as DEADLINE_EXCEEDED, not CANCELLED."""
+    from types import SimpleNamespace
+
+    from smartdiff.shared.grpc_server import _expired
+
+    at = lambda left: SimpleNamespace(time_remaining=lambda: left)  # noqa: E731
+    assert _expired(at(0.007)) and _expired(at(-1.0))
+    assert not _expired(at(2.0)) and not _expired(at(None))  # a client's cancel well before, or no deadline

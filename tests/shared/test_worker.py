@@ -66,3 +66,33 @@ def test_out_of_device_memory_is_resource_exhausted_with_the_devices_message_and
     assert message.startswith("vae: out of device memory for this request (CUDA out of memory. Tried to allocate 9.00")
     assert "allocator docs" not in message and worker.pending == 0
     assert items[-1].value == 42  # the worker goes on serving
+
+
+def test_a_job_still_running_when_its_event_loop_closed_is_told_to_stop_not_failed():
+    """A server stopped after its drain ran out closes the loop while a job runs: the job's next progress report
+    must not raise (on a multi-GPU pod rank 0 would leave the job out of step with the other ranks, which then
+    crash); it is told to stop at its next check instead."""
+    import threading
+
+    worker = StageWorker("stage", max_pending=1)
+    go, seen = threading.Event(), {}
+
+    def job(emit, should_stop):
+        emit("started")
+        go.wait(10)
+        emit("a step later")  # the loop is closed by now
+        seen["stop"] = should_stop()
+        return "done"
+
+    async def main():
+        stream = worker.stream(job)
+        assert await stream.__anext__() == "started"
+        asyncio.ensure_future(stream.__anext__())  # still consuming when the loop closes
+
+    asyncio.run(main())
+    go.set()
+    for _ in range(200):
+        if seen:
+            break
+        time.sleep(0.01)
+    assert seen == {"stop": True}

@@ -44,6 +44,7 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
 def run_calibrate(args: argparse.Namespace) -> int:
     import torch
     from smartdiff.services.denoiser.engine import DenoiserEngine
+    from smartdiff.shared.argtypes import check_out_path
     from smartdiff.services.text_encoder.engine import TextEncoderEngine
     from smartdiff.shared.request import GenerationRequest, resolve_request
     from smartdiff.shared.serving import model_from_args, system_from_args
@@ -60,12 +61,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--prompts-file {args.prompts_file}: holds no prompt (one per line)")
         prompts += lines
     prompts = prompts or list(DEFAULT_PROMPTS)
-    if args.out.is_dir():
-        raise ConfigError(f"--out {args.out}: is a directory; give a file name")
-    try:  # before the runs, not after them
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {args.out}: cannot create its folder ({e})") from None
+    check_out_path(args.out, "--out")  # before the runs, not after them
     model, layout = model_from_args(args)
     system = system_from_args(args)
     reqs = [resolve_request(GenerationRequest(

@@ -138,6 +138,8 @@ class CacheCalibration:
             for name, ratios in zip(("cond", "uncond"), self.magcache):
                 if not ratios or not all(math.isfinite(v) and v > 0 for v in ratios):
                     raise ValueError(f"magcache {name}: need >= 1 finite, positive ratios, got {list(ratios)}")
+                if len(ratios) != self.steps:
+                    raise ValueError(f"magcache {name}: need one ratio per step ({self.steps}), got {len(ratios)}")
         if self.reuse_error is not None:
             if len(self.reuse_error) != 2 or any(len(t) != self.steps for t in self.reuse_error):
                 raise ValueError(f"reuse_error: need cond and uncond tables of {self.steps} steps each")
@@ -167,8 +169,9 @@ class CacheCalibration:
         """ValueError naming the file for anything unreadable or not a valid calibration."""
         try:
             data = yaml.safe_load(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:  # (nesting deeper than Python's)
+            raise ValueError(f"{path}: cannot read it ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or ['nested too deeply'])[0]})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a FlexCache calibration file (a YAML mapping from smartdiff "
                              f"calibrate-cache), got {type(data).__name__}")
@@ -183,7 +186,9 @@ class CacheCalibration:
             reuse = None if not err else tuple(tuple(tuple(float(v) for v in row) for row in err[branch])
                                                for branch in ("cond", "uncond"))
             times = data.get("timesteps")
-            return cls(str(data["model"]), int(data["steps"]), teacache, magcache, reuse,
+            if isinstance(data["steps"], bool) or not isinstance(data["steps"], int):
+                raise ValueError(f"steps must be an integer, got {data['steps']!r}")
+            return cls(str(data["model"]), data["steps"], teacache, magcache, reuse,
                        None if times is None else tuple(float(t) for t in times), dict(data.get("notes") or {}))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ValueError(f"{path}: not a valid FlexCache calibration ({type(e).__name__}: {e})") from None
