@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from smartdiff.vae.v1 import vae_pb2
 STAGE_LABELS = {pb.STAGE_QUEUED: "queued", pb.STAGE_TEXT_ENCODER: "text_encoder", pb.STAGE_DENOISER: "denoiser",
                 pb.STAGE_VAE: "vae", pb.STAGE_VIDEO_ENCODING: "mp4"}
 MAX_VIDEO_BYTES = 8 << 30
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def request_to_proto(req: GenerationRequest, *, model: str = "", attention: options_pb2.AttentionConfig | None = None,
@@ -81,6 +83,9 @@ def set_fields(msg, assignments: list[str], what: str) -> None:
             value = parse(text.strip())
         except (KeyError, ValueError):
             raise ValueError(f"{what}: {path}: must be {kind}, got {text!r}") from None
+        if field.type == field.TYPE_FLOAT and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise ValueError(f"{what}: {path}: {text!r} does not fit this field (a 32-bit float: at most "
+                             f"{FLOAT32_MAX:.4g} in magnitude)")
         try:
             if field.is_repeated:
                 getattr(target, names[-1]).append(value)

@@ -112,6 +112,8 @@ def test_cache_and_attention_parameters_reach_the_denoiser(tmp_path, capsys):
     (["--attention-param", "sparge=1"], ["attention", "sparge is a group of settings", "topk"]),
     (["--attention-param", "sparge.topk.x=1"], ["attention", "sparge.topk is a value, it has no field 'x'"]),
     (["--cache", "teacache", "--cache-param", "warmup_steps=-1"], ["cache", "warmup_steps", "does not fit"]),
+    (["--cache", "teacache", "--cache-param", "rel_l1_threshold=1e40"],  # a 32-bit float would hold inf
+     ["cache", "rel_l1_threshold", "does not fit this field (a 32-bit float"]),
     (["--attention", "sage"], ["attention.backend", "cannot run", "allow_fallback"]),
 ])
 def test_bad_attention_and_cache_parameters_are_refused(tmp_path, capsys, flags, words):
