@@ -45,12 +45,17 @@ async def fake_generate(request, context):
         yield msg
 
 
+async def fake_gateway():
+    """A server answering Generate with STREAMS[prompt]; returns (server, port)."""
+    return await serving("smartdiff.gateway.v1.GatewayService", {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            fake_generate, request_deserializer=pb.GenerateRequest.FromString,
+            response_serializer=pb.GenerateResponse.SerializeToString)})
+
+
 def run(prompt, **request):
     async def main_():
-        server, port = await serving("smartdiff.gateway.v1.GatewayService", {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                fake_generate, request_deserializer=pb.GenerateRequest.FromString,
-                response_serializer=pb.GenerateResponse.SerializeToString)})
+        server, port = await fake_gateway()
         try:
             async with create_channel(f"127.0.0.1:{port}") as channel:
                 return await generate(pb_grpc.GatewayServiceStub(channel), pb.GenerateRequest(prompt=prompt, **request))
@@ -91,10 +96,7 @@ def test_latents_asked_for_and_missing_are_an_error():
 @pytest.mark.parametrize("prompt", ["no_summary", "cut_short"])
 def test_the_cli_prints_a_broken_response_in_one_line(prompt, tmp_path, capsys):
     async def serve_and_run():
-        server, port = await serving("smartdiff.gateway.v1.GatewayService", {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                fake_generate, request_deserializer=pb.GenerateRequest.FromString,
-                response_serializer=pb.GenerateResponse.SerializeToString)})
+        server, port = await fake_gateway()
         try:
             return await asyncio.to_thread(main, ["generate", "--gateway", f"127.0.0.1:{port}", "--prompt", prompt,
                                                   "--out", str(tmp_path / "v.mp4")])
