@@ -40,6 +40,18 @@ CALL_PING_MS = 20_000
 CALL_PING_TIMEOUT_MS = 10_000
 MIN_PING_INTERVAL_MS = 10_000
 
+
+def ping_timeout_options(ms: int) -> list[tuple[str, int]]:
+    """How long a keepalive ping may go unanswered before the connection is closed: gRPC 1.85 takes the ping's
+    timeout from grpc.http2.ping_timeout_ms (default 60 s), not only from grpc.keepalive_timeout_ms."""
+    return [("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms)]
+
+
+# gRPC listens with SO_REUSEPORT by default: a second server started on a port in use would share its traffic
+# without a word. Off, the second one fails to start instead.
+NO_PORT_SHARING = ("grpc.so_reuseport", 0)
+
+
 # How long a drain waits with no call in flight before it stops: the last response's bytes reach its client.
 LINGER = 1.0
 # Not counted as work: health (a Watch stays open for as long as its client watches) and reflection.
@@ -292,17 +304,6 @@ class StageServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
-
-
-def ping_timeout_options(ms: int) -> list[tuple[str, int]]:
-    """How long a keepalive ping may go unanswered before the connection is closed: gRPC 1.85 takes the ping's
-    timeout from grpc.http2.ping_timeout_ms (default 60 s), not only from grpc.keepalive_timeout_ms."""
-    return [("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms)]
-
-
-# gRPC listens with SO_REUSEPORT by default: a second server started on a port in use would share its traffic
-# without a word. Off, the second one fails to start instead.
-NO_PORT_SHARING = ("grpc.so_reuseport", 0)
 
 
 def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:

@@ -19,6 +19,12 @@ SCHEDULER_TO_SAMPLER = {
 
 
 _REQUIRED = object()
+_IS = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+       "ints": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+       "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+       "bool": lambda x: isinstance(x, bool)}  # the check of one value (of a list's items, for "ints")
+_RULES = {"int": "an integer >= 1", "float": "a number", "bool": "true or false",
+          "ints": "a list of integers >= 0", "floats": "a list of numbers", "bools": "a list of true / false"}
 
 
 def _field(cfg: dict, key: str, source: Path | str, kind: str, default=_REQUIRED):
@@ -30,20 +36,13 @@ def _field(cfg: dict, key: str, source: Path | str, kind: str, default=_REQUIRED
             raise CheckpointError(f"{source}: missing field {key!r}")
         return default
     v = cfg[key]
-    checks = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
-              "ints": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
-              "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
-              "bool": lambda x: isinstance(x, bool)}
-    rules = {"int": "an integer >= 1", "float": "a number", "bool": "true or false",
-             "ints": "a list of integers >= 0", "floats": "a list of numbers", "bools": "a list of true / false"}
     if kind in ("ints", "floats", "bools"):
-        item = kind if kind == "ints" else kind[:-1]
-        if not isinstance(v, list) or not all(checks[item](x) for x in v):
-            raise CheckpointError(f"{source}: field {key!r} must be {rules[kind]}, got {v!r}")
-        return tuple(v)
-    if not checks[kind](v):
-        raise CheckpointError(f"{source}: field {key!r} must be {rules[kind]}, got {v!r}")
-    return v
+        ok = isinstance(v, list) and all(_IS[kind if kind == "ints" else kind[:-1]](x) for x in v)
+    else:
+        ok = _IS[kind](v)
+    if not ok:
+        raise CheckpointError(f"{source}: field {key!r} must be {_RULES[kind]}, got {v!r}")
+    return tuple(v) if isinstance(v, list) else v
 
 
 def dit_config_from_json(cfg: dict, source: Path) -> DiTConfig:
@@ -65,7 +64,8 @@ def dit_config_from_json(cfg: dict, source: Path) -> DiTConfig:
     return DiTConfig(
         dim=dim, num_heads=heads, ffn_dim=_field(cfg, "ffn_dim", source, "int"),
         num_layers=_field(cfg, "num_layers", source, "int"), patch_size=patch,
-        in_dim=_field(cfg, names["in_dim"], source, "int", 16), out_dim=_field(cfg, names["out_dim"], source, "int", 16),
+        in_dim=_field(cfg, names["in_dim"], source, "int", 16),
+        out_dim=_field(cfg, names["out_dim"], source, "int", 16),
         freq_dim=_field(cfg, "freq_dim", source, "int", 256), text_dim=_field(cfg, "text_dim", source, "int", 4096),
         text_len=_field(cfg, "text_len", source, "int", 512), qk_norm=bool(cfg.get("qk_norm", True)),
         cross_attn_norm=_field(cfg, "cross_attn_norm", source, "bool", True),

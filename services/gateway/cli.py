@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.argtypes import check_out_path, seconds
+from smartdiff.shared.checkpoint import CheckpointError
 from smartdiff.shared.config import ConfigError
 from smartdiff.shared.errors import RequestError, TensorStreamError
 from smartdiff.shared.memory import MemoryPolicyError

@@ -44,12 +44,9 @@ def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int = 16, crf: int = 10, 
     """The bytes of the mp4 `write_mp4` would write, through a file (mp4 needs a seekable output) that has no name
     where Linux allows it: the kernel frees it whatever way the process ends (a VAE killed mid-encode left its
     temporary file in /tmp, an emptyDir that outlives container restarts)."""
-    with _unnamed_file() as (fd, path):
+    with _unnamed_file() as path:
         write_mp4(frames, path, fps, crf, progress)
-        if fd is None:
-            return path.read_bytes()
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
+        return path.read_bytes()
 
 
 def probe_mp4(video: str | Path | bytes) -> tuple[int, int, int, float]:
@@ -86,19 +83,19 @@ def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def _unnamed_file() -> Iterator[tuple[int | None, Path]]:
-    """(fd, a path that opens it) of a file removed from its folder as soon as it is made: ffmpeg writes through
-    /proc/<pid>/fd/<fd>; the file goes when the last process holding it ends. Where there is no /proc (macOS), a
-    named temporary file (fd None)."""
+def _unnamed_file() -> Iterator[Path]:
+    """A path to a file removed from its folder as soon as it is made, /proc/<pid>/fd/<fd>: ffmpeg writes through
+    it, we read it back through it, and the file goes when the last process holding it ends. Where there is no
+    /proc (macOS), a named temporary file."""
     proc_fd = Path(f"/proc/{os.getpid()}/fd")
     if not proc_fd.is_dir():
         with _temp_mp4() as path:
-            yield None, path
+            yield path
         return
     fd, name = tempfile.mkstemp(suffix=".mp4")
     os.unlink(name)
     try:
-        yield fd, proc_fd / str(fd)
+        yield proc_fd / str(fd)
     finally:
         os.close(fd)
 

@@ -44,8 +44,8 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
 def run_calibrate(args: argparse.Namespace) -> int:
     import torch
     from smartdiff.services.denoiser.engine import DenoiserEngine
-    from smartdiff.shared.argtypes import check_out_path
     from smartdiff.services.text_encoder.engine import TextEncoderEngine
+    from smartdiff.shared.argtypes import check_out_path
     from smartdiff.shared.request import GenerationRequest, resolve_request
     from smartdiff.shared.serving import model_from_args, system_from_args
 
