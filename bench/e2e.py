@@ -3,7 +3,9 @@
 Wan2.1-1.3B at 480p x 81 frames, 50 UniPC steps, CFG 5, the same random weights for both (a Diffusers folder
 written first): the 1.3B DiT, the full Wan VAE (float32 for both), and a ONE-layer umT5 with the real
 width (4096) in place of the 24-layer encoder (the T5 is ~0.05 s of a ~60 s generation on this class of GPU;
-both pipelines use the same one). Both return uint8 frames (no mp4: the GPU machine has no ffmpeg).
+both pipelines use the same one). Both return uint8 frames, or with --output mp4 both write an mp4 file (H.264,
+Wan's own quality setting): diffusers' export_to_video(quality=8) after the pipeline, ours the gateway's mp4 (the VAE
+encodes while it decodes) written by the client; mp4 needs the imageio-ffmpeg package.
 Also reports the gRPC overhead: each stage's wall time at the gateway minus the compute time it reports.
 --attention runs our side once per attention choice (one deployment; "default" is the deployment's default,
 the fastest exact backend: `flash_attn`, our exact kernel on Hopper; a choice's words after the backend are
@@ -54,8 +56,9 @@ def write_folder(root: Path, shift: float) -> None:
     pipe.save_pretrained(str(root))
 
 
-def run_diffusers(root: Path, kw: dict) -> float:
+def run_diffusers(root: Path, kw: dict, mp4: Path | None) -> float:
     import diffusers
+    from diffusers.utils import export_to_video
 
     vae = diffusers.AutoencoderKLWan.from_pretrained(str(root), subfolder="vae", torch_dtype=torch.float32)
     pipe = diffusers.WanPipeline.from_pretrained(str(root), vae=vae, torch_dtype=torch.bfloat16).to("cuda")
@@ -65,7 +68,9 @@ def run_diffusers(root: Path, kw: dict) -> float:
     pipe(**args, num_inference_steps=2, generator=torch.Generator("cuda").manual_seed(1))  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
-    pipe(**args, num_inference_steps=kw["steps"], generator=torch.Generator("cuda").manual_seed(1))
+    frames = pipe(**args, num_inference_steps=kw["steps"], generator=torch.Generator("cuda").manual_seed(1)).frames[0]
+    if mp4 is not None:
+        export_to_video(frames, str(mp4), fps=16, quality=8)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     del pipe, vae
@@ -86,7 +91,7 @@ def attention_config(choice: str):
     return config
 
 
-async def run_ours(root: Path, kw: dict, choices: list[str]) -> tuple[list[dict], float]:
+async def run_ours(root: Path, kw: dict, choices: list[str], mp4: Path | None) -> tuple[list[dict], float]:
     from smartdiff.gateway.v1 import gateway_pb2, gateway_pb2_grpc
     from smartdiff.services.denoiser.server import DenoiserOptions
     from smartdiff.services.gateway.client import generate, request_to_proto
@@ -108,10 +113,12 @@ async def run_ours(root: Path, kw: dict, choices: list[str]) -> tuple[list[dict]
             stub = gateway_pb2_grpc.GatewayServiceStub(ch)
             req = GenerationRequest(prompt=PROMPT, negative_prompt=NEG, guidance=(5.0,), seed=1, **kw)
             for choice in choices:
-                proto = request_to_proto(req, attention=attention_config(choice),
-                                         output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)
+                proto = request_to_proto(req, attention=attention_config(choice), output_format=vae_pb2.OUTPUT_FORMAT_MP4
+                                         if mp4 else vae_pb2.OUTPUT_FORMAT_FRAMES)
                 start = time.perf_counter()
                 outcome = await generate(stub, proto)
+                if mp4 is not None:
+                    mp4.write_bytes(outcome.video)
                 seconds = time.perf_counter() - start
                 stages = {gateway_pb2.Stage.Name(t.stage).removeprefix("STAGE_").lower():
                           dict(wall=t.seconds, compute=t.compute_seconds, peak_gib=t.peak_memory_bytes / 2**30)
@@ -133,6 +140,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--attention", nargs="+", default=["default"], metavar="CHOICE",
                    help='attention choices, each timed: "default", "sage", "sparge sparge.topk=0.5", ...')
+    p.add_argument("--output", choices=("frames", "mp4"), default="frames",
+                   help="what both pipelines deliver: uint8 frames in memory, or an mp4 file")
     p.add_argument("--out", type=Path, default=Path("bench_results/e2e.json"))
     args = p.parse_args()
     for choice in args.attention:
@@ -140,9 +149,11 @@ def main() -> None:
     kw = dict(width=args.width, height=args.height, frames=args.frames, steps=args.steps)
     if not (args.folder / "model_index.json").is_file():
         write_folder(args.folder, shift=5.0)
-    peer = run_diffusers(args.folder, kw)
+    mp4 = (lambda who: args.out.parent / f"e2e_{who}.mp4") if args.output == "mp4" else (lambda who: None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    peer = run_diffusers(args.folder, kw, mp4("diffusers"))
     print(f"diffusers WanPipeline         {peer:8.2f} s", flush=True)
-    runs, startup = asyncio.run(run_ours(args.folder, kw, args.attention))
+    runs, startup = asyncio.run(run_ours(args.folder, kw, args.attention, mp4("ours")))
     print(f"our startup incl. compilation and warm-up: {startup:.0f} s (before SERVING, not timed)")
     for run in runs:
         ours = run["ours_s"]
@@ -153,9 +164,9 @@ def main() -> None:
               f"{100 * run['grpc_overhead_s'] / ours:.2f} % of the generation")
         for stage, s in run["stages"].items():
             print(f"  stage {stage}: wall {s['wall']:.2f} s, compute {s['compute']:.2f} s, peak {s['peak_gib']:.1f} GiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     first = runs[0]
     args.out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), shape=kw,
+                                        output=args.output,
                                         diffusers_s=peer, ours_s=first["ours_s"], speedup=first["speedup"],
                                         startup_s=startup, runs=runs), indent=1))
 

@@ -1,7 +1,8 @@
 """Tensors as protobuf streams: a spec, ~1 MiB little-endian chunks with offsets, an end frame with CRC32.
 
 Sender: `tensor_to_frames(t)` (bare TensorFrames) or `tensor_to_messages(t, DenoiseResponse, "latents")`
-(frames filled in place inside a service's message, so the chunk bytes are not copied twice).
+(frames filled in place inside a service's message, so the chunk bytes are not copied twice), or `TensorSender`
+for a tensor whose bytes come in pieces (frames sent while the rest is still being decoded).
 Receiver: `TensorAssembler` (feed frames one at a time), `frames_to_tensor`, `frames_to_tensors`.
 Every fault raises TensorStreamError: DATA_LOSS for corrupt bytes, INVALID_ARGUMENT for a bad spec or order.
 """
@@ -13,7 +14,7 @@ import math
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
@@ -59,61 +60,97 @@ def wire_bytes(t: torch.Tensor) -> memoryview:
 
 def tensor_spec(t: torch.Tensor, name: str = "") -> pb.TensorSpec:
     """The spec frame of a tensor."""
-    if t.dtype not in TORCH_DTYPES:
+    return spec_of(t.dtype, t.shape, name)
+
+
+def spec_of(dtype: torch.dtype, shape: Iterable[int], name: str = "") -> pb.TensorSpec:
+    """The spec frame of a tensor of that dtype and shape (for a sender that has its bytes only in pieces)."""
+    if dtype not in TORCH_DTYPES:
         supported = ", ".join(str(d).removeprefix("torch.") for d in TORCH_DTYPES)
-        raise TensorStreamError(
-            _INVALID, f"{name or 'tensor'}: dtype {t.dtype} cannot be sent; use {supported}"
-        )
-    return pb.TensorSpec(
-        name=name, dtype=TORCH_DTYPES[t.dtype], shape=list(t.shape), byte_size=t.numel() * t.element_size()
-    )
+        raise TensorStreamError(_INVALID, f"{name or 'tensor'}: dtype {dtype} cannot be sent; use {supported}")
+    shape = list(shape)
+    return pb.TensorSpec(name=name, dtype=TORCH_DTYPES[dtype], shape=shape, byte_size=math.prod(shape) * dtype.itemsize)
 
 
-def _fill_frames(
-    t: torch.Tensor, name: str, chunk_bytes: int, new: Callable[[], tuple[M, pb.TensorFrame]]
-) -> Iterator[M]:
-    if chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    spec = tensor_spec(t, name)
-    data = wire_bytes(t)
-    msg, frame = new()
-    frame.spec.CopyFrom(spec)
-    yield msg
-    crc = 0
-    for offset in range(0, len(data), chunk_bytes):
-        piece = data[offset : offset + chunk_bytes]  # a view; bytes() below is the one copy per chunk
-        crc = zlib.crc32(piece, crc)
-        msg, frame = new()
-        frame.chunk.offset = offset
-        frame.chunk.data = bytes(piece)
-        yield msg
-    msg, frame = new()
-    frame.end.crc32 = crc
-    yield msg
+class TensorSender(Generic[M]):
+    """Sends one tensor whose bytes come in pieces, in order, e.g. video frames as they are decoded: `start()` (the
+    spec frame), `send(piece)` for each piece (chunks of at most chunk_bytes with their offsets), then `end()` (the
+    CRC32 frame), which refuses a stream whose pieces did not add up to the spec's byte_size.
+
+    `new()` makes each message and returns it with the TensorFrame to fill in place (a oneof case of a service's
+    message, or a bare TensorFrame)."""
+
+    def __init__(self, spec: pb.TensorSpec, new: Callable[[], tuple[M, pb.TensorFrame]],
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.spec, self.new, self.chunk_bytes = spec, new, chunk_bytes
+        self.sent = 0
+        self._crc = 0
+
+    @classmethod
+    def messages(cls, spec: pb.TensorSpec, message_cls: type[M], field: str,
+                 chunk_bytes: int = CHUNK_BYTES) -> "TensorSender[M]":
+        """A sender whose frames travel in `message_cls` messages' TensorFrame `field`."""
+
+        def new() -> tuple[M, pb.TensorFrame]:
+            msg = message_cls()
+            return msg, getattr(msg, field)
+
+        return cls(spec, new, chunk_bytes)
+
+    def start(self) -> M:
+        msg, frame = self.new()
+        frame.spec.CopyFrom(self.spec)
+        return msg
+
+    def send(self, piece: torch.Tensor) -> Iterator[M]:
+        """The chunks of the next piece of the tensor's bytes (the piece's elements in C order)."""
+        data = wire_bytes(piece)
+        if self.sent + len(data) > self.spec.byte_size:
+            raise ValueError(f"{self.spec.name or 'tensor'}: pieces run past byte_size {self.spec.byte_size} "
+                             f"(to {self.sent + len(data)})")
+        for offset in range(0, len(data), self.chunk_bytes):
+            piece_bytes = data[offset : offset + self.chunk_bytes]  # a view; bytes() below is the one copy per chunk
+            self._crc = zlib.crc32(piece_bytes, self._crc)
+            msg, frame = self.new()
+            frame.chunk.offset = self.sent + offset
+            frame.chunk.data = bytes(piece_bytes)
+            yield msg
+        self.sent += len(data)
+
+    def end(self) -> M:
+        if self.sent != self.spec.byte_size:
+            raise ValueError(f"{self.spec.name or 'tensor'}: sent {self.sent} of {self.spec.byte_size} bytes")
+        msg, frame = self.new()
+        frame.end.crc32 = self._crc
+        return msg
+
+
+def _send_whole(t: torch.Tensor, sender: Callable[[pb.TensorSpec], TensorSender[M]], name: str) -> Iterator[M]:
+    out = sender(tensor_spec(t, name))
+    yield out.start()
+    yield from out.send(t)
+    yield out.end()
+
+
+def _bare_frame() -> tuple[pb.TensorFrame, pb.TensorFrame]:
+    frame = pb.TensorFrame()
+    return frame, frame
 
 
 def tensor_to_frames(
     t: torch.Tensor, name: str = "", chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[pb.TensorFrame]:
     """Stream `t` as TensorFrames: spec, chunks of `chunk_bytes` with offsets, end with the CRC32."""
-
-    def new() -> tuple[pb.TensorFrame, pb.TensorFrame]:
-        frame = pb.TensorFrame()
-        return frame, frame
-
-    return _fill_frames(t, name, chunk_bytes, new)
+    return _send_whole(t, lambda spec: TensorSender(spec, _bare_frame, chunk_bytes), name)
 
 
 def tensor_to_messages(
     t: torch.Tensor, message_cls: type[M], field: str, name: str = "", chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[M]:
     """Stream `t` as `message_cls` messages whose TensorFrame `field` (a oneof case) carries each frame."""
-
-    def new() -> tuple[M, pb.TensorFrame]:
-        msg = message_cls()
-        return msg, getattr(msg, field)
-
-    return _fill_frames(t, name or field, chunk_bytes, new)
+    return _send_whole(t, lambda spec: TensorSender.messages(spec, message_cls, field, chunk_bytes), name or field)
 
 
 class TensorAssembler:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from smartdiff.services.vae.model import WanVAE
-from smartdiff.services.vae.tiling import FloatSink, TilingConfig, Uint8Sink, check_finite, decode_tiled
+from smartdiff.services.vae.tiling import (NON_FINITE, FloatSink, NonFiniteVideo, TilingConfig, Uint8Sink, check_finite,
+                                           decode_tiled)
 from smartdiff.services.vae.weights import load_vae
 from smartdiff.shared.checkpoint import materialize_random
 from smartdiff.shared.config import VAEConfig
@@ -93,6 +94,23 @@ class VaeEngine:
         decode_tiled(self.model, z, self.tiling, sink, progress)
         return sink.result()
 
+    @torch.inference_mode()
+    def decode_pieces(self, latents: torch.Tensor, progress: Progress | None = None) -> Iterator[torch.Tensor]:
+        """decode() in pieces, in order: uint8 frames [B, T, H, W, 3] on the CPU, the frames of each latent frame as
+        soon as they are decoded (tiled: the whole video at the end), so a caller can send or encode them while the
+        rest decodes. The next latent frame's work is queued on the device before a piece is handed over, so the
+        device does not wait for the caller. NonFiniteVideo as soon as a piece holds NaN or infinity."""
+        if self.tiling is not None:
+            yield self.decode(latents, progress).cpu()
+            return
+        pending = None
+        for _, video in self.model.decode_chunks(self._unnormalise(latents), progress=progress):
+            piece = _HostCopy(video)
+            if pending is not None:
+                yield pending.result()
+            pending = piece
+        yield pending.result()
+
     def _unnormalise(self, latents: torch.Tensor) -> torch.Tensor:
         self._check_latents(latents)
         z = latents.to(self.device, torch.float32) / self.inv_std + self.mean  # as WanPipeline un-normalises
@@ -138,9 +156,37 @@ class VaeEngine:
                              f"got F={f}, H={h}, W={w}")
 
 
+class _HostCopy:
+    """The uint8 frames of a decoded chunk [B, 3, T, H, W], copied to the CPU behind the device's queue (pinned
+    memory, no wait) with a flag saying whether the chunk was finite; result() waits for that copy only."""
+
+    def __init__(self, video: torch.Tensor):
+        finite = torch.isfinite(video).all()  # before the clamp, which would turn an infinity into +-1
+        frames = _uint8(video.float().clamp_(-1.0, 1.0))
+        if video.device.type != "cuda":
+            self.frames, self.finite, self.done = frames, finite, None
+            return
+        self.frames = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True).copy_(frames, non_blocking=True)
+        self.finite = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def result(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        if not self.finite:
+            raise NonFiniteVideo(NON_FINITE)
+        return self.frames
+
+
+def _uint8(video: torch.Tensor) -> torch.Tensor:
+    """video [B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3]: round((x + 1) / 2 * 255), as diffusers."""
+    x = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+
+
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     """video [B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3]: round((x + 1) / 2 * 255), as diffusers;
     NonFiniteVideo if it holds NaN or infinity."""
     check_finite(video)
-    x = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    return (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+    return _uint8(video)

@@ -1,4 +1,4 @@
-"""VaeService: latents in, progress per latent frame, then uint8 frames or an mp4, streamed out."""
+"""VaeService: latents in, progress per latent frame, uint8 frames streamed out as they are decoded, or an mp4."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, RequestError, grpc_errors
 from smartdiff.shared.memory import measure_peak
 from smartdiff.shared.request import MAX_FRAMES, MAX_SIDE
-from smartdiff.shared.tensor_stream import TensorAssembler, read_params_and_tensors, tensor_to_messages
+from smartdiff.shared.tensor_stream import (TensorAssembler, TensorSender, read_params_and_tensors, spec_of,
+                                           tensor_to_messages)
 from smartdiff.shared.worker import Done, StageWorker
 from smartdiff.vae.v1 import vae_pb2 as pb
 from smartdiff.vae.v1 import vae_pb2_grpc as pb_grpc
@@ -65,10 +66,18 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             raise RequestError("latents", "must be finite (it holds NaN or infinity)")
         return fmt, fps
 
+    def frames_shape(self, latents: torch.Tensor) -> list[int]:
+        """[F, H, W, 3]: the uint8 frames the latents decode to."""
+        (st, sh, sw), (f, h, w) = self.model.vae.stride, latents.shape[2:]
+        return [st * (f - 1) + 1, sh * h, sw * w, 3]
+
     @grpc_errors
     async def Decode(self, request_iterator, context):
+        """Frames stream out as they are decoded (each latent frame's video frames, while the next decodes); an mp4
+        is encoded the same way, frame pieces going to ffmpeg while the next decodes, and sent when it is done."""
         params, latents = await self.read_inputs(request_iterator)
         fmt, fps = self.validate(params, latents)
+        shape = self.frames_shape(latents)
         start = time.perf_counter()
 
         def job(emit, should_stop):
@@ -79,37 +88,53 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                         raise Cancelled(f"cancelled after {unit} {i}/{n}")
                 return report
 
+            decoded = []
+
+            def pieces():  # [T, H, W, 3] on the CPU
+                yield from (p[0] for p in self.engine.decode_pieces(
+                    latents.to(self.engine.device), progress=progress(pb.DECODE_PHASE_DECODING, "latent frame")))
+                decoded.append(time.perf_counter())
+
+            video = None
             with measure_peak(self.engine.device) as peak:
                 try:
-                    frames = self.engine.decode(latents.to(self.engine.device),  # [F, H, W, 3]
-                                                progress=progress(pb.DECODE_PHASE_DECODING, "latent frame"))[0].cpu()
+                    if fmt == pb.OUTPUT_FORMAT_MP4:
+                        video = encode_mp4(pieces(), fps=fps, total=shape[0],
+                                           progress=progress(pb.DECODE_PHASE_ENCODING, "video frame"))
+                    else:
+                        for piece in pieces():
+                            emit(piece)
                 except NonFiniteVideo as e:  # it would be a black video with status OK
                     raise RequestError("latents", str(e)) from None
-            decoded = time.perf_counter()
-            if fmt != pb.OUTPUT_FORMAT_MP4:
-                return frames, None, decoded - start, 0.0, peak
-            video = encode_mp4(frames, fps=fps, progress=progress(pb.DECODE_PHASE_ENCODING, "video frame"))
-            return frames, video, decoded - start, time.perf_counter() - decoded, peak
+            encode_s = time.perf_counter() - decoded[0] if video is not None else 0.0
+            return video, decoded[0] - start, encode_s, peak
 
+        frames = TensorSender.messages(spec_of(torch.uint8, shape, "frames"), pb.DecodeResponse, "frames")
         result = None
         async for item in self.worker.stream(job, context):
             if isinstance(item, Done):
                 result = item.value
+            elif isinstance(item, torch.Tensor):  # a piece of the frames
+                if frames.sent == 0:
+                    yield frames.start()
+                for msg in frames.send(item):
+                    yield msg
             else:
                 yield pb.DecodeResponse(progress=pb.DecodeProgress(
                     phase=item[0], step=item[1], total=item[2], elapsed_seconds=time.perf_counter() - start))
-        frames, video, decode_s, encode_s, peak = result
-        if video is not None:
-            payload = torch.frombuffer(bytearray(video), dtype=torch.uint8)
-            field = "mp4"
+        video, decode_s, encode_s, peak = result
+        if video is None:
+            yield frames.end()
+            size = frames.sent
         else:
-            payload, field = frames.contiguous(), "frames"
-        for msg in tensor_to_messages(payload, pb.DecodeResponse, field):
-            yield msg
-        f, h, w, _ = frames.shape
+            for msg in tensor_to_messages(torch.frombuffer(bytearray(video), dtype=torch.uint8), pb.DecodeResponse,
+                                          "mp4", "video.mp4"):
+                yield msg
+            size = len(video)
+        f, h, w, _ = shape
         yield pb.DecodeResponse(summary=pb.DecodeSummary(
             output_format=fmt, frames=f, width=w, height=h, fps=fps, tiled=self.tiled,
-            video_bytes=payload.numel(), decode_seconds=decode_s, encode_seconds=encode_s,
+            video_bytes=size, decode_seconds=decode_s, encode_seconds=encode_s,
             peak_memory_bytes=peak.bytes or 0, low_mem_level=int(self.engine.memory.level),
         ))
 

@@ -201,11 +201,14 @@ class NonFiniteVideo(ValueError):
     sooner in float16 or bfloat16); as uint8 frames it would be a black video."""
 
 
+NON_FINITE = ("decoded to non-finite values (overflow in the decoder: the latents are far outside the range the "
+              "model produces)")
+
+
 def check_finite(video: torch.Tensor) -> None:
     """NonFiniteVideo unless every value of the decoded video (or region) is finite."""
     if not torch.isfinite(video).all():
-        raise NonFiniteVideo(f"decoded to non-finite values (overflow in {video.dtype} decoding: the latents are far "
-                             "outside the range the model produces)")
+        raise NonFiniteVideo(NON_FINITE)
 
 
 class Uint8Sink:

@@ -6,46 +6,74 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 
-def write_mp4(frames: torch.Tensor | np.ndarray, path: str | Path, fps: int = 16, crf: int = 10,
-              progress=None) -> Path:
-    """Write uint8 RGB frames [F, H, W, 3] to an H.264 (libx264, yuv420p) mp4 file; `progress(i, F)` after frame i
-    (1-based) went to the encoder.
+Frames = torch.Tensor | np.ndarray
+
+
+def write_mp4(frames: Frames | Iterable[Frames], path: str | Path, fps: int = 16, crf: int = 10,
+              progress=None, total: int | None = None) -> Path:
+    """Write uint8 RGB frames [F, H, W, 3] to an H.264 (libx264, yuv420p) mp4 file; `progress(i, total)` after frame
+    i (1-based) went to the encoder.
+
+    `frames` may also be an iterable of such pieces, in order, all of one size: each piece goes to the encoder when
+    it comes, and ffmpeg (its own process) encodes it while the caller makes the next one, so an mp4 of frames
+    decoded piece by piece is ready soon after the last piece. Pass `total` (the frame count) for the progress.
 
     Odd widths or heights are refused with ValueError (4:2:0 chroma needs even sizes), never resized.
     crf: x264 constant rate factor, 0 (lossless luma) .. 51 (worst); 10 is what Wan's own writer uses
     (imageio quality 8). `-movflags +faststart` puts the index first so players can stream the file.
     """
-    array = _as_frames(frames)
-    f, h, w, _ = array.shape
+    if isinstance(frames, (torch.Tensor, np.ndarray)):
+        pieces = [_as_frames(frames)]  # checked before ffmpeg starts
+        total = len(pieces[0])
+    else:
+        pieces = frames
+    writer, size, count = None, None, 0
+    try:
+        for piece in pieces:
+            array = _as_frames(piece)
+            if writer is None:
+                size = array.shape[1:3]
+                writer = _start_ffmpeg(path, size, fps, crf)
+            elif array.shape[1:3] != size:
+                raise ValueError(f"frames: every piece must be {size[1]}x{size[0]}, got {array.shape[2]}x{array.shape[1]}")
+            for frame in array:
+                writer.send(frame)
+                count += 1
+                if progress is not None:
+                    progress(count, total)
+        if writer is None:
+            raise ValueError("frames: got no frames")
+    finally:
+        if writer is not None:
+            writer.close()
+    return Path(path)
+
+
+def _start_ffmpeg(path: str | Path, size: tuple[int, int], fps: int, crf: int):
     import imageio_ffmpeg  # its ffmpeg binary is needed only for mp4 output
 
+    h, w = size
     writer = imageio_ffmpeg.write_frames(
         str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
         quality=None, macro_block_size=1, output_params=["-crf", str(crf), "-movflags", "+faststart", "-f", "mp4"],
     )
     writer.send(None)  # start ffmpeg
-    try:
-        for i, frame in enumerate(array, 1):
-            writer.send(frame)
-            if progress is not None:
-                progress(i, f)
-    finally:
-        writer.close()
-    return Path(path)
+    return writer
 
 
-def encode_mp4(frames: torch.Tensor | np.ndarray, fps: int = 16, crf: int = 10, progress=None) -> bytes:
-    """The bytes of the mp4 `write_mp4` would write, through a file (mp4 needs a seekable output) that has no name
-    where Linux allows it: the kernel frees it whatever way the process ends (a VAE killed mid-encode left its
-    temporary file in /tmp, an emptyDir that outlives container restarts)."""
+def encode_mp4(frames: Frames | Iterable[Frames], fps: int = 16, crf: int = 10, progress=None,
+               total: int | None = None) -> bytes:
+    """The bytes of the mp4 `write_mp4` would write (frames whole or in pieces), through a file (mp4 needs a
+    seekable output) that has no name where Linux allows it: the kernel frees it whatever way the process ends (a
+    VAE killed mid-encode left its temporary file in /tmp, an emptyDir that outlives container restarts)."""
     with _unnamed_file() as path:
-        write_mp4(frames, path, fps, crf, progress)
+        write_mp4(frames, path, fps, crf, progress, total)
         return path.read_bytes()
 
 

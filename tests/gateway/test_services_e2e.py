@@ -24,7 +24,7 @@ from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.errors import RequestError
 from smartdiff.shared.request import GenerationRequest, resolve_request
 from smartdiff.shared.serving import SystemConfig
-from smartdiff.shared.tensor_stream import tensor_to_messages
+from smartdiff.shared.tensor_stream import frames_to_tensor, tensor_to_messages
 from smartdiff.text_encoder.v1 import text_encoder_pb2
 from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
 
@@ -374,14 +374,58 @@ def test_stage_errors_map_to_codes_and_each_stage_keeps_serving():
                    *tensor_to_messages(torch.zeros(1, 16, 1, 2, 2), vae_pb2.DecodeRequest, "latents")])
         summary = (await collect(vae.Decode(ok)))[-1].summary
         assert (summary.frames, summary.fps, summary.encode_seconds) == (1, 0, 0.0)
-        # mp4: progress of the decoding (latent frames), then of the encoding (video frames)
+        # mp4: the encoder takes each latent frame's video frames while the next one decodes
         mp4 = iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(fps=24)),
                     *tensor_to_messages(torch.zeros(1, 16, 2, 2, 2), vae_pb2.DecodeRequest, "latents")])
         out = await collect(vae.Decode(mp4))
         phases = [(m.progress.phase, m.progress.step, m.progress.total) for m in out if m.WhichOneof("frame") == "progress"]
-        assert phases == [(vae_pb2.DECODE_PHASE_DECODING, 1, 2), (vae_pb2.DECODE_PHASE_DECODING, 2, 2),
-                          *[(vae_pb2.DECODE_PHASE_ENCODING, i, 5) for i in range(1, 6)]]
+        assert phases == [(vae_pb2.DECODE_PHASE_DECODING, 1, 2), (vae_pb2.DECODE_PHASE_ENCODING, 1, 5),
+                          (vae_pb2.DECODE_PHASE_DECODING, 2, 2), *[(vae_pb2.DECODE_PHASE_ENCODING, i, 5) for i in range(2, 6)]]
         assert out[-1].summary.fps == 24 and out[-1].summary.encode_seconds > 0
+        assert [m.WhichOneof("frame") for m in out][len(phases):] == ["mp4"] * 3 + ["summary"]
+        assert out[len(phases)].mp4.spec.name == "video.mp4" and probe_mp4(frames_to_tensor(
+            [m.mp4 for m in out[len(phases):-1]]).numpy().tobytes())[:3] == (5, 16, 16)
+
+    run(body)
+
+
+def test_vae_streams_each_latent_frames_video_while_the_next_decodes():
+    """Raw frames leave the VAE piece by piece between its progress events, add up to the whole decode, and the
+    gateway passes them on as they come; a latent frame that decodes to NaN ends the stream with the error after
+    the frames before it."""
+    from smartdiff.services.vae.engine import VaeEngine
+
+    latents = torch.randn(1, 16, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+
+    def decode_call(z):
+        return iter([vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)),
+                     *tensor_to_messages(z, vae_pb2.DecodeRequest, "latents")])
+
+    async def body(d, channel):
+        vae = stage_stubs(d)[2]
+        out = await collect(vae.Decode(decode_call(latents)))
+        kinds = [m.WhichOneof("frame") for m in out]
+        # spec + the chunk of latent frame 1's video, then progress 1/3, ... (the next frame is queued first)
+        assert kinds.index("frames") < [i for i, k in enumerate(kinds) if k == "progress"][-1]
+        frames = frames_to_tensor([m.frames for m in out if m.WhichOneof("frame") == "frames"])
+        expected = VaeEngine.random(load_model_config("wan-tiny").vae, seed=0).decode(latents)[0]
+        assert torch.equal(frames, expected) and out[-1].summary.video_bytes == expected.numel()
+
+        late_nan = latents.clone()
+        late_nan[:, :, 2] = 1e38
+        got = []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for m in vae.Decode(decode_call(late_nan)):
+                got.append(m.WhichOneof("frame"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in err.value.details()
+        assert "frames" in got and "summary" not in got
+
+        request = request_to_proto(GenerationRequest(prompt="a fox", seed=1, **SMALL),
+                                   output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)
+        kinds = [m.WhichOneof("frame") async for m in gateway(channel).Generate(request)]
+        vae_progress = [i for i, k in enumerate(kinds) if k == "progress"][-1]
+        assert kinds.index("frames") < vae_progress < len(kinds) - 1
+        assert await vae.Decode(decode_call(latents)).read() is not None  # still serving
 
     run(body)
 

@@ -227,6 +227,23 @@ def test_the_engine_uses_channels_last_on_cuda():
     assert video.is_contiguous()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_decode_in_pieces_equals_decode_and_stops_at_a_nan_piece(device):
+    from smartdiff.services.vae.tiling import NonFiniteVideo
+
+    engine = VaeEngine.random(CFG, device)
+    z = torch.randn(1, CFG.z_dim, 3, 4, 6, generator=torch.Generator().manual_seed(0)).to(device)
+    pieces = list(engine.decode_pieces(z))
+    assert [p.shape[1] for p in pieces] == [1, 4, 4] and all(p.device.type == "cpu" for p in pieces)
+    assert torch.equal(torch.cat(pieces, 1), engine.decode(z).cpu())
+    z[:, :, 2] = 1e38  # the third latent frame overflows: the first two pieces come, then the error
+    stream = engine.decode_pieces(z)
+    assert torch.equal(next(stream), pieces[0]) and torch.equal(next(stream), pieces[1])
+    with pytest.raises(NonFiniteVideo):
+        next(stream)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_upsampling_in_bfloat16_equals_the_float32_round_trip_and_keeps_the_layout(fmt):
     """Upsample2x runs in the activation's dtype: nearest upsampling only copies values, so it must equal the

@@ -65,3 +65,26 @@ def test_encoding_leaves_no_named_file_a_killed_process_could_leave_behind():
     assert len(seen) == 9 and not any(seen)
     assert probe_mp4(data)[:3] == (9, 48, 32)
     assert 0 < data.index(b"moov") < data.index(b"mdat")  # +faststart: the index first
+
+
+def test_frames_in_pieces_encode_as_they_come_to_the_same_video():
+    frames = gradient_frames(9, 16, 32)
+    seen = []
+
+    def pieces():
+        for a, b in ((0, 1), (1, 5), (5, 9)):
+            seen.append(("piece", b - a))
+            yield torch.from_numpy(frames[a:b])
+
+    data = encode_mp4(pieces(), fps=16, total=9, progress=lambda i, n: seen.append((i, n)))
+    assert seen[:3] == [("piece", 1), (1, 9), ("piece", 4)] and seen[-1] == (9, 9)  # each piece encoded on arrival
+    assert np.array_equal(read_mp4(data), read_mp4(encode_mp4(frames, fps=16)))
+
+
+@pytest.mark.parametrize("pieces,match", [
+    ([np.zeros((1, 16, 16, 3), np.uint8), np.zeros((1, 16, 32, 3), np.uint8)], "every piece must be 16x16"),
+    ([], "no frames"),
+])
+def test_pieces_of_another_size_or_none_are_refused(tmp_path, pieces, match):
+    with pytest.raises(ValueError, match=match):
+        write_mp4(iter(pieces), tmp_path / "x.mp4")
