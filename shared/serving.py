@@ -125,8 +125,9 @@ def setup_logging(level: str) -> None:
 
 async def start_stage(service_name: str, add_servicer, servicer, address: str, max_queue: int,
                       warmup=None) -> tuple[StageServer, int]:
-    """Start a stage's server (NOT_SERVING), run its warm-up (a function runs off the loop, a coroutine function
-    on it), then mark it SERVING; a warm-up that raises stops the server.
+    """Start a stage's server (NOT_SERVING), run its warm-up (a function on the servicer's StageWorker thread,
+    where its requests will run, or off the loop if it has none; a coroutine function on the loop), then mark it
+    SERVING; a warm-up that raises stops the server.
 
     Returns the server and the bound port. The servicer holds weights already loaded by the caller.
     """
@@ -140,7 +141,8 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
         if inspect.iscoroutinefunction(warmup):
             await warmup()
         elif warmup is not None:
-            await asyncio.to_thread(warmup)
+            worker = getattr(servicer, "worker", None)
+            await (worker.run(warmup) if worker is not None else asyncio.to_thread(warmup))
     except BaseException:  # a failed (or interrupted) start or warm-up must not leave the port bound
         await server.stop(0)
         raise

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from smartdiff.shared import metrics
 from smartdiff.shared.errors import Cancelled, DeadlineExceeded, Overloaded
 from smartdiff.shared.memory import is_out_of_memory, release_cached_memory
@@ -33,14 +35,29 @@ class Done:
 _FINISHED = object()
 
 
-class StageWorker:
-    """A single worker thread with an admission limit: past `max_pending` requests, Overloaded."""
+def use_device(device: torch.device | str | None) -> None:
+    """Make a CUDA `device` the calling thread's current device (no-op otherwise). Each thread starts on cuda:0,
+    and Triton kernels, CUDA events and the default streams follow the current device, not their tensors': a
+    stage on cuda:1 that ran its work on a fresh thread launched its Triton kernels on cuda:0 and recorded its
+    copy events on a stream that never saw the copies."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_device(device)
 
-    def __init__(self, name: str, max_pending: int = 8):
+
+class StageWorker:
+    """A single worker thread with an admission limit: past `max_pending` requests, Overloaded. `device`: the
+    stage's device, made current on the thread (use_device)."""
+
+    def __init__(self, name: str, max_pending: int = 8, device: torch.device | str | None = None):
         self.name = name
         self.max_pending = max_pending
         self.pending = 0  # (the property below: sets the metric too)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-worker")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-worker",
+                                            initializer=use_device, initargs=(device,))
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """fn() on the worker thread, outside the admission limit: the stage's warm-up, before it serves."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     @property
     def pending(self) -> int:

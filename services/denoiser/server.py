@@ -406,7 +406,7 @@ async def start(model: ModelConfig, layout, system, address: str, options: Denoi
     if engine is None:
         engine = load_engine(model, layout, system, options)
     check_options(options, model, engine.device, engine.dtype)
-    servicer = DenoiserServicer(model, engine, StageWorker("denoiser", system.max_queue), options, runner)
+    servicer = DenoiserServicer(model, engine, StageWorker("denoiser", system.max_queue, engine.device), options, runner)
 
     def warmup():
         emb = torch.zeros(4, model.dit.text_dim)

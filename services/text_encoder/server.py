@@ -83,6 +83,6 @@ async def start(model: ModelConfig, layout, system, address: str):
     else:
         engine = TextEncoderEngine.from_checkpoint(layout.kind, layout.text_encoder, layout.tokenizer,
                                                    model.text_encoder, system.device, system.dtype, low_mem_level=level)
-    servicer = TextEncoderServicer(model, engine, StageWorker("text_encoder", system.max_queue))
+    servicer = TextEncoderServicer(model, engine, StageWorker("text_encoder", system.max_queue, engine.device))
     return await start_stage(SERVICE_NAME, pb_grpc.add_TextEncoderServiceServicer_to_server, servicer, address,
                              system.max_queue, warmup=lambda: engine.encode(["warm-up prompt"]))

@@ -169,14 +169,19 @@ class _HostCopy:
         self.frames = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True).copy_(frames, non_blocking=True)
         self.finite = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
         self.done = torch.cuda.Event()
-        self.done.record()
+        self.done.record(torch.cuda.current_stream(video.device))  # the copies' stream, whatever the current device
 
     def result(self) -> torch.Tensor:
-        if self.done is not None:
+        """The frames in ordinary memory: a piece can wait long for a slow receiver, and page-locked memory stays
+        with the process once allocated (PyTorch caches it), so only the two pieces in flight hold any."""
+        if self.done is None:
+            frames = self.frames
+        else:
             self.done.synchronize()
+            frames = torch.empty(self.frames.shape, dtype=torch.uint8).copy_(self.frames)
         if not self.finite:
             raise NonFiniteVideo(NON_FINITE)
-        return self.frames
+        return frames
 
 
 def _uint8(video: torch.Tensor) -> torch.Tensor:

@@ -88,12 +88,13 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                         raise Cancelled(f"cancelled after {unit} {i}/{n}")
                 return report
 
-            decoded = []
+            decoded = [time.perf_counter()]  # the job's start (after any wait in the queue), then each piece's end
 
-            def pieces():  # [T, H, W, 3] on the CPU
-                yield from (p[0] for p in self.engine.decode_pieces(
-                    latents.to(self.engine.device), progress=progress(pb.DECODE_PHASE_DECODING, "latent frame")))
-                decoded.append(time.perf_counter())
+            def pieces():  # [T, H, W, 3] on the CPU, timed before the receiver (gRPC or ffmpeg) takes them
+                for piece in self.engine.decode_pieces(latents.to(self.engine.device),
+                                                       progress=progress(pb.DECODE_PHASE_DECODING, "latent frame")):
+                    decoded.append(time.perf_counter())
+                    yield piece[0]
 
             video = None
             with measure_peak(self.engine.device) as peak:
@@ -106,8 +107,8 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
                             emit(piece)
                 except NonFiniteVideo as e:  # it would be a black video with status OK
                     raise RequestError("latents", str(e)) from None
-            encode_s = time.perf_counter() - decoded[0] if video is not None else 0.0
-            return video, decoded[0] - start, encode_s, peak
+            encode_s = time.perf_counter() - decoded[-1] if video is not None else 0.0
+            return video, decoded[-1] - decoded[0], encode_s, peak
 
         frames = TensorSender.messages(spec_of(torch.uint8, shape, "frames"), pb.DecodeResponse, "frames")
         result = None
@@ -161,7 +162,7 @@ async def start(model: ModelConfig, layout, system, address: str, dtype: torch.d
     else:
         engine = VaeEngine.from_checkpoint(layout.vae, layout.kind, model.vae, system.device, dtype,
                                            low_mem_level=level, tiling=tiling)
-    servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue), tiled=engine.tiling is not None)
+    servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue, engine.device), tiled=engine.tiling is not None)
     warm = warmup_latents(model, engine.device)
     return await start_stage(SERVICE_NAME, pb_grpc.add_VaeServiceServicer_to_server, servicer, address,
                              system.max_queue, warmup=lambda: engine.decode(warm.to(engine.device)))

@@ -33,7 +33,7 @@ def write_mp4(frames: Frames | Iterable[Frames], path: str | Path, fps: int = 16
         total = len(pieces[0])
     else:
         pieces = frames
-    writer, size, count = None, None, 0
+    writer, size, count, complete = None, None, 0, False
     try:
         for piece in pieces:
             array = _as_frames(piece)
@@ -49,10 +49,26 @@ def write_mp4(frames: Frames | Iterable[Frames], path: str | Path, fps: int = 16
                     progress(count, total)
         if writer is None:
             raise ValueError("frames: got no frames")
+        complete = True
     finally:
         if writer is not None:
-            writer.close()
+            _stop_ffmpeg(writer, complete)
     return Path(path)
+
+
+class _Abandon(BaseException):
+    """Thrown into imageio-ffmpeg's writer, which kills ffmpeg on a BaseException; its close() waits for ffmpeg to
+    finish encoding, which on an error or a cancel is a file nobody will read (seconds at 720p)."""
+
+
+def _stop_ffmpeg(writer, finish: bool) -> None:
+    if finish:
+        writer.close()  # waits for the encode to end and the index to be written
+        return
+    try:
+        writer.throw(_Abandon())
+    except _Abandon:
+        pass
 
 
 def _start_ffmpeg(path: str | Path, size: tuple[int, int], fps: int, crf: int):

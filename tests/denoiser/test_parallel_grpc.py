@@ -207,7 +207,7 @@ def test_rank_zero_shutdown_waits_for_the_job_on_the_channel(monkeypatch):
 
     monkeypatch.setattr(distributed, "run_job", slow_job)
     monkeypatch.setattr(distributed, "LockstepStop", lambda device, cancelled: cancelled)
-    runner = distributed.RankZeroRunner(engine=None, channel=Channel())
+    runner = distributed.RankZeroRunner(engine=SimpleNamespace(parallel=None), channel=Channel())
     job = SimpleNamespace(params=None, request=SimpleNamespace(uses_cfg=False))
     worker = threading.Thread(target=runner, args=(job, None, None))
     worker.start()

@@ -252,7 +252,8 @@ def test_attention_and_cache_parameters_are_refused_before_any_work():
 
 def test_a_client_that_stops_reading_loses_its_generation_and_its_slot(monkeypatch):
     """The gateway waits WRITE_STALL_SECONDS at most for a client to take a message; a client that reads one and
-    stops (its flow-control window full: 1 MiB frames, BDP probing off) frees its slot, and is told why."""
+    stops (its flow-control window full: the video's frame messages, BDP probing off) frees its slot, and is told
+    why."""
     from smartdiff.services.gateway import server as gateway_server
 
     monkeypatch.setattr(gateway_server, "WRITE_STALL_SECONDS", 1.0)
@@ -687,15 +688,14 @@ def test_vae_decode_does_not_block_the_denoiser(step_times, monkeypatch):
     """While the VAE decodes request 1, the denoiser already runs request 2's steps."""
     from smartdiff.services.vae.engine import VaeEngine
 
-    decodes, real = [], VaeEngine.decode
+    decodes, real = [], VaeEngine.decode_pieces
 
     def timed_decode(self, *a, **kw):
         start = time.monotonic()
-        out = real(self, *a, **kw)
+        yield from real(self, *a, **kw)
         decodes.append((start, time.monotonic()))
-        return out
 
-    monkeypatch.setattr(VaeEngine, "decode", timed_decode)
+    monkeypatch.setattr(VaeEngine, "decode_pieces", timed_decode)
 
     async def body(d, channel):
         decodes.clear()

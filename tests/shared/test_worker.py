@@ -96,3 +96,47 @@ def test_a_job_still_running_when_its_event_loop_closed_is_told_to_stop_not_fail
             break
         time.sleep(0.01)
     assert seen == {"stop": True}
+
+
+def test_the_stage_device_is_current_on_the_worker_thread_where_warm_up_and_jobs_run(monkeypatch):
+    """Threads start on cuda:0 and Triton kernels launch on the current device: a stage on cuda:1 must make its
+    device current on the thread that runs its warm-up and its requests."""
+    import threading
+
+    import torch
+
+    from smartdiff.shared import serving
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made_current.append((d, threading.current_thread().name)))
+    worker = StageWorker("vae", device=torch.device("cuda", 1))
+    cpu_worker = StageWorker("text_encoder", device="cpu")
+    ran = []
+
+    class Server:
+        def __init__(self, *a, **kw):
+            self.server = None
+
+        def add_port(self, address):
+            return 1
+
+        async def start(self):
+            pass
+
+        async def mark_serving(self):
+            pass
+
+    monkeypatch.setattr(serving, "StageServer", Server)
+
+    async def main():
+        servicer = type("Servicer", (), {"worker": worker})()
+        await serving.start_stage("svc", lambda s, server: None, servicer, "127.0.0.1:0", 1,
+                                  warmup=lambda: ran.append(threading.current_thread().name))
+        async for _ in worker.stream(lambda emit, stop: ran.append(threading.current_thread().name)):
+            pass
+        async for _ in cpu_worker.stream(lambda emit, stop: None):
+            pass
+
+    asyncio.run(main())
+    assert len(set(ran)) == 1 and ran[0].startswith("vae-worker")  # warm-up and job: the worker's one thread
+    assert made_current == [(torch.device("cuda", 1), ran[0])]  # set there once; nothing for the CPU stage

@@ -55,3 +55,45 @@ def test_tiling_flag_sets_the_tiles_and_is_validated(monkeypatch, started, capsy
 def test_tiling_parse_refuses_with_the_rule(text):
     with pytest.raises(ValueError, match="tiling"):
         TilingConfig.parse(text)
+
+
+def test_decode_and_encode_seconds_split_where_the_last_piece_was_decoded(monkeypatch):
+    """mp4: decode_seconds ends when the last piece is decoded, before ffmpeg takes it; encode_seconds is what
+    the encoder took after that. (The tiled path yields the whole video as one piece: decode_seconds counted
+    pushing every frame into ffmpeg.)"""
+    import time
+
+    from smartdiff.services.vae import server as vae_server
+    from smartdiff.services.vae.engine import VaeEngine
+    from smartdiff.shared.tensor_stream import tensor_to_messages
+    from smartdiff.shared.worker import StageWorker
+    from smartdiff.vae.v1 import vae_pb2
+
+    model = load_model_config("wan-tiny")
+    engine = VaeEngine.random(model.vae)
+
+    def slow_decode(latents, progress=None):  # 0.3 s of decoding, then the whole video in one piece
+        time.sleep(0.3)
+        yield torch.zeros(1, 5, 16, 16, 3, dtype=torch.uint8)
+
+    def slow_encode(pieces, fps, total, progress):  # 0.5 s of encoding per piece, as it comes
+        for _ in pieces:
+            time.sleep(0.5)
+        return b"mp4"
+
+    monkeypatch.setattr(engine, "decode_pieces", slow_decode)
+    monkeypatch.setattr(vae_server, "encode_mp4", slow_encode)
+    servicer = vae_server.VaeServicer(model, engine, StageWorker("vae"))
+
+    async def requests():
+        yield vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams())
+        for m in tensor_to_messages(torch.zeros(1, 16, 2, 2, 2), vae_pb2.DecodeRequest, "latents"):
+            yield m
+
+    context = types.SimpleNamespace(time_remaining=lambda: None)
+
+    async def main():
+        return [m async for m in servicer.Decode(requests(), context)]
+
+    summary = asyncio.run(main())[-1].summary
+    assert 0.3 <= summary.decode_seconds < 0.45 and 0.5 <= summary.encode_seconds < 0.65, summary

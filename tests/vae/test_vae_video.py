@@ -88,3 +88,32 @@ def test_frames_in_pieces_encode_as_they_come_to_the_same_video():
 def test_pieces_of_another_size_or_none_are_refused(tmp_path, pieces, match):
     with pytest.raises(ValueError, match=match):
         write_mp4(iter(pieces), tmp_path / "x.mp4")
+
+
+def test_an_error_between_pieces_kills_ffmpeg_instead_of_waiting_for_its_encode(monkeypatch):
+    """A cancel or a bad piece mid-decode must not hold the VAE's worker while ffmpeg finishes a file nobody will
+    read: ffmpeg is killed, not waited for."""
+    import signal
+    import subprocess
+
+    import imageio_ffmpeg._io as ffmpeg_io
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, args, *a, **kw):
+            super().__init__(args, *a, **kw)
+            if "-crf" in args:  # an encode (not imageio-ffmpeg's version probe)
+                started.append(self)
+
+    monkeypatch.setattr(ffmpeg_io.subprocess, "Popen", Recorded)
+
+    def pieces():
+        yield (torch.rand(8, 64, 64, 3) * 255).to(torch.uint8)
+        raise RuntimeError("cancelled after latent frame 2/21")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        encode_mp4(pieces(), total=81)
+    assert len(started) == 1 and started[0].wait(10) == -signal.SIGKILL
+    encode_mp4(gradient_frames(3, 16, 16))  # and a complete one is waited for
+    assert started[1].wait(10) == 0
