@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -10,28 +12,69 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from smartdiff.shared.config import MODELS_DIR
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or does not match the model it should fill."""
 
 
 # --------------------------------------------------------------------------------------------- files
+def check_readable(path: Path, what: str = "checkpoint file") -> None:
+    """CheckpointError naming `path` unless it is a readable, non-empty file: a broken symbolic link (a Hugging
+    Face cache whose blob is gone), a file left empty or unreadable by an interrupted or foreign-user download."""
+    try:
+        if path.is_symlink() and not path.exists():
+            raise CheckpointError(f"{what} {path} is a broken symbolic link (to {os.readlink(path)}): its target is "
+                                  "missing, e.g. an incomplete download into a Hugging Face cache")
+        if not path.exists():
+            raise CheckpointError(f"{what} not found: {path}")
+        if not path.is_file():
+            raise CheckpointError(f"{what} {path} is not a file")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{what} {path} is empty (an incomplete download?)")
+        if not os.access(path, os.R_OK):
+            raise CheckpointError(f"{what} {path} is not readable by this user (uid {os.getuid()}): permission denied")
+    except OSError as e:  # e.g. a folder on the path that this user may not enter
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def _shard_map(path: Path) -> dict[str, list[str]]:
+    """A sharded index's weight_map as {shard file: [its keys]}."""
+    index = read_json(path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: needs a 'weight_map' object mapping each tensor name to its shard file")
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    return shards
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read one weights file: `.safetensors`, a sharded `*.safetensors.index.json`, or `.pth`/`.pt`.
 
+    A sharded index is followed key by key: each shard must hold exactly the tensors the index assigns to it
+    (a stale shard from another revision, or one tensor in two shards, is refused, not settled by file order).
     `.pth` goes through `torch.load(weights_only=True)`: nothing in a checkpoint is executed.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+    check_readable(path)
     name = path.name
     try:
         if name.endswith(".index.json"):
-            with open(path) as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
             out: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                out.update(read_state_dict(path.parent / shard))
+            for shard, keys in sorted(_shard_map(path).items()):
+                shard_path = path.parent / shard
+                if not shard_path.exists() and not shard_path.is_symlink():
+                    raise CheckpointError(f"{path} lists shard {shard}, which is missing from {path.parent}")
+                part = read_state_dict(shard_path)
+                absent, extra = set(keys) - set(part), set(part) - set(keys)
+                if absent or extra:
+                    what = [f"lacks {_describe(absent)}, which the index assigns to it"] if absent else []
+                    what += [f"holds {_describe(extra)}, which the index assigns elsewhere or not at all"] if extra else []
+                    raise CheckpointError(f"shard {shard_path} does not match {path.name}: " + "; ".join(what))
+                out.update(part)
             return out
         if name.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -53,16 +96,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def find_weights(folder: Path, stem: str = "diffusion_pytorch_model") -> Path:
     """The weights of a module folder: `<stem>.safetensors`, its sharded index, or `<stem>.bin`/`.pth`."""
-    for candidate in (
-        f"{stem}.safetensors.index.json",
-        f"{stem}.safetensors",
-        f"{stem}.bin.index.json",
-        f"{stem}.bin",
-        f"{stem}.pth",
-    ):
-        if (folder / candidate).is_file():
-            return folder / candidate
-    found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+    names = (f"{stem}.safetensors.index.json", f"{stem}.safetensors", f"{stem}.bin.index.json", f"{stem}.bin",
+             f"{stem}.pth")
+    try:
+        for candidate in names:
+            if (folder / candidate).is_file() or (folder / candidate).is_symlink():  # a broken link: said by reading
+                return folder / candidate
+        found = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+    except OSError as e:
+        raise CheckpointError(f"cannot list {folder}: {e.strerror or e}") from None
     raise CheckpointError(
         f"no weights '{stem}.safetensors' (or .safetensors.index.json / .bin / .pth) in {folder}; found {found}"
     )
@@ -97,14 +139,31 @@ WAN_TOKENIZER_DIR = "google/umt5-xxl"
 
 def detect_layout(root: str | Path) -> CheckpointLayout:
     """Recognise an official Wan folder or a Diffusers folder; say what is missing otherwise."""
-    root = Path(root)
+    try:
+        return _detect_layout(Path(root))
+    except OSError as e:  # a folder this user may not enter
+        raise CheckpointError(f"cannot read checkpoint folder {root}: {e.strerror or e} ({e.filename})") from None
+
+
+DIFFUSERS_PARTS = ("transformer", "transformer_2", "text_encoder", "tokenizer", "vae")
+
+
+def _detect_layout(root: Path) -> CheckpointLayout:
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {root}")
+        hint = ""
+        if not root.exists() and len(root.parts) == 1 and (MODELS_DIR / f"{root}.yaml").is_file():
+            hint = f" ({root} is a model name: pass it with --model)"
+        raise CheckpointError(f"checkpoint folder not found: {root}{hint}")
     if (root / "transformer").is_dir() or (root / "model_index.json").is_file():
         need = ["transformer", "text_encoder", "tokenizer", "vae"]
         missing = [n for n in need if not (root / n).is_dir()]
+        if (root / "model_index.json").is_file():  # what the pipeline has: Wan2.2 lists transformer_2
+            index = read_json(root / "model_index.json")
+            listed = [n for n in DIFFUSERS_PARTS if isinstance(index.get(n), list) and any(index[n])]
+            missing += [n for n in listed if n not in need and not (root / n).is_dir()]
         if missing:
-            raise CheckpointError(f"{root}: Diffusers layout is missing folders {missing} (needs {need})")
+            raise CheckpointError(f"{root}: Diffusers layout is missing folders {missing} (needs {need}, and every "
+                                  "component model_index.json lists; an incomplete download?)")
         dits = [root / "transformer"] + ([root / "transformer_2"] if (root / "transformer_2").is_dir() else [])
         return CheckpointLayout(root, "diffusers", tuple(dits), root / "text_encoder", root / "tokenizer", root / "vae")
     if (root / "high_noise_model").is_dir() or (root / "low_noise_model").is_dir():
@@ -113,7 +172,7 @@ def detect_layout(root: str | Path) -> CheckpointLayout:
         dits = [root]
     missing = [str(d.relative_to(root)) or "." for d in dits if not d.is_dir()]
     for rel in (WAN_T5_FILE, WAN_VAE_FILE):
-        if not (root / rel).is_file():
+        if not (root / rel).is_file() and not (root / rel).is_symlink():  # a broken link: said by check_weight_files
             missing.append(rel)
     if not (root / WAN_TOKENIZER_DIR).is_dir():
         missing.append(WAN_TOKENIZER_DIR + "/")
@@ -125,6 +184,41 @@ def detect_layout(root: str | Path) -> CheckpointLayout:
     return CheckpointLayout(root, "wan", tuple(dits), root / WAN_T5_FILE, root / WAN_TOKENIZER_DIR, root / WAN_VAE_FILE)
 
 
+def check_weight_files(layout: CheckpointLayout) -> None:
+    """Before anything loads: every weights file of every stage is there, readable, non-empty and of its format
+    (safetensors headers parse, every shard an index lists exists, .pth files are zip archives). A half-downloaded
+    folder is refused at once, naming the file, instead of after the other stages loaded tens of GB."""
+    if layout.kind == "wan":
+        files = [find_weights(d) for d in layout.dit_dirs] + [layout.text_encoder, layout.vae]
+    else:
+        files = [find_weights(d) for d in layout.dit_dirs] + [find_weights(layout.text_encoder, "model"),
+                                                              find_weights(layout.vae)]
+    for path in files:
+        if path.name.endswith(".index.json"):
+            check_readable(path)
+            for shard in sorted(_shard_map(path)):
+                if not (path.parent / shard).exists() and not (path.parent / shard).is_symlink():
+                    raise CheckpointError(f"{path} lists shard {shard}, which is missing from {path.parent}")
+                _check_format(path.parent / shard)
+        else:
+            _check_format(path)
+
+
+def _check_format(path: Path) -> None:
+    check_readable(path)
+    if path.name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:  # the header only
+                f.keys()
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {e} (truncated or not safetensors?)") from None
+    elif path.name.endswith((".pth", ".pt")) and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a zip archive as torch.save writes (truncated, or "
+                              "saved with the legacy format: re-save it with torch.save)")
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; CheckpointError when the file is missing, not JSON, or not an object."""
     try:
@@ -132,6 +226,8 @@ def read_json(path: Path) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"missing config file {path}") from None
+    except OSError as e:  # permission denied, a folder ...
+        raise CheckpointError(f"cannot read config file {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -141,12 +237,17 @@ def read_json(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------------- strict loading
 def rename_keys(sd: dict[str, torch.Tensor], rename: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
-    """Apply a key mapping; keys mapped to None are dropped."""
-    out = {}
+    """Apply a key mapping; keys mapped to None are dropped. Two keys mapped to one name (a file holding a tensor
+    under both naming schemes) are refused: which one would load is not the user's choice."""
+    out, source = {}, {}
     for key, value in sd.items():
         new = rename(key)
-        if new is not None:
-            out[new] = value
+        if new is None:
+            continue
+        if new in out:
+            raise CheckpointError(f"the checkpoint holds {source[new]!r} and {key!r}, which are the same tensor "
+                                  f"({new!r}) under two names; keep one")
+        out[new], source[new] = value, key
     return out
 
 
@@ -193,7 +294,9 @@ def load_strict(
     for key, value in state_dict.items():
         floating = value.is_floating_point()
         target = torch.float32 if floating and any(p in key for p in keep_fp32) else (dtype if floating else value.dtype)
-        converted[key] = value.to(device=device, dtype=target)
+        # copy=True: a CPU tensor of the right dtype would stay a view of the memory-mapped file, which turns a
+        # file overwritten in place into SIGBUS in the middle of a request
+        converted[key] = value.to(device=device, dtype=target, copy=True)
     module.load_state_dict(converted, strict=True, assign=True)
     init = getattr(module, "init_buffers", None)
     if callable(init):

@@ -172,7 +172,10 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     if path.suffix not in (".yaml", ".yml"):
         path = MODELS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown model {str(name_or_path)!r}; available: {', '.join(available_models())}")
+        hint = ""
+        if Path(name_or_path).is_dir():
+            hint = " (it is a folder: pass a checkpoint folder with --checkpoint, and --model only to name its preset)"
+        raise ConfigError(f"unknown model {str(name_or_path)!r}; available: {', '.join(available_models())}{hint}")
     with open(path) as f:
         data = yaml.safe_load(f)
     return model_config_from_dict(data, where=str(path.name))

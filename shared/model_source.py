@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from smartdiff.shared.checkpoint import CheckpointError, CheckpointLayout, detect_layout, read_json
+from smartdiff.shared.checkpoint import (CheckpointError, CheckpointLayout, check_weight_files, detect_layout,
+                                        read_json)
 from smartdiff.shared.config import (
     ConfigError, DiTConfig, ModelConfig, SamplingDefaults, TextEncoderConfig, VAEConfig, available_models,
     load_model_config,
@@ -58,13 +59,17 @@ def dit_config_from_json(cfg: dict, source: Path) -> DiTConfig:
             raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not supported (only t2v)")
         heads, dim = _field(cfg, "num_heads", source, "int"), _field(cfg, "dim", source, "int")
         names = dict(in_dim="in_dim", out_dim="out_dim")
+    in_dim = _field(cfg, names["in_dim"], source, "int", 16)
+    if in_dim != 16:  # 36: Wan2.2-I2V's noise + image latents and mask; 48: TI2V-5B's VAE
+        raise CheckpointError(f"{source}: {names['in_dim']} {in_dim} is not a text-to-video transformer of the Wan2.1 "
+                              "VAE (16 latent channels); image-to-video and TI2V checkpoints are not supported")
     patch = _field(cfg, "patch_size", source, "ints", (1, 2, 2))
     if len(patch) != 3 or 0 in patch:
         raise CheckpointError(f"{source}: field 'patch_size' must be 3 integers >= 1, got {list(patch)}")
     return DiTConfig(
         dim=dim, num_heads=heads, ffn_dim=_field(cfg, "ffn_dim", source, "int"),
         num_layers=_field(cfg, "num_layers", source, "int"), patch_size=patch,
-        in_dim=_field(cfg, names["in_dim"], source, "int", 16),
+        in_dim=in_dim,
         out_dim=_field(cfg, names["out_dim"], source, "int", 16),
         freq_dim=_field(cfg, "freq_dim", source, "int", 256), text_dim=_field(cfg, "text_dim", source, "int", 4096),
         text_len=_field(cfg, "text_len", source, "int", 512), qk_norm=bool(cfg.get("qk_norm", True)),
@@ -178,6 +183,7 @@ def resolve_model(model: str | None, checkpoint: str | Path | None) -> tuple[Mod
             raise ConfigError(f"{cfg.name} needs its weights: pass --checkpoint DIR (official Wan or Diffusers folder)")
         return cfg, None
     layout = detect_layout(checkpoint)
+    check_weight_files(layout)
     if model is not None:
         cfg = load_model_config(model)
         cfg_path = layout.dit_dirs[0] / "config.json"

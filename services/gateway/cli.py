@@ -180,7 +180,7 @@ async def _generate(args: argparse.Namespace) -> int:
         resolved = resolve_request(req, model)
         if req.seed is None:  # fix the seed here so it can be printed before the work starts
             req = GenerationRequest(**{**req.__dict__, "seed": resolved.seed})
-        if model.random_weights:
+        if layout is None and model.random_weights:
             print(f"note: {model.name} has RANDOM weights: the video is noise (use --checkpoint for a real model)",
                   file=sys.stderr)
         from smartdiff.services.denoiser.server import DenoiserOptions

@@ -132,3 +132,9 @@ def test_a_prompt_that_is_not_utf8_is_refused(tmp_path, capsys):
         capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--negative-prompt", bad, "--out", str(tmp_path / "v.mp4")]) == 2
     assert "negative_prompt: must be valid Unicode text" in capsys.readouterr().err
+
+
+def test_no_random_weights_note_when_the_weights_come_from_a_checkpoint(diffusers_dir, tmp_path, capsys):
+    assert main(["generate", "--prompt", "x", "--model", "wan-tiny", "--checkpoint", str(diffusers_dir), "--width", "32",
+                 "--height", "32", "--frames", "5", "--steps", "2", "--out", str(tmp_path / "v.mp4")]) == 0
+    assert "RANDOM" not in capsys.readouterr().err

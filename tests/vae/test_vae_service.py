@@ -97,3 +97,36 @@ def test_decode_and_encode_seconds_split_where_the_last_piece_was_decoded(monkey
 
     summary = asyncio.run(main())[-1].summary
     assert 0.3 <= summary.decode_seconds < 0.45 and 0.5 <= summary.encode_seconds < 0.65, summary
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_vae_stage_on_the_second_gpu_serves_what_one_on_the_first_decodes():
+    """Wan2.1's VAE (random weights) served on cuda:1 from a process whose main thread is on cuda:0: its warm-up
+    and requests run with cuda:1 current (Triton's fused kernels, the copy events), and stream the frames an
+    engine on cuda:0 decodes."""
+    from smartdiff.services.vae import server as vae_server
+    from smartdiff.services.vae.engine import VaeEngine
+    from smartdiff.shared.grpc_server import create_channel
+    from smartdiff.shared.tensor_stream import frames_to_tensor, tensor_to_messages
+    from smartdiff.vae.v1 import vae_pb2, vae_pb2_grpc
+
+    model = load_model_config("Wan2.1-T2V-1.3B")
+    latents = torch.randn(1, 16, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    expected = VaeEngine.random(model.vae, "cuda:0").decode(latents.to("cuda:0"))[0].cpu()
+
+    async def main():
+        system = SystemConfig(torch.device("cuda", 1), torch.bfloat16)
+        server, port = await vae_server.start(model, None, system, "127.0.0.1:0")
+        try:
+            async with create_channel(f"127.0.0.1:{port}") as channel:
+                requests = [vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(
+                    output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)),
+                    *tensor_to_messages(latents, vae_pb2.DecodeRequest, "latents")]
+                return [m async for m in vae_pb2_grpc.VaeServiceStub(channel).Decode(iter(requests))]
+        finally:
+            await server.stop(0)
+
+    torch.cuda.set_device(0)
+    out = asyncio.run(main())
+    frames = frames_to_tensor([m.frames for m in out if m.WhichOneof("frame") == "frames"])
+    assert torch.equal(frames, expected)
