@@ -71,10 +71,10 @@ class MemoryPolicy:
         if stage == "denoiser" and self.dit_offload and not self.offload_without_cuda:
             if device.type != "cuda":
                 raise MemoryPolicyError(
-                    f"low_mem_level: 3 (DiT streamed from pinned host memory on a side CUDA stream) needs a "
-                    f"CUDA device, got device {device}; use low_mem_level 0..2 on this machine")
+                    f"--low-mem-level 3 (DiT streamed from pinned host memory on a side CUDA stream) needs a "
+                    f"CUDA device, got device {device}; use --low-mem-level 0..2 on this machine")
             if not torch.cuda.is_available():
-                raise MemoryPolicyError("low_mem_level: 3 needs CUDA, and torch.cuda.is_available() is False")
+                raise MemoryPolicyError("--low-mem-level 3 needs CUDA, and torch.cuda.is_available() is False")
 
     @property
     def vae_tiling(self) -> bool:

@@ -18,6 +18,7 @@ from smartdiff.shared.argtypes import ranged_int, seconds
 from smartdiff.shared.checkpoint import CheckpointLayout
 from smartdiff.shared.config import ConfigError, ModelConfig
 from smartdiff.shared.grpc_server import StageServer, check_address
+from smartdiff.shared.memory import MemoryPolicyError, is_out_of_memory
 from smartdiff.shared.model_source import resolve_model
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,16 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
         elif warmup is not None:
             worker = getattr(servicer, "worker", None)
             await (worker.run(warmup) if worker is not None else asyncio.to_thread(warmup))
-    except BaseException:  # a failed (or interrupted) start or warm-up must not leave the port bound
+    except BaseException as exc:  # a failed (or interrupted) start or warm-up must not leave the port bound
         await server.stop(0)
+        if is_out_of_memory(exc):  # not a traceback: say what ran and what to change
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MemoryPolicyError(
+                f"{service_name.rsplit('.', 1)[-1]}: the warm-up before SERVING ran out of device memory ({detail}); "
+                "it runs a request at the model's default size (the denoiser: one step, both guidance branches, "
+                "when --compile is on). Start with a higher --low-mem-level, or the denoiser with --compile off "
+                "(a tiny warm-up; the first request of each size then compiles), or on a GPU with more memory"
+            ) from None
         raise
     await server.mark_serving()
     return server, port

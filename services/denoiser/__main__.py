@@ -119,7 +119,7 @@ def _main(argv: list[str] | None) -> int:
             runner = RankZeroRunner(engine, channel)
             try:
                 asyncio.run(serve(args, model, layout, replace(system, device=device), options, engine, runner))
-            except ConfigError as e:  # the port, taken since it was checked
+            except (ConfigError, MemoryPolicyError) as e:  # the port, taken since it was checked; the warm-up's OOM
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 return 2
             finally:

@@ -219,11 +219,12 @@ async def _generate(args: argparse.Namespace) -> int:
     times = " ".join(f"{_stage_name(t.stage)}={t.seconds:.2f}s" + (f"/{t.peak_memory_bytes / 2**30:.1f}GiB"
                                                                      if t.peak_memory_bytes else "")
                      for t in outcome.summary.stage_timings)
-    levels = {t.low_mem_level for t in outcome.summary.stage_timings}
+    levels = ",".join(f"{_stage_name(t.stage)}:{t.low_mem_level}" for t in outcome.summary.stage_timings
+                      if t.low_mem_level)
     print(f"wrote {args.out} ({s.width}x{s.height}, {s.frames} frames @ {s.fps} fps) model={s.model} "
           f"sampler={s.sampler} steps={s.steps} shift={s.shift:g} guidance={','.join(f'{g:g}' for g in s.guidance)} "
           f"seed={s.seed} attention={s.attention_selection} cache={s.cache.strategy} "
-          f"cached_steps={outcome.summary.cached_steps} low_mem_level={max(levels)} {times} "
+          f"cached_steps={outcome.summary.cached_steps} low_mem_level={levels or 0} {times} "
           f"total={outcome.summary.total_seconds:.2f}s")
     return 0
 

@@ -131,8 +131,8 @@ class VaeEngine:
         self._check_video(video)
         if not self._encoder_parked:
             return self._encode(video)
-        self._move_encoder(self.device)
         try:
+            self._move_encoder(self.device)
             return self._encode(video)
         finally:
             self._move_encoder("cpu")

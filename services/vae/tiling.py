@@ -37,9 +37,10 @@ class TilingConfig:
     frames_per_call: int = 1  # video frames per decoder call past the last temporal upsampler
 
     def __post_init__(self) -> None:
-        if self.overlap < 1 or self.tile < 2 * self.overlap + 1:
-            raise ValueError(f"tiling: need 1 <= overlap (tiles are blended across it) and tile > 2 * overlap, got "
-                             f"tile {self.tile}, overlap {self.overlap}")
+        if self.overlap < 1 or 2 * self.tile <= 5 * self.overlap:
+            raise ValueError(f"tiling: need 1 <= overlap (tiles are blended across it) and tile > 2.5 x overlap (else "
+                             f"the overlaps of a tile's two neighbours can meet inside it, after tile_spans spreads "
+                             f"the tiles), got tile {self.tile}, overlap {self.overlap}")
         if self.frames_per_call < 1:
             raise ValueError(f"tiling: frames_per_call must be >= 1, got {self.frames_per_call}")
 
@@ -82,6 +83,9 @@ def tile_spans(length: int, tile: int, overlap: int) -> list[Span]:
     count = math.ceil((length - overlap) / (tile - overlap))
     size = math.ceil((length + (count - 1) * overlap) / count)  # <= tile
     starts = [(k * (length - size)) // (count - 1) for k in range(count)]
+    if any(b < a + size for a, b in zip(starts, starts[2:])):  # TilingConfig's tile > 2.5 x overlap prevents it
+        raise ValueError(f"tiling: tile {tile} with overlap {overlap} over {length} latent px makes three tiles "
+                         "overlap; use a tile over 2.5x the overlap")
     return [(s, s + size) for s in starts]
 
 

@@ -431,6 +431,25 @@ def test_vae_streams_each_latent_frames_video_while_the_next_decodes():
     run(body)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_deployment_on_the_second_gpu_generates_what_one_on_the_first_does():
+    """Every stage's work runs with its device current (Triton kernels launch on the current device): a deployment
+    on cuda:1, started from a thread on cuda:0, gives the latents and frames of one on cuda:0."""
+    req = GenerationRequest(prompt="a fox", seed=3, width=64, height=64, frames=9, steps=3)
+
+    def on(device):
+        async def body(d, channel):
+            return await generate(gateway(channel), request_to_proto(
+                req, return_latents=True, output_format=vae_pb2.OUTPUT_FORMAT_FRAMES))
+
+        torch.cuda.set_device(0)
+        return run(body, system=SystemConfig(torch.device(device), torch.bfloat16, max_queue=2),
+                   denoiser=denoiser_server.DenoiserOptions(compile="off"))
+
+    first, second = on("cuda:0"), on("cuda:1")
+    assert torch.equal(first.latents, second.latents) and torch.equal(first.frames, second.frames)
+
+
 def test_text_encoder_skips_requests_whose_deadline_passed_in_its_queue(monkeypatch):
     from smartdiff.services.text_encoder.engine import TextEncoderEngine
 

@@ -24,7 +24,7 @@ def test_unknown_levels_are_refused_naming_the_parameter(bad):
 
 
 def test_level_3_needs_cuda_for_the_denoiser_only():
-    with pytest.raises(MemoryPolicyError, match=r"low_mem_level: 3 .* needs a CUDA device, got device cpu"):
+    with pytest.raises(MemoryPolicyError, match=r"--low-mem-level 3 .* needs a CUDA device, got device cpu"):
         MemoryPolicy.resolve(3, "cpu", "denoiser")
     for stage in ("vae", "text_encoder"):  # their part of level 3 (tiles, T5 on the CPU) runs anywhere
         assert MemoryPolicy.resolve(3, "cpu", stage).level == 3
@@ -36,7 +36,7 @@ def test_level_3_needs_cuda_for_the_denoiser_only():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_level_3_on_a_cuda_device_name_without_cuda_is_refused():
-    with pytest.raises(MemoryPolicyError, match="low_mem_level"):
+    with pytest.raises(MemoryPolicyError, match="--low-mem-level 3 needs CUDA"):
         MemoryPolicy.resolve(3, "cuda", "denoiser")
 
 

@@ -140,3 +140,42 @@ def test_the_stage_device_is_current_on_the_worker_thread_where_warm_up_and_jobs
     asyncio.run(main())
     assert len(set(ran)) == 1 and ran[0].startswith("vae-worker")  # warm-up and job: the worker's one thread
     assert made_current == [(torch.device("cuda", 1), ran[0])]  # set there once; nothing for the CPU stage
+
+
+def test_a_warm_up_out_of_device_memory_is_a_startup_error_naming_the_flags(monkeypatch):
+    """A stage whose warm-up does not fit the GPU (level 3 on a small card with --compile on) exits with a line
+    that says so and what to change, not a traceback; its port is released."""
+    import pytest
+    import torch
+
+    from smartdiff.shared import serving
+    from smartdiff.shared.memory import MemoryPolicyError
+
+    stopped = []
+
+    class Server:
+        def __init__(self, *a, **kw):
+            self.server = None
+
+        def add_port(self, address):
+            return 1
+
+        async def start(self):
+            pass
+
+        async def stop(self, grace):
+            stopped.append(grace)
+
+    monkeypatch.setattr(serving, "StageServer", Server)
+
+    def warmup():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.2 GiB\nmore")
+
+    servicer = type("Servicer", (), {"worker": StageWorker("denoiser")})()
+    with pytest.raises(MemoryPolicyError) as err:
+        asyncio.run(serving.start_stage("smartdiff.denoiser.v1.DenoiserService", lambda s, server: None, servicer,
+                                        "127.0.0.1:0", 1, warmup=warmup))
+    message = str(err.value)
+    assert message.startswith("DenoiserService: the warm-up before SERVING ran out of device memory (CUDA out of "
+                              "memory. Tried to allocate 14.2 GiB)")
+    assert "--low-mem-level" in message and "--compile off" in message and stopped == [0]

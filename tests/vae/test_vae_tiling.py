@@ -183,3 +183,27 @@ def test_encode_still_works_with_the_encoder_parked(engine):
 def test_bad_tiling_is_refused(kw):
     with pytest.raises(ValueError, match="tiling"):
         TilingConfig(**kw)
+
+
+@pytest.mark.parametrize("tile,overlap,length", [(48, 22, 104), (17, 8, 30), (5, 2, 9)])
+def test_tiles_whose_neighbours_overlaps_could_meet_are_refused(tile, overlap, length):
+    """tile_spans spreads equal tiles, rounding overlaps up: at tile <= 2.5 x overlap three tiles can cover one
+    pixel (--tiling 48:22 over 104 latent columns: weights summing to 1.13, a bright stripe), which the blend
+    does not handle."""
+    with pytest.raises(ValueError, match="tile > 2.5 x overlap"):
+        TilingConfig(tile=tile, overlap=overlap)
+    with pytest.raises(ValueError, match="three tiles"):
+        tile_spans(length, tile, overlap)
+
+
+def test_every_allowed_tiling_covers_each_pixel_with_weights_summing_to_one():
+    for tile in range(3, 41):
+        for overlap in range(1, tile):
+            if 2 * tile <= 5 * overlap:
+                continue
+            for length in range(1, 120):
+                spans = tile_spans(length, tile, overlap)
+                total = torch.zeros(length)
+                for (a, b), w in zip(spans, ramp_weights(spans, 1, torch.device("cpu"))):
+                    total[a:b] += w
+                assert torch.allclose(total, torch.ones(length)), (tile, overlap, length, spans)
