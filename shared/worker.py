@@ -52,6 +52,9 @@ class StageWorker:
         self.name = name
         self.max_pending = max_pending
         self.pending = 0  # (the property below: sets the metric too)
+        device = None if device is None else torch.device(device)
+        if device is not None and device.type == "cuda" and device.index is None:  # "cuda": this thread's device,
+            device = torch.device("cuda", torch.cuda.current_device())  # where the stage's weights were put
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-worker",
                                             initializer=use_device, initargs=(device,))
 

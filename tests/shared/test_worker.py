@@ -111,6 +111,8 @@ def test_the_stage_device_is_current_on_the_worker_thread_where_warm_up_and_jobs
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: made_current.append((d, threading.current_thread().name)))
     worker = StageWorker("vae", device=torch.device("cuda", 1))
     cpu_worker = StageWorker("text_encoder", device="cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    bare_worker = StageWorker("denoiser", device="cuda")  # the default device: the one current where it was made
     ran = []
 
     class Server:
@@ -136,10 +138,13 @@ def test_the_stage_device_is_current_on_the_worker_thread_where_warm_up_and_jobs
             pass
         async for _ in cpu_worker.stream(lambda emit, stop: None):
             pass
+        async for _ in bare_worker.stream(lambda emit, stop: None):
+            pass
 
     asyncio.run(main())
     assert len(set(ran)) == 1 and ran[0].startswith("vae-worker")  # warm-up and job: the worker's one thread
-    assert made_current == [(torch.device("cuda", 1), ran[0])]  # set there once; nothing for the CPU stage
+    assert made_current[0] == (torch.device("cuda", 1), ran[0])  # set there once; nothing for the CPU stage
+    assert [d for d, _ in made_current[1:]] == [torch.device("cuda", 2)]
 
 
 def test_a_warm_up_out_of_device_memory_is_a_startup_error_naming_the_flags(monkeypatch):
