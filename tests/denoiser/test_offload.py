@@ -130,10 +130,10 @@ def test_two_slots_hold_the_device_weights_and_the_order_is_learned():
 
 def test_level_3_without_cuda_is_refused_before_loading(tmp_path):
     model = load_model_config("wan-tiny")
-    with pytest.raises(MemoryPolicyError, match=r"low_mem_level: 3 .* needs a CUDA device, got device cpu"):
+    with pytest.raises(MemoryPolicyError, match=r"--low-mem-level 3 .* needs a CUDA device, got device cpu"):
         DenoiserEngine.load(model, None, "cpu", torch.float32, low_mem_level=3)
     experts = [random_dit(model.dit, "cpu", torch.float32, seed=0)]
-    with pytest.raises(MemoryPolicyError, match="low_mem_level"):
+    with pytest.raises(MemoryPolicyError, match="--low-mem-level 3"):
         DenoiserEngine(model, experts, "cpu", torch.float32, low_mem_level=3)
 
 
