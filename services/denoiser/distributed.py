@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from smartdiff.denoiser.v1 import denoiser_pb2 as pb
 from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.request import ResolvedRequest
 
 from .engine import DenoiserEngine
 from .parallel import ParallelConfig, ParallelState
@@ -135,18 +137,27 @@ class RequestChannel:
         return params, prompt, negative
 
 
-def sum_cache_counts(engine: DenoiserEngine, result: JobResult, device: torch.device | str) -> None:
+def sum_cache_counts(engine: DenoiserEngine, result: JobResult, device: torch.device | str,
+                     request: ResolvedRequest) -> None:
     """Under CFG parallel each rank ran one guidance branch, so its cache counts are its branch's only: every rank
     adds them up (a collective: all ranks call it after each job that ended well), so that the summary's
-    cached_steps and cache_report count every branch, as one process does. The sequence-parallel ranks of a
-    branch share its decisions and counts. Nothing to do without CFG parallel."""
+    cached_steps and cache_report count every branch, as one process does. A step without guidance (its expert's
+    guidance <= 1, or no CFG at all) runs the conditional branch on both CFG ranks: the second rank's counts of
+    those steps are left out. The sequence-parallel ranks of a branch share its decisions and counts. Nothing to
+    do without CFG parallel."""
     from .cache.session import KINDS
 
     config = engine.parallel.config if engine.parallel is not None else ParallelConfig()
     if config.cfg == 1:
         return
     stats = result.cache
-    counts = torch.tensor([stats.computed[k] for k in KINDS] + [stats.reused[k] for k in KINDS], dtype=torch.int64,
+    computed, reused = Counter(stats.computed), Counter(stats.reused)
+    if engine.parallel.cfg_rank == 1:  # the steps this rank ran as a copy of branch 0
+        for step in stats.steps:
+            if not request.uses_cfg or request.guidance[step.expert] <= 1.0:
+                computed.subtract(step.computed)
+                reused.subtract(step.reused)
+    counts = torch.tensor([computed[k] for k in KINDS] + [reused[k] for k in KINDS], dtype=torch.int64,
                           device=device)
     dist.all_reduce(counts)
     totals = (counts // (config.world_size // config.cfg)).tolist()
@@ -168,7 +179,7 @@ class RankZeroRunner:
             prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
             stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
             result = run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
-            sum_cache_counts(self.engine, result, self.channel.device)
+            sum_cache_counts(self.engine, result, self.channel.device, job.request)
             return result
 
     def shutdown(self) -> None:
@@ -183,6 +194,6 @@ def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOpt
         try:
             job = prepare_job(params, model, options, engine)
             result = run_job(engine, job, prompt, negative, cancelled=LockstepStop(channel.device))
-            sum_cache_counts(engine, result, channel.device)
+            sum_cache_counts(engine, result, channel.device, job.request)
         except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
             log.info("rank job ended: %s", e)

@@ -404,3 +404,29 @@ def test_calibrate_cli_refuses_bad_paths_before_the_runs_and_too_few_steps_clean
         assert main([*small, *flags]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("steps", [2, 3, 4, 7, 50])
+def test_pab_default_window_never_holds_the_first_or_last_step(steps):
+    """With 2 or 3 steps the rounding of the middle 70% gave a window over every step, the last one (x0) too."""
+    ts = make_sampler("unipc", steps, 5.0, 1000).timesteps.tolist()
+    pab = FlexCache(load_model_config("Wan2.1-T2V-1.3B"), True).resolve(CacheConfig("pab"), ts, lambda t: 0).params
+    inside = [i for i, t in enumerate(ts) if pab.timestep_end < t < pab.timestep_start]
+    assert 0 not in inside and steps - 1 not in inside and (steps < 3 or inside)
+
+
+def test_pab_with_one_bound_given_takes_the_default_other_bound_up_to_it():
+    ts = make_sampler("unipc", 8, 5.0, 1000).timesteps.tolist()
+    cache = FlexCache(load_model_config("Wan2.1-T2V-1.3B"), True)
+    start_only = cache.resolve(CacheConfig("pab", PabParams(timestep_start=300.0)), ts, lambda t: 0).params
+    end_only = cache.resolve(CacheConfig("pab", PabParams(timestep_end=990.0)), ts, lambda t: 0).params
+    assert start_only.timestep_end <= 300.0 and end_only.timestep_start >= 990.0
+
+
+def test_magcache_retention_sent_as_float32_retains_the_decimal_s_steps():
+    import numpy as np
+
+    from smartdiff.services.denoiser.cache.magcache import retained_steps
+
+    for ratio, n, kept in ((0.7, 10, 7), (0.9, 10, 9), (0.35, 20, 7), (0.2, 50, 10), (0.0, 50, 0), (0.99, 50, 49)):
+        assert retained_steps(float(np.float32(ratio)), n) == kept == retained_steps(ratio, n)

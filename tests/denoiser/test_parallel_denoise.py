@@ -185,3 +185,31 @@ def _refuse_rank(rank, world):
     except RequestError as e:
         return e.field, str(e)
     return None, ""
+
+
+def _unguided_counts_rank(rank, world, model_name, guidance):
+    from smartdiff.services.denoiser.cache import CacheConfig, MagCacheParams
+    from smartdiff.services.denoiser.distributed import sum_cache_counts
+    from smartdiff.services.denoiser.server import JobResult
+
+    model = load_model_config(model_name)
+    g = torch.Generator().manual_seed(0)
+    ctx, neg = torch.randn(9, model.dit.text_dim, generator=g), torch.randn(4, model.dit.text_dim, generator=g)
+    req = resolve_request(GenerationRequest(prompt="x", guidance=guidance, width=32, height=32, frames=5, steps=8,
+                                            seed=3), model)
+    state = ParallelState(ParallelConfig(2, 1, 1), rank) if world > 1 else None
+    engine = DenoiserEngine.load(model, None, "cpu", torch.float32, parallel=state, enable_flexcache=True)
+    result = JobResult(latents=None)
+    result.latents = engine.denoise(req, ctx, neg if req.uses_cfg else None, cache_stats=result.cache,
+                                    cache=CacheConfig("magcache", MagCacheParams(threshold=1.0, max_skip_steps=2)))
+    sum_cache_counts(engine, result, "cpu", req)
+    return tuple({k: n for k, n in counts.items() if n} for counts in (result.cache.computed, result.cache.reused))
+
+
+@pytest.mark.parametrize("model_name,guidance", [("wan-tiny", (1.0,)), ("wan-tiny-moe", (4.0, 1.0))])
+def test_cfg_parallel_counts_a_step_without_guidance_once(model_name, guidance):
+    """Both CFG ranks run the conditional branch of a step whose guidance is 1: the summary counts it once, as
+    one process does (it counted it twice)."""
+    single = _unguided_counts_rank(0, 1, model_name, guidance)
+    for counts in run_ranks(_unguided_counts_rank, 2, model_name, guidance):
+        assert counts == single and sum(single[1].values()) > 0

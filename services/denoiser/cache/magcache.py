@@ -11,6 +11,7 @@ sequence-parallel group agrees.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,6 +60,12 @@ def resolve(params: MagCacheParams | None, ctx: StrategyContext) -> MagCachePara
     )
 
 
+def retained_steps(ratio: float, n: int) -> int:
+    """floor(ratio * n): an expert's first steps always computed. The tolerance makes a ratio sent as a float32
+    (the proto: 0.7 arrives as 0.69999998) retain the steps the same decimal does in Python."""
+    return math.floor(ratio * n + 1e-4)
+
+
 @dataclass
 class MagCacheState(ResidualState):
     ratio: float = 1.0  # product of the ratios since the last computed step
@@ -78,7 +85,7 @@ class MagCache(ResidualCache):
 
     def should_compute(self, state: MagCacheState, step: StepInfo, branch: int, e: torch.Tensor,
                        e6: torch.Tensor) -> bool:
-        if step.expert_step < int(step.expert_steps * self.p.retention_ratio) or state.residual is None:
+        if step.expert_step < retained_steps(self.p.retention_ratio, step.expert_steps) or state.residual is None:
             return True
         state.ratio *= self.ratios[branch][step.index]
         state.skipped += 1

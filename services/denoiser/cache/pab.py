@@ -26,9 +26,10 @@ STABLE = (0.15, 0.85)  # PAB: attention changes most in the first and last 15% o
 
 
 def default_window(schedule: Schedule) -> tuple[float, float]:
-    """(timestep_start, timestep_end) whose open interval holds exactly the middle 70% of the steps."""
+    """(timestep_start, timestep_end) whose open interval holds exactly the middle 70% of the steps, never the
+    first or the last step (with 2 steps, none; the rounding gave 3 steps a window over all of them)."""
     t, n = schedule.timesteps, schedule.num_steps
-    i0, i1 = int(STABLE[0] * n + 0.5), int(STABLE[1] * n + 0.5)  # steps i0 .. i1-1 broadcast
+    i0, i1 = max(1, int(STABLE[0] * n + 0.5)), min(n - 1, int(STABLE[1] * n + 0.5))  # steps i0 .. i1-1 broadcast
     if i1 <= i0:
         return 0.0, 0.0  # too few steps: an empty window
     start = 1000.0 if i0 == 0 else (t[i0 - 1] + t[i0]) / 2
@@ -39,6 +40,10 @@ def default_window(schedule: Schedule) -> tuple[float, float]:
 def resolve(params: PabParams | None, ctx: StrategyContext) -> PabParams:
     p = params or PabParams()
     start, end = default_window(ctx.schedule)
+    if p.timestep_start is not None and p.timestep_end is None:  # one bound given: the default other one stops there
+        end = min(end, float(p.timestep_start))
+    if p.timestep_end is not None and p.timestep_start is None:
+        start = max(start, float(p.timestep_end))
     return replace(
         p,
         self_attention_skip_range=SELF_RANGE if p.self_attention_skip_range is None else p.self_attention_skip_range,
