@@ -69,11 +69,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 if not shard_path.exists() and not shard_path.is_symlink():
                     raise CheckpointError(f"{path} lists shard {shard}, which is missing from {path.parent}")
                 part = read_state_dict(shard_path)
-                absent, extra = set(keys) - set(part), set(part) - set(keys)
-                if absent or extra:
-                    what = [f"lacks {_describe(absent)}, which the index assigns to it"] if absent else []
-                    what += [f"holds {_describe(extra)}, which the index assigns elsewhere or not at all"] if extra else []
-                    raise CheckpointError(f"shard {shard_path} does not match {path.name}: " + "; ".join(what))
+                extra = set(part) - set(keys)  # (a key the index lists but the shard lacks, e.g. a tied alias stored
+                if extra:  # once, is left to the strict load, which names what the model still misses)
+                    raise CheckpointError(f"shard {shard_path} does not match {path.name}: it holds {_describe(extra)}, "
+                                          "which the index assigns to another shard or to none (a stale shard?)")
                 out.update(part)
             return out
         if name.endswith(".safetensors"):
@@ -159,7 +158,8 @@ def _detect_layout(root: Path) -> CheckpointLayout:
         missing = [n for n in need if not (root / n).is_dir()]
         if (root / "model_index.json").is_file():  # what the pipeline has: Wan2.2 lists transformer_2
             index = read_json(root / "model_index.json")
-            listed = [n for n in DIFFUSERS_PARTS if isinstance(index.get(n), list) and any(index[n])]
+            listed = [n for n in DIFFUSERS_PARTS  # as Diffusers reads it: [library, class], library None = absent
+                      if isinstance(index.get(n), list) and index[n] and index[n][0] is not None]
             missing += [n for n in listed if n not in need and not (root / n).is_dir()]
         if missing:
             raise CheckpointError(f"{root}: Diffusers layout is missing folders {missing} (needs {need}, and every "
@@ -245,8 +245,8 @@ def rename_keys(sd: dict[str, torch.Tensor], rename: Callable[[str], str | None]
         if new is None:
             continue
         if new in out:
-            raise CheckpointError(f"the checkpoint holds {source[new]!r} and {key!r}, which are the same tensor "
-                                  f"({new!r}) under two names; keep one")
+            raise CheckpointError(f"the checkpoint holds both {source[new]!r} and {key!r}, which both load as {new!r} "
+                                  "(one tensor under two naming schemes, or a stale copy); keep one")
         out[new], source[new] = value, key
     return out
 
@@ -290,13 +290,17 @@ def load_strict(
         if mismatched:
             parts.append(f"shape mismatches: {'; '.join(mismatched[:8])}")
         raise CheckpointError(f"{source} does not match {type(module).__name__}: " + " | ".join(parts))
-    converted = {}
+    converted, done = {}, {}
     for key, value in state_dict.items():
         floating = value.is_floating_point()
         target = torch.float32 if floating and any(p in key for p in keep_fp32) else (dtype if floating else value.dtype)
-        # copy=True: a CPU tensor of the right dtype would stay a view of the memory-mapped file, which turns a
-        # file overwritten in place into SIGBUS in the middle of a request
-        converted[key] = value.to(device=device, dtype=target, copy=True)
+        memo = (id(value), target)  # one tensor under two names (umT5's tied embedding) is converted once
+        if memo not in done:
+            out = value.to(device=device, dtype=target)
+            if out.device.type == "cpu" and out.data_ptr() == value.data_ptr():  # still the memory-mapped file's
+                out = out.clone()  # memory: a file overwritten in place would be SIGBUS in the middle of a request
+            done[memo] = out
+        converted[key] = done[memo]
     module.load_state_dict(converted, strict=True, assign=True)
     init = getattr(module, "init_buffers", None)
     if callable(init):

@@ -124,6 +124,18 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# What a stage whose warm-up ran out of device memory can change (by service).
+WARMUP_OOM_ADVICE = {
+    "DenoiserService": "with --compile on (the CUDA default) it runs one step at the model's default size, both "
+                       "guidance branches in one batch: start with --compile off (a tiny warm-up; the first request "
+                       "of each size then compiles), --low-mem-level 3 (the DiT streamed from host memory), or on a "
+                       "GPU with more memory",
+    "VaeService": "it decodes two latent frames at the model's default size: start with --low-mem-level 1 (tiled "
+                  "decode), smaller --tiling tiles, or --dtype bfloat16",
+    "TextEncoderService": "it encodes one prompt: start with --low-mem-level 2 (the T5 on the CPU)",
+}
+
+
 async def start_stage(service_name: str, add_servicer, servicer, address: str, max_queue: int,
                       warmup=None) -> tuple[StageServer, int]:
     """Start a stage's server (NOT_SERVING), run its warm-up (a function on the servicer's StageWorker thread,
@@ -148,12 +160,9 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
         await server.stop(0)
         if is_out_of_memory(exc):  # not a traceback: say what ran and what to change
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MemoryPolicyError(
-                f"{service_name.rsplit('.', 1)[-1]}: the warm-up before SERVING ran out of device memory ({detail}); "
-                "it runs a request at the model's default size (the denoiser: one step, both guidance branches, "
-                "when --compile is on). Start with a higher --low-mem-level, or the denoiser with --compile off "
-                "(a tiny warm-up; the first request of each size then compiles), or on a GPU with more memory"
-            ) from None
+            service = service_name.rsplit(".", 1)[-1]
+            raise MemoryPolicyError(f"{service}: the warm-up before SERVING ran out of device memory ({detail}); "
+                                    f"{WARMUP_OOM_ADVICE.get(service, 'start it on a GPU with more memory')}") from None
         raise
     await server.mark_serving()
     return server, port

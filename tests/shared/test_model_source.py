@@ -137,7 +137,7 @@ def test_one_tensor_under_two_names_is_refused():
     from smartdiff.shared.checkpoint import rename_keys
 
     sd = {"blocks.0.attn1.to_q.weight": torch.zeros(1), "blocks.0.self_attn.q.weight": torch.ones(1)}
-    with pytest.raises(CheckpointError, match="same tensor"):
+    with pytest.raises(CheckpointError, match="which both load as 'blocks.0.self_attn.q.weight'"):
         rename_keys(sd, lambda k: k.replace("attn1.to_q", "self_attn.q"))
 
 
@@ -170,3 +170,40 @@ def test_a_model_name_given_as_the_checkpoint_and_a_folder_given_as_the_model_ge
     refused("Wan2.1-T2V-1.3B", "checkpoint folder not found", "is a model name: pass it with --model")
     with pytest.raises(ConfigError, match="it is a folder: pass a checkpoint folder with --checkpoint"):
         resolve_model(str(diffusers_dir), None)
+
+
+def test_an_index_listing_a_tied_alias_the_shard_stores_once_still_loads(diffusers_dir, tmp_path):
+    """Hugging Face indexes of T5 models list the tied embedding under both names while the shard holds it once;
+    the strict load (after the text encoder ties it) decides, not the index walk."""
+    from smartdiff.shared.checkpoint import read_state_dict
+
+    folder, parts, sd = sharded(diffusers_dir, tmp_path)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["an.alias.weight"] = next(iter(parts))
+    index.write_text(json.dumps(data))
+    assert set(read_state_dict(index)) == set(sd)
+
+
+def test_a_component_diffusers_marks_absent_is_not_required(diffusers_dir, tmp_path):
+    root = damaged(diffusers_dir, tmp_path, "model_index.json",
+                   lambda c: {**c, "transformer_2": [None, "WanTransformer3DModel"], "image_encoder": [None, None]})
+    assert resolve_model(None, root)[1].num_experts == 1
+
+
+def test_a_tensor_under_two_names_is_converted_once():
+    """umT5's tied embedding (2 GiB in bf16) passes as one tensor under two names: one copy, shared."""
+    import torch
+
+    from smartdiff.shared.checkpoint import load_strict
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Embedding(8, 4), torch.nn.Embedding(8, 4)
+
+    table = torch.randn(8, 4)
+    with torch.device("meta"):
+        module = Tied()
+    load_strict(module, {"a.weight": table, "b.weight": table}, "tied", "cpu", torch.bfloat16)
+    assert module.a.weight.data_ptr() == module.b.weight.data_ptr() != table.data_ptr()

@@ -183,4 +183,4 @@ def test_a_warm_up_out_of_device_memory_is_a_startup_error_naming_the_flags(monk
     message = str(err.value)
     assert message.startswith("DenoiserService: the warm-up before SERVING ran out of device memory (CUDA out of "
                               "memory. Tried to allocate 14.2 GiB)")
-    assert "--low-mem-level" in message and "--compile off" in message and stopped == [0]
+    assert "--low-mem-level 3" in message and "--compile off" in message and stopped == [0]
