@@ -17,6 +17,28 @@ def git_commit() -> str:
         return "unknown"
 
 
+def provenance(commit: str | None = None) -> dict:
+    """What a results file needs to be reproduced: the commit (pass the launcher's when the checkout here may be
+    stale, as on a lent machine), the command, the library versions, the card and its power limit."""
+    import importlib.metadata
+    import sys
+
+    versions = {}
+    for name in ("torch", "triton", "diffusers", "smart-diffusion"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    try:
+        limit = subprocess.run(["nvidia-smi", "--query-gpu=power.limit", "--format=csv,noheader", "-i", "0"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        limit = None
+    return dict(commit=commit or git_commit(), command=" ".join(sys.argv), versions=versions, card=card,
+                power_limit=limit, date=time.strftime("%Y-%m-%d"))
+
+
 def cuda_time(fn, warmup: int, iters: int) -> list[float]:
     """Seconds of each of `iters` calls of fn (CUDA events), after `warmup` untimed calls."""
     for _ in range(warmup):

@@ -3,9 +3,12 @@
 Wan2.1-1.3B at 480p x 81 frames, 50 UniPC steps, CFG 5, the same random weights for both (a Diffusers folder
 written first): the 1.3B DiT, the full Wan VAE (float32 for both), and a ONE-layer umT5 with the real
 width (4096) in place of the 24-layer encoder (the T5 is ~0.05 s of a ~60 s generation on this class of GPU;
-both pipelines use the same one). Both return uint8 frames, or with --output mp4 both write an mp4 file (H.264,
-Wan's own quality setting): diffusers' export_to_video(quality=8) after the pipeline, ours the gateway's mp4 (the VAE
-encodes while it decodes) written by the client; mp4 needs the imageio-ffmpeg package.
+both pipelines use the same one). Both return uint8 frames [F, H, W, 3] on the host, or with --output mp4 both
+write an mp4 file (H.264, Wan's own quality setting): diffusers' export_to_video(quality=8) after the pipeline,
+ours the gateway's mp4 (the VAE encodes while it decodes) written by the client; mp4 needs imageio-ffmpeg.
+The peer is WanPipeline as it comes (eager); --peer-compile also times it with its transformer compiled by
+diffusers' own recipe (compile_repeated_blocks), compilation in its warm-up as ours is in our startup. Ours runs
+the two guidance branches of a step as one batch-2 forward (WanPipeline: two forwards). One timed run per side.
 Also reports the gRPC overhead: each stage's wall time at the gateway minus the compute time it reports.
 --attention runs our side once per attention choice (one deployment; "default" is the deployment's default,
 the fastest exact backend: `flash_attn`, our exact kernel on Hopper; a choice's words after the backend are
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 import smartdiff.shared  # noqa: F401  (first: configures gRPC before it loads)
+from common import provenance
 
 NEG = "blurry, static, low quality"
 PROMPT = "A red fox running through fresh snow in a pine forest, cinematic lighting"
@@ -56,21 +60,30 @@ def write_folder(root: Path, shift: float) -> None:
     pipe.save_pretrained(str(root))
 
 
-def run_diffusers(root: Path, kw: dict, mp4: Path | None) -> float:
+def run_diffusers(root: Path, kw: dict, mp4: Path | None, compiled: bool = False) -> float:
+    """One timed WanPipeline generation after a 2-step warm-up; `compiled`: its transformer compiled with
+    diffusers' own recipe (regional compile of the repeated blocks), the compilation inside the warm-up."""
     import diffusers
     from diffusers.utils import export_to_video
 
     vae = diffusers.AutoencoderKLWan.from_pretrained(str(root), subfolder="vae", torch_dtype=torch.float32)
     pipe = diffusers.WanPipeline.from_pretrained(str(root), vae=vae, torch_dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
+    if compiled:
+        torch._dynamo.reset()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    # frames: uint8 on the host as ours ("pt", then the same rounding on the GPU; "np" would copy float32 out);
+    # mp4: export_to_video takes the float frames
     args = dict(prompt=PROMPT, negative_prompt=NEG, height=kw["height"], width=kw["width"], num_frames=kw["frames"],
-                guidance_scale=5.0, output_type="np")
+                guidance_scale=5.0, output_type="np" if mp4 is not None else "pt")
     pipe(**args, num_inference_steps=2, generator=torch.Generator("cuda").manual_seed(1))  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
     frames = pipe(**args, num_inference_steps=kw["steps"], generator=torch.Generator("cuda").manual_seed(1)).frames[0]
     if mp4 is not None:
         export_to_video(frames, str(mp4), fps=16, quality=8)
+    else:
+        frames = (frames * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()  # [F, H, W, 3], as ours
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     del pipe, vae
@@ -142,6 +155,9 @@ def main() -> None:
                    help='attention choices, each timed: "default", "sage", "sparge sparge.topk=0.5", ...')
     p.add_argument("--output", choices=("frames", "mp4"), default="frames",
                    help="what both pipelines deliver: uint8 frames in memory, or an mp4 file")
+    p.add_argument("--peer-compile", action="store_true",
+                   help="also time WanPipeline with its transformer compiled (compile_repeated_blocks)")
+    p.add_argument("--commit", help="the commit to record (default: this checkout's HEAD)")
     p.add_argument("--out", type=Path, default=Path("bench_results/e2e.json"))
     args = p.parse_args()
     for choice in args.attention:
@@ -152,21 +168,29 @@ def main() -> None:
     mp4 = (lambda who: args.out.parent / f"e2e_{who}.mp4") if args.output == "mp4" else (lambda who: None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     peer = run_diffusers(args.folder, kw, mp4("diffusers"))
-    print(f"diffusers WanPipeline         {peer:8.2f} s", flush=True)
+    print(f"diffusers WanPipeline (eager, its default) {peer:8.2f} s", flush=True)
+    peer_compiled = None
+    if args.peer_compile:
+        peer_compiled = run_diffusers(args.folder, kw, mp4("diffusers_compiled"), compiled=True)
+        print(f"diffusers WanPipeline, transformer compiled {peer_compiled:8.2f} s", flush=True)
+        torch._dynamo.reset()
     runs, startup = asyncio.run(run_ours(args.folder, kw, args.attention, mp4("ours")))
     print(f"our startup incl. compilation and warm-up: {startup:.0f} s (before SERVING, not timed)")
     for run in runs:
         ours = run["ours_s"]
         run["speedup"] = peer / ours
-        print(f"ours through the gateway      {ours:8.2f} s   ({peer / ours:.2f}x)   attention {run['choice']}: "
+        if peer_compiled is not None:
+            run["speedup_vs_compiled"] = peer_compiled / ours
+        versus = f"{peer / ours:.3f}x eager" + (f", {peer_compiled / ours:.3f}x compiled" if peer_compiled else "")
+        print(f"ours through the gateway      {ours:8.2f} s   ({versus})   attention {run['choice']}: "
               f"{run['attention']}")
         print(f"  gRPC overhead (stage wall - compute): {run['grpc_overhead_s']:.3f} s = "
               f"{100 * run['grpc_overhead_s'] / ours:.2f} % of the generation")
         for stage, s in run["stages"].items():
             print(f"  stage {stage}: wall {s['wall']:.2f} s, compute {s['compute']:.2f} s, peak {s['peak_gib']:.1f} GiB")
     first = runs[0]
-    args.out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), shape=kw,
-                                        output=args.output,
+    args.out.write_text(json.dumps(dict(**provenance(args.commit), shape=kw, output=args.output,
+                                        diffusers_compiled_s=peer_compiled,
                                         diffusers_s=peer, ours_s=first["ours_s"], speedup=first["speedup"],
                                         startup_s=startup, runs=runs), indent=1))
 
