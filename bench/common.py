@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -9,10 +10,14 @@ import torch
 
 
 def git_commit() -> str:
-    """Short hash of HEAD where the script runs ("unknown" outside a git checkout)."""
+    """The commit the results belong to: $SMARTDIFF_COMMIT when the launcher sets it (a lent machine's copy of the
+    checkout may have a stale HEAD), else this checkout's short hash, with "-dirty" for uncommitted changes
+    ("unknown" outside a git checkout)."""
+    if os.environ.get("SMARTDIFF_COMMIT"):
+        return os.environ["SMARTDIFF_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
