@@ -98,6 +98,27 @@ def test_a_job_still_running_when_its_event_loop_closed_is_told_to_stop_not_fail
     assert seen == {"stop": True}
 
 
+class FakeServer:
+    """What start_stage uses of a StageServer, listening nowhere; `stopped` records stop() calls."""
+
+    stopped: list = []
+
+    def __init__(self, *a, **kw):
+        self.server = None
+
+    def add_port(self, address):
+        return 1
+
+    async def start(self):
+        pass
+
+    async def mark_serving(self):
+        pass
+
+    async def stop(self, grace):
+        self.stopped.append(grace)
+
+
 def test_the_stage_device_is_current_on_the_worker_thread_where_warm_up_and_jobs_run(monkeypatch):
     """Threads start on cuda:0 and Triton kernels launch on the current device: a stage on cuda:1 must make its
     device current on the thread that runs its warm-up and its requests."""
@@ -114,21 +135,7 @@ def test_the_stage_device_is_current_on_the_worker_thread_where_warm_up_and_jobs
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     bare_worker = StageWorker("denoiser", device="cuda")  # the default device: the one current where it was made
     ran = []
-
-    class Server:
-        def __init__(self, *a, **kw):
-            self.server = None
-
-        def add_port(self, address):
-            return 1
-
-        async def start(self):
-            pass
-
-        async def mark_serving(self):
-            pass
-
-    monkeypatch.setattr(serving, "StageServer", Server)
+    monkeypatch.setattr(serving, "StageServer", FakeServer)
 
     async def main():
         servicer = type("Servicer", (), {"worker": worker})()
@@ -156,22 +163,8 @@ def test_a_warm_up_out_of_device_memory_is_a_startup_error_naming_the_flags(monk
     from smartdiff.shared import serving
     from smartdiff.shared.memory import MemoryPolicyError
 
-    stopped = []
-
-    class Server:
-        def __init__(self, *a, **kw):
-            self.server = None
-
-        def add_port(self, address):
-            return 1
-
-        async def start(self):
-            pass
-
-        async def stop(self, grace):
-            stopped.append(grace)
-
-    monkeypatch.setattr(serving, "StageServer", Server)
+    monkeypatch.setattr(serving, "StageServer", FakeServer)
+    FakeServer.stopped = stopped = []
 
     def warmup():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.2 GiB\nmore")
