@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -107,9 +109,11 @@ def _text(name: str, v, empty_ok: bool) -> str:
     except UnicodeEncodeError as e:  # a lone surrogate: what Python makes of command-line bytes that are not UTF-8
         raise RequestError(name, f"must be valid Unicode text; character {e.start} is an unpaired surrogate "
                                  "(bytes that are not UTF-8?)") from None
-    if not empty_ok and not any(c.isprintable() and not c.isspace() for c in v):
-        # str.strip() keeps NUL and zero-width characters: a prompt of only those is empty to the text encoder too
-        raise RequestError(name, "must contain a visible character (not only spaces, control or zero-width ones)")
+    if not empty_ok and not any(c.isprintable() and not c.isspace() for c in html.unescape(html.unescape(v))):
+        # str.strip() keeps NUL and zero-width characters, and the text encoder decodes HTML entities (twice, as Wan's
+        # cleaning does): a prompt of only those is empty to it too
+        raise RequestError(name, "must contain a visible character (not only spaces, control or zero-width ones, "
+                                 "or HTML entities of those such as &nbsp;)")
     if len(v) > MAX_PROMPT_CHARS:
         raise RequestError(name, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
     return v

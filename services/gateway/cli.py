@@ -214,6 +214,9 @@ async def _generate(args: argparse.Namespace) -> int:
     except (OSError, SafetensorError) as e:  # checked before the generation; the disk may have filled since
         print(f"error: writing the output: {e}", file=sys.stderr)
         return 1
+    for name in outcome.summary.truncated_prompts:
+        print(f"warning: the {name.replace('_', ' ')} was cut to the text encoder's token limit (512 for Wan); the "
+              "video follows its beginning only", file=sys.stderr)
     if req.seed is None:
         print(f"seed: {s.seed}", file=sys.stderr)
     times = " ".join(f"{_stage_name(t.stage)}={t.seconds:.2f}s" + (f"/{t.peak_memory_bytes / 2**30:.1f}GiB"

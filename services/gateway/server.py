@@ -250,7 +250,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                                       compute_seconds=te_summary.encode_seconds if te_summary else 0.0,
                                       peak_memory_bytes=te_summary.peak_memory_bytes if te_summary else 0,
                                       low_mem_level=te_summary.low_mem_level if te_summary else 0))
-        yield progress(pb.STAGE_TEXT_ENCODER, 1, 1, start)
+        truncated = [("prompt", "negative_prompt")[i] for i in te_summary.truncated_prompts] if te_summary else []
+        yield progress(pb.STAGE_TEXT_ENCODER, 1, 1, start,
+                       f"cut to {self.model.text_encoder.text_len} tokens: {', '.join(truncated)}" if truncated else "")
 
         t0 = time.perf_counter()
         params = denoiser_pb2.DenoiseParams(
@@ -325,7 +327,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             video_bytes=vae_summary.video_bytes if vae_summary else 0,
             cached_steps=dn_summary.cached_steps if dn_summary else 0,
             cache_report=dn_summary.cache_report if dn_summary else None,
-            denoiser_world_size=dn_summary.world_size if dn_summary else 0,
+            denoiser_world_size=dn_summary.world_size if dn_summary else 0, truncated_prompts=truncated,
             settings=pb.EffectiveSettings(
                 model=self.model.name, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
                 frames=req.frames, steps=req.steps, guidance=list(req.guidance), shift=req.shift,

@@ -101,8 +101,9 @@ class TextEncoderEngine:
         return [len(ids) for ids in batch.input_ids]
 
     @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> list[torch.Tensor]:
-        """Prompts -> [L_i, dim] per prompt in the engine dtype; L_i counts the tokens incl. </s>, <= text_len."""
+    def encode(self, prompts: list[str], device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """Prompts -> [L_i, dim] per prompt in the engine dtype on `device` (default `output_device`); L_i counts the
+        tokens incl. </s>, <= text_len."""
         if not prompts:
             return []
         batch = self.tokenizer(
@@ -119,4 +120,5 @@ class TextEncoderEngine:
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, text_len, dim]
         lengths = mask.sum(dim=1).tolist()
         # own storage, not views; on the caller's device when the encoder runs on the CPU (level >= 2)
-        return [h[:n].to(self.output_device, self.dtype, copy=True) for h, n in zip(hidden, lengths)]
+        out = self.output_device if device is None else device
+        return [h[:n].to(out, self.dtype, copy=True) for h, n in zip(hidden, lengths)]

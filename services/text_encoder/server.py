@@ -55,7 +55,8 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
             if stop():  # cancelled, or past its deadline while it waited in the queue: skip the encode
                 raise Cancelled("cancelled before the encode started")
             with measure_peak(self.engine.device) as p:
-                return self.engine.encode(prompts), p, self.engine.token_counts(prompts)
+                # straight to the host, where they are sent from (an encoder on the CPU at level 2 never touches the GPU)
+                return self.engine.encode(prompts, device="cpu"), p, self.engine.token_counts(prompts)
 
         async for item in self.worker.stream(job, context):
             if isinstance(item, Done):

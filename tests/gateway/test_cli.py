@@ -138,3 +138,12 @@ def test_no_random_weights_note_when_the_weights_come_from_a_checkpoint(diffuser
     assert main(["generate", "--prompt", "x", "--model", "wan-tiny", "--checkpoint", str(diffusers_dir), "--width", "32",
                  "--height", "32", "--frames", "5", "--steps", "2", "--out", str(tmp_path / "v.mp4")]) == 0
     assert "RANDOM" not in capsys.readouterr().err
+
+
+def test_a_prompt_past_the_token_limit_is_reported_cut(tmp_path, capsys):
+    """The text encoder keeps the first 512 tokens; the user is told, not left with a video of half a prompt."""
+    long = " ".join(["cat"] * 600)
+    assert main(["generate", "--prompt", long, "--width", "32", "--height", "32", "--frames", "5", "--steps", "2",
+                 "--guidance", "5", "--negative-prompt", "blurry", "--out", str(tmp_path / "v.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the prompt was cut to the text encoder's token limit" in err and "negative prompt was" not in err

@@ -160,7 +160,8 @@ def raw_request(**fields) -> gateway_pb2.GenerateRequest:
 
 BAD_FIELDS = [(dict(width=30), "width"), (dict(frames=6), "frames"), (dict(steps=0), "steps"),
               (dict(sampler="ddim"), "sampler"), (dict(prompt=" "), "prompt"),
-              (dict(prompt="\x00\x00 \u200b"), "prompt"), (dict(shift=1e-300), "shift"),
+              (dict(prompt="\x00\x00 \u200b"), "prompt"), (dict(prompt="&nbsp;&amp;#10;"), "prompt"),
+              (dict(shift=1e-300), "shift"),
               (dict(negative_prompt="n" * 20_001), "negative_prompt"), (dict(prompt="p" * 20_001), "prompt"),
               (dict(guidance=(0.5,)), "guidance")]
 
@@ -848,3 +849,17 @@ def test_a_stage_restarting_is_waited_for():
 
     outcome = run(body)
     assert probe_mp4(outcome.video)[:3] == (5, 32, 32)
+
+
+def test_the_summary_names_the_prompts_the_text_encoder_cut():
+    long = " ".join(["cat"] * 600)
+
+    async def body(d, channel):
+        request = request_to_proto(GenerationRequest(prompt="a fox", negative_prompt=long, guidance=(5.0,), seed=1,
+                                                     **SMALL))
+        out = [m async for m in gateway(channel).Generate(request)]
+        te = [m.progress for m in out if m.WhichOneof("frame") == "progress"
+              and m.progress.stage == gateway_pb2.STAGE_TEXT_ENCODER]
+        return list(out[-1].summary.truncated_prompts), te[-1].message
+
+    assert run(body) == (["negative_prompt"], "cut to 512 tokens: negative_prompt")

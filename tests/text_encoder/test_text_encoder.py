@@ -192,3 +192,28 @@ def test_token_counts_are_before_truncation():
     fits, over = " ".join(["cat"] * (CONFIG.text_len - 1)), " ".join(["cat"] * CONFIG.text_len)
     assert engine.token_counts([fits, over, ""]) == [CONFIG.text_len, CONFIG.text_len + 1, 1]
     assert [t.shape[0] for t in engine.encode([fits, over])] == [CONFIG.text_len, CONFIG.text_len]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="proves no CUDA call on a machine without CUDA")
+def test_the_service_at_level_2_never_touches_the_gpu():
+    """At --low-mem-level 2 the encoder runs on the CPU and the service sends from the host: the embeddings made no
+    round trip through the GPU (it started a CUDA context and held GPU memory in the text encoder's process)."""
+    import asyncio
+    import types
+
+    from smartdiff.services.text_encoder.engine import TextEncoderEngine
+    from smartdiff.services.text_encoder.server import TextEncoderServicer
+    from smartdiff.shared.config import load_model_config
+    from smartdiff.shared.worker import StageWorker
+    from smartdiff.text_encoder.v1 import text_encoder_pb2
+
+    model = load_model_config("wan-tiny")
+    engine = TextEncoderEngine.random(model.text_encoder, "cuda", torch.float32, seed=0, low_mem_level=2)
+    servicer = TextEncoderServicer(model, engine, StageWorker("text_encoder"))
+
+    async def main():
+        request = text_encoder_pb2.EncodeRequest(prompts=["a fox"])
+        return [m async for m in servicer.Encode(request, types.SimpleNamespace(time_remaining=lambda: None))]
+
+    out = asyncio.run(main())
+    assert out[-1].summary.token_counts[0] > 0 and out[-1].summary.device == "cpu"

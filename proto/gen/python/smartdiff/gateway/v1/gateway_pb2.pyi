@@ -140,7 +140,7 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., low_mem_level: _Optional[int] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("request_id", "settings", "stage_timings", "total_seconds", "video_bytes", "cached_steps", "cache_report", "denoiser_world_size")
+    __slots__ = ("request_id", "settings", "stage_timings", "total_seconds", "video_bytes", "cached_steps", "cache_report", "denoiser_world_size", "truncated_prompts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     STAGE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class GenerateSummary(_message.Message):
     CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     CACHE_REPORT_FIELD_NUMBER: _ClassVar[int]
     DENOISER_WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     settings: EffectiveSettings
     stage_timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
@@ -157,7 +158,8 @@ class GenerateSummary(_message.Message):
     cached_steps: int
     cache_report: _options_pb2.CacheReport
     denoiser_world_size: int
-    def __init__(self, request_id: _Optional[str] = ..., settings: _Optional[_Union[EffectiveSettings, _Mapping]] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., total_seconds: _Optional[float] = ..., video_bytes: _Optional[int] = ..., cached_steps: _Optional[int] = ..., cache_report: _Optional[_Union[_options_pb2.CacheReport, _Mapping]] = ..., denoiser_world_size: _Optional[int] = ...) -> None: ...
+    truncated_prompts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., settings: _Optional[_Union[EffectiveSettings, _Mapping]] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., total_seconds: _Optional[float] = ..., video_bytes: _Optional[int] = ..., cached_steps: _Optional[int] = ..., cache_report: _Optional[_Union[_options_pb2.CacheReport, _Mapping]] = ..., denoiser_world_size: _Optional[int] = ..., truncated_prompts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
