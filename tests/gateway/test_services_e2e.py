@@ -457,10 +457,10 @@ def test_text_encoder_skips_requests_whose_deadline_passed_in_its_queue(monkeypa
     calls = []
     real = TextEncoderEngine.encode
 
-    def slow(self, prompts):
+    def slow(self, prompts, **kw):
         calls.append(prompts)
         time.sleep(1.0)
-        return real(self, prompts)
+        return real(self, prompts, **kw)
 
     async def body(d, channel):
         te = stage_stubs(d)[0]
