@@ -39,23 +39,28 @@ def check_readable(path: Path, what: str = "checkpoint file") -> None:
         raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def _shard_map(path: Path) -> dict[str, list[str]]:
-    """A sharded index's weight_map as {shard file: [its keys]}."""
+def _shards(path: Path) -> list[tuple[Path, set[str]]]:
+    """A sharded index's shard files (each present, or a link: a broken one is said by reading it) with the keys
+    its weight_map assigns to each, in file order."""
     index = read_json(path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: needs a 'weight_map' object mapping each tensor name to its shard file")
-    shards: dict[str, list[str]] = {}
+    shards: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
-        shards.setdefault(shard, []).append(key)
-    return shards
+        shards.setdefault(shard, set()).add(key)
+    for shard in shards:
+        if not (path.parent / shard).exists() and not (path.parent / shard).is_symlink():
+            raise CheckpointError(f"{path} lists shard {shard}, which is missing from {path.parent}")
+    return [(path.parent / shard, keys) for shard, keys in sorted(shards.items())]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read one weights file: `.safetensors`, a sharded `*.safetensors.index.json`, or `.pth`/`.pt`.
 
-    A sharded index is followed key by key: each shard must hold exactly the tensors the index assigns to it
-    (a stale shard from another revision, or one tensor in two shards, is refused, not settled by file order).
+    A sharded index is followed key by key: a shard holding a tensor the index assigns elsewhere or nowhere (a
+    stale shard from another revision, one tensor in two shards) is refused, not settled by file order; a tensor
+    the index lists but no shard holds (a tied alias stored once) is left to the strict load.
     `.pth` goes through `torch.load(weights_only=True)`: nothing in a checkpoint is executed.
     """
     path = Path(path)
@@ -64,13 +69,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if name.endswith(".index.json"):
             out: dict[str, torch.Tensor] = {}
-            for shard, keys in sorted(_shard_map(path).items()):
-                shard_path = path.parent / shard
-                if not shard_path.exists() and not shard_path.is_symlink():
-                    raise CheckpointError(f"{path} lists shard {shard}, which is missing from {path.parent}")
+            for shard_path, keys in _shards(path):
                 part = read_state_dict(shard_path)
-                extra = set(part) - set(keys)  # (a key the index lists but the shard lacks, e.g. a tied alias stored
-                if extra:  # once, is left to the strict load, which names what the model still misses)
+                extra = set(part) - keys
+                if extra:
                     raise CheckpointError(f"shard {shard_path} does not match {path.name}: it holds {_describe(extra)}, "
                                           "which the index assigns to another shard or to none (a stale shard?)")
                 out.update(part)
@@ -196,10 +198,8 @@ def check_weight_files(layout: CheckpointLayout) -> None:
     for path in files:
         if path.name.endswith(".index.json"):
             check_readable(path)
-            for shard in sorted(_shard_map(path)):
-                if not (path.parent / shard).exists() and not (path.parent / shard).is_symlink():
-                    raise CheckpointError(f"{path} lists shard {shard}, which is missing from {path.parent}")
-                _check_format(path.parent / shard)
+            for shard_path, _ in _shards(path):
+                _check_format(shard_path)
         else:
             _check_format(path)
 

@@ -86,4 +86,4 @@ async def start(model: ModelConfig, layout, system, address: str):
                                                    model.text_encoder, system.device, system.dtype, low_mem_level=level)
     servicer = TextEncoderServicer(model, engine, StageWorker("text_encoder", system.max_queue, engine.device))
     return await start_stage(SERVICE_NAME, pb_grpc.add_TextEncoderServiceServicer_to_server, servicer, address,
-                             system.max_queue, warmup=lambda: engine.encode(["warm-up prompt"]))
+                             system.max_queue, warmup=lambda: engine.encode(["warm-up prompt"], device="cpu"))  # as Encode

@@ -165,4 +165,4 @@ async def start(model: ModelConfig, layout, system, address: str, dtype: torch.d
     servicer = VaeServicer(model, engine, StageWorker("vae", system.max_queue, engine.device), tiled=engine.tiling is not None)
     warm = warmup_latents(model, engine.device)
     return await start_stage(SERVICE_NAME, pb_grpc.add_VaeServiceServicer_to_server, servicer, address,
-                             system.max_queue, warmup=lambda: engine.decode(warm.to(engine.device)))
+                             system.max_queue, warmup=lambda: list(engine.decode_pieces(warm.to(engine.device))))
