@@ -42,6 +42,7 @@ class DenoiserOptions:
     cache_calibration: str | None = None  # YAML from `smartdiff calibrate-cache` (Wan2.2 TeaCache needs one)
     compile: str = "auto"  # torch.compile of the DiT's elementwise regions: auto (on CUDA), on, off
     gemm: str = "exact"  # the blocks' GEMMs: exact (in the model dtype) or fp8 (lossy, services/denoiser/fp8.py)
+    cfg_batch: str = "on"  # on: both guidance branches in one batch-2 forward; off: one after the other (less memory)
     cfg_degree: int = 1
     ulysses_degree: int = 1
     ring_degree: int = 1
@@ -59,6 +60,9 @@ def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
                    help="the DiT blocks' GEMMs: exact (in --dtype, default) or fp8 (LOSSY: FP8 weights and "
                         "activations, row-wise scales; CUDA compute capability >= 8.9 with bfloat16, or a CPU "
                         "whose torch._scaled_mm takes row-wise scales; refused at start where it cannot run)")
+    p.add_argument("--cfg-batch", choices=("on", "off"), default="on",
+                   help="on (default): both guidance branches of a step in one batch-2 forward (faster); off: one "
+                        "after the other, about half the activation memory (for small GPUs; with --cfg-degree 1)")
     p.add_argument("--cfg-degree", type=int, default=1, help="1 or 2: guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all over heads (divides the head count)")
     p.add_argument("--ring-degree", type=int, default=1, help="sequence blocks passed around a ring")
@@ -71,7 +75,7 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
         default_attention=getattr(args, "default_attention", None),
         enable_flexcache=getattr(args, "enable_flexcache", False),
         cache_calibration=getattr(args, "cache_calibration", None), compile=getattr(args, "compile", "auto"),
-        gemm=getattr(args, "gemm", "exact"),
+        gemm=getattr(args, "gemm", "exact"), cfg_batch=getattr(args, "cfg_batch", "on"),
         cfg_degree=getattr(args, "cfg_degree", 1), ulysses_degree=getattr(args, "ulysses_degree", 1),
         ring_degree=getattr(args, "ring_degree", 1),
     )
@@ -80,7 +84,8 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
 def engine_options(options: DenoiserOptions, model: ModelConfig) -> dict:
     """DenoiserEngine keyword arguments from the deployment's options, for `model`."""
     calibration = load_calibration(options, model) if options.cache_calibration else None
-    return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration, gemm=options.gemm)
+    return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration, gemm=options.gemm,
+                batch_cfg=options.cfg_batch == "on")
 
 
 def load_calibration(options: DenoiserOptions, model: ModelConfig):
@@ -146,12 +151,15 @@ def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
 
 
 def check_options(options: DenoiserOptions, model: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
-    """The attention flags of a deployment on `device` / `dtype`, before it serves (on every rank of a pod, before
+    """The attention and guidance flags of a deployment on `device` / `dtype`, before it serves (on every rank of a pod, before
     they meet): ConfigError naming the flag."""
     from types import SimpleNamespace
 
     from smartdiff.services.denoiser.attention import backend_names
 
+    if options.cfg_batch == "off" and options.cfg_degree == 2:
+        raise ConfigError("--cfg-batch off: with --cfg-degree 2 each rank already runs one guidance branch; "
+                          "leave --cfg-batch at on")
     known = backend_names()
     for name in options.attention_backends or ():
         if name not in known:

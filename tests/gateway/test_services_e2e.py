@@ -863,3 +863,44 @@ def test_the_summary_names_the_prompts_the_text_encoder_cut():
         return list(out[-1].summary.truncated_prompts), te[-1].message
 
     assert run(body) == (["negative_prompt"], "cut to 512 tokens: negative_prompt")
+
+
+def test_cfg_batch_off_runs_the_branches_one_after_the_other_with_the_same_latents(monkeypatch):
+    from smartdiff.services.denoiser.dit import WanDiT
+
+    req = GenerationRequest(prompt="a cat on grass", negative_prompt="blurry", guidance=(5.0,), seed=7, **SMALL)
+    batches = []
+    real = WanDiT.forward
+
+    def spy(self, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(WanDiT, "forward", spy)
+
+    async def body(d, channel):
+        return await generate(gateway(channel), request_to_proto(req, return_latents=True))
+
+    batched = run(body)
+    warm_and_batched, batches[:] = list(batches), []
+    one_by_one = run(body, denoiser=denoiser_server.DenoiserOptions(cfg_batch="off"))
+    assert set(warm_and_batched) == {2} and set(batches) == {1}
+    assert len(batches) == 2 * len(warm_and_batched)
+    torch.testing.assert_close(one_by_one.latents, batched.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_batch_flag_and_its_rule():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    denoiser_server.add_denoiser_flags(p)
+    assert denoiser_server.options_from_args(p.parse_args([])).cfg_batch == "on"
+    off = denoiser_server.options_from_args(p.parse_args(["--cfg-batch", "off"]))
+    assert denoiser_server.engine_options(off, load_model_config("wan-tiny"))["batch_cfg"] is False
+    with pytest.raises(SystemExit):
+        p.parse_args(["--cfg-batch", "sometimes"])
+    from smartdiff.shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--cfg-batch off: with --cfg-degree 2"):
+        denoiser_server.check_options(denoiser_server.DenoiserOptions(cfg_batch="off", cfg_degree=2),
+                                      load_model_config("wan-tiny"), torch.device("cpu"), torch.float32)
