@@ -12,10 +12,13 @@ the two guidance branches of a step as one batch-2 forward (WanPipeline: two for
 Also reports the gRPC overhead: each stage's wall time at the gateway minus the compute time it reports.
 --attention runs our side once per attention choice (one deployment; "default" is the deployment's default,
 the fastest exact backend: `flash_attn`, our exact kernel on Hopper; a choice's words after the backend are
---attention-param settings; "sdpa" times PyTorch's exact SDPA, cuDNN on Hopper).
+--attention-param settings; "sdpa" times PyTorch's exact SDPA, cuDNN on Hopper). --cfg-batch on off starts one
+deployment per setting (off: the two guidance branches one after the other, as WanPipeline runs them); each
+run reports the denoiser stage's peak GPU memory, and the peer's peak over its generation.
 
   python bench/e2e.py --out bench_results/e2e.json
   python bench/e2e.py --attention default sage "sparge sparge.topk=0.5"
+  python bench/e2e.py --cfg-batch on off
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ def write_folder(root: Path, shift: float) -> None:
     pipe.save_pretrained(str(root))
 
 
-def run_diffusers(root: Path, kw: dict, mp4: Path | None, compiled: bool = False) -> float:
-    """One timed WanPipeline generation after a 2-step warm-up; `compiled`: its transformer compiled with
-    diffusers' own recipe (regional compile of the repeated blocks), the compilation inside the warm-up."""
+def run_diffusers(root: Path, kw: dict, mp4: Path | None, compiled: bool = False) -> tuple[float, float]:
+    """One timed WanPipeline generation after a 2-step warm-up -> (seconds, peak GiB allocated during it);
+    `compiled`: its transformer compiled with diffusers' own recipe (regional compile of the repeated blocks),
+    the compilation inside the warm-up."""
     import diffusers
     from diffusers.utils import export_to_video
 
@@ -78,6 +82,7 @@ def run_diffusers(root: Path, kw: dict, mp4: Path | None, compiled: bool = False
                 guidance_scale=5.0, output_type="np" if mp4 is not None else "pt")
     pipe(**args, num_inference_steps=2, generator=torch.Generator("cuda").manual_seed(1))  # warm-up
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     frames = pipe(**args, num_inference_steps=kw["steps"], generator=torch.Generator("cuda").manual_seed(1)).frames[0]
     if mp4 is not None:
@@ -86,9 +91,10 @@ def run_diffusers(root: Path, kw: dict, mp4: Path | None, compiled: bool = False
         frames = (frames * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()  # [F, H, W, 3], as ours
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30
     del pipe, vae
     torch.cuda.empty_cache()
-    return seconds
+    return seconds, peak
 
 
 def attention_config(choice: str):
@@ -104,7 +110,8 @@ def attention_config(choice: str):
     return config
 
 
-async def run_ours(root: Path, kw: dict, choices: list[str], mp4: Path | None) -> tuple[list[dict], float]:
+async def run_ours(root: Path, kw: dict, choices: list[str], mp4: Path | None,
+                   cfg_batch: str = "on") -> tuple[list[dict], float]:
     from smartdiff.gateway.v1 import gateway_pb2, gateway_pb2_grpc
     from smartdiff.services.denoiser.server import DenoiserOptions
     from smartdiff.services.gateway.client import generate, request_to_proto
@@ -118,7 +125,7 @@ async def run_ours(root: Path, kw: dict, choices: list[str], mp4: Path | None) -
     model, layout = resolve_model(None, root)
     start = time.perf_counter()
     d = await EmbeddedDeployment.start(model, layout, SystemConfig(torch.device("cuda"), torch.bfloat16),
-                                       denoiser=DenoiserOptions(compile="on"))
+                                       denoiser=DenoiserOptions(compile="on", cfg_batch=cfg_batch))
     startup = time.perf_counter() - start
     runs = []
     try:
@@ -136,7 +143,7 @@ async def run_ours(root: Path, kw: dict, choices: list[str], mp4: Path | None) -
                 stages = {gateway_pb2.Stage.Name(t.stage).removeprefix("STAGE_").lower():
                           dict(wall=t.seconds, compute=t.compute_seconds, peak_gib=t.peak_memory_bytes / 2**30)
                           for t in outcome.summary.stage_timings}
-                runs.append(dict(choice=choice, ours_s=seconds, stages=stages,
+                runs.append(dict(choice=choice, cfg_batch=cfg_batch, ours_s=seconds, stages=stages,
                                  grpc_overhead_s=sum(s["wall"] - s["compute"] for s in stages.values()),
                                  attention=outcome.summary.settings.attention_selection))
     finally:
@@ -153,6 +160,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--attention", nargs="+", default=["default"], metavar="CHOICE",
                    help='attention choices, each timed: "default", "sage", "sparge sparge.topk=0.5", ...')
+    p.add_argument("--cfg-batch", nargs="+", choices=("on", "off"), default=["on"],
+                   help="ours with the guidance branches batched (on, the default) and/or one after the other")
     p.add_argument("--output", choices=("frames", "mp4"), default="frames",
                    help="what both pipelines deliver: uint8 frames in memory, or an mp4 file")
     p.add_argument("--peer-compile", action="store_true",
@@ -167,15 +176,21 @@ def main() -> None:
         write_folder(args.folder, shift=5.0)
     mp4 = (lambda who: args.out.parent / f"e2e_{who}.mp4") if args.output == "mp4" else (lambda who: None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    peer = run_diffusers(args.folder, kw, mp4("diffusers"))
-    print(f"diffusers WanPipeline (eager, its default) {peer:8.2f} s", flush=True)
+    peer, peer_peak = run_diffusers(args.folder, kw, mp4("diffusers"))
+    print(f"diffusers WanPipeline (eager, its default) {peer:8.2f} s, peak {peer_peak:.1f} GiB", flush=True)
     peer_compiled = None
     if args.peer_compile:
-        peer_compiled = run_diffusers(args.folder, kw, mp4("diffusers_compiled"), compiled=True)
+        peer_compiled, _ = run_diffusers(args.folder, kw, mp4("diffusers_compiled"), compiled=True)
         print(f"diffusers WanPipeline, transformer compiled {peer_compiled:8.2f} s", flush=True)
         torch._dynamo.reset()
-    runs, startup = asyncio.run(run_ours(args.folder, kw, args.attention, mp4("ours")))
-    print(f"our startup incl. compilation and warm-up: {startup:.0f} s (before SERVING, not timed)")
+    runs, startups = [], []
+    for cfg_batch in args.cfg_batch:
+        done, startup = asyncio.run(run_ours(args.folder, kw, args.attention, mp4(f"ours_cfg_batch_{cfg_batch}"),
+                                             cfg_batch))
+        runs += done
+        startups.append(startup)
+        print(f"our startup (--cfg-batch {cfg_batch}) incl. compilation and warm-up: {startup:.0f} s "
+              "(before SERVING, not timed)")
     for run in runs:
         ours = run["ours_s"]
         run["speedup"] = peer / ours
@@ -183,7 +198,7 @@ def main() -> None:
             run["speedup_vs_compiled"] = peer_compiled / ours
         versus = f"{peer / ours:.3f}x eager" + (f", {peer_compiled / ours:.3f}x compiled" if peer_compiled else "")
         print(f"ours through the gateway      {ours:8.2f} s   ({versus})   attention {run['choice']}: "
-              f"{run['attention']}")
+              f"{run['attention']}, --cfg-batch {run['cfg_batch']}")
         print(f"  gRPC overhead (stage wall - compute): {run['grpc_overhead_s']:.3f} s = "
               f"{100 * run['grpc_overhead_s'] / ours:.2f} % of the generation")
         for stage, s in run["stages"].items():
@@ -191,8 +206,9 @@ def main() -> None:
     first = runs[0]
     args.out.write_text(json.dumps(dict(**provenance(args.commit), shape=kw, output=args.output,
                                         diffusers_compiled_s=peer_compiled,
-                                        diffusers_s=peer, ours_s=first["ours_s"], speedup=first["speedup"],
-                                        startup_s=startup, runs=runs), indent=1))
+                                        diffusers_s=peer, diffusers_peak_gib=peer_peak, ours_s=first["ours_s"],
+                                        speedup=first["speedup"], startup_s=startups[0], startups_s=startups,
+                                        runs=runs), indent=1))
 
 
 if __name__ == "__main__":
