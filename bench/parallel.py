@@ -2,10 +2,14 @@
 
 Launch with torchrun on N GPUs; every layout that fits in N GPUs runs (on the first GPUs), plus diffusers'
 WanTransformer3DModel with enable_parallelism(ContextParallelConfig(ulysses_degree=D)) for the degrees asked
-(D must equal the launch's world size, or 1). Same random bf16 weights on every rank; a "step" is one
-denoising step with CFG (both branches). Prints a table, writes JSON (rank 0).
+(D must equal the launch's world size, or 1), eager as it ships and, with --peer-compile, with its blocks
+compiled by diffusers' own recipe (compile_repeated_blocks; the compilation in its warm-up step). The same
+random bf16 weights on every rank and for both implementations (the peer gets ours, key by key); a "step" is
+one denoising step with CFG (both branches; the peer runs two forwards, as WanPipeline does). Prints a table,
+writes JSON (rank 0).
 
   torchrun --nproc-per-node 4 bench/parallel.py --layouts 1 cfg2xu2 u4 u2xr2 --peer 1 4 --out r4.json
+  torchrun --nproc-per-node 4 bench/parallel.py --layouts 1 cfg2xu2 --peer 1 4 --peer-compile
   torchrun --nproc-per-node 2 bench/parallel.py --layouts cfg2 u2 r2 --peer 2 --out r2.json
   torchrun --nproc-per-node 2 bench/parallel.py --model 1.3B --width 832 --height 480 --layouts 1 u2 r2 \
       --attention flash_attn sdpa   (each layout once per backend; errors against 1 GPU with the same backend)
@@ -31,12 +35,12 @@ from smartdiff.services.denoiser.dit import KEEP_FP32
 from smartdiff.services.denoiser.attention import AttentionChoice
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.services.denoiser.parallel import ParallelConfig, ParallelState
-from smartdiff.services.denoiser.weights import build_dit
+from smartdiff.services.denoiser.weights import build_dit, diffusers_to_wan_key
 from smartdiff.shared.checkpoint import load_strict
 from smartdiff.shared.config import load_model_config
 from smartdiff.shared.request import GenerationRequest, resolve_request
 
-from common import profile_forward
+from common import git_commit, profile_forward
 
 MODELS = {"1.3B": "Wan2.1-T2V-1.3B", "14B": "Wan2.1-T2V-14B"}
 
@@ -116,8 +120,23 @@ def run_ours(model, sd, layout, rank, device, req_kw, steps, ctx, neg, compile_d
     return out
 
 
-def run_diffusers(model, degree, rank, world, device, req_kw, steps, ctx, neg):
-    """One CFG step = two forwards of diffusers' model; ulysses CP over all ranks when degree > 1."""
+def load_our_weights(ref, model, device) -> None:
+    """Copy the weights ours ran with (random_state, drawn again: same seed, same order) into diffusers' model,
+    key by key; every tensor of each side is used exactly once."""
+    sd = random_state(model, device, seed=0)
+    theirs = ref.state_dict()
+    mapped = {diffusers_to_wan_key(k): k for k in theirs}
+    if sorted(mapped) != sorted(sd) or len(mapped) != len(theirs):
+        raise SystemExit(f"weights do not map one to one: only ours {sorted(set(sd) - set(mapped))[:5]}, "
+                         f"only diffusers' {sorted(set(mapped) - set(sd))[:5]}")
+    with torch.no_grad():
+        for ours, key in mapped.items():
+            theirs[key].copy_(sd.pop(ours))
+
+
+def run_diffusers(model, degree, rank, world, device, req_kw, steps, ctx, neg, compiled=False):
+    """One CFG step = two forwards of diffusers' model; ulysses CP over all ranks when degree > 1; `compiled`:
+    its repeated blocks compiled (diffusers' recipe), the compilation in the warm-up step."""
     import diffusers
 
     cfg = model.dit
@@ -133,6 +152,10 @@ def run_diffusers(model, degree, rank, world, device, req_kw, steps, ctx, neg):
                 in_channels=16, out_channels=16, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
                 num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps,
             ).to(torch.bfloat16).eval().requires_grad_(False)
+        for name, param in ref.named_parameters():  # its float32 modules, as from_pretrained(torch_dtype=) keeps them
+            if any(k in name.split(".") for k in ref._keep_in_fp32_modules):
+                param.data = param.data.float()
+        load_our_weights(ref, model, device)
         backend = "_native_cudnn"
         try:
             ref.set_attention_backend(backend)
@@ -143,6 +166,10 @@ def run_diffusers(model, degree, rank, world, device, req_kw, steps, ctx, neg):
             ref.set_attention_backend("native")
             if degree > 1:
                 ref.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=degree))
+        if compiled:
+            torch._dynamo.reset()
+            ref.compile_repeated_blocks(fullgraph=True)
+            backend += ", compiled"
         lat = (1, 16, (req_kw["frames"] - 1) // 4 + 1, req_kw["height"] // 8, req_kw["width"] // 8)
         x = torch.randn(lat, device=device, dtype=torch.bfloat16, generator=torch.Generator(device).manual_seed(1))
         t = torch.tensor([900.0], device=device)
@@ -154,8 +181,11 @@ def run_diffusers(model, degree, rank, world, device, req_kw, steps, ctx, neg):
                 ref(x, t, c, return_dict=False)
                 ref(x, t, n, return_dict=False)
 
-        step()  # warm-up
-        result = (timed(lambda: [step() for _ in range(steps)], steps), backend)
+        try:
+            step()  # warm-up (and the compilation)
+            result = (timed(lambda: [step() for _ in range(steps)], steps), backend)
+        except Exception as e:  # noqa: BLE001 - a peer configuration that does not run is a row, not a crash
+            result = (float("nan"), f"{backend}: failed, {type(e).__name__}: {str(e)[:120]}")
         del ref
         torch.cuda.empty_cache()
     dist.barrier()
@@ -171,6 +201,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per layout (after one warm-up step)")
     p.add_argument("--layouts", nargs="+", default=["1", "cfg2", "u2", "r2", "cfg2xu2", "u4", "u2xr2"])
     p.add_argument("--peer", nargs="*", type=int, default=[], help="diffusers ulysses degrees to time (1 or world)")
+    p.add_argument("--peer-compile", action="store_true",
+                   help="also time each peer degree with its blocks compiled (diffusers' compile_repeated_blocks)")
     p.add_argument("--attention", nargs="+", default=["sdpa"], metavar="BACKEND",
                    help="self-attention backends to run every layout with (flash_attn: the CUDA default)")
     p.add_argument("--compile", choices=["on", "off"], default="on",
@@ -218,8 +250,8 @@ def main() -> None:
                           f"stop checks per {where[:-1]}{' (the service)' if where == 'blocks' else ''}", flush=True)
     del sd
     torch.cuda.empty_cache()
-    for degree in args.peer:
-        res = run_diffusers(model, degree, rank, world, device, req_kw, args.steps, ctx, neg)
+    for degree, compiled in [(d, c) for d in args.peer for c in (False, True)[: 1 + args.peer_compile]]:
+        res = run_diffusers(model, degree, rank, world, device, req_kw, args.steps, ctx, neg, compiled)
         if rank == 0:
             rows.append(dict(impl="diffusers", layout=f"ulysses{degree} ({res[1]})", gpus=degree,
                              seconds_per_step=res[0]))
@@ -234,6 +266,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                                             world=world, model=MODELS[args.model], compile=args.compile,
+                                            commit=git_commit(), peer_compile=args.peer_compile,
                                             attention=args.attention,
                                             shape=[args.width, args.height, args.frames], rows=rows), indent=1))
     dist.destroy_process_group()
