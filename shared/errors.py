@@ -119,6 +119,9 @@ def stage_error(stage: str, err: grpc.RpcError) -> ServiceError:
     if code in _STAGE_CODES_PASSED_ON:  # named once: the stage's own messages may already start with its name
         return ServiceError(details if details.startswith(f"{stage}:") else f"{stage}: {details}", code)
     log.error("stage %s failed with %s: %s", stage, code, details)
+    if code == grpc.StatusCode.INTERNAL and "Traceback" not in details:
+        # our services' INTERNAL messages are client-safe (ServiceError's, or to_status's error id for the logs)
+        return ServiceError(f"stage {stage} failed: {details[:500]}", grpc.StatusCode.INTERNAL)
     return ServiceError(f"stage {stage} failed ({code.name})", grpc.StatusCode.INTERNAL)
 
 

@@ -132,6 +132,23 @@ RULES = (("width", lambda v: _size("width", v)), ("height", lambda v: _size("hei
          ("seed", lambda v: _int("seed", v, 0, MAX_SEED)), ("fps", lambda v: _int("fps", v, 1, 120)))
 
 
+def reject_unknown_fields(msg, path: str) -> None:
+    """RequestError naming the first message (from `path` down) that carries fields this build's proto lacks.
+    proto3 would drop them silently, and a newer client's settings (a new cache parameter, say) would not apply
+    while the result looked as asked for."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    numbers = sorted({f.field_number for f in UnknownFieldSet(msg)})
+    if numbers:
+        raise RequestError(path, f"unknown field number{'s' * (len(numbers) > 1)} {', '.join(map(str, numbers))} "
+                                 f"in {msg.DESCRIPTOR.full_name}: not part of this server's API (a client built "
+                                 "from a newer proto?)")
+    for fd, value in msg.ListFields():
+        if fd.message_type is not None and not fd.message_type.GetOptions().map_entry:
+            for i, item in enumerate(value) if fd.is_repeated else [(None, value)]:
+                reject_unknown_fields(item, f"{path}.{fd.name}" + (f"[{i}]" if i is not None else ""))
+
+
 def check_request(req: GenerationRequest) -> None:
     """The rules every model shares, on the fields `req` sets (a client's check before it sends a request to a
     gateway whose model it does not know; resolve_request applies the same rules and the model's own)."""

@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 import torch
 
 from smartdiff.shared.errors import DeadlineExceeded, RequestError, TensorStreamError
+from smartdiff.shared.request import reject_unknown_fields
 from smartdiff.tensor.v1 import tensor_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -202,6 +203,10 @@ class TensorAssembler:
         if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
             raise self._fail(_INVALID, f"invalid shape {shape} (at most {MAX_NDIM} non-negative dimensions)")
         dtype = WIRE_DTYPES[spec.dtype]
+        spanned = math.prod(d for d in shape if d) * dtype.itemsize  # an empty tensor's other dims count too
+        if spanned > self.max_bytes:
+            raise self._fail(_INVALID, f"invalid shape {shape}: its non-zero dimensions span {spanned} bytes, past "
+                                       f"the limit of {self.max_bytes} bytes")
         expected = math.prod(shape) * dtype.itemsize
         if spec.byte_size != expected:
             raise self._fail(
@@ -311,6 +316,7 @@ async def read_params_and_tensors(request_iterator, assemblers: dict[str, Tensor
             if params is not None:
                 raise RequestError("params", "must be sent once")
             params = msg.params
+            reject_unknown_fields(params, "params")
         elif kind in assemblers:
             if params is None:
                 raise RequestError("params", "must be the first message of the stream")

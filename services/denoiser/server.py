@@ -22,7 +22,7 @@ from smartdiff.services.denoiser.cache import CacheConfig, CacheStats, cache_con
 from smartdiff.services.denoiser.engine import DenoiserEngine
 from smartdiff.services.denoiser.fp8 import GEMMS
 from smartdiff.shared.config import ConfigError, ModelConfig
-from smartdiff.shared.errors import RequestError, grpc_errors
+from smartdiff.shared.errors import RequestError, ServiceError, grpc_errors
 from smartdiff.shared.memory import measure_peak
 from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request
 from smartdiff.shared.tensor_stream import TensorAssembler, read_params_and_tensors, tensor_to_messages
@@ -249,6 +249,10 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
         # to the host here: the GPU may still be a step behind the CPU, and that work is the denoiser's time
         result.latents = latents.float().cpu()
     result.peak_memory_bytes = peak.bytes or 0
+    if not torch.isfinite(result.latents).all():  # a numerical failure here, not the client's: never passed on
+        ran = result.attention.kernel if result.attention else job.attention.backend
+        raise ServiceError(f"the denoised latents are not finite (NaN or infinity) with attention {ran}; the "
+                           "request's inputs were finite (an exact attention backend may avoid it)")
     return result
 
 

@@ -24,7 +24,8 @@ from smartdiff.shared.errors import (
 )
 from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.request import (
-    MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request,
+    MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, GenerationRequest, ResolvedRequest, reject_unknown_fields,
+    resolve_request,
 )
 from smartdiff.shared.tensor_stream import frames_to_tensors, tensor_to_messages
 from smartdiff.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
@@ -175,6 +176,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return ", ".join(parts + (["cache hit"] if p.cache_hit else []))
 
     async def validate(self, r: pb.GenerateRequest, timeout: float | None) -> ResolvedRequest:
+        reject_unknown_fields(r, "request")
         if r.model and r.model != self.model.name:
             raise RequestError("model", f"this deployment serves {self.model.name!r}, not {r.model!r}")
         req = resolve_request(request_from_proto(r), self.model)

@@ -10,7 +10,7 @@ from smartdiff.services.text_encoder.engine import TextEncoderEngine
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, RequestError, grpc_errors
 from smartdiff.shared.memory import measure_peak
-from smartdiff.shared.request import MAX_PROMPT_CHARS
+from smartdiff.shared.request import MAX_PROMPT_CHARS, reject_unknown_fields
 from smartdiff.shared.tensor_stream import WIRE_DTYPES, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
 from smartdiff.text_encoder.v1 import text_encoder_pb2 as pb
@@ -32,6 +32,7 @@ class TextEncoderServicer(pb_grpc.TextEncoderServiceServicer):
         self.worker = worker
 
     def validate(self, request: pb.EncodeRequest) -> torch.dtype:
+        reject_unknown_fields(request, "request")
         check_model(request.model, self.model)
         if not 1 <= len(request.prompts) <= MAX_PROMPTS:
             raise RequestError("prompts", f"must hold 1 to {MAX_PROMPTS} prompts, got {len(request.prompts)}")

@@ -30,6 +30,16 @@ def test_same_seed_same_latents(tmp_path):
     assert torch.equal(load_file(str(paths[0]))["latents"], load_file(str(paths[1]))["latents"])
 
 
+def test_cfg_batch_off_gives_the_batched_latents(tmp_path):
+    paths = {c: tmp_path / f"{c}.safetensors" for c in ("on", "off")}
+    for cfg_batch, p in paths.items():
+        assert main(["generate", "--prompt", "x", "--width", "32", "--height", "32", "--frames", "5", "--steps", "2",
+                     "--seed", "11", "--cfg-batch", cfg_batch, "--out", str(tmp_path / "v.mp4"),
+                     "--save-latents", str(p)]) == 0
+    on, off = (load_file(str(p))["latents"] for p in paths.values())
+    torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("flags,field", [
     (["--width", "100"], "width"),
     (["--height", "8"], "height"),

@@ -79,7 +79,8 @@ def test_serve_all_prints_address_and_serving(tmp_path, capsys):
         for flags, words in ((["--seed", "-1"], ["invalid request: seed: must be between 0"]),
                              (["--width", "-16"], ["width: must be between 16"]),
                              (["--model", "Wan2.1-T2V-14B"], ["model", "serves 'wan-tiny'"]),
-                             (["--dtype", "float32", "--low-mem-level", "1"], ["--dtype, --low-mem-level", "embedded"]),
+                             (["--dtype", "float32", "--low-mem-level", "1", "--cfg-batch", "off"],
+                              ["--dtype, --low-mem-level, --cfg-batch", "embedded"]),
                              (["--attention-param", "sparge=1"], ["sparge is a group of settings"]),
                              (["--out", str(tmp_path)], ["--out", "is a directory"])):
             capsys.readouterr()

@@ -904,3 +904,54 @@ def test_cfg_batch_flag_and_its_rule():
     with pytest.raises(ConfigError, match="--cfg-batch off: with --cfg-degree 2"):
         denoiser_server.check_options(denoiser_server.DenoiserOptions(cfg_batch="off", cfg_degree=2),
                                       load_model_config("wan-tiny"), torch.device("cpu"), torch.float32)
+
+
+def test_non_finite_latents_are_the_denoisers_error_not_the_users(monkeypatch):
+    from smartdiff.services.denoiser.engine import DenoiserEngine
+
+    real = DenoiserEngine.denoise
+    broken = {"on": False}  # (the warm-up before SERVING runs it too)
+
+    def denoise(self, *args, **kwargs):
+        latents = real(self, *args, **kwargs)
+        return latents * float("nan") if broken["on"] else latents
+
+    monkeypatch.setattr(DenoiserEngine, "denoise", denoise)
+    req = GenerationRequest(prompt="a cat", seed=1, **SMALL)
+
+    async def body(d, channel):
+        broken["on"] = True
+        details = await expect_error(gateway(channel).Generate(request_to_proto(req)), grpc.StatusCode.INTERNAL,
+                                     "stage denoiser failed", "not finite", "attention")
+        assert "latents: must be finite" not in details  # not blamed on the request
+        broken["on"] = False
+        return await generate(gateway(channel), request_to_proto(req))
+
+    assert run(body).video
+
+
+def test_fields_this_api_lacks_are_refused_not_dropped():
+    req = GenerationRequest(prompt="a cat", seed=1, **SMALL)
+    params = denoiser_pb2.DenoiseParams(width=32, height=32, frames=1, steps=1, guidance=[1.0], seed=1)
+    emb = torch.randn(7, 32)
+
+    def with_unknown(msg, tag: bytes):  # a field number the proto does not define, as a newer client sends it
+        msg.MergeFromString(tag + b"\x01")
+        return msg
+
+    async def body(d, channel):
+        top = with_unknown(request_to_proto(req), b"\x98\x06")  # field 99
+        await expect_error(gateway(channel).Generate(top), grpc.StatusCode.INVALID_ARGUMENT,
+                           "request: unknown field number 99", "GenerateRequest")
+        nested = request_to_proto(req)
+        with_unknown(nested.cache, b"\xf8\x07")  # field 127 of CacheConfig
+        await expect_error(gateway(channel).Generate(nested), grpc.StatusCode.INVALID_ARGUMENT,
+                           "request.cache: unknown field number 127", "CacheConfig")
+        te, dn, _ = stage_stubs(d)
+        await expect_error(te.Encode(with_unknown(text_encoder_pb2.EncodeRequest(prompts=["x"]), b"\xf8\x07")),
+                           grpc.StatusCode.INVALID_ARGUMENT, "request: unknown field number 127")
+        await expect_error(collect(dn.Denoise(denoise_stream(with_unknown(params, b"\xf8\x07"), emb))),
+                           grpc.StatusCode.INVALID_ARGUMENT, "params: unknown field number 127", "DenoiseParams")
+        return await generate(gateway(channel), request_to_proto(req))
+
+    assert run(body).video

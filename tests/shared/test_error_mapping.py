@@ -185,3 +185,7 @@ def test_stage_error_passes_user_faults_on_and_hides_others():
         and "Traceback" not in hidden.message
         and "vae" in hidden.message
     )
+    internal = errors.stage_error("vae", Fake(grpc.StatusCode.INTERNAL, "internal error (id 0123abcd); see the log"))
+    assert internal.code == grpc.StatusCode.INTERNAL  # our services' INTERNAL messages are safe: the id goes on
+    assert internal.message == "stage vae failed: internal error (id 0123abcd); see the log"
+    assert "Traceback" not in errors.stage_error("vae", Fake(grpc.StatusCode.INTERNAL, "Traceback (most ...")).message

@@ -169,6 +169,8 @@ CORRUPTIONS = {
     "unspecified dtype": (edit_spec(dtype=pb.DTYPE_UNSPECIFIED), INVALID, "DTYPE_UNSPECIFIED"),
     "negative dim": (edit_spec(shape=[-30]), INVALID, "shape"),
     "byte_size vs shape": (edit_spec(shape=[31]), INVALID, "byte_size"),
+    "empty, other dims overflow": (edit_spec(shape=[1 << 62, 1 << 62, 0], byte_size=0), INVALID, "non-zero dimensions"),
+    "empty, other dims past limit": (edit_spec(shape=[1, 16, (1 << 63) - 1, 2, 0], byte_size=0), INVALID, "limit"),
     "byte_size vs dtype": (edit_spec(dtype=pb.DTYPE_FLOAT16), INVALID, "byte_size"),
     "chunk before spec": (lambda f: f[1:], INVALID, "before the spec"),
     "end before spec": (lambda f: f[-1:], INVALID, "before the spec"),
