@@ -151,8 +151,8 @@ def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
 
 
 def check_options(options: DenoiserOptions, model: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
-    """The attention and guidance flags of a deployment on `device` / `dtype`, before it serves (on every rank of a pod, before
-    they meet): ConfigError naming the flag."""
+    """The attention and guidance flags of a deployment on `device` / `dtype`, before it serves (on every rank of
+    a pod, before they meet): ConfigError naming the flag."""
     from types import SimpleNamespace
 
     from smartdiff.services.denoiser.attention import backend_names
