@@ -244,7 +244,7 @@ class StageServer:
                      # A client that vanished without closing its connection (host down, network cut) is found by
                      # an unanswered ping within ~80 s, and its calls are cancelled, freeing their slots.
                      ("grpc.keepalive_time_ms", KEEPALIVE_MS), *ping_timeout_options(20_000),
-                     ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+                     ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
                      NO_PORT_SHARING, *options],
             interceptors=[self.in_flight, DecodeRequests(), *interceptors],
         )

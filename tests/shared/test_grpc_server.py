@@ -481,3 +481,29 @@ def test_checking_a_free_fixed_port_leaves_it_free_for_the_server():
         await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_a_call_quiet_for_many_client_pings_is_not_cut_for_too_many_pings(monkeypatch):
+    """Our channels ping every CALL_PING_MS while a call is in flight; the server must accept pings that often
+    when it sends nothing (a long denoising step), or it answers GOAWAY "too many pings" after two of them. Here
+    the intervals are shrunk 20-fold, so the call stays quiet for ~6 of the client's pings."""
+    from smartdiff.shared import grpc_server
+
+    monkeypatch.setattr(grpc_server, "CALL_PING_MS", 1000)
+    monkeypatch.setattr(grpc_server, "MIN_PING_INTERVAL_MS", 500)
+
+    async def quiet(request, context):
+        yield b"started"
+        await asyncio.sleep(6.5)
+        yield b"done"
+
+    async def run():
+        server, port = await serving_slow(quiet)
+        try:
+            async with create_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_stream("/test.Slow/Run")(b"")
+                return [m async for m in call]
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(run()) == [b"started", b"done"]
