@@ -116,6 +116,10 @@ def stage_error(stage: str, err: grpc.RpcError) -> ServiceError:
     details = (err.details() if hasattr(err, "details") else "") or code.name.lower()
     if code == grpc.StatusCode.UNAVAILABLE:
         return StageUnavailable(stage, details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(("model: ", "params.model: ")):
+        # the caller (the gateway) sends the model it serves: the stage serving another is the deployment's fault
+        return ServiceError(f"{stage}: {details} (a deployment error: the gateway and its stages must serve one "
+                            "model)", grpc.StatusCode.FAILED_PRECONDITION)
     if code in _STAGE_CODES_PASSED_ON:  # named once: the stage's own messages may already start with its name
         return ServiceError(details if details.startswith(f"{stage}:") else f"{stage}: {details}", code)
     log.error("stage %s failed with %s: %s", stage, code, details)

@@ -104,6 +104,22 @@ async def run_until_signal(server: StageServer, drain_seconds: float) -> None:
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining for up to %.0f s", drain_seconds)
     await server.drain(drain_seconds)
+    exit_if_work_left()
+
+
+def exit_if_work_left() -> None:
+    """After the drain: a job still on a worker thread (a DiT block or a decode runs to its end once started,
+    minutes for the largest requests on a CPU) would hold the process at interpreter exit, which joins the
+    thread. Its client was answered when the server stopped, so exit now instead."""
+    from smartdiff.shared.worker import busy_workers
+
+    busy = busy_workers()
+    if busy:
+        log.warning("drained, with work still running on %s: exiting without waiting for it", ", ".join(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def start_metrics(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,14 @@ def use_device(device: torch.device | str | None) -> None:
         torch.cuda.set_device(device)
 
 
+_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def busy_workers() -> list[str]:
+    """Names of the process's stage workers with a job admitted and not finished."""
+    return sorted(w.name for w in list(_WORKERS) if w.pending)
+
+
 class StageWorker:
     """A single worker thread with an admission limit: past `max_pending` requests, Overloaded. `device`: the
     stage's device, made current on the thread (use_device)."""
@@ -57,6 +66,7 @@ class StageWorker:
             device = torch.device("cuda", torch.cuda.current_device())  # where the stage's weights were put
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-worker",
                                             initializer=use_device, initargs=(device,))
+        _WORKERS.add(self)
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         """fn() on the worker thread, outside the admission limit: the stage's warm-up, before it serves."""

@@ -18,7 +18,7 @@ from smartdiff.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from smartdiff.services.denoiser.attention.choice import AttentionChoice
 from smartdiff.services.denoiser.cache.config import cache_config_from_proto
 from smartdiff.shared import metrics
-from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.config import ConfigError, ModelConfig
 from smartdiff.shared.errors import (
     DeadlineExceeded, Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
 )
@@ -140,6 +140,7 @@ class StageClients:
 # Longest wait for a client to take the next message of its generation: one that stops reading would otherwise
 # hold its slot (and its stage calls) for good. Generous: a message is at most ~1 MiB of video.
 WRITE_STALL_SECONDS = 60.0
+CAPABILITIES_SECONDS = 60.0  # how long the gateway uses the denoiser's answer before it asks again
 
 
 @contextmanager
@@ -160,13 +161,23 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self._denoiser_caps: denoiser_pb2.GetCapabilitiesResponse | None = None
+        self._denoiser_caps_at = 0.0
 
     async def denoiser_capabilities(self, timeout: float | None) -> denoiser_pb2.GetCapabilitiesResponse:
-        if self._denoiser_caps is None:
-            with calling_stage("denoiser"):
-                await self.stages.reachable("denoiser", timeout)  # renews a channel left in its reconnect backoff
-                self._denoiser_caps = await self.stages.denoiser.GetCapabilities(
-                    denoiser_pb2.GetCapabilitiesRequest(), timeout=timeout)
+        """The denoiser's capabilities, asked again after CAPABILITIES_SECONDS (a rollout may have replaced it with
+        one that allows other backends); the last answer while it cannot be reached."""
+        stale = time.monotonic() - self._denoiser_caps_at > CAPABILITIES_SECONDS
+        if self._denoiser_caps is None or stale:
+            try:
+                with calling_stage("denoiser"):
+                    await self.stages.reachable("denoiser", timeout)  # renews a channel left in its reconnect backoff
+                    caps = await self.stages.denoiser.GetCapabilities(
+                        denoiser_pb2.GetCapabilitiesRequest(), timeout=timeout)
+            except ServiceError:
+                if self._denoiser_caps is None:
+                    raise
+                return self._denoiser_caps  # the request itself finds out whether the denoiser is there
+            self._denoiser_caps, self._denoiser_caps_at = caps, time.monotonic()
         return self._denoiser_caps
 
     def denoise_detail(self, p: denoiser_pb2.DenoiseProgress) -> str:
@@ -363,7 +374,11 @@ async def wait_for_denoiser(servicer: GatewayServicer, retry_seconds: float = 0.
     started before its stages (any order, on Kubernetes) stays NOT_SERVING meanwhile and logs why."""
     while True:
         try:
-            await servicer.denoiser_capabilities(timeout=attempt_seconds)
+            caps = await servicer.denoiser_capabilities(timeout=attempt_seconds)
+            if servicer.model.name not in caps.models:
+                raise ConfigError(f"the denoiser at {servicer.stages.addresses['denoiser']} serves "
+                                  f"{', '.join(caps.models)}, this gateway {servicer.model.name}: give the gateway "
+                                  "the --model / --checkpoint of its stages")
             return
         except ServiceError as e:
             log.warning("gateway not ready: %s; retrying in %.1f s", e.message, retry_seconds)

@@ -955,3 +955,24 @@ def test_fields_this_api_lacks_are_refused_not_dropped():
         return await generate(gateway(channel), request_to_proto(req))
 
     assert run(body).video
+
+
+def test_a_gateway_whose_stages_serve_another_model_is_refused_and_never_blames_the_request():
+    from smartdiff.services.gateway import server as gateway_server
+    from smartdiff.shared.config import ConfigError
+    from smartdiff.shared.errors import ServiceError, calling_stage
+
+    other = load_model_config("wan-tiny-moe")
+
+    async def body(d, channel):
+        with pytest.raises(ConfigError, match="serves wan-tiny, this gateway wan-tiny-moe"):
+            await gateway_server.wait_for_denoiser(gateway_server.GatewayServicer(other, d.stages))
+        # a stage that serves another model is the deployment's fault (FAILED_PRECONDITION), not the request's
+        with pytest.raises(ServiceError) as err:
+            with calling_stage("text_encoder"):
+                await d.stages.text_encoder.Encode(text_encoder_pb2.EncodeRequest(model=other.name, prompts=["x"])).read()
+        return err.value
+
+    err = run(body)
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "serves 'wan-tiny', not 'wan-tiny-moe'" in err.message and "deployment error" in err.message

@@ -177,3 +177,35 @@ def test_a_warm_up_out_of_device_memory_is_a_startup_error_naming_the_flags(monk
     assert message.startswith("DenoiserService: the warm-up before SERVING ran out of device memory (CUDA out of "
                               "memory. Tried to allocate 14.2 GiB)")
     assert "--low-mem-level 3" in message and "--compile off" in message and stopped == [0]
+
+
+def test_a_drained_process_exits_without_waiting_for_a_job_still_running(tmp_path):
+    """SIGTERM's drain has ended, but a job (a long DiT block on a CPU) still runs on the worker thread: the
+    process exits now instead of joining that thread at interpreter exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import asyncio, logging, time
+        from smartdiff.shared.serving import exit_if_work_left
+        from smartdiff.shared.worker import StageWorker
+
+        logging.basicConfig(level="WARNING")
+
+        async def main():
+            worker = StageWorker("denoiser")
+            exit_if_work_left()  # idle: returns
+            task = asyncio.ensure_future(worker.stream(lambda emit, stop: time.sleep(120)).__anext__())
+            while not worker.pending:
+                await asyncio.sleep(0.01)
+            exit_if_work_left()
+            task.cancel()
+
+        asyncio.run(main())
+        print("not reached: the interpreter would join the worker thread for 120 s")
+    """)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and time.monotonic() - start < 30, done
+    assert "work still running on denoiser" in done.stderr and "not reached" not in done.stdout
