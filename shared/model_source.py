@@ -204,7 +204,8 @@ def resolve_model(model: str | None, checkpoint: str | Path | None) -> tuple[Mod
     preset = _matching_preset(dit, layout.num_experts)
     if preset is None:
         raise ConfigError(
-            f"{layout.root}: no shipped model has dim={dit.dim}, layers={dit.num_layers}, {layout.num_experts} "
-            f"expert(s); pass --model NAME or a YAML path ({', '.join(available_models())})"
+            f"{layout.root}: no shipped model with real weights has dim={dit.dim}, layers={dit.num_layers}, "
+            f"{layout.num_experts} expert(s) (the random-weight presets are not matched to checkpoints); pass "
+            f"--model NAME or a YAML path ({', '.join(available_models())})"
         )
     return preset, layout

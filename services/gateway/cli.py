@@ -100,10 +100,12 @@ def choices_from_args(args: argparse.Namespace):
         set_fields(attention, args.attention_param, "--attention-param")
     except ValueError as e:
         raise RequestError("attention", str(e)) from None
+    if args.attention_param and not args.attention:
+        raise RequestError("attention", "--attention-param needs --attention BACKEND")
     cache = options_pb2.CacheConfig(strategy=args.cache)
     if args.cache_param:
         if not args.cache or args.cache == "none":
-            raise RequestError("cache", "--cache-param needs --cache STRATEGY")
+            raise RequestError("cache", "--cache-param needs --cache STRATEGY (a strategy, not none)")
         if args.cache not in cache.DESCRIPTOR.fields_by_name:
             raise RequestError("cache", f"unknown strategy {args.cache!r}")
         getattr(cache, args.cache).SetInParent()

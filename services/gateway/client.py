@@ -48,6 +48,7 @@ def set_fields(msg, assignments: list[str], what: str) -> None:
     Raises ValueError naming the path when a field does not exist, is a message (set its fields instead), or the
     value does not parse or fit the field.
     """
+    seen = set()
     for item in assignments:
         path, sep, text = item.partition("=")
         if not sep:
@@ -71,6 +72,10 @@ def set_fields(msg, assignments: list[str], what: str) -> None:
                 known = ", ".join(sorted(field.message_type.fields_by_name))
                 raise ValueError(f"{what}: {path} is a group of settings; set one of them, e.g. {path}.NAME=VALUE "
                                  f"({known})")
+        if not field.is_repeated:  # (a list field takes one value per assignment)
+            if path in seen:
+                raise ValueError(f"{what}: {path} is set twice")
+            seen.add(path)
         if field.type == field.TYPE_BOOL:
             kind, parse = "true or false", lambda t: {"true": True, "1": True, "false": False, "0": False}[t.lower()]
         elif field.type in (field.TYPE_FLOAT, field.TYPE_DOUBLE):

@@ -2,7 +2,7 @@
 
 `status` prints one row per stage (pods ready, GPUs, restarts, image, what is wrong) and exits 0 only when all
 four are ready; `wait` polls until they are (for smoke tests and CI), or exits 1 at the timeout. The
-`kubernetes` client is an optional dependency (`pip install 'smart-diffusion[deploy]'`), imported on use.
+`kubernetes` client is an optional dependency (`pip install -e '.[deploy]'` in a checkout), imported on use.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def load_apis(kubeconfig: str | None = None, context: str | None = None) -> tupl
     try:
         from kubernetes import client, config
     except ImportError as e:  # optional dependency
-        raise DeployError("the kubernetes client is not installed: pip install 'smart-diffusion[deploy]'") from e
+        raise DeployError("the kubernetes client is not installed: pip install -e '.[deploy]' (in the "
+                          "repository's checkout; the `deploy` extra)") from e
     import yaml  # the kubernetes client's own dependency
 
     configuration = client.Configuration()

@@ -125,6 +125,10 @@ def test_cache_and_attention_parameters_reach_the_denoiser(tmp_path, capsys):
     (["--cache", "teacache", "--cache-param", "rel_l1_threshold=1e40"],  # a 32-bit float would hold inf
      ["cache", "rel_l1_threshold", "does not fit this field (a 32-bit float"]),
     (["--attention", "sage"], ["attention.backend", "cannot run", "allow_fallback"]),
+    (["--attention-param", "sparge.topk=0.5"], ["attention", "--attention-param needs --attention"]),
+    (["--cache", "none", "--cache-param", "rel_l1_threshold=1"], ["--cache-param needs --cache", "not none"]),
+    (["--attention", "sparge", "--attention-param", "sparge.topk=0.5", "--attention-param", "sparge.topk=0.2"],
+     ["attention", "sparge.topk is set twice"]),
 ])
 def test_bad_attention_and_cache_parameters_are_refused(tmp_path, capsys, flags, words):
     assert main(["generate", "--prompt", "x", "--width", "32", "--height", "32", "--frames", "5", "--steps", "2",

@@ -66,7 +66,7 @@ def ring_refusal(name: str, ring_degree: int) -> RequestError | None:
         return None
     capable = ", ".join(n for n in _REGISTRY if ok(n))
     return RequestError("attention.backend", f"{name!r} cannot run under ring attention (ring degree {ring_degree}): "
-                                             f"it does not return the log-sum-exp; use one of {capable}")
+                                             f"it does not return the log-sum-exp; the backends that do: {capable}")
 
 
 def available_backends(device: torch.device | str, dtype: torch.dtype | None = None,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from smartdiff.shared.config import ConfigError
+from smartdiff.shared.request import SAMPLER_NAMES
 
 DEFAULT_PROMPTS = (  # varied content and motion; use --prompts-file with ~50+ prompts for a production fit
     "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage.",
@@ -32,10 +33,11 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", type=Path, help="calibration prompts, one per line")
     p.add_argument("--negative-prompt", help="default: the model's negative prompt")
     for flag in ("--width", "--height", "--frames", "--steps"):
-        p.add_argument(flag, type=int)
-    p.add_argument("--guidance", type=float, nargs="+", metavar="G")
-    p.add_argument("--shift", type=float)
-    p.add_argument("--sampler")
+        p.add_argument(flag, type=int, help="as in `smartdiff generate` (default: the model's); the cache's "
+                                            "numbers hold for the step count they were fitted on")
+    p.add_argument("--guidance", type=float, nargs="+", metavar="G", help="one value, or two for Wan2.2's experts")
+    p.add_argument("--shift", type=float, help="the schedule's shift (default: the model's)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; the others follow (default 0)")
     p.add_argument("--out", type=Path, required=True, help="YAML file to write")
     return p
