@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from smartdiff.services.denoiser.distributed import (
-    ProcessInfo, RankZeroRunner, RequestChannel, init_distributed, worker_loop,
+    ProcessInfo, RankZeroRunner, RequestChannel, header_group, init_distributed, worker_loop,
 )
 from smartdiff.services.denoiser.launch import LAUNCHED_ENV, launch
 from smartdiff.services.denoiser.parallel import ParallelConfig, ParallelConfigError
@@ -112,7 +112,7 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, CheckpointError, MemoryPolicyError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    channel = RequestChannel(device)
+    channel = RequestChannel(device, header_group())
     log.info("rank %d/%d ready (%s, %s)", proc.rank, proc.world_size, state.config, device)
     try:
         if proc.rank == 0:

@@ -6,21 +6,31 @@ tensors, never pickles); every rank then validates the same params and runs the 
 rank 0 returns the latents. Cancellation: before each step and between DiT blocks rank 0 broadcasts its stop
 flag; every rank acts on the flag of the previous check, so all stop at the same block, within about two blocks
 of the cancel, and nobody waits for the GPU to finish its work to read it.
+
+The op header travels on a gloo group of its own without a practical timeout, so an idle pod waits for its next
+job for as long as it likes; the jobs' collectives run on the default group, with JOB_TIMEOUT. The ranks stay in
+step only through errors that every rank raises at the same point (a cancel, an invalid request). Any other
+error on one rank (out of memory, say) leaves the others waiting in a collective, so the rank exits instead
+(rank 0 after the client has its error) and the launcher stops the pod, which restarts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 
+import grpc
 import torch
 import torch.distributed as dist
 
 from smartdiff.denoiser.v1 import denoiser_pb2 as pb
 from smartdiff.shared.config import ModelConfig
+from smartdiff.shared.errors import Cancelled, RequestError, ServiceError
 from smartdiff.shared.request import ResolvedRequest
 
 from .engine import DenoiserEngine
@@ -31,6 +41,10 @@ log = logging.getLogger(__name__)
 
 OP_SHUTDOWN, OP_DENOISE = 0, 1
 HEADER = 6  # op, params bytes, prompt L, prompt C, negative L (0: none), negative C
+JOB_TIMEOUT = timedelta(minutes=10)  # a job's collective that waits longer than this fails (a rank is gone)
+IDLE_TIMEOUT = timedelta(days=365)  # the wait for the next job's header
+LOCKSTEP_ERRORS = (Cancelled, RequestError)  # raised by every rank at the same check: the ranks stay in step
+EXIT_DELAY = 1.0  # seconds rank 0 gives the client's error to go out before it exits
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,8 @@ class ProcessInfo:
 
 def init_distributed(proc: ProcessInfo, options: DenoiserOptions, model: ModelConfig,
                      device: torch.device) -> tuple[ParallelState, torch.device]:
-    """Validate the layout (before any process group exists), then join the group: NCCL on GPUs, gloo on CPUs."""
+    """Validate the layout (before any process group exists), then join the group: NCCL on GPUs, gloo on CPUs
+    (and the gloo group of the job headers: `header_group`)."""
     config = ParallelConfig(options.cfg_degree, options.ulysses_degree, options.ring_degree)
     config.validate(proc.world_size, model.dit.num_heads)
     if device.type == "cuda":
@@ -56,9 +71,25 @@ def init_distributed(proc: ProcessInfo, options: DenoiserOptions, model: ModelCo
         torch.cuda.set_device(device)
     if proc.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=proc.rank, world_size=proc.world_size,
+        dist.init_process_group(backend, rank=proc.rank, world_size=proc.world_size, timeout=JOB_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
     return ParallelState(config, proc.rank), device
+
+
+def header_group():
+    """The group the job headers travel on (every rank creates it, in the same order): gloo, whose wait has no
+    watchdog, with IDLE_TIMEOUT."""
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+
+def exit_out_of_step(rank: int, error: BaseException) -> None:
+    """A rank whose job failed where the others did not: they wait for it in a collective, so the pod cannot go
+    on. Exit (code 1); the launcher stops the other ranks and the pod restarts."""
+    log.critical("rank %d: the job failed on this rank only (%s: %s); the ranks are out of step, exiting so that "
+                 "the pod restarts", rank, type(error).__name__, error)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class LockstepStop:
@@ -98,16 +129,21 @@ class LockstepStop:
 
 
 class RequestChannel:
-    """Rank 0 -> every rank: one job's params and embeddings, as tensors."""
+    """Rank 0 -> every rank: one job's header (on `headers`, a gloo group: CPU tensors), then its params and
+    embeddings (on the default group)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, headers=None):
         self.device = device  # NCCL needs device tensors; gloo CPU ones
+        self.headers = headers  # None: the default group (gloo on CPUs)
+
+    def _header_device(self) -> torch.device:
+        return torch.device("cpu") if self.headers is not None else self.device
 
     def send(self, params: pb.DenoiseParams, prompt: torch.Tensor, negative: torch.Tensor | None):
         blob = params.SerializeToString()
         neg_shape = tuple(negative.shape) if negative is not None else (0, 0)
         header = torch.tensor([OP_DENOISE, len(blob), *prompt.shape, *neg_shape], dtype=torch.int64)
-        dist.broadcast(header.to(self.device), 0)
+        dist.broadcast(header.to(self._header_device()), 0, group=self.headers)
         dist.broadcast(torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device), 0)
         prompt = prompt.float().to(self.device).contiguous()
         dist.broadcast(prompt, 0)
@@ -117,11 +153,12 @@ class RequestChannel:
         return prompt, negative
 
     def send_shutdown(self) -> None:
-        dist.broadcast(torch.tensor([OP_SHUTDOWN] + [0] * (HEADER - 1), dtype=torch.int64, device=self.device), 0)
+        dist.broadcast(torch.tensor([OP_SHUTDOWN] + [0] * (HEADER - 1), dtype=torch.int64,
+                                    device=self._header_device()), 0, group=self.headers)
 
     def receive(self) -> tuple[pb.DenoiseParams, torch.Tensor, torch.Tensor | None] | None:
-        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
-        dist.broadcast(header, 0)
+        header = torch.empty(HEADER, dtype=torch.int64, device=self._header_device())
+        dist.broadcast(header, 0, group=self.headers)
         op, nbytes, pl, pc, nl, nc = header.tolist()
         if op == OP_SHUTDOWN:
             return None
@@ -168,32 +205,49 @@ def sum_cache_counts(engine: DenoiserEngine, result: JobResult, device: torch.de
 class RankZeroRunner:
     """Rank 0's job runner (DenoiserServicer.runner): broadcast the job, then run it in lockstep. One message
     at a time on the channel: shutdown waits for a running job (a cancelled one ends within a block or two), since
-    its collectives and the shutdown message would otherwise cross (gloo aborts, NCCL hangs)."""
+    its collectives and the shutdown message would otherwise cross (gloo aborts, NCCL hangs). A job that fails
+    with an error the other ranks may not share leaves the pod out of step: the client gets UNAVAILABLE, later
+    jobs too, and the process exits EXIT_DELAY later (exit_out_of_step)."""
 
     def __init__(self, engine: DenoiserEngine, channel: RequestChannel):
         self.engine, self.channel = engine, channel
         self._lock = threading.Lock()
+        self._broken: str | None = None
 
     def __call__(self, job: DenoiseJob, prompt, negative, progress=None, cancelled=None) -> JobResult:
         with self._lock:
-            prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
-            stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
-            result = run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
-            sum_cache_counts(self.engine, result, self.channel.device, job.request)
-            return result
+            if self._broken is not None:
+                raise ServiceError(f"the denoiser pod is restarting: {self._broken}", grpc.StatusCode.UNAVAILABLE)
+            try:
+                prompt, negative = self.channel.send(job.params, prompt, negative if job.request.uses_cfg else None)
+                stop = LockstepStop(self.channel.device, cancelled or (lambda: False))
+                result = run_job(self.engine, job, prompt, negative, progress=progress, cancelled=stop)
+                sum_cache_counts(self.engine, result, self.channel.device, job.request)
+                return result
+            except LOCKSTEP_ERRORS:
+                raise
+            except BaseException as e:  # noqa: BLE001 - the ranks are out of step whatever it was
+                self._broken = f"its job failed on rank 0 ({type(e).__name__}) and the ranks are out of step"
+                threading.Timer(EXIT_DELAY, exit_out_of_step, (0, e)).start()
+                raise ServiceError(f"the denoiser pod is restarting: {self._broken}; retry",
+                                   grpc.StatusCode.UNAVAILABLE) from e
 
     def shutdown(self) -> None:
         with self._lock:
-            self.channel.send_shutdown()
+            if self._broken is None:  # (out of step: the others may not be listening; the launcher stops them)
+                self.channel.send_shutdown()
 
 
 def worker_loop(engine: DenoiserEngine, model: ModelConfig, options: DenoiserOptions, channel: RequestChannel) -> None:
-    """Ranks > 0: run every job rank 0 sends until it sends shutdown. Errors are rank 0's to report."""
+    """Ranks > 0: run every job rank 0 sends until it sends shutdown. The errors every rank raises alike
+    (LOCKSTEP_ERRORS) are rank 0's to report; any other exits this process (exit_out_of_step)."""
     while (msg := channel.receive()) is not None:
         params, prompt, negative = msg
         try:
             job = prepare_job(params, model, options, engine)
             result = run_job(engine, job, prompt, negative, cancelled=LockstepStop(channel.device))
             sum_cache_counts(engine, result, channel.device, job.request)
-        except Exception as e:  # noqa: BLE001 - rank 0 hits the same error and reports it to the client
+        except LOCKSTEP_ERRORS as e:  # rank 0 raised the same at the same check and reports it to the client
             log.info("rank job ended: %s", e)
+        except BaseException as e:  # noqa: BLE001 - rank 0 waits for this rank in a collective
+            exit_out_of_step(dist.get_rank(), e)

@@ -7,8 +7,9 @@ it cannot drain for longer than that: a rolling update cuts the videos in flight
 - passes the first SIGTERM / SIGINT on to every rank and waits for as long as they drain (rank 0 drains; the
   others stop when rank 0 tells them): the pod's terminationGracePeriodSeconds is the bound, as for the other
   stages. A second SIGINT (Ctrl-C again) kills the ranks; a second SIGTERM changes nothing;
-- when a rank fails, or rank 0 ends while others linger, stops the rest (SIGTERM, SIGKILL `STOP_GRACE` s later:
-  a rank waiting on a dead peer in a collective never returns by itself);
+- when a rank fails, rank 0 ends while others linger, or another rank ends while rank 0 serves (only rank 0 tells
+  them to stop), stops the rest (SIGTERM, SIGKILL `STOP_GRACE` s later: a rank waiting on a dead peer in a
+  collective never returns by itself);
 - exits 0 when every rank exited 0, else with the first failure's code (128 + N for a signal N);
 - has the kernel kill the ranks if it dies itself (Linux: PR_SET_PDEATHSIG), so that none is left holding a GPU.
 """
@@ -87,7 +88,7 @@ def launch(argv: list[str], nproc: int) -> int:
             log.info("rank %d/%d started (pid %d)", rank, nproc, procs[-1].pid)
         if received:  # a signal that came while the ranks were being started reached only some of them
             _signal_all(procs, received[0])
-        return _supervise(procs)
+        return _supervise(procs, stopping=lambda: bool(received))
     finally:
         for p in procs:  # only after an error of our own: _supervise returns when every rank has ended
             if p.poll() is None:
@@ -102,7 +103,9 @@ def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
             p.send_signal(sig)
 
 
-def _supervise(procs: list[subprocess.Popen]) -> int:
+def _supervise(procs: list[subprocess.Popen], stopping=lambda: False) -> int:
+    """Wait for the ranks; once one fails, or one exits at all while rank 0 still serves and no signal asked them
+    to stop (rank 0 alone tells them to, at its shutdown), stop the others."""
     failure: tuple[int, int] | None = None  # (rank, returncode) of the first rank seen failing
     kill_at: float | None = None
     while True:
@@ -111,6 +114,11 @@ def _supervise(procs: list[subprocess.Popen]) -> int:
             failure = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
             if failure is not None:
                 log.error("rank %d exited with code %d; stopping the other ranks", failure[0], exit_code(failure[1]))
+            elif codes[0] is None and not stopping():
+                early = next((r for r, c in enumerate(codes) if c == 0), None)
+                if early is not None:
+                    log.error("rank %d exited while rank 0 serves; stopping the other ranks", early)
+                    failure = (early, 1)
         if all(c is not None for c in codes):
             break
         if kill_at is None and (failure is not None or codes[0] == 0):

@@ -249,10 +249,6 @@ def run_job(engine: DenoiserEngine, job: DenoiseJob, prompt: torch.Tensor, negat
         # to the host here: the GPU may still be a step behind the CPU, and that work is the denoiser's time
         result.latents = latents.float().cpu()
     result.peak_memory_bytes = peak.bytes or 0
-    if not torch.isfinite(result.latents).all():  # a numerical failure here, not the client's: never passed on
-        ran = result.attention.kernel if result.attention else job.attention.backend
-        raise ServiceError(f"the denoised latents are not finite (NaN or infinity) with attention {ran}; the "
-                           "request's inputs were finite (an exact attention backend may avoid it)")
     return result
 
 
@@ -344,6 +340,10 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
                     step=step, total_steps=total, timestep=t, expert=expert, cache_hit=hit,
                     elapsed_seconds=time.perf_counter() - start))
         seconds = time.perf_counter() - start
+        if not torch.isfinite(result.latents).all():  # a numerical failure here, not the client's: never passed on
+            ran = result.attention.kernel if result.attention else job.attention.backend
+            raise ServiceError(f"the denoised latents are not finite (NaN or infinity) with attention {ran}; the "
+                               "request's inputs were finite (an exact attention backend may avoid it)")
         for msg in tensor_to_messages(result.latents.float().cpu().contiguous(), pb.DenoiseResponse, "latents"):
             yield msg
         yield pb.DenoiseResponse(summary=pb.DenoiseSummary(

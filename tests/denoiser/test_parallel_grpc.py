@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from smartdiff.gateway.v1 import gateway_pb2_grpc
@@ -29,10 +30,11 @@ REQ = GenerationRequest(prompt="a lighthouse at night", negative_prompt="blur", 
 DENOISER = ["-m", "smartdiff.services.denoiser", "--host", "127.0.0.1", "--port", "0", "--device", "cpu"]
 
 
-def start_denoiser(cmd: list[str], lines: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Start a multi-process denoiser; returns it and its address once rank 0 prints SERVING."""
+def start_denoiser(cmd: list[str], lines: list[str] | None = None, env=None) -> tuple[subprocess.Popen, str]:
+    """Start a multi-process denoiser (`env`: more variables); returns it and its address once rank 0 prints
+    SERVING."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})},
                             start_new_session=True)
     lines = [] if lines is None else lines
     for line in proc.stdout:
@@ -48,8 +50,8 @@ def start_torchrun(*flags: str) -> tuple[subprocess.Popen, str]:
                            str(free_port()), *DENOISER, "--log-level", "WARNING", *flags])
 
 
-def start_launcher(*flags: str, lines: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    return start_denoiser([sys.executable, *DENOISER, "--nproc-per-node", "2", *flags], lines)
+def start_launcher(*flags: str, lines: list[str] | None = None, env=None) -> tuple[subprocess.Popen, str]:
+    return start_denoiser([sys.executable, *DENOISER, "--nproc-per-node", "2", *flags], lines, env)
 
 
 def through_a_gateway(denoiser_addr: str, during=None):
@@ -256,3 +258,110 @@ def test_cfg_parallel_reports_the_cache_counts_of_both_branches():
     single = asyncio.run(one_process())
     assert single.cached_steps > 0 and pod.world_size == 2
     assert pod.cached_steps == single.cached_steps and pod.cache_report == single.cache_report
+
+
+FAULTS = os.path.join(os.path.dirname(__file__), "faults")  # sitecustomize.py: faults injected into the ranks
+
+
+def with_faults(**variables) -> dict:
+    return {"PYTHONPATH": os.pathsep.join([FAULTS, os.environ.get("PYTHONPATH", "")]), **variables}
+
+
+def denoise_once(address: str, steps: int = 4, timeout: float = 60):
+    """One CFG request straight to the denoiser: None when it succeeded, else the gRPC error."""
+    import grpc
+
+    from smartdiff.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+    from smartdiff.shared.tensor_stream import tensor_to_messages
+
+    dim = load_model_config("wan-tiny").dit.text_dim
+    params = denoiser_pb2.DenoiseParams(width=48, height=48, frames=9, steps=steps, guidance=[5.0], seed=3)
+
+    def requests():
+        yield denoiser_pb2.DenoiseRequest(params=params)
+        yield from tensor_to_messages(torch.randn(5, dim), denoiser_pb2.DenoiseRequest, "prompt_embeds")
+        yield from tensor_to_messages(torch.randn(3, dim), denoiser_pb2.DenoiseRequest, "negative_prompt_embeds")
+
+    async def call():
+        async with create_channel(address) as ch:
+            try:
+                [m async for m in denoiser_pb2_grpc.DenoiserServiceStub(ch).Denoise(requests(), timeout=timeout)]
+            except grpc.aio.AioRpcError as e:
+                return e
+
+    return asyncio.run(call())
+
+
+def ended(proc: subprocess.Popen, timeout: float = 60) -> str:
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_job_that_fails_on_one_rank_only_restarts_the_pod_instead_of_hanging():
+    """Rank 1 raises where rank 0 does not (out of memory on one GPU, say), at the second step of the first
+    request: rank 0 waits for it in a collective. The client gets an error and the pod exits (code 1), so that
+    Kubernetes restarts it; before, the pod hung and its health stayed SERVING."""
+    for faulty in (1, 0):
+        proc, address = start_launcher("--cfg-degree", "2", "--log-level", "WARNING",
+                                       env=with_faults(SMARTDIFF_TEST_FAULT=f"{faulty}:3:raise"))
+        start = time.monotonic()
+        error = denoise_once(address)
+        output = ended(proc)
+        assert error is not None and time.monotonic() - start < 60, output
+        assert proc.returncode == 1, output
+        assert f"rank {faulty}: the job failed on this rank only" in output, output
+
+
+def test_an_idle_pod_outlives_the_job_timeout():
+    """The wait for the next job is not a collective with the jobs' timeout (an idle pod used to die after it,
+    30 min on gloo, NCCL's 10 min watchdog on GPUs)."""
+    proc, address = start_launcher("--cfg-degree", "2", "--log-level", "WARNING",
+                                   env=with_faults(SMARTDIFF_TEST_JOB_TIMEOUT="2"))
+    try:
+        time.sleep(5)
+        assert denoise_once(address) is None
+        assert proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = ended(proc)
+    assert proc.returncode == 0, output
+
+
+def test_a_rank_that_exits_while_rank_0_serves_stops_the_pod():
+    """Only rank 0 tells the others to stop: one that ends by itself, even with code 0, leaves the pod unable to
+    run a job, so the launcher stops it (exit 1)."""
+    done = subprocess.run([sys.executable, *DENOISER, "--nproc-per-node", "2", "--cfg-degree", "2", "--log-level",
+                           "WARNING"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **with_faults(SMARTDIFF_TEST_FAULT="1:1:exit0")})
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "rank 1 exited while rank 0 serves" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_on_two_gpus_a_pod_serves_then_restarts_on_a_one_rank_failure():
+    """NCCL for the jobs, gloo for the job headers: a request, an idle wait past the job timeout, a request; then
+    a pod whose rank 1 fails at its second request's second step exits instead of hanging in NCCL."""
+    gpu = [a if a != "cpu" else "cuda" for a in DENOISER]
+    proc, address = start_denoiser([sys.executable, *gpu, "--nproc-per-node", "2", "--cfg-degree", "2",
+                                    "--compile", "off", "--log-level", "WARNING"],
+                                   env=with_faults(SMARTDIFF_TEST_JOB_TIMEOUT="3"))
+    try:
+        assert denoise_once(address) is None
+        time.sleep(6)
+        assert denoise_once(address) is None
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = ended(proc)
+    assert proc.returncode == 0, output
+    proc, address = start_denoiser([sys.executable, *gpu, "--nproc-per-node", "2", "--cfg-degree", "2",
+                                    "--compile", "off", "--log-level", "WARNING"],
+                                   env=with_faults(SMARTDIFF_TEST_FAULT="1:7:raise"))
+    assert denoise_once(address) is None  # warm-up: call 1; this request: calls 2-5
+    start = time.monotonic()
+    error = denoise_once(address)
+    output = ended(proc, timeout=90)
+    assert error is not None and proc.returncode == 1, output
+    assert time.monotonic() - start < 90 and "rank 1: the job failed on this rank only" in output, output
