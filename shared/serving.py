@@ -104,15 +104,20 @@ async def run_until_signal(server: StageServer, drain_seconds: float) -> None:
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining for up to %.0f s", drain_seconds)
     await server.drain(drain_seconds)
-    exit_if_work_left()
+    await exit_if_work_left()
 
 
-def exit_if_work_left() -> None:
-    """After the drain: a job still on a worker thread (a DiT block or a decode runs to its end once started,
-    minutes for the largest requests on a CPU) would hold the process at interpreter exit, which joins the
-    thread. Its client was answered when the server stopped, so exit now instead."""
+async def exit_if_work_left(wait: float = 10.0) -> None:
+    """After the drain: the server's stop cancelled the calls left, and their jobs end at their next check
+    (within two DiT blocks: well under a second on a GPU). One still running on a worker thread `wait` seconds
+    later (a block of the largest requests takes minutes on a CPU) would hold the process at interpreter exit,
+    which joins the thread; its client was answered when the server stopped, so exit now instead."""
     from smartdiff.shared.worker import busy_workers
 
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait
+    while busy_workers() and loop.time() < end:
+        await asyncio.sleep(0.05)
     busy = busy_workers()
     if busy:
         log.warning("drained, with work still running on %s: exiting without waiting for it", ", ".join(busy))

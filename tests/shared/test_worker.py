@@ -195,11 +195,11 @@ def test_a_drained_process_exits_without_waiting_for_a_job_still_running(tmp_pat
 
         async def main():
             worker = StageWorker("denoiser")
-            exit_if_work_left()  # idle: returns
+            await exit_if_work_left(wait=0.5)  # idle: returns
             task = asyncio.ensure_future(worker.stream(lambda emit, stop: time.sleep(120)).__anext__())
             while not worker.pending:
                 await asyncio.sleep(0.01)
-            exit_if_work_left()
+            await exit_if_work_left(wait=0.5)
             task.cancel()
 
         asyncio.run(main())
@@ -209,3 +209,25 @@ def test_a_drained_process_exits_without_waiting_for_a_job_still_running(tmp_pat
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and time.monotonic() - start < 30, done
     assert "work still running on denoiser" in done.stderr and "not reached" not in done.stdout
+
+
+def test_after_the_drain_a_job_that_stops_when_told_is_waited_for():
+    """The server's stop cancelled the call: a job that checks `stop` ends, and the process exits normally."""
+    from smartdiff.shared.serving import exit_if_work_left
+
+    def job(emit, stop):
+        while not stop():
+            time.sleep(0.02)
+
+    async def main():
+        worker = StageWorker("denoiser")
+        stream = worker.stream(job)
+        task = asyncio.ensure_future(stream.__anext__())
+        while not worker.pending:
+            await asyncio.sleep(0.01)
+        task.cancel()  # as the server's stop cancels the call
+        await asyncio.gather(task, return_exceptions=True)
+        await exit_if_work_left(wait=10)  # returns (it would os._exit the test process otherwise)
+        return worker.pending
+
+    assert asyncio.run(main()) == 0
