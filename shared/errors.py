@@ -110,12 +110,19 @@ _STAGE_CODES_PASSED_ON = {
 }
 
 
+_BUILT_BY_THE_CALLER = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+
 def stage_error(stage: str, err: grpc.RpcError) -> ServiceError:
     """Translate a failed call to a stage into the error the caller reports, naming the stage."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else "") or code.name.lower()
     if code == grpc.StatusCode.UNAVAILABLE:
         return StageUnavailable(stage, details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(_BUILT_BY_THE_CALLER):
+        # tensors the caller (the gateway) made from another stage's output, not the client's request: a stage's
+        # failure (a bf16 decode that overflowed, say), INTERNAL with its message
+        return ServiceError(f"{stage}: {details}", grpc.StatusCode.INTERNAL)
     if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(("model: ", "params.model: ")):
         # the caller (the gateway) sends the model it serves: the stage serving another is the deployment's fault
         return ServiceError(f"{stage}: {details} (a deployment error: the gateway and its stages must serve one "

@@ -144,6 +144,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
+def oom_detail(exc: BaseException) -> str:
+    """The first line of an out-of-memory error's message (what the device said), for a one-line report."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def release_cached_memory() -> None:
     """After an out-of-memory error: collect the failed request's tensors and give the CUDA allocator's cached
     blocks back, so the next request starts from the resident weights alone."""

@@ -18,7 +18,7 @@ from smartdiff.shared.argtypes import ranged_int, seconds
 from smartdiff.shared.checkpoint import CheckpointLayout
 from smartdiff.shared.config import ConfigError, ModelConfig
 from smartdiff.shared.grpc_server import StageServer, check_address
-from smartdiff.shared.memory import MemoryPolicyError, is_out_of_memory
+from smartdiff.shared.memory import MemoryPolicyError, is_out_of_memory, oom_detail
 from smartdiff.shared.model_source import resolve_model
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,9 @@ async def start_stage(service_name: str, add_servicer, servicer, address: str, m
             await (worker.run(warmup) if worker is not None else asyncio.to_thread(warmup))
     except BaseException as exc:  # a failed (or interrupted) start or warm-up must not leave the port bound
         await server.stop(0)
-        if is_out_of_memory(exc):  # not a traceback: say what ran and what to change
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        oom = next((e for e in (exc, exc.__cause__) if e is not None and is_out_of_memory(e)), None)
+        if oom is not None:  # not a traceback: say what ran and what to change (a multi-GPU runner wraps it)
+            detail = oom_detail(oom)
             service = service_name.rsplit(".", 1)[-1]
             raise MemoryPolicyError(f"{service}: the warm-up before SERVING ran out of device memory ({detail}); "
                                     f"{WARMUP_OOM_ADVICE.get(service, 'start it on a GPU with more memory')}") from None

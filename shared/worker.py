@@ -21,7 +21,7 @@ import torch
 
 from smartdiff.shared import metrics
 from smartdiff.shared.errors import Cancelled, DeadlineExceeded, Overloaded
-from smartdiff.shared.memory import is_out_of_memory, release_cached_memory
+from smartdiff.shared.memory import is_out_of_memory, oom_detail, release_cached_memory
 
 Emit = Callable[[Any], None]
 ShouldStop = Callable[[], bool]
@@ -136,7 +136,7 @@ class StageWorker:
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            detail = oom_detail(exc)
         release_cached_memory()
         raise Overloaded(f"{self.name}: out of device memory for this request ({detail}); retry with a smaller "
                          "size, or on a deployment with a higher low-memory level")

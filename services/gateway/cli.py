@@ -183,8 +183,9 @@ async def _generate(args: argparse.Namespace) -> int:
 
         model, layout = model_from_args(args)
         resolved = resolve_request(req, model)
-        if req.seed is None:  # fix the seed here so it can be printed before the work starts
+        if req.seed is None:  # fix the seed here so it is printed before the work starts (and if it fails)
             req = GenerationRequest(**{**req.__dict__, "seed": resolved.seed})
+            print(f"seed: {req.seed}", file=sys.stderr)
         if layout is None and model.random_weights:
             print(f"note: {model.name} has RANDOM weights: the video is noise (use --checkpoint for a real model)",
                   file=sys.stderr)

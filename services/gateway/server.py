@@ -20,7 +20,8 @@ from smartdiff.services.denoiser.cache.config import cache_config_from_proto
 from smartdiff.shared import metrics
 from smartdiff.shared.config import ConfigError, ModelConfig
 from smartdiff.shared.errors import (
-    DeadlineExceeded, Overloaded, RequestError, ServiceError, StageUnavailable, calling_stage, grpc_errors,
+    DeadlineExceeded, Overloaded, RequestError, ServiceError, StageUnavailable, TensorStreamError, calling_stage,
+    grpc_errors,
 )
 from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.request import (
@@ -166,18 +167,19 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     async def denoiser_capabilities(self, timeout: float | None) -> denoiser_pb2.GetCapabilitiesResponse:
         """The denoiser's capabilities, asked again after CAPABILITIES_SECONDS (a rollout may have replaced it with
         one that allows other backends); the last answer while it cannot be reached."""
-        stale = time.monotonic() - self._denoiser_caps_at > CAPABILITIES_SECONDS
-        if self._denoiser_caps is None or stale:
-            try:
-                with calling_stage("denoiser"):
-                    await self.stages.reachable("denoiser", timeout)  # renews a channel left in its reconnect backoff
-                    caps = await self.stages.denoiser.GetCapabilities(
-                        denoiser_pb2.GetCapabilitiesRequest(), timeout=timeout)
-            except ServiceError:
-                if self._denoiser_caps is None:
-                    raise
-                return self._denoiser_caps  # the request itself finds out whether the denoiser is there
-            self._denoiser_caps, self._denoiser_caps_at = caps, time.monotonic()
+        if self._denoiser_caps is None:
+            with calling_stage("denoiser"):
+                await self.stages.reachable("denoiser", timeout)  # renews a channel left in its reconnect backoff
+                self._denoiser_caps = await self.stages.denoiser.GetCapabilities(
+                    denoiser_pb2.GetCapabilitiesRequest(), timeout=timeout)
+            self._denoiser_caps_at = time.monotonic()
+        elif time.monotonic() - self._denoiser_caps_at > CAPABILITIES_SECONDS:
+            self._denoiser_caps_at = time.monotonic()  # (asked at most once per period, answered or not)
+            try:  # no wait for a replica: the request's own stage calls wait, once
+                self._denoiser_caps = await self.stages.denoiser.GetCapabilities(
+                    denoiser_pb2.GetCapabilitiesRequest(), timeout=min(timeout or 2.0, 2.0))
+            except grpc.RpcError as e:
+                log.info("denoiser capabilities not renewed (%s); using the last answer", e.code())
         return self._denoiser_caps
 
     def denoise_detail(self, p: denoiser_pb2.DenoiseProgress) -> str:
@@ -256,9 +258,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                         frames.append(msg.embedding)
                     else:
                         te_summary = msg.summary
-            embeddings = list(frames_to_tensors(frames, "embedding"))
+            try:
+                embeddings = list(frames_to_tensors(frames, "embedding"))
+            except TensorStreamError as e:  # the stage's reply, not the client's request
+                raise ServiceError(f"text_encoder: its embeddings are unusable: {e.message}") from None
         if len(embeddings) != len(prompts):
-            raise RequestError("prompts", f"text encoder returned {len(embeddings)} embeddings for {len(prompts)} prompts")
+            raise ServiceError(f"text_encoder: returned {len(embeddings)} embeddings for {len(prompts)} prompts")
         timings.append(pb.StageTiming(stage=pb.STAGE_TEXT_ENCODER, seconds=time.perf_counter() - t0,
                                       compute_seconds=te_summary.encode_seconds if te_summary else 0.0,
                                       peak_memory_bytes=te_summary.peak_memory_bytes if te_summary else 0,

@@ -81,6 +81,9 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
         start = time.perf_counter()
 
         def job(emit, should_stop):
+            if should_stop():  # cancelled, or past its deadline while it waited in the queue: skip the decode
+                raise Cancelled("cancelled before the decode started")
+
             def progress(phase, unit):
                 def report(i, n):
                     emit((phase, i, n))

@@ -161,3 +161,16 @@ def test_a_prompt_past_the_token_limit_is_reported_cut(tmp_path, capsys):
                  "--guidance", "5", "--negative-prompt", "blurry", "--out", str(tmp_path / "v.mp4")]) == 0
     err = capsys.readouterr().err
     assert "warning: the prompt was cut to the text encoder's token limit" in err and "negative prompt was" not in err
+
+
+def test_a_drawn_seed_is_printed_before_the_work_starts(tmp_path, capsys, monkeypatch):
+    from smartdiff.services.gateway import embedded
+
+    async def fail(*args, **kwargs):
+        raise RuntimeError("the deployment failed to start")
+
+    monkeypatch.setattr(embedded.EmbeddedDeployment, "start", fail)
+    with pytest.raises(RuntimeError):
+        main(["generate", "--prompt", "x", "--width", "32", "--height", "32", "--frames", "5", "--out",
+              str(tmp_path / "v.mp4")])
+    assert capsys.readouterr().err.count("seed: ") == 1  # kept, although nothing was generated

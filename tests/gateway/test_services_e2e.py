@@ -976,3 +976,59 @@ def test_a_gateway_whose_stages_serve_another_model_is_refused_and_never_blames_
     err = run(body)
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "serves 'wan-tiny', not 'wan-tiny-moe'" in err.message and "deployment error" in err.message
+
+
+def test_a_text_encoder_that_breaks_its_contract_is_not_blamed_on_the_request(monkeypatch):
+    from smartdiff.services.text_encoder.engine import TextEncoderEngine
+
+    real = TextEncoderEngine.encode
+    broken = {"on": False}
+
+    def encode(self, prompts, **kw):
+        out = real(self, prompts, **kw)
+        return out[:1] if broken["on"] else out  # one embedding for two prompts
+
+    monkeypatch.setattr(TextEncoderEngine, "encode", encode)
+    req = GenerationRequest(prompt="a cat", negative_prompt="blur", guidance=(5.0,), seed=1, **SMALL)
+
+    async def body(d, channel):
+        broken["on"] = True
+        await expect_error(gateway(channel).Generate(request_to_proto(req)), grpc.StatusCode.INTERNAL,
+                           "text_encoder: returned 1 embeddings for 2 prompts")
+        broken["on"] = False
+        return await generate(gateway(channel), request_to_proto(req))
+
+    assert run(body).video
+
+
+def test_vae_skips_requests_whose_deadline_passed_in_its_queue(monkeypatch):
+    from smartdiff.services.vae.engine import VaeEngine
+
+    calls = []
+    real = VaeEngine.decode_pieces
+
+    def slow(self, latents, **kw):
+        calls.append(1)
+        time.sleep(1.0)
+        yield from real(self, latents, **kw)
+
+    async def body(d, channel):
+        vae = stage_stubs(d)[2]
+        monkeypatch.setattr(VaeEngine, "decode_pieces", slow)
+
+        def call(timeout=None):
+            msgs = [vae_pb2.DecodeRequest(params=vae_pb2.DecodeParams(output_format=vae_pb2.OUTPUT_FORMAT_FRAMES)),
+                    *tensor_to_messages(torch.zeros(1, 16, 1, 2, 2), vae_pb2.DecodeRequest, "latents")]
+            return collect(vae.Decode(iter(msgs), timeout=timeout))
+
+        first, queued = (asyncio.create_task(call(0.3)) for _ in range(2))
+        for task in (first, queued):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await task
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(1.5)  # the first decode ends; the queued one must not start
+        assert len(calls) == 1
+        monkeypatch.setattr(VaeEngine, "decode_pieces", real)
+        assert (await call())[-1].WhichOneof("frame") == "summary"  # and the stage still serves
+
+    run(body)

@@ -189,3 +189,8 @@ def test_stage_error_passes_user_faults_on_and_hides_others():
     assert internal.code == grpc.StatusCode.INTERNAL  # our services' INTERNAL messages are safe: the id goes on
     assert internal.message == "stage vae failed: internal error (id 0123abcd); see the log"
     assert "Traceback" not in errors.stage_error("vae", Fake(grpc.StatusCode.INTERNAL, "Traceback (most ...")).message
+    # a tensor the gateway built from another stage's output, refused: that stage's failure, not the client's
+    overflow = errors.stage_error("vae", Fake(grpc.StatusCode.INVALID_ARGUMENT, "latents: the decode overflowed"))
+    assert overflow.code == grpc.StatusCode.INTERNAL and overflow.message == "vae: latents: the decode overflowed"
+    assert errors.stage_error("denoiser", Fake(grpc.StatusCode.INVALID_ARGUMENT,
+                                               "negative_prompt_embeds: required")).code == grpc.StatusCode.INTERNAL
