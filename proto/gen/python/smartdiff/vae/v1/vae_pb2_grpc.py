@@ -57,7 +57,8 @@ class VaeServiceServicer:
     def Decode(self, request_iterator, context):
         """Decodes one video. The client sends params first, then the latents; the server streams
         progress and the video, then a summary. Raw frames stream while the rest decodes (each latent
-        frame's video frames as soon as they are decoded); an mp4 is encoded the same way, as frames
+        frame's video frames as soon as they are decoded; a tiled decode, low-mem level 1 and up,
+        yields the whole video at its end); an mp4 is encoded the same way, as frames
         come, and sent when complete. An error can end the stream after some raw frames were sent:
         a receiver keeps the frames only once the stream ended with OK. Errors:
         INVALID_ARGUMENT naming the field or tensor, DATA_LOSS for a corrupt tensor stream,
