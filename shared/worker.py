@@ -2,9 +2,8 @@
 
 A servicer does `async for event in worker.stream(job): ...`: `job(emit, should_stop)` runs in the stage's
 single worker thread (GPU work is serialised per stage: `serve all` runs three stages' workers side by side),
-`emit(x)` sends progress back to the servicer,
-and `should_stop()` turns True when the caller cancelled or its deadline passed, so the job can stop between
-two steps. The job's return value comes last, as `Done(value)`.
+`emit(x)` sends progress back to the servicer, and `should_stop()` turns True when the caller cancelled or its
+deadline passed, so the job can stop between two steps. The job's return value comes last, as `Done(value)`.
 """
 
 from __future__ import annotations
