@@ -274,10 +274,6 @@ class StageServer:
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", ", ".join(self.service_names))
 
-    async def mark_not_serving(self) -> None:
-        """Take the server out of rotation (e.g. while reloading weights)."""
-        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
-
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING for good, then let in-flight RPCs finish for up to `grace` seconds."""
         await self.health.enter_graceful_shutdown()
@@ -301,9 +297,6 @@ class StageServer:
                 break
             await asyncio.sleep(0.05)
         await self.server.stop(0)
-
-    async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
 
 
 def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
@@ -341,15 +334,3 @@ def create_channel(
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=opts)
     return grpc.aio.secure_channel(target, credentials, options=opts)
-
-
-def remaining_timeout(context: grpc.aio.ServicerContext, reserve: float = 0.0) -> float | None:
-    """Seconds left of the incoming call's deadline minus `reserve`, to pass as `timeout=` to a stage call.
-
-    None when the caller set no deadline. Cancellation propagates by itself: cancelling the handler's
-    task cancels the stage call it is awaiting.
-    """
-    left = context.time_remaining()
-    if left is None:
-        return None
-    return max(left - reserve, 0.0)

@@ -6,7 +6,7 @@ import html
 
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import RequestError
@@ -17,6 +17,7 @@ MAX_FRAMES = 241  # 4 * 60 + 1
 MAX_STEPS = 200
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 20_000
+MAX_FPS = 120
 MIN_GUIDANCE = 1.0  # 1 turns classifier-free guidance off; below it CFG would not run (as in diffusers' Wan pipeline)
 MIN_SHIFT = 0.1  # smaller shifts squeeze the whole schedule against sigma = 0 (1e-12 gives NaN latents)
 
@@ -53,7 +54,6 @@ class ResolvedRequest:
     sampler: str
     seed: int
     fps: int
-    extras: dict = field(default_factory=dict, compare=False)
 
     def latent_shape(self, model: ModelConfig) -> tuple[int, int, int, int, int]:
         """[1, z_dim, F', H/8, W/8] with F' = (frames - 1) / 4 + 1."""
@@ -129,7 +129,23 @@ def _sampler(v) -> str:
 RULES = (("width", lambda v: _size("width", v)), ("height", lambda v: _size("height", v)), ("frames", _frames),
          ("steps", lambda v: _int("steps", v, 1, MAX_STEPS)),
          ("shift", lambda v: _float("shift", v, MIN_SHIFT, 100.0)), ("sampler", _sampler),
-         ("seed", lambda v: _int("seed", v, 0, MAX_SEED)), ("fps", lambda v: _int("fps", v, 1, 120)))
+         ("seed", lambda v: _int("seed", v, 0, MAX_SEED)), ("fps", lambda v: _int("fps", v, 1, MAX_FPS)))
+
+
+def request_from_message(msg, prompt: str | None = None) -> GenerationRequest:
+    """The request's fields of a proto message that carries them (the gateway's GenerateRequest, the denoiser's
+    DenoiseParams) as a GenerationRequest: unset optional fields, and those the message lacks, are None (the
+    model's defaults). `prompt`: for a message without one."""
+    fields = msg.DESCRIPTOR.fields_by_name
+
+    def opt(name: str):
+        return getattr(msg, name) if name in fields and msg.HasField(name) else None
+
+    return GenerationRequest(
+        prompt=msg.prompt if prompt is None else prompt, negative_prompt=opt("negative_prompt"), width=opt("width"),
+        height=opt("height"), frames=opt("frames"), steps=opt("steps"), guidance=tuple(msg.guidance) or None,
+        shift=opt("shift"), sampler=msg.sampler or None, seed=opt("seed"), fps=opt("fps"),
+    )
 
 
 def reject_unknown_fields(msg, path: str) -> None:

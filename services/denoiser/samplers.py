@@ -273,7 +273,6 @@ class FlowEulerSampler(_FlowSampler):
 SAMPLERS: dict[str, type] = {
     cls.name: cls for cls in (FlowUniPCSampler, FlowDPMSolverSampler, FlowEulerSampler)
 }
-DEFAULT_SAMPLER = "unipc"
 
 
 def make_sampler(name: str, steps: int, shift: float, num_train_timesteps: int = 1000) -> Sampler:

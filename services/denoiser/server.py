@@ -24,7 +24,7 @@ from smartdiff.services.denoiser.fp8 import GEMMS
 from smartdiff.shared.config import ConfigError, ModelConfig
 from smartdiff.shared.errors import RequestError, ServiceError, grpc_errors
 from smartdiff.shared.memory import measure_peak
-from smartdiff.shared.request import SAMPLER_NAMES, GenerationRequest, ResolvedRequest, resolve_request
+from smartdiff.shared.request import SAMPLER_NAMES, ResolvedRequest, request_from_message, resolve_request
 from smartdiff.shared.tensor_stream import TensorAssembler, read_params_and_tensors, tensor_to_messages
 from smartdiff.shared.worker import Done, StageWorker
 
@@ -46,6 +46,11 @@ class DenoiserOptions:
     cfg_degree: int = 1
     ulysses_degree: int = 1
     ring_degree: int = 1
+
+    @property
+    def world_size(self) -> int:
+        """The pod's GPUs (processes): cfg x ulysses x ring."""
+        return self.cfg_degree * self.ulysses_degree * self.ring_degree
 
 
 def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
@@ -142,14 +147,6 @@ class JobResult:
     peak_memory_bytes: int = 0
 
 
-def request_from_params(p: pb.DenoiseParams) -> GenerationRequest:
-    """The sampling fields of DenoiseParams as a GenerationRequest (unset optionals -> model defaults)."""
-    opt = lambda name: getattr(p, name) if p.HasField(name) else None  # noqa: E731
-    return GenerationRequest(prompt="(embedded)", width=opt("width"), height=opt("height"), frames=opt("frames"),
-                             steps=opt("steps"), guidance=tuple(p.guidance) or None, shift=opt("shift"),
-                             sampler=p.sampler or None, seed=opt("seed"))
-
-
 def check_options(options: DenoiserOptions, model: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
     """The attention and guidance flags of a deployment on `device` / `dtype`, before it serves (on every rank of
     a pod, before they meet): ConfigError naming the flag."""
@@ -190,7 +187,7 @@ def prepare_job(params: pb.DenoiseParams, model: ModelConfig, options: DenoiserO
     """
     if params.model and params.model != model.name:
         raise RequestError("params.model", f"this deployment serves {model.name!r}, not {params.model!r}")
-    req = resolve_request(request_from_params(params), model)
+    req = resolve_request(request_from_message(params, prompt="(embedded)"), model)
     choice = AttentionChoice.from_proto(params.attention if params.HasField("attention") else None,
                                         default_backend=default_attention(options, model, engine))
     allowed = options.attention_backends
@@ -350,7 +347,7 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
             effective=effective_params(job, result, self.model),
             attention_selection=attention_selection(job, result),
             cached_steps=result.cache.cached_steps, denoise_seconds=seconds,
-            world_size=self.options.cfg_degree * self.options.ulysses_degree * self.options.ring_degree,
+            world_size=self.options.world_size,
             cache_report=result.cache.to_proto(), peak_memory_bytes=result.peak_memory_bytes,
             low_mem_level=int(self.engine.memory.level),
         ))
@@ -372,7 +369,7 @@ class DenoiserServicer(pb_grpc.DenoiserServiceServicer):
             models=[self.model.name], samplers=list(SAMPLER_NAMES), attention_backends=infos,
             default_attention_backend=default_attention(self.options, self.model, engine),
             cache_strategies=engine.flexcache.strategy_infos(),
-            world_size=self.options.cfg_degree * self.options.ulysses_degree * self.options.ring_degree,
+            world_size=self.options.world_size,
         )
 
 

@@ -25,7 +25,7 @@ from smartdiff.shared.errors import (
 )
 from smartdiff.shared.grpc_server import create_channel
 from smartdiff.shared.request import (
-    MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, GenerationRequest, ResolvedRequest, reject_unknown_fields,
+    MAX_FRAMES, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, ResolvedRequest, reject_unknown_fields, request_from_message,
     resolve_request,
 )
 from smartdiff.shared.tensor_stream import frames_to_tensors, tensor_to_messages
@@ -71,15 +71,6 @@ async def _ready(channel: grpc.aio.Channel, timeout: float) -> bool:
         except grpc.aio.UsageError:  # closed: another waiting request replaced it (reachable reads the new one)
             return False
     return channel.get_state() == grpc.ChannelConnectivity.READY
-
-
-def request_from_proto(r: pb.GenerateRequest) -> GenerationRequest:
-    opt = lambda name: getattr(r, name) if r.HasField(name) else None  # noqa: E731
-    return GenerationRequest(
-        prompt=r.prompt, negative_prompt=opt("negative_prompt"), width=opt("width"), height=opt("height"),
-        frames=opt("frames"), steps=opt("steps"), guidance=tuple(r.guidance) or None, shift=opt("shift"),
-        sampler=r.sampler or None, seed=opt("seed"), fps=opt("fps"),
-    )
 
 
 def progress(stage: int, step: int, total: int, start: float, message: str = "") -> pb.GenerateResponse:
@@ -192,7 +183,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         reject_unknown_fields(r, "request")
         if r.model and r.model != self.model.name:
             raise RequestError("model", f"this deployment serves {self.model.name!r}, not {r.model!r}")
-        req = resolve_request(request_from_proto(r), self.model)
+        req = resolve_request(request_from_message(r), self.model)
         caps = await self.denoiser_capabilities(timeout)
         backends = {b.name: b for b in caps.attention_backends}
         available = ", ".join(sorted(n for n, b in backends.items() if b.available))

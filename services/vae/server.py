@@ -12,7 +12,7 @@ from smartdiff.services.vae.video import encode_mp4
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, RequestError, grpc_errors
 from smartdiff.shared.memory import measure_peak
-from smartdiff.shared.request import MAX_FRAMES, MAX_SIDE
+from smartdiff.shared.request import MAX_FPS, MAX_FRAMES, MAX_SIDE
 from smartdiff.shared.tensor_stream import (TensorAssembler, TensorSender, read_params_and_tensors, spec_of,
                                            tensor_to_messages)
 from smartdiff.shared.worker import Done, StageWorker
@@ -20,7 +20,6 @@ from smartdiff.vae.v1 import vae_pb2 as pb
 from smartdiff.vae.v1 import vae_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
-DEFAULT_FPS = 16
 
 
 class VaeServicer(pb_grpc.VaeServiceServicer):
@@ -46,9 +45,9 @@ class VaeServicer(pb_grpc.VaeServiceServicer):
             raise RequestError("params.output_format", f"unknown value {fmt}")
         fps = 0  # raw frames have none (the request's fps is ignored)
         if fmt == pb.OUTPUT_FORMAT_MP4:
-            fps = p.fps if p.HasField("fps") else DEFAULT_FPS
-            if not 1 <= fps <= 120:
-                raise RequestError("params.fps", f"must be between 1 and 120, got {fps}")
+            fps = p.fps if p.HasField("fps") else self.model.defaults.fps
+            if not 1 <= fps <= MAX_FPS:
+                raise RequestError("params.fps", f"must be between 1 and {MAX_FPS}, got {fps}")
         z = self.model.vae.z_dim
         st, sh, sw = self.model.vae.stride
         if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != z or min(latents.shape[2:]) < 1:

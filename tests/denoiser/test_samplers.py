@@ -196,3 +196,10 @@ def test_every_sampler_stays_finite_at_the_shift_bounds_requests_allow(name, shi
     for i in range(steps):
         x = s.step(torch.randn(1, 4, 2, 2, generator=g), i, x)
     assert torch.isfinite(x).all()
+
+
+def test_the_request_rules_name_exactly_the_samplers_that_exist():
+    from smartdiff.services.denoiser.samplers import SAMPLERS
+    from smartdiff.shared.request import SAMPLER_NAMES
+
+    assert sorted(SAMPLERS) == sorted(SAMPLER_NAMES)  # shared/ lists them without importing the engine

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from smartdiff.shared import errors
-from smartdiff.shared.grpc_server import StageServer, create_channel, remaining_timeout
+from smartdiff.shared.grpc_server import StageServer, create_channel
 
 SERVICE = "smartdiff.test.Faulty"
 
@@ -50,7 +50,7 @@ class Faulty:
                 with errors.calling_stage("vae"):
                     await channel.unary_unary("/x.Y/Z")(b"", timeout=5)
         if request == b"deadline_left":
-            left = remaining_timeout(context)
+            left = context.time_remaining()  # what the gateway passes on to its stage calls
             return b"none" if left is None else str(left).encode()
         raise FAULTS[request]
 
