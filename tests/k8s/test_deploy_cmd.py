@@ -258,7 +258,7 @@ def test_kubernetes_client_is_imported_only_when_used():
 def test_without_the_kubernetes_client_the_command_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "kubernetes", None)
     code, _, err = run_cli(["deploy", "status"], capsys)
-    assert code == 2 and "pip install 'smart-diffusion[deploy]'" in err
+    assert code == 2 and "pip install -e '.[deploy]'" in err
 
 
 @pytest.mark.parametrize("name", ["deployments-ready", "deployments-starting", "pods-ready", "pods-starting"])
