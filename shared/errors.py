@@ -123,6 +123,10 @@ def stage_error(stage: str, err: grpc.RpcError) -> ServiceError:
         # tensors the caller (the gateway) made from another stage's output, not the client's request: a stage's
         # failure (a bf16 decode that overflowed, say), INTERNAL with its message
         return ServiceError(f"{stage}: {details}", grpc.StatusCode.INTERNAL)
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "unknown field number" in details:
+        # the caller refused the client's own unknown fields: a stage's refusal means their protos differ
+        return ServiceError(f"{stage}: {details} (a deployment error: the gateway and its stages run different API "
+                            "versions)", grpc.StatusCode.FAILED_PRECONDITION)
     if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(("model: ", "params.model: ")):
         # the caller (the gateway) sends the model it serves: the stage serving another is the deployment's fault
         return ServiceError(f"{stage}: {details} (a deployment error: the gateway and its stages must serve one "

@@ -149,8 +149,9 @@ def setup_logging(level: str) -> None:
 WARMUP_OOM_ADVICE = {
     "DenoiserService": "with --compile on (the CUDA default) it runs one step at the model's default size, both "
                        "guidance branches in one batch: start with --compile off (a tiny warm-up; the first request "
-                       "of each size then compiles), --cfg-batch off (one guidance branch at a time), --low-mem-level 3 "
-                       "(the DiT streamed from host memory), or on a GPU with more memory",
+                       "of each size then compiles), --cfg-batch off (one guidance branch at a time; with "
+                       "--cfg-degree 1), --low-mem-level 3 (the DiT streamed from host memory), or on a GPU with "
+                       "more memory",
     "VaeService": "it decodes two latent frames at the model's default size: start with --low-mem-level 1 (tiled "
                   "decode), smaller --tiling tiles, or --dtype bfloat16",
     "TextEncoderService": "it encodes one prompt: start with --low-mem-level 2 (the T5 on the CPU)",

@@ -18,15 +18,27 @@ import tiny_checkpoints  # noqa: E402
 _TEST_PROCESS, _hard_exit = os.getpid(), os._exit
 
 
+_hard_exits: list[int] = []
+
+
 def _no_hard_exit_here(code: int) -> None:
     """os._exit in the pytest process itself would end the run with that code and no report (0: a silent pass):
-    code that exits the process hard is tested in subprocesses. Forked children exit as they would."""
+    code that exits the process hard is tested in subprocesses. Forked children exit as they would. A call on
+    another thread (a timer) only raises there: the fixture below fails the test."""
     if os.getpid() == _TEST_PROCESS:
+        _hard_exits.append(code)
         raise AssertionError(f"os._exit({code}) called in the pytest process")
     _hard_exit(code)
 
 
 os._exit = _no_hard_exit_here
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_a_hard_exit():
+    yield
+    calls, _hard_exits[:] = list(_hard_exits), []
+    assert not calls, f"os._exit{tuple(calls)} called in the pytest process"
 
 
 @pytest.fixture(scope="session")

@@ -120,7 +120,8 @@ def _main(argv: list[str] | None) -> int:
             try:
                 asyncio.run(serve(args, model, layout, replace(system, device=device), options, engine, runner))
             except (ConfigError, MemoryPolicyError) as e:  # the port, taken since it was checked; the warm-up's OOM
-                # (on any rank: the runner reports it with the OOM as its cause, and the ranks then exit)
+                # on this rank (the runner reports it with the OOM as its cause; a follower's OOM ends that rank,
+                # and the launcher then stops this one)
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 return 2
             finally:

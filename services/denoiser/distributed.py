@@ -31,6 +31,7 @@ import torch.distributed as dist
 from smartdiff.denoiser.v1 import denoiser_pb2 as pb
 from smartdiff.shared.config import ModelConfig
 from smartdiff.shared.errors import Cancelled, RequestError, ServiceError
+from smartdiff.shared.memory import is_out_of_memory, oom_detail
 from smartdiff.shared.request import ResolvedRequest
 
 from .engine import DenoiserEngine
@@ -85,8 +86,8 @@ def header_group():
 def exit_out_of_step(rank: int, error: BaseException) -> None:
     """A rank whose job failed where the others did not: they wait for it in a collective, so the pod cannot go
     on. Exit (code 1); the launcher stops the other ranks and the pod restarts."""
-    log.critical("rank %d: the job failed on this rank only (%s: %s); the ranks are out of step, exiting so that "
-                 "the pod restarts", rank, type(error).__name__, error)
+    log.critical("rank %d: a job failed here (%s: %s), and the ranks are out of step; exiting so that the pod "
+                 "restarts", rank, type(error).__name__, error)
     logging.shutdown()
     sys.stderr.flush()
     os._exit(1)
@@ -227,8 +228,13 @@ class RankZeroRunner:
             except LOCKSTEP_ERRORS:
                 raise
             except BaseException as e:  # noqa: BLE001 - the ranks are out of step whatever it was
-                self._broken = f"its job failed on rank 0 ({type(e).__name__}) and the ranks are out of step"
-                threading.Timer(EXIT_DELAY, exit_out_of_step, (0, e)).start()
+                self._broken = f"rank 0 saw {type(e).__name__} in a job, and the ranks are out of step"
+                timer = threading.Timer(EXIT_DELAY, exit_out_of_step, (0, e))
+                timer.daemon = True  # (a process that returns first, a failed warm-up, keeps its exit code)
+                timer.start()
+                if is_out_of_memory(e):  # the request's size, most likely: a retry would restart the pod again
+                    raise ServiceError(f"denoiser: out of device memory for this request ({oom_detail(e)}); the pod "
+                                       "restarts: retry with a smaller size", grpc.StatusCode.RESOURCE_EXHAUSTED) from e
                 raise ServiceError(f"the denoiser pod is restarting: {self._broken}; retry",
                                    grpc.StatusCode.UNAVAILABLE) from e
 

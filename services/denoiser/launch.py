@@ -29,6 +29,7 @@ log = logging.getLogger("smartdiff.denoiser.launch")
 
 LAUNCHED_ENV = "SMARTDIFF_DENOISER_LAUNCHED"  # set in the ranks' environment: they serve, they do not launch
 STOP_GRACE = 10.0  # seconds between the SIGTERM and the SIGKILL of ranks left behind by a failed or finished peer
+FOLLOWER_GRACE = 5.0  # seconds rank 0 may go on after a follower ended with 0 (rank 0 told it to: rank 0 is ending)
 POLL = 0.1
 
 
@@ -108,6 +109,7 @@ def _supervise(procs: list[subprocess.Popen], stopping=lambda: False) -> int:
     to stop (rank 0 alone tells them to, at its shutdown), stop the others."""
     failure: tuple[int, int] | None = None  # (rank, returncode) of the first rank seen failing
     kill_at: float | None = None
+    early_at: float | None = None  # when a follower was first seen ended with 0 while rank 0 ran
     while True:
         codes = [p.poll() for p in procs]
         if failure is None:
@@ -116,7 +118,8 @@ def _supervise(procs: list[subprocess.Popen], stopping=lambda: False) -> int:
                 log.error("rank %d exited with code %d; stopping the other ranks", failure[0], exit_code(failure[1]))
             elif codes[0] is None and not stopping():
                 early = next((r for r, c in enumerate(codes) if c == 0), None)
-                if early is not None:
+                early_at = early_at or (time.monotonic() if early is not None else None)
+                if early is not None and time.monotonic() - early_at > FOLLOWER_GRACE:
                     log.error("rank %d exited while rank 0 serves; stopping the other ranks", early)
                     failure = (early, 1)
         if all(c is not None for c in codes):

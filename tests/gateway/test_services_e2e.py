@@ -1021,14 +1021,46 @@ def test_vae_skips_requests_whose_deadline_passed_in_its_queue(monkeypatch):
                     *tensor_to_messages(torch.zeros(1, 16, 1, 2, 2), vae_pb2.DecodeRequest, "latents")]
             return collect(vae.Decode(iter(msgs), timeout=timeout))
 
-        first, queued = (asyncio.create_task(call(0.3)) for _ in range(2))
-        for task in (first, queued):
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await task
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(1.5)  # the first decode ends; the queued one must not start
-        assert len(calls) == 1
+        first = asyncio.create_task(call(30))
+        while not calls:  # the first decode runs (for a second)
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(0.3)  # queued behind it, and past its deadline before it could start
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (await first)[-1].WhichOneof("frame") == "summary"
+        await asyncio.sleep(0.5)
+        assert len(calls) == 1  # the queued one never started
         monkeypatch.setattr(VaeEngine, "decode_pieces", real)
         assert (await call())[-1].WhichOneof("frame") == "summary"  # and the stage still serves
 
     run(body)
+
+
+def test_the_gateway_renews_the_denoisers_capabilities_and_keeps_the_last_when_it_cannot(monkeypatch):
+    from smartdiff.services.gateway import server as gateway_server
+
+    answers = [denoiser_pb2.GetCapabilitiesResponse(models=["a"]), denoiser_pb2.GetCapabilitiesResponse(models=["b"])]
+
+    class Denoiser:
+        async def GetCapabilities(self, request, timeout=None):
+            if not answers:
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "down")
+            return answers.pop(0)
+
+    class Stages:
+        denoiser = Denoiser()
+
+        async def reachable(self, stage, left):
+            return None
+
+    servicer = gateway_server.GatewayServicer(load_model_config("wan-tiny"), Stages())
+
+    async def asks():
+        seen = [list((await servicer.denoiser_capabilities(5.0)).models)]
+        seen.append(list((await servicer.denoiser_capabilities(5.0)).models))  # fresh: not asked again
+        monkeypatch.setattr(gateway_server, "CAPABILITIES_SECONDS", 0.0)
+        seen.append(list((await servicer.denoiser_capabilities(5.0)).models))  # renewed
+        seen.append(list((await servicer.denoiser_capabilities(5.0)).models))  # down: the last answer
+        return seen
+
+    assert asyncio.run(asks()) == [["a"], ["a"], ["b"], ["b"]]

@@ -194,3 +194,6 @@ def test_stage_error_passes_user_faults_on_and_hides_others():
     assert overflow.code == grpc.StatusCode.INTERNAL and overflow.message == "vae: latents: the decode overflowed"
     assert errors.stage_error("denoiser", Fake(grpc.StatusCode.INVALID_ARGUMENT,
                                                "negative_prompt_embeds: required")).code == grpc.StatusCode.INTERNAL
+    # the gateway refused the client's own unknown fields: a stage refusing some means their protos differ
+    skew = errors.stage_error("vae", Fake(grpc.StatusCode.INVALID_ARGUMENT, "params: unknown field number 12 in x"))
+    assert skew.code == grpc.StatusCode.FAILED_PRECONDITION and "different API versions" in skew.message
