@@ -117,6 +117,11 @@ def bench_dit(args, device: torch.device) -> dict:
     free_device()
     with torch.inference_mode():
         outs["ours level 3"], runs["ours level 3"] = measure(lambda: ours(x, t, ctx), device, w, n)
+        # a guidance step as the denoiser runs it by default (--cfg-batch on): both branches in one batch-2 forward;
+        # its first half is compared with the batch-1 output, its time is two branches'
+        both = (torch.cat([x, x]), t.expand(2), torch.cat([ctx, torch.zeros_like(ctx)]))
+        outs["ours level 3 cfg batch 2"], runs["ours level 3 cfg batch 2"] = measure(
+            lambda: ours(*both)[:1], device, w, n)
     runs["ours level 3"]["offload_stats"] = dict(vars(offloader.stats))
     runs["ours level 3"]["slot_gib"] = offloader.slot_bytes / 2**30
     offloader.close()
