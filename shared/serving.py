@@ -147,8 +147,8 @@ def setup_logging(level: str) -> None:
 
 # What a stage whose warm-up ran out of device memory can change (by service).
 WARMUP_OOM_ADVICE = {
-    "DenoiserService": "with --compile on (the CUDA default) it runs one step at the model's default size, both "
-                       "guidance branches in one batch: start with --compile off (a tiny warm-up; the first request "
+    "DenoiserService": "with --compile on (the CUDA default) it runs one guidance step at the model's default "
+                       "size: start with --compile off (a tiny warm-up; the first request "
                        "of each size then compiles), --cfg-batch off (one guidance branch at a time; with "
                        "--cfg-degree 1), --low-mem-level 3 (the DiT streamed from host memory), or on a GPU with "
                        "more memory",

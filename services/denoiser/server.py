@@ -42,10 +42,15 @@ class DenoiserOptions:
     cache_calibration: str | None = None  # YAML from `smartdiff calibrate-cache` (Wan2.2 TeaCache needs one)
     compile: str = "auto"  # torch.compile of the DiT's elementwise regions: auto (on CUDA), on, off
     gemm: str = "exact"  # the blocks' GEMMs: exact (in the model dtype) or fp8 (lossy, services/denoiser/fp8.py)
-    cfg_batch: str = "on"  # on: both guidance branches in one batch-2 forward; off: one after the other (less memory)
+    cfg_batch: str = "auto"  # on: both guidance branches in one batch-2 forward; off: one after the other (less
+    # memory); auto: off at low-mem level 3 (no slower there), else on
     cfg_degree: int = 1
     ulysses_degree: int = 1
     ring_degree: int = 1
+
+    def batches_cfg(self, low_mem_level: int) -> bool:
+        """Whether a guidance step runs its two branches as one batch-2 forward at this low-memory level."""
+        return self.cfg_batch == "on" or (self.cfg_batch == "auto" and low_mem_level < 3)
 
     @property
     def world_size(self) -> int:
@@ -65,9 +70,10 @@ def add_denoiser_flags(p: argparse.ArgumentParser) -> None:
                    help="the DiT blocks' GEMMs: exact (in --dtype, default) or fp8 (LOSSY: FP8 weights and "
                         "activations, row-wise scales; CUDA compute capability >= 8.9 with bfloat16, or a CPU "
                         "whose torch._scaled_mm takes row-wise scales; refused at start where it cannot run)")
-    p.add_argument("--cfg-batch", choices=("on", "off"), default="on",
-                   help="on (default): both guidance branches of a step in one batch-2 forward (faster); off: one "
-                        "after the other, about half the activation memory (for small GPUs; with --cfg-degree 1)")
+    p.add_argument("--cfg-batch", choices=("auto", "on", "off"), default="auto",
+                   help="on: both guidance branches of a step in one batch-2 forward; off: one after the other, "
+                        "about half the activation memory (with --cfg-degree 1); auto (default): off at "
+                        "--low-mem-level 3, where it is no slower, else on")
     p.add_argument("--cfg-degree", type=int, default=1, help="1 or 2: guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1, help="all-to-all over heads (divides the head count)")
     p.add_argument("--ring-degree", type=int, default=1, help="sequence blocks passed around a ring")
@@ -80,17 +86,17 @@ def options_from_args(args: argparse.Namespace) -> DenoiserOptions:
         default_attention=getattr(args, "default_attention", None),
         enable_flexcache=getattr(args, "enable_flexcache", False),
         cache_calibration=getattr(args, "cache_calibration", None), compile=getattr(args, "compile", "auto"),
-        gemm=getattr(args, "gemm", "exact"), cfg_batch=getattr(args, "cfg_batch", "on"),
+        gemm=getattr(args, "gemm", "exact"), cfg_batch=getattr(args, "cfg_batch", "auto"),
         cfg_degree=getattr(args, "cfg_degree", 1), ulysses_degree=getattr(args, "ulysses_degree", 1),
         ring_degree=getattr(args, "ring_degree", 1),
     )
 
 
-def engine_options(options: DenoiserOptions, model: ModelConfig) -> dict:
-    """DenoiserEngine keyword arguments from the deployment's options, for `model`."""
+def engine_options(options: DenoiserOptions, model: ModelConfig, low_mem_level: int = 0) -> dict:
+    """DenoiserEngine keyword arguments from the deployment's options, for `model` at `low_mem_level`."""
     calibration = load_calibration(options, model) if options.cache_calibration else None
     return dict(enable_flexcache=options.enable_flexcache, cache_calibration=calibration, gemm=options.gemm,
-                batch_cfg=options.cfg_batch == "on")
+                batch_cfg=options.batches_cfg(low_mem_level))
 
 
 def load_calibration(options: DenoiserOptions, model: ModelConfig):
@@ -115,7 +121,8 @@ def load_calibration(options: DenoiserOptions, model: ModelConfig):
 def load_engine(model: ModelConfig, layout, system, options: DenoiserOptions, device=None, parallel=None):
     """The denoiser engine of this process, at the deployment's low-memory level, compiled if asked."""
     engine = DenoiserEngine.load(model, layout, device or system.device, system.dtype, parallel=parallel,
-                                 low_mem_level=system.low_mem_level, **engine_options(options, model))
+                                 low_mem_level=system.low_mem_level,
+                                 **engine_options(options, model, system.low_mem_level))
     if compile_enabled(options, engine.device):
         for dit in engine.experts:
             dit.set_compiled(True)

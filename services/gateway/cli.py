@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=seconds(0.001), help="deadline of the request in seconds (default: none)")
     gen.add_argument("--low-mem-level", type=int, default=0, choices=range(4),
                      help="embedded mode: 0 all resident; 1 VAE tiling; 2 T5 on CPU; 3 DiT block offload (CUDA)")
-    gen.add_argument("--cfg-batch", choices=("on", "off"), default="on",
+    gen.add_argument("--cfg-batch", choices=("auto", "on", "off"), default="auto",
                      help="embedded mode: on, both guidance branches in one batch-2 forward; off, one after the "
-                          "other (about half the denoiser's activation memory)")
+                          "other (about half the denoiser's activation memory); auto (default): off at "
+                          "--low-mem-level 3, else on")
 
     serve = sub.add_parser("serve", help="run long-lived services: all (in one process) or one stage",
                            description="`smartdiff serve STAGE --help` lists a stage's flags.")
@@ -123,7 +124,7 @@ def check_gateway_flags(args: argparse.Namespace) -> None:
     ignored = [flag for flag, given in (
         ("--checkpoint", args.checkpoint is not None and (not env_dir or args.checkpoint != Path(env_dir))),
         ("--dtype", args.dtype is not None), ("--device", args.device is not None),
-        ("--low-mem-level", args.low_mem_level != 0), ("--cfg-batch", args.cfg_batch != "on")) if given]
+        ("--low-mem-level", args.low_mem_level != 0), ("--cfg-batch", args.cfg_batch != "auto")) if given]
     if ignored:
         raise ConfigError(f"{', '.join(ignored)}: configure the embedded deployment, not a running gateway "
                           f"(its stages have their own flags); drop them or drop --gateway")

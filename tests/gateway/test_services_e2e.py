@@ -894,9 +894,14 @@ def test_cfg_batch_flag_and_its_rule():
 
     p = argparse.ArgumentParser()
     denoiser_server.add_denoiser_flags(p)
-    assert denoiser_server.options_from_args(p.parse_args([])).cfg_batch == "on"
+    default = denoiser_server.options_from_args(p.parse_args([]))
     off = denoiser_server.options_from_args(p.parse_args(["--cfg-batch", "off"]))
-    assert denoiser_server.engine_options(off, load_model_config("wan-tiny"))["batch_cfg"] is False
+    on = denoiser_server.options_from_args(p.parse_args(["--cfg-batch", "on"]))
+    tiny = load_model_config("wan-tiny")
+    batched = {(o.cfg_batch, level): denoiser_server.engine_options(o, tiny, level)["batch_cfg"]
+               for o in (default, off, on) for level in (0, 3)}
+    assert batched == {("auto", 0): True, ("auto", 3): False, ("off", 0): False, ("off", 3): False,
+                       ("on", 0): True, ("on", 3): True}
     with pytest.raises(SystemExit):
         p.parse_args(["--cfg-batch", "sometimes"])
     from smartdiff.shared.config import ConfigError
