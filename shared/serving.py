@@ -148,10 +148,9 @@ def setup_logging(level: str) -> None:
 # What a stage whose warm-up ran out of device memory can change (by service).
 WARMUP_OOM_ADVICE = {
     "DenoiserService": "with --compile on (the CUDA default) it runs one guidance step at the model's default "
-                       "size: start with --compile off (a tiny warm-up; the first request "
-                       "of each size then compiles), --cfg-batch off (one guidance branch at a time; with "
-                       "--cfg-degree 1), --low-mem-level 3 (the DiT streamed from host memory), or on a GPU with "
-                       "more memory",
+                       "size: start with --compile off (a tiny warm-up; the first request of each size then "
+                       "compiles), --cfg-batch off (one guidance branch at a time; with --cfg-degree 1), "
+                       "--low-mem-level 3 (the DiT streamed from host memory), or on a GPU with more memory",
     "VaeService": "it decodes two latent frames at the model's default size: start with --low-mem-level 1 (tiled "
                   "decode), smaller --tiling tiles, or --dtype bfloat16",
     "TextEncoderService": "it encodes one prompt: start with --low-mem-level 2 (the T5 on the CPU)",

@@ -163,7 +163,7 @@ def check_options(options: DenoiserOptions, model: ModelConfig, device: torch.de
 
     if options.cfg_batch == "off" and options.cfg_degree == 2:
         raise ConfigError("--cfg-batch off: with --cfg-degree 2 each rank already runs one guidance branch; "
-                          "leave --cfg-batch at on")
+                          "leave --cfg-batch at auto or on")
     known = backend_names()
     for name in options.attention_backends or ():
         if name not in known:
